@@ -1,0 +1,1 @@
+"""The compiler passes, one module each (installed as fusetrace.passes)."""

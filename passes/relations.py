@@ -1,0 +1,149 @@
+"""Weight -> hidden relations.
+
+Consumes: `StepFacts` and the `Group`s of the step. Produces: a tuple of `Relation`s — at least one
+for every weight leaf, in leaf order — each with a status:
+
+* "traced": the weight enters a contracting op (`dot_general`, event/sparse products) whose output
+  reaches exactly one hidden group, element-wise (the tail). The op's other operand is the
+  presynaptic input.
+* "instantaneous": the weight reaches the step's outputs without passing through a hidden state;
+  it gets its exact same-step gradient.
+* "excluded": no trace can be derived; `reason` says why. Nothing is ever dropped silently.
+
+A relation also records what its presynaptic input depends on: `pre_new` — groups whose *new*
+values reach it element-wise (a readout of this step's spikes: the cross-group credit of DESIGN.md §2
+applies when the relation's group is LTI); `pre_recurrent` — groups whose *previous* values reach it.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from fusetrace.rules import Dep, Fact
+from fusetrace.stepfacts import StepFacts
+
+from .hidden import Group
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+    weight: str
+    weight_leaf: int
+    group: str | None
+    op: str
+    status: str
+    reason: str = ""
+    contraction: int | None = None  # index into StepFacts.contractions
+    n_pre: int = 0  # elements per batch entry of the presynaptic input
+    pre_new: tuple[str, ...] = ()
+    pre_recurrent: tuple[str, ...] = ()
+    shared: bool = False  # one weight element reaches many neurons (scalar weight)
+    tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
+
+    def __post_init__(self):
+        if self.status not in ("traced", "instantaneous", "excluded"):
+            raise ValueError(f"unknown relation status {self.status!r}")
+        if self.status == "excluded" and not self.reason:
+            raise ValueError("an excluded relation needs a reason")
+        if self.status == "traced" and (self.group is None or self.contraction is None):
+            raise ValueError("a traced relation needs a group and a contraction")
+
+
+def _group_of_leaf(groups: tuple[Group, ...]) -> dict[int, Group]:
+    return {leaf: group for group in groups for leaf in group.leaves}
+
+
+def _reaches(facts: StepFacts, source, groups) -> tuple[dict[str, Dep | None], bool]:
+    """{group name: the dependency if it is one-to-one, else None} of the groups whose new values
+    depend on `source`, and whether a step output depends on it directly."""
+    by_leaf = _group_of_leaf(groups)
+    reached: dict[str, Dep | None] = {}
+    for leaf in sorted(by_leaf):
+        dep = facts.new_fact(leaf).get(source)
+        if dep is not None:
+            name = by_leaf[leaf].name
+            dep = dep if dep.one_to_one else None
+            if name in reached and (reached[name] is None or dep is None or reached[name].perm != dep.perm):
+                dep = None
+            reached[name] = dep
+    jaxpr = facts.captured.jaxpr.jaxpr
+    outputs = jaxpr.outvars[: facts.captured.n_outputs]
+    direct = any(source in facts.propagation.of(v) for v in outputs)
+    return reached, direct
+
+
+def _groups_in(fact: Fact, kind: str, groups) -> tuple[str, ...]:
+    by_leaf = _group_of_leaf(groups)
+    names = [by_leaf[i].name for (k, i), dep in sorted(fact.items()) if k == kind and i in by_leaf]
+    return tuple(dict.fromkeys(names))
+
+
+def _aligned_new_groups(fact: Fact, groups, pre_shape) -> tuple[str, ...]:
+    by_leaf = _group_of_leaf(groups)
+    names = [by_leaf[i].name for (k, i), dep in sorted(fact.items())
+             if k == "new" and i in by_leaf and dep.aligned and tuple(pre_shape) == by_leaf[i].shape]
+    return tuple(dict.fromkeys(names))
+
+
+def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relation, ...]:
+    leaves = facts.captured.leaves
+    relations: list[Relation] = []
+    for leaf_index, leaf in enumerate(leaves):
+        if leaf.role != "weight":
+            continue
+        found = [c for c in facts.contractions if c.weight_leaf == leaf_index]
+        for contraction in found:
+            relations.append(_classify(facts, groups, leaf_index, contraction))
+        if not found:
+            relations.append(_without_contraction(facts, groups, leaf_index))
+    return tuple(relations)
+
+
+def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relation:
+    leaf = facts.captured.leaves[leaf_index]
+    op = contraction.eqn.primitive.name
+    reached, direct = _reaches(facts, ("relation", contraction.index), groups)
+    pre_var = contraction.pre_var
+    batch = facts.captured.batch_size
+    pre_shape = tuple(pre_var.aval.shape)
+    size = int(np.prod(pre_shape, dtype=int))
+    n_pre = size // batch if batch is not None and batch in pre_shape else size  # per batch entry
+    common = dict(
+        weight=leaf.path, weight_leaf=leaf_index, op=op, contraction=contraction.index, n_pre=n_pre,
+        pre_new=_aligned_new_groups(contraction.pre_fact, groups, pre_shape),
+        pre_recurrent=_groups_in(contraction.pre_fact, "hidden", groups),
+        shared=int(np.prod(leaf.shape, dtype=int)) == 1,
+    )
+    if not reached:
+        if direct:
+            return Relation(group=None, status="instantaneous",
+                            reason="reaches the step output with no hidden state in between: exact same-step "
+                                   "gradient", **common)
+        return Relation(group=None, status="excluded", reason=f"the output of `{op}` reaches neither a hidden "
+                        "state nor the step output", **common)
+    if len(reached) > 1:
+        return Relation(group=None, status="excluded", reason=f"the output of `{op}` reaches several hidden "
+                        f"groups ({', '.join(reached)}); one relation must feed one group", **common)
+    (name, tail), = reached.items()
+    if tail is None:
+        return Relation(group=name, status="excluded", reason=f"the path from `{op}` to group `{name}` is not "
+                        "element-wise per neuron (a non-element-wise tail)", **common)
+    return Relation(group=name, status="traced", tail_perm=tail.perm, **common)
+
+
+def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
+    leaf = facts.captured.leaves[leaf_index]
+    reached, direct = _reaches(facts, ("weight", leaf_index), groups)
+    common = dict(weight=leaf.path, weight_leaf=leaf_index, op="elementwise" if reached or direct else "none")
+    if reached:
+        names = ", ".join(reached)
+        return Relation(group=next(iter(reached)) if len(reached) == 1 else None, status="excluded",
+                        reason=f"reaches hidden group(s) {names} without a weight contraction (e.g. a per-neuron "
+                               "parameter or a weight transformed by another weight); no trace is derived for it "
+                               "yet", **common)
+    if direct:
+        return Relation(group=None, status="instantaneous",
+                        reason="reaches the step output with no hidden state in between: exact same-step gradient",
+                        **common)
+    return Relation(group=None, status="excluded", reason="not used by the step (no path to a hidden state or "
+                    "to the output)", **common)

@@ -1,0 +1,9 @@
+"""fusetrace: compile brainpy.state spiking networks into fused O(N) online-learning steps."""
+
+from . import errors
+from .analysis import Analysis
+from .api import analyze
+from .passes.hidden import Group
+from .passes.relations import Relation
+
+__all__ = ["Analysis", "Group", "Relation", "analyze", "errors"]

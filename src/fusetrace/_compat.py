@@ -1,0 +1,50 @@
+"""Every `jax._src` import and every version switch lives here, and nothing else does."""
+
+import jax
+import jax.extend  # noqa: F401  (a submodule: not loaded by `import jax`)
+from jax._src import core as _core  # noqa: F401
+from jax._src.ad_util import add_jaxvals_p as add_any_p
+from jax._src import source_info_util as _source_info_util
+from jax._src.custom_derivatives import custom_jvp_call_p, custom_vjp_call_p
+from jax._src.interpreters import partial_eval as _pe
+from jax._src.pjit import jit_p
+
+Var = jax.extend.core.Var
+Literal = jax.extend.core.Literal
+DropVar = jax.extend.core.DropVar
+ClosedJaxpr = jax.extend.core.ClosedJaxpr
+Jaxpr = jax.extend.core.Jaxpr
+JaxprEqn = jax.extend.core.JaxprEqn
+Primitive = jax.extend.core.Primitive
+
+__all__ = [
+    "ClosedJaxpr", "DropVar", "Jaxpr", "JaxprEqn", "Literal", "Primitive", "Var",
+    "add_any_p", "custom_jvp_call_p", "custom_vjp_call_p", "jit_p", "dce", "source_line", "new_closed_jaxpr",
+]
+
+
+def dce(jaxpr: Jaxpr) -> Jaxpr:
+    """Dead-code elimination keeping every output (inputs are kept too, unused or not)."""
+    new, _ = _pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+    return new
+
+
+def new_closed_jaxpr(jaxpr: Jaxpr, consts) -> ClosedJaxpr:
+    return ClosedJaxpr(jaxpr, list(consts))
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """`file:line (function)` of the user frame that emitted `eqn`, or '<unknown>'."""
+    frame = _source_info_util.user_frame(eqn.source_info.traceback)
+    if frame is None:
+        return "<unknown>"
+    return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+
+
+def bind_eqn(eqn: JaxprEqn, invals):
+    """Bind `eqn`'s primitive on `invals` as `jax.core.eval_jaxpr` does, keeping its source line."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with _source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return out if eqn.primitive.multiple_results else [out]

@@ -1,0 +1,259 @@
+"""Model step -> `Captured`: the step's ClosedJaxpr and the role of every state leaf.
+
+Consumes: a `brainstate.nn.Module` (typically built from brainpy.state parts) and example inputs of
+one step. Produces: a `Captured` whose jaxpr takes `(*input_leaves, *state_leaves)` and returns
+`(*output_leaves, *new_state_leaves)` — one new value for EVERY state leaf, written or not — all as
+raw mantissas (units stripped on the way in, restored on the way out by `Captured`'s helpers).
+
+This is the only module that imports brainpy/brainstate internals. States are keyed by object identity
+(via `model.states()`), never by the first-found path of the trace. The global `RandomState` that
+brainpy's inputs draw from is not in `model.states()`: it is captured with role "random".
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal as TypingLiteral
+
+import brainevent
+import brainstate
+import brainunit as u
+import jax
+import numpy as np
+
+from ._compat import ClosedJaxpr
+from .errors import CaptureError, four_part
+from .interpret import evaluate
+
+Role = TypingLiteral["hidden", "weight", "short_term", "long_term", "random"]
+
+# Sparse/event models must run on the CPU out of the box. brainevent's default CPU backend needs numba
+# (not a dependency); its pure-JAX backend lowers through XLA. See docs/design-notes.md for the timing.
+brainevent.config.set_backend("cpu", "jax_raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLeaf:
+    """One array leaf of one model state.
+
+    path: dotted path of the state as `model.states()` reports it, plus `.key` for a leaf inside a
+      dict-valued state (`layer.comm.weight.weight` for a `Linear`'s `{'weight': ...}`).
+    state_path: dotted path of the state itself (the key of `Learner.params`).
+    key: the leaf's key path inside the state's value (empty for an array-valued state).
+    role: hidden / weight (a ParamState) / short_term / long_term / random.
+    unit: the brainunit unit of the leaf (dimensionless `u.UNITLESS` when it has none).
+    batch_axis: 0 when the leaf carries the batch axis, else None.
+    order: position of its state in `model.states()` (the order users see; traces access states in
+      another order).
+    """
+
+    path: str
+    state_path: str
+    key: tuple
+    role: Role
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    unit: Any
+    batch_axis: int | None
+    order: int
+
+    def __post_init__(self):
+        if self.batch_axis not in (None, 0):
+            raise ValueError(f"batch_axis must be 0 or None, got {self.batch_axis}")
+
+    @property
+    def n_neurons(self) -> int:
+        """Elements per batch entry (the neuron count of a hidden leaf)."""
+        shape = self.shape[1:] if self.batch_axis == 0 else self.shape
+        return int(np.prod(shape, dtype=int))
+
+
+@dataclasses.dataclass(frozen=True)
+class Captured:
+    """A captured step. `jaxpr` invars: inputs then state leaves; outvars: outputs then state leaves."""
+
+    jaxpr: ClosedJaxpr
+    leaves: tuple[StateLeaf, ...]
+    states: tuple[brainstate.State, ...]  # one per state, in the order their leaves appear
+    leaf_state: tuple[int, ...]  # for each leaf, the index of its state in `states`
+    in_tree: Any
+    in_units: tuple[Any, ...]
+    out_tree: Any
+    out_units: tuple[Any, ...]
+    batch_size: int | None
+
+    def __post_init__(self):
+        n_in, n_out = len(self.in_units), len(self.out_units)
+        if len(self.jaxpr.jaxpr.invars) != n_in + len(self.leaves):
+            raise ValueError("jaxpr inputs do not match input leaves + state leaves")
+        if len(self.jaxpr.jaxpr.outvars) != n_out + len(self.leaves):
+            raise ValueError("jaxpr outputs do not match output leaves + state leaves")
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.in_units)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.out_units)
+
+    def leaf_values(self) -> list[jax.Array]:
+        """The current values of every state leaf, as mantissas."""
+        values = []
+        for state in self.states:
+            values.extend(_mantissas(state.value))
+        return values
+
+    def strip_inputs(self, *inputs) -> list[jax.Array]:
+        leaves, tree = jax.tree.flatten(inputs, is_leaf=u.math.is_quantity)
+        if tree != self.in_tree:
+            raise CaptureError(four_part(
+                what="the inputs do not have the structure of the example inputs the model was compiled with",
+                where=f"got {tree}",
+                why=f"the compiled step expects {self.in_tree}",
+                fix="pass inputs with the same structure, or compile again with new example inputs",
+            ))
+        return [_mantissa_in(x, unit) for x, unit in zip(leaves, self.in_units, strict=True)]
+
+    def wrap_outputs(self, leaves: Sequence[jax.Array]):
+        return jax.tree.unflatten(self.out_tree, [_wrap(x, unit) for x, unit in zip(leaves, self.out_units, strict=True)])
+
+    def step(self, input_leaves: Sequence[jax.Array], state_leaves: Sequence[jax.Array]):
+        """The pure step on mantissas: `(output_leaves, new_state_leaves)`."""
+        out = evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, [*input_leaves, *state_leaves])
+        return out[: self.n_outputs], out[self.n_outputs:]
+
+
+def _unit_of(x):
+    return u.get_unit(x) if u.math.is_quantity(x) else u.UNITLESS
+
+
+def _mantissas(value) -> list[jax.Array]:
+    return [u.get_mantissa(x) for x in jax.tree.leaves(value, is_leaf=u.math.is_quantity)]
+
+
+def _mantissa_in(x, unit):
+    if u.math.is_quantity(x):
+        return x.to_decimal(unit) if not unit.is_unitless else u.get_mantissa(x)
+    return x
+
+
+def _wrap(x, unit):
+    return x if unit is None or unit.is_unitless else u.Quantity(x, unit=unit)
+
+
+def _role(state: brainstate.State) -> Role:
+    if isinstance(state, brainstate.HiddenState):
+        return "hidden"
+    if isinstance(state, brainstate.ParamState):
+        return "weight"
+    if isinstance(state, brainstate.random.RandomState):
+        return "random"
+    if isinstance(state, brainstate.ShortTermState):
+        return "short_term"
+    return "long_term"
+
+
+def state_paths(model: brainstate.nn.Module) -> list[tuple[brainstate.State, str]]:
+    """`(state, dotted path)` for every state of `model`, in `model.states()` order."""
+    return [(state, ".".join(str(k) for k in path)) for path, state in model.states().items()]
+
+
+def _path_of(state, known: list[tuple[brainstate.State, str]]) -> tuple[str, int]:
+    for order, (candidate, path) in enumerate(known):
+        if candidate is state:
+            return path, order
+    if isinstance(state, brainstate.random.RandomState):
+        return "<random>", len(known)
+    raise CaptureError(four_part(
+        what=f"the step uses a {type(state).__name__} that is not part of the model",
+        where=f"state with value of shape {jax.tree.map(np.shape, state.value)}",
+        why="fusetrace can only restore and return states it can name through model.states()",
+        fix="make the state an attribute of the model (or of one of its sub-modules)",
+    ))
+
+
+def ensure_initialised(model: brainstate.nn.Module, batch_size: int | None) -> None:
+    """Initialise the model's states unless they already exist with the requested batch size."""
+    hidden = [s for _, s in model.states(brainstate.HiddenState).items()]
+    if not hidden:
+        brainstate.nn.init_all_states(model, batch_size=batch_size)
+        return
+    leaf = jax.tree.leaves(hidden[0].value, is_leaf=u.math.is_quantity)[0]
+    batched_now = batch_size is not None and np.ndim(leaf) >= 1 and np.shape(leaf)[0] == batch_size
+    if batch_size is not None and not batched_now:
+        brainstate.nn.init_all_states(model, batch_size=batch_size)
+
+
+def _leaf_keys(value) -> list[tuple]:
+    with_path, _ = jax.tree_util.tree_flatten_with_path(value, is_leaf=u.math.is_quantity)
+    return [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in with_path]
+
+
+def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None = None) -> Captured:
+    """Trace one step `model.update(*example_inputs)` and record the role of every state leaf.
+
+    Arguments:
+        model: a `brainstate.nn.Module`; its states are initialised with `batch_size` if they are not.
+        example_inputs: the arguments of one `model.update` call (arrays or Quantities; batched
+            inputs carry the batch axis first).
+        batch_size: the batch size of the states, or None for unbatched states.
+
+    Returns:
+        A `Captured` step on mantissas.
+
+    Raises:
+        CaptureError: the step cannot be traced or uses a state outside the model.
+    """
+    if not isinstance(model, brainstate.nn.Module):
+        raise CaptureError(four_part(
+            what=f"expected a brainstate.nn.Module, got {type(model).__name__}",
+            where="fusetrace.capture(model, ...)",
+            why="fusetrace traces `model.update` and reads its states through model.states()",
+            fix="pass the network object (e.g. a brainpy.state model), not a function or its output",
+        ))
+    ensure_initialised(model, batch_size)
+    known = state_paths(model)
+    in_leaves, in_tree = jax.tree.flatten(example_inputs, is_leaf=u.math.is_quantity)
+    in_units = tuple(_unit_of(x) for x in in_leaves)
+    mantissa_inputs = [u.get_mantissa(x) for x in in_leaves]
+
+    def step(*leaves):
+        args = jax.tree.unflatten(in_tree, [_wrap(x, unit) for x, unit in zip(leaves, in_units, strict=True)])
+        out = model.update(*args)
+        out_leaves, out_tree = jax.tree.flatten(out, is_leaf=u.math.is_quantity)
+        holder["out"] = (out_tree, tuple(_unit_of(x) for x in out_leaves))
+        return [u.get_mantissa(x) for x in out_leaves]
+
+    holder: dict[str, Any] = {}
+    function = brainstate.transform.StatefulFunction(step, return_only_write=False)
+    try:
+        function.make_jaxpr(*mantissa_inputs)
+    except Exception as error:  # surface the model's own error with context
+        raise CaptureError(four_part(
+            what=f"tracing one step of {type(model).__name__} failed: {error}",
+            where="model.update(*example_inputs) under brainstate.transform.StatefulFunction",
+            why="the step must be traceable by JAX with the given example inputs",
+            fix="check the example inputs' shapes (batched inputs carry the batch axis first) and that "
+                "model.update runs eagerly with them",
+        )) from error
+    states = tuple(function.get_states(*mantissa_inputs))
+    closed = function.get_jaxpr(*mantissa_inputs)
+    leaves, leaf_state = [], []
+    for index, state in enumerate(states):
+        (path, order), role = _path_of(state, known), _role(state)
+        for key, value in zip(_leaf_keys(state.value), jax.tree.leaves(state.value, is_leaf=u.math.is_quantity),
+                              strict=True):
+            mantissa = u.get_mantissa(value)
+            batched = batch_size is not None and role in ("hidden", "short_term") and np.ndim(mantissa) >= 1 \
+                and np.shape(mantissa)[0] == batch_size
+            leaves.append(StateLeaf(
+                path=".".join([path, *map(str, key)]), state_path=path, key=key, role=role,
+                shape=tuple(np.shape(mantissa)), dtype=np.dtype(np.result_type(mantissa)), unit=_unit_of(value),
+                batch_axis=0 if batched else None, order=order,
+            ))
+            leaf_state.append(index)
+    out_tree, out_units = holder["out"]
+    return Captured(
+        jaxpr=closed, leaves=tuple(leaves), states=states, leaf_state=tuple(leaf_state), in_tree=in_tree,
+        in_units=in_units, out_tree=out_tree, out_units=out_units, batch_size=batch_size,
+    )

@@ -1,0 +1,29 @@
+"""Contracting primitives: `dot_general` and brainevent's event/sparse matrix products. When one of
+the `weight_operands` carries a weight (and nothing else), the equation is a weight relation: the
+analysis cuts the path there and its output becomes a fresh source. Otherwise the op mixes neurons."""
+
+import brainevent
+from jax import lax
+
+from .base import Operand, Rule, mixed, register
+
+
+def _contract(eqn, operands: list[Operand]):
+    return [mixed(operands, linear=True) for _ in eqn.outvars]
+
+
+def register_contracting(*primitives, weight_operands: tuple[int, ...]) -> None:
+    for primitive in primitives:
+        register(primitive, Rule("contracting", _contract, linear=True, weight_operands=weight_operands))
+
+
+register_contracting(lax.dot_general_p, weight_operands=(0, 1))
+register_contracting(
+    *(getattr(brainevent, name).primitive for name in (
+        "binary_densemv_p", "binary_densemm_p",     # EventLinear: (weights, spikes)
+        "binary_fcnmv_p", "binary_fcnmm_p",         # EventFixedProb: (weights, indices, spikes)
+        "binary_csrmv_p", "binary_csrmm_p",         # CSR: (weights, indices, indptr, vector)
+        "csrmv_p", "csrmm_p",
+    )),
+    weight_operands=(0,),
+)

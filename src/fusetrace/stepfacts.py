@@ -1,0 +1,106 @@
+"""Facts of one captured step: the shared input of the `hidden` and `relations` passes.
+
+Seeds every hidden leaf's input with its own source ('hidden', leaf) and every weight leaf's input
+with ('weight', leaf); cuts every written hidden leaf at its new value (source ('new', leaf)); and
+turns each contracting equation that multiplies a (linear view of a) single weight with a weight-free
+operand into a relation candidate whose output is the fresh source ('relation', index).
+"""
+
+import dataclasses
+
+from ._compat import JaxprEqn, Var
+from .capture import Captured
+from .propagate import Propagation, propagate
+from .rules import ALIGNED_AFFINE, Fact, Operand, Source, lookup
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """One weight used by one contracting equation (a relation candidate)."""
+
+    index: int  # position in StepFacts.contractions (the source id of its output)
+    eqn_index: int
+    eqn: JaxprEqn
+    weight_leaf: int
+    weight_operand: int
+    pre_operand: int  # the operand carrying the presynaptic input
+    pre_fact: Fact
+
+    @property
+    def out_var(self) -> Var:
+        return self.eqn.outvars[0]
+
+    @property
+    def pre_var(self):
+        return self.eqn.invars[self.pre_operand]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFacts:
+    captured: Captured
+    propagation: Propagation
+    contractions: tuple[Contraction, ...]
+    new_vars: dict[int, Var]  # hidden leaf -> the var holding its new value (written leaves only)
+
+    def describe(self, source: Source) -> str:
+        kind, index = source
+        if kind == "input":
+            return f"input #{index}"
+        if kind in ("hidden", "new", "weight"):
+            prefix = "the new value of " if kind == "new" else ""
+            return f"{prefix}`{self.captured.leaves[index].path}`"
+        contraction = self.contractions[index]
+        return f"the output of `{contraction.eqn.primitive.name}` with `{self.captured.leaves[contraction.weight_leaf].path}`"
+
+    def new_fact(self, leaf: int) -> Fact:
+        """What a hidden leaf's new value depends on (before its own cut)."""
+        var = self.new_vars.get(leaf)
+        if var is None:
+            return {("hidden", leaf): ALIGNED_AFFINE}
+        return self.propagation.before_cut.get(var, self.propagation.of(var))
+
+
+def _single_weight(fact: Fact) -> int | None:
+    if len(fact) != 1:
+        return None
+    ((kind, index), dep), = fact.items()
+    return index if kind == "weight" and dep.affine else None
+
+
+def step_facts(captured: Captured) -> StepFacts:
+    jaxpr = captured.jaxpr.jaxpr
+    n_in, n_out = captured.n_inputs, captured.n_outputs
+    in_facts: list[Fact] = [{("input", i): ALIGNED_AFFINE} for i in range(n_in)]
+    new_vars: dict[int, Var] = {}
+    for index, leaf in enumerate(captured.leaves):
+        kind = {"hidden": "hidden", "weight": "weight"}.get(leaf.role)
+        in_facts.append({(kind, index): ALIGNED_AFFINE} if kind else {})
+        out = jaxpr.outvars[n_out + index]
+        if leaf.role == "hidden" and isinstance(out, Var) and out is not jaxpr.invars[n_in + index]:
+            new_vars[index] = out
+    contractions: list[Contraction] = []
+
+    def on_contract(eqn_index: int, eqn: JaxprEqn, operands: list[Operand]):
+        rule = lookup(eqn.primitive)
+        carrying = [i for i, op in enumerate(operands) if op.fact]
+        for position in rule.weight_operands:
+            weight = _single_weight(operands[position].fact)
+            others = [i for i in carrying if i != position]
+            if weight is None or len(others) != 1:
+                continue
+            pre = others[0]
+            if any(kind == "weight" for kind, _ in operands[pre].fact):
+                return None  # weight -> weight path: not a relation
+            contractions.append(Contraction(
+                index=len(contractions), eqn_index=eqn_index, eqn=eqn, weight_leaf=weight,
+                weight_operand=position, pre_operand=pre, pre_fact=dict(operands[pre].fact),
+            ))
+            return {("relation", contractions[-1].index): ALIGNED_AFFINE}
+        return None
+
+    cut = {var: ("new", leaf) for leaf, var in new_vars.items()}
+    def describe(source: Source) -> str:
+        return StepFacts(captured, Propagation({}, {}), tuple(contractions), new_vars).describe(source)
+
+    propagation = propagate(jaxpr, in_facts, cut=cut, on_contract=on_contract, describe=describe)
+    return StepFacts(captured, propagation, tuple(contractions), new_vars)
