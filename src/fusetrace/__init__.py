@@ -2,8 +2,8 @@
 
 from . import errors
 from .analysis import Analysis
-from .api import analyze
+from .api import Learner, StepResult, analyze, compile, online
 from .passes.hidden import Group
 from .passes.relations import Relation
 
-__all__ = ["Analysis", "Group", "Relation", "analyze", "errors"]
+__all__ = ["Analysis", "Group", "Learner", "Relation", "StepResult", "analyze", "compile", "errors", "online"]

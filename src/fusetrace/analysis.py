@@ -14,7 +14,7 @@ from .stepfacts import StepFacts
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (a static jit field)
 class Analysis:
     """The analysis of one captured step.
 

@@ -1,9 +1,20 @@
 """The public entry points and the one visible pipeline:
 capture -> simplify -> step facts -> hidden groups -> relations -> graph (-> derive -> fuse)."""
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import brainstate
+import brainunit as u
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 
 from .analysis import Analysis
+from .errors import CompileError, four_part
+from .passes import derive
+from .passes.fuse import Plan, fused_step, init_traces, make_plan
 from .capture import capture
 from .graph import build_graph
 from .passes.hidden import find_groups
@@ -40,3 +51,248 @@ def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
     relations = find_relations(facts, groups)
     return Analysis(captured=captured, facts=facts, groups=groups, relations=relations,
                     graph=build_graph(facts, groups, relations))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """Host-side values a Learner keeps as static data (hashed by identity)."""
+
+    params: dict
+    model: dict
+    inputs: tuple
+    target: Any
+
+
+class StepResult(eqx.Module):
+    """What `Learner.step` returns beside the new state: the step's output (with units), its scalar
+    loss, and this step's gradient estimate (the structure and units of `Learner.params`)."""
+
+    output: Any
+    loss: jax.Array
+    grads: dict
+
+
+class Learner(eqx.Module):
+    """A compiled online learner: the model's step fused with its trace updates and gradient.
+
+    `params`, `init()` and `step()` are pure; `graph`, `summary()`, `to_dot()` and `explain()` show
+    the analysis and what the chosen algorithm does with each weight.
+    """
+
+    analysis: Analysis = eqx.field(static=True)
+    plan: Plan = eqx.field(static=True)
+    loss: Callable = eqx.field(static=True)
+    param_paths: tuple[str, ...] = eqx.field(static=True)
+    snapshot: _Snapshot = eqx.field(static=True)  # initial params and states; example inputs and target
+
+    @property
+    def algorithm(self) -> str:
+        return self.plan.algorithm
+
+    @property
+    def params(self) -> dict:
+        """`'.'.join(path)` of each ParamState -> its value (a pytree with units), as at compile time."""
+        return dict(self.snapshot.params)
+
+    def init(self) -> dict:
+        """The initial state: the model's non-parameter states (as after `init_all_states`), zero traces
+        and a step counter."""
+        traces = init_traces(self.analysis, self.plan)
+        return {"model": dict(self.snapshot.model),
+                "traces": traces, "step": jnp.zeros((), jnp.int32)}
+
+    def step(self, params: dict, state: dict, x_t, target_t) -> tuple[dict, StepResult]:
+        """Advance the network and its traces one step; return the new state and this step's result.
+
+        Arguments:
+            params: the structure of `Learner.params`.
+            state: as returned by `init()` or a previous `step`.
+            x_t: this step's input (a tuple when `model.update` takes several arguments).
+            target_t: whatever `loss` takes as its second argument.
+        """
+        captured = self.analysis.captured
+        inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
+        leaves = _leaves_from(captured, params, state["model"])
+        weights = {leaf: leaves[leaf] for leaf in _weight_leaves(captured)}
+
+        def loss_of_outputs(out_leaves):
+            value = self.loss(captured.wrap_outputs(out_leaves), target_t)
+            return u.get_mantissa(value)
+
+        new_leaves, traces, outputs, loss, grads = fused_step(
+            self.analysis, self.plan, loss_of_outputs, weights, leaves, state["traces"], state["step"], inputs)
+        new_state = {"model": _states_from(captured, new_leaves, state["model"]), "traces": traces,
+                     "step": state["step"] + 1}
+        return new_state, StepResult(captured.wrap_outputs(outputs), loss, _grads_like(captured, params, grads))
+
+    @property
+    def fused_jaxpr(self):
+        """The fused step as one jaxpr (dynamics, derivatives, trace updates, gradient)."""
+        inputs = self.snapshot.inputs
+        x = inputs if len(inputs) > 1 else inputs[0]
+        return jax.make_jaxpr(self.step)(self.params, self.init(), x, self.snapshot.target)
+
+    @property
+    def graph(self):
+        return self.analysis.graph
+
+    def summary(self) -> str:
+        lines = [self.analysis.summary(), f"algorithm: {self.algorithm}"]
+        lines += [f"  {path}: {note}" for path, notes in self.plan.notes.items() for note in notes]
+        return "\n".join(lines) + "\n"
+
+    def to_dot(self) -> str:
+        return self.analysis.to_dot()
+
+    def explain(self, path: str) -> str:
+        text = self.analysis.explain(path)
+        notes = [n for p, ns in self.plan.notes.items() if p == path or p.startswith(path + ".") for n in ns]
+        return text + "".join(f"  {self.algorithm}: {note}\n" for note in notes)
+
+
+def _weight_leaves(captured) -> list[int]:
+    return [i for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"]
+
+
+def _mantissa(value, unit):
+    if u.math.is_quantity(value):
+        return value.to_decimal(unit) if not unit.is_unitless else u.get_mantissa(value)
+    return jnp.asarray(value)
+
+
+def _leaf_of(tree, key):
+    for part in key:
+        tree = tree[part]
+    return tree
+
+
+def _leaves_from(captured, params: dict, model: dict) -> list:
+    leaves = []
+    for leaf in captured.leaves:
+        source = params if leaf.role == "weight" else model
+        if leaf.state_path not in source:
+            raise CompileError(four_part(
+                what=f"`{leaf.state_path}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
+                where="Learner.step(params, state, x_t, target_t)",
+                why="every state the step reads must be given",
+                fix="pass learner.params / learner.init() (or values of the same structure)"))
+        leaves.append(_mantissa(_leaf_of(source[leaf.state_path], leaf.key), leaf.unit))
+    return leaves
+
+
+def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
+    """A dict shaped like `template` with each captured leaf replaced by `values[leaf]` (with units)."""
+    out = dict(template)
+    by_state: dict[str, list[int]] = {}
+    for index, leaf in enumerate(captured.leaves):
+        if leaf.role in roles and index in values:
+            by_state.setdefault(leaf.state_path, []).append(index)
+    for path, indices in by_state.items():
+        flat, tree = jax.tree.flatten(template[path], is_leaf=u.math.is_quantity)
+        keys = [captured.leaves[i].key for i in indices]
+        replaced = []
+        for position, old in enumerate(flat):
+            index = indices[position] if len(indices) == len(flat) and keys else None
+            value = values[index] if index is not None else old
+            leaf_unit = captured.leaves[index].unit if index is not None else None
+            replaced.append(_wrap_like(value, old, leaf_unit))
+        out[path] = jax.tree.unflatten(tree, replaced)
+    return out
+
+
+def _wrap_like(value, old, unit):
+    if unit is not None and not unit.is_unitless:
+        return u.Quantity(value, unit=unit)
+    return value if not u.math.is_quantity(old) else u.Quantity(value, unit=u.get_unit(old))
+
+
+def _states_from(captured, new_leaves, model: dict) -> dict:
+    values = {i: v for i, v in enumerate(new_leaves) if captured.leaves[i].role != "weight"}
+    return _rebuild(captured, model, values, roles=("hidden", "short_term", "long_term", "random"))
+
+
+def _grads_like(captured, params: dict, grads: dict[int, Any]) -> dict:
+    zeros = jax.tree.map(lambda x: x * 0, params, is_leaf=u.math.is_quantity)
+    return _rebuild(captured, zeros, grads, roles=("weight",))
+
+
+def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algorithm: str = "es_d_rtrl",
+            batch_size: int | None = None, example_target=None, decay: float = 0.9,
+            kappa: float | None = None) -> Learner:
+    """Compile `model` into a fused online learner.
+
+    Arguments:
+        model: a `brainstate.nn.Module`; states are initialised with `batch_size` unless present.
+        example_inputs: the arguments of one `model.update` call (batch axis first when batched).
+        loss: `loss(output, target) -> scalar` for one step; it sees the whole (batched) output.
+        algorithm: "d_rtrl", "es_d_rtrl" or "e_prop" (see docs/concepts.md for when each is exact).
+        batch_size: batch size of the states, or None.
+        example_target: a target used only to show `fused_jaxpr` (default: zeros like the output).
+        decay: es_d_rtrl's smoothing factor α.
+        kappa: e_prop's optional low-pass filter of the trace (None: no filter).
+
+    Returns:
+        A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
+
+    Raises:
+        CompileError: bad options. Plus everything `analyze` raises.
+
+    Example:
+        >>> learner = fusetrace.compile(net, x0, loss=mse, algorithm="d_rtrl")  # doctest: +SKIP
+        >>> state = learner.init()                                             # doctest: +SKIP
+        >>> state, res = learner.step(learner.params, state, x0, y0)          # doctest: +SKIP
+    """
+    if not callable(loss):
+        raise CompileError(four_part(what="`loss` is not callable", where="fusetrace.compile(..., loss=...)",
+                                     why="the learning signal is the gradient of loss(output, target)",
+                                     fix="pass a function loss(output, target) -> scalar"))
+    if kappa is not None and algorithm != "e_prop":
+        raise CompileError(four_part(what=f"kappa is an e_prop option, not one of {algorithm}",
+                                     where="fusetrace.compile(..., kappa=...)",
+                                     why="only e_prop filters its trace", fix="drop kappa or use algorithm='e_prop'"))
+    analysis = analyze(model, *example_inputs, batch_size=batch_size)
+    captured = analysis.captured
+    values = derive.forward(analysis, captured.strip_inputs(*example_inputs), captured.leaf_values())
+    plan = make_plan(analysis, algorithm, values, decay=decay, kappa=kappa)
+    param_items = [(".".join(map(str, k)), s) for k, s in model.states(brainstate.ParamState).items()]
+    params = {path: state.value for path, state in param_items}
+    model_states = {}
+    for state, leaf in zip(captured.states, _first_leaf_per_state(captured), strict=True):
+        if leaf.role != "weight":
+            model_states[leaf.state_path] = state.value
+    if example_target is None:
+        example_target = jax.tree.map(jnp.zeros_like, captured.wrap_outputs(values.outputs), is_leaf=u.math.is_quantity)
+    return Learner(analysis=analysis, plan=plan, loss=loss, param_paths=tuple(params),
+                   snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target))
+
+
+def _first_leaf_per_state(captured):
+    firsts = {}
+    for index, leaf in enumerate(captured.leaves):
+        firsts.setdefault(captured.leaf_state[index], leaf)
+    return [firsts[i] for i in range(len(captured.states))]
+
+
+def online(*, loss: Callable, algorithm: str = "es_d_rtrl", **options):
+    """Class decorator: instances keep simulating as before and gain `.learner(*example_inputs,
+    batch_size=None)`, which returns `fusetrace.compile(instance, ..., loss=loss, algorithm=algorithm)`.
+
+    Example:
+        >>> @fusetrace.online(algorithm="d_rtrl", loss=mse)   # doctest: +SKIP
+        ... class Net(brainstate.nn.Module): ...
+    """
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, brainstate.nn.Module)):
+            raise CompileError(four_part(what=f"@fusetrace.online decorates {cls!r}", where="the decorator",
+                                         why="it needs a brainstate.nn.Module subclass",
+                                         fix="put it on the model class"))
+
+        def learner(self, *example_inputs, batch_size: int | None = None, **more):
+            return compile(self, *example_inputs, loss=loss, algorithm=algorithm, batch_size=batch_size,
+                           **{**options, **more})
+
+        cls.learner = learner
+        return cls
+
+    return decorate

@@ -1,0 +1,175 @@
+"""Derivatives of one step, for online learning (DESIGN.md §2).
+
+Consumes: an `Analysis` (simplified step, groups, relations) and the step's values. Produces, by
+forward-mode JVPs and one reverse-mode VJP of the step's own evaluator — never a dense (N·S)² Jacobian:
+
+* `D`: per group, per-neuron S×S blocks `∂h_t/∂h_{t-1}` with every weight-relation output held fixed
+  (one JVP per state, a one-hot state tangent broadcast over neurons);
+* `F`: per traced relation, `∂h_t/∂y_t` as an S-vector per neuron (one JVP with a ones tangent);
+* `δ`: `∂L_t/∂h_t` with the step's new hidden values as independent leaves (paths inside the step
+  are counted once, in D/F), plus the direct terms `∂L_t/∂h_{t-1}` and `∂L_t/∂W`;
+* `P`: for a relation whose presynaptic input reads another group's new values element-wise,
+  `∂u_t/∂h_t` per state (the cross-group credit through an LTI group);
+* `credit`: `(∂y/∂u)ᵀ c`, the learning signal carried back through a relation's op.
+
+Group arrays have the layout of the group's leaves plus a trailing state axis: `(..., n_states)`.
+Invariant: every function here re-evaluates the captured jaxpr (with substitutions); values agree with
+the plain step exactly.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fusetrace.analysis import Analysis
+from fusetrace.interpret import evaluate
+
+
+@dataclasses.dataclass
+class StepValues:
+    """Inputs, leaves and the intermediate values one fused step needs (mantissas)."""
+
+    inputs: list
+    leaves: list
+    outputs: list
+    new_leaves: list
+    y: dict[int, jax.Array]  # contraction index -> op output
+    u: dict[int, jax.Array]  # contraction index -> presynaptic input
+
+
+def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
+    captured, facts = analysis.captured, analysis.facts
+    jaxpr = captured.jaxpr
+    contractions = facts.contractions
+    want = [*jaxpr.jaxpr.outvars, *(c.out_var for c in contractions), *(c.pre_var for c in contractions)]
+    values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
+    n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
+    return StepValues(
+        inputs=list(inputs), leaves=list(leaves), outputs=values[:n_out], new_leaves=values[n_out:n_all],
+        y={c.index: values[n_all + c.index] for c in contractions},
+        u={c.index: values[n_all + n_c + c.index] for c in contractions},
+    )
+
+
+def _evaluate_with(analysis: Analysis, values: StepValues, leaves: Sequence, substitute: dict, want: list):
+    jaxpr = analysis.captured.jaxpr
+    return evaluate(jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute)
+
+
+def stack_states(arrays: Sequence[jax.Array]) -> jax.Array:
+    return jnp.stack(list(arrays), axis=-1)
+
+
+def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):
+    """`(D, F)`: D of shape (..., S, S) with `D[..., s_out, s_in]`, and F[k] of shape (..., S) for each
+    relation (by contraction index) feeding `group`."""
+    facts = analysis.facts
+    contractions = facts.contractions
+    cut_y = {c.out_var: values.y[c.index] for c in contractions}
+    new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
+
+    def transition(group_prev, ys):
+        leaves = list(values.leaves)
+        for leaf, value in zip(group.leaves, group_prev, strict=True):
+            leaves[leaf] = value
+        substitute = dict(cut_y)
+        for relation, y in zip(relations, ys, strict=True):
+            substitute[contractions[relation.contraction].out_var] = y
+        return _evaluate_with(analysis, values, leaves, substitute, new_vars)
+
+    primals = ([values.leaves[leaf] for leaf in group.leaves], [values.y[r.contraction] for r in relations])
+    _, linear = jax.linearize(transition, *primals)
+    zeros_h = [jnp.zeros_like(h) for h in primals[0]]
+    zeros_y = [jnp.zeros_like(y) for y in primals[1]]
+    columns = []
+    for s in range(group.n_states):
+        tangent_h = [jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals[0], zeros_h))]
+        columns.append(stack_states(linear(tangent_h, zeros_y)))
+    d = jnp.stack(columns, axis=-1)
+    f = {}
+    for index, relation in enumerate(relations):
+        tangent_y = [jnp.ones_like(y) if i == index else z for i, (y, z) in enumerate(zip(primals[1], zeros_y))]
+        f[relation.contraction] = stack_states(linear(zeros_h, tangent_y))
+    return d, f
+
+
+def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Callable, weight_leaves: Sequence[int]):
+    """`(loss, δ_new, δ_prev, direct)`: δ per hidden leaf w.r.t. its new value (as a leaf) and its
+    previous value (direct reads only), and the direct `∂L/∂W` for the given weight leaves."""
+    facts = analysis.facts
+    hidden = sorted(facts.new_vars)
+    new_vars = [facts.new_vars[leaf] for leaf in hidden]
+    outvars = analysis.captured.jaxpr.jaxpr.outvars[: analysis.captured.n_outputs]
+
+    def loss(new_hidden, prev_hidden, weights):
+        leaves = list(values.leaves)
+        for leaf, value in zip(hidden, prev_hidden, strict=True):
+            leaves[leaf] = value
+        for leaf, value in zip(weight_leaves, weights, strict=True):
+            leaves[leaf] = value
+        substitute = dict(zip(new_vars, new_hidden, strict=True))
+        return loss_of_outputs(_evaluate_with(analysis, values, leaves, substitute, list(outvars)))
+
+    args = ([values.new_leaves[leaf] for leaf in hidden], [values.leaves[leaf] for leaf in hidden],
+            [values.leaves[leaf] for leaf in weight_leaves])
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
+    delta_new = dict(zip(hidden, grads[0], strict=True))
+    delta_prev = dict(zip(hidden, grads[1], strict=True))
+    direct = dict(zip(weight_leaves, grads[2], strict=True))
+    return value, delta_new, delta_prev, direct
+
+
+def pre_sensitivity(analysis: Analysis, contraction: int, group, values: StepValues) -> jax.Array:
+    """`∂u/∂h_t` per state of `group` (shape (..., S)) for the presynaptic input of `contraction`."""
+    facts = analysis.facts
+    new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
+    pre_var = facts.contractions[contraction].pre_var
+
+    def pre(new_group):
+        substitute = dict(zip(new_vars, new_group, strict=True))
+        return _evaluate_with(analysis, values, values.leaves, substitute, [pre_var])[0]
+
+    primals = [values.new_leaves[leaf] for leaf in group.leaves]
+    _, linear = jax.linearize(pre, primals)
+    zeros = [jnp.zeros_like(h) for h in primals]
+    return stack_states([linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros))])
+                         for s in range(group.n_states)])
+
+
+def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, weight) -> jax.Array:
+    """The relation's op output `y(u, W)` with the presynaptic input and the weight leaf replaced."""
+    c = analysis.facts.contractions[contraction]
+    leaves = list(values.leaves)
+    leaves[c.weight_leaf] = weight
+    return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var])[0]
+
+
+def credit(analysis: Analysis, contraction: int, values: StepValues, cotangent: jax.Array) -> jax.Array:
+    """`(∂y/∂u)ᵀ cotangent`: a learning signal carried back through the op to its presynaptic input."""
+    c = analysis.facts.contractions[contraction]
+    weight = values.leaves[c.weight_leaf]
+    _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
+    return vjp(cotangent)[0]
+
+
+def weight_vjp(analysis: Analysis, contraction: int, values: StepValues, pre, cotangent) -> jax.Array:
+    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation."""
+    c = analysis.facts.contractions[contraction]
+    _, vjp = jax.vjp(lambda w: op_output(analysis, contraction, values, pre, w), values.leaves[c.weight_leaf])
+    return vjp(cotangent)[0]
+
+
+def to_op_layout(relation, array: jax.Array) -> jax.Array:
+    """A group-layout array (without state axis) in the layout of the relation's op output."""
+    if relation.tail_perm is None:
+        return array
+    inverse = tuple(relation.tail_perm.index(axis) for axis in range(len(relation.tail_perm)))
+    return jnp.transpose(array, inverse)
+
+
+def from_op_layout(relation, array: jax.Array) -> jax.Array:
+    if relation.tail_perm is None:
+        return array
+    return jnp.transpose(array, relation.tail_perm)
