@@ -438,7 +438,8 @@ class RecurrentLIF(brainstate.nn.Module):
         w_in_scale, w_rec_scale: KaimingNormal scales of input and recurrent weights (mA).
 
     The step is split for `rtrl_reference`: `update(x) == update_hidden(x); update_lti(); return output()`.
-    `groups()` returns `(groups, lti_groups)` for `rtrl_reference`.
+    `groups()` returns `(groups, lti_groups)` for `rtrl_reference`; `relations()` and `presynaptic(x)`
+    name the hidden-layer weights and their presynaptic inputs for `es_d_rtrl_naive`.
     """
 
     def __init__(self, n_in: int, n_rec: int, n_out: int, readout: str = "leaky",
@@ -473,8 +474,12 @@ class RecurrentLIF(brainstate.nn.Module):
             post=self.N,
         )
 
-    def update_hidden(self, x):
-        """Advance the spiking group (V and the synaptic g's) by one step."""
+    def update_hidden(self, x, y_shift: dict[str, jax.Array] | None = None):
+        """Advance the spiking group (V and the synaptic g's) by one step.
+
+        `y_shift` (mantissas in mA, keyed like `relations()`) is added to each projection's weight output
+        `y = u @ W`; it exists so that `F_t = ∂h_t/∂y_t` can be taken by differentiation.
+        """
         with brainstate.environ.context(dt=self.dt):
             if self.rec is not None:
                 spikes = self.N.get_spike()
@@ -482,6 +487,9 @@ class RecurrentLIF(brainstate.nn.Module):
                     spikes = lax.stop_gradient(spikes)
                 self.rec(spikes)
             self.inp(x)
+            if y_shift is not None:
+                for name, shift in y_shift.items():
+                    getattr(self, name).syn.add_delta_input(f"y_shift_{name}", shift * u.mA)
             self.N()
 
     def update_lti(self):
@@ -501,6 +509,18 @@ class RecurrentLIF(brainstate.nn.Module):
         self.update_lti()
         return self.output()
 
+    def relations(self) -> dict[str, str]:
+        """`{projection name: weight path}` of the weights that feed the spiking group."""
+        names = ["inp"] + (["rec"] if self.rec is not None else [])
+        return {name: path_of(self, getattr(self, name).comm.weight) for name in names}
+
+    def presynaptic(self, x) -> dict[str, Any]:
+        """`{projection name: u_t}`, each projection's presynaptic input, read BEFORE the step."""
+        inputs = {"inp": x}
+        if self.rec is not None:
+            inputs["rec"] = self.N.get_spike()
+        return inputs
+
     def groups(self) -> tuple[list[list[str]], list[list[str]]]:
         """`(groups, lti_groups)` of hidden paths for `rtrl_reference`."""
         spiking = [self.N.V, self.inp.syn.g] + ([self.rec.syn.g] if self.rec is not None else [])
@@ -514,3 +534,103 @@ def build_recurrent_lif(n_in=3, n_rec=4, n_out=2, batch_size=None, seed=0, **kw)
     model = RecurrentLIF(n_in, n_rec, n_out, **kw)
     brainstate.nn.init_all_states(model, batch_size=batch_size)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# es_d_rtrl, naive
+# ---------------------------------------------------------------------------------------------------------
+
+
+def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: float,
+                    batch_size: int | None = None) -> Params:
+    """`es_d_rtrl` of DESIGN.md §2 by its dense formulas, for a `RecurrentLIF` with a linear readout.
+
+    Per hidden-layer weight `W` (`relations()`: input and recurrent) and per example, from `t = 0`:
+
+        ε^u_t = α ε^u_{t-1} + u_t                           u_t = `presynaptic(x_t)` (I,)
+        ε^f_t = α D_t ε^f_{t-1} + (1 − α) F_t               over the raveled hidden vector
+        dW   += Σ_b ε^u_t[b] ⊗ (Σ_s δ_t[b, s, n] ε^f_t[b, s, n]) / c_t,     c_t = 1 − α^{t+1}
+
+    `D_t` is `∂h_t/∂h_{t-1}` of the step with recurrent spikes detached (weight paths cut), masked to the
+    per-neuron blocks of the spiking group; `F_t = ∂h_t/∂y_t` is one JVP with a ones tangent on the weight
+    output `y = u @ W`; `δ_t = ∂L_t/∂h_t` with the new hidden values as leaves. Weights with no temporal
+    relation (the readout's weight and bias) get their exact same-step gradient `∂L_t/∂θ`.
+
+    Degenerate exact cases: `T = 1` (any α), and α → 1 when a weight's `u_t` is constant in time (then
+    `ε^u_t / c_t = u / (1 − α)` and `ε^f_t / (1 − α)` tends to the `d_rtrl` trace).
+    """
+    if not isinstance(model, RecurrentLIF) or model.readout != "linear":
+        raise NotImplementedError("es_d_rtrl_naive is written for RecurrentLIF(readout='linear') only")
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    xs = _mantissa(xs)
+    relations = model.relations()
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    batch = () if batch_size is None else (batch_size,)
+    shift0 = {name: jnp.zeros((*batch, model.n_rec)) for name in relations}
+    with stop_recurrent(model):
+        traced_hidden = _trace(model, model.update_hidden, (x0, shift0), batch_size)
+    stage_hidden = _pure(traced_hidden)
+    presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
+    output = _pure(_trace(model, model.output, (), batch_size))
+
+    params, hidden, others = _current_values(model)
+    batched = batch_size is not None
+    if not batched:
+        hidden = jax.tree.map(lambda a: a[None], hidden)
+        xs = jax.tree.map(lambda a: a[:, None], xs)
+    hidden_one = jax.tree.map(lambda a: a[0], hidden)
+    theta, unravel_params = ravel_pytree(params)
+    _, unravel_hidden = ravel_pytree(hidden_one)
+    ravel_hidden = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+    groups, _ = model.groups()
+    mask = hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]])
+    in_group = np.isin(np.array(list(hidden_one))[_index_labels(hidden_one)[0]], groups[0])
+    # (hidden entry, neuron) membership of the spiking group: sums the S states of each neuron
+    to_neuron = np.eye(model.n_rec)[_index_labels(hidden_one)[1]] * in_group[:, None]
+
+    def stage1(h, others, x, shift):
+        _, new_hidden, new_others = stage_hidden(params, unravel_hidden(h), others, x, shift)
+        return ravel_hidden(new_hidden), new_others
+
+    def example_step(h, trace_u, trace_f, others, x):
+        zero = {name: jnp.zeros(model.n_rec) for name in relations}
+        ones = {name: jnp.ones(model.n_rec) for name in relations}
+        presyn = presynaptic(params, unravel_hidden(h), others, x)[0]
+        h1, others1 = stage1(h, others, x, zero)
+        jacobian, _ = jax.jacfwd(stage1, argnums=0, has_aux=True)(h, others, x, zero)
+        trace_u, trace_f = dict(trace_u), dict(trace_f)
+        for name in relations:
+            tangent = {key: ones[key] if key == name else zero[key] for key in relations}
+            f = jax.jvp(lambda s: stage1(h, others, x, s)[0], (zero,), (tangent,))[1]
+            trace_u[name] = alpha * trace_u[name] + presyn[name]
+            trace_f[name] = alpha * (mask * jacobian) @ trace_f[name] + (1.0 - alpha) * f
+        return h1, trace_u, trace_f, others1
+
+    def step_loss(theta, h1, others, target):
+        out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
+        return loss_fn(out if batched else out[0], target)
+
+    @jax.jit
+    def body(carry, inputs):
+        h, trace_u, trace_f, others, grad, step = carry
+        x, target = inputs
+        h1, trace_u, trace_f, others = jax.vmap(example_step, in_axes=(0, 0, 0, None, 0),
+                                                out_axes=(0, 0, 0, None))(h, trace_u, trace_f, others, x)
+        grad_theta, delta = jax.grad(step_loss, argnums=(0, 1))(theta, h1, others, target)
+        grad = jax.tree.map(jnp.add, grad, unravel_params(grad_theta))
+        correction = 1.0 - alpha ** (step + 1)
+        for name, path in relations.items():
+            learning = (delta * trace_f[name]) @ to_neuron  # (batch, n_rec)
+            update = {"weight": jnp.einsum("bi,bn->in", trace_u[name], learning) / correction}
+            grad[path] = jax.tree.map(jnp.add, grad[path], update)
+        return (h1, trace_u, trace_f, others, grad, step + 1), None
+
+    h = jax.vmap(ravel_hidden)(hidden)
+    n_batch = h.shape[0]
+    trace_u = {name: jnp.zeros((n_batch, jnp.shape(params[path]["weight"])[0])) for name, path in relations.items()}
+    trace_f = {name: jnp.zeros_like(h) for name in relations}
+    grad = jax.tree.map(jnp.zeros_like, params)
+    carry = (h, trace_u, trace_f, others, grad, 0)
+    (*_, grad, _), _ = lax.scan(body, carry, (xs, targets))
+    return grad

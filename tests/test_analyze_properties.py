@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 import fusetrace
 import zoo
 
-SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 sizes = st.integers(min_value=1, max_value=24)
 taus = st.floats(min_value=2.0, max_value=50.0, allow_nan=False).map(lambda t: t * u.ms)

@@ -3,11 +3,19 @@
 Exact (float64): BPTT == central finite differences on a smooth-spike model; dense RTRL == BPTT; masked
 RTRL == BPTT when the true Jacobian is per-neuron (feed-forward layer, or recurrent spikes detached).
 Approximate on purpose: masked RTRL != BPTT on a recurrent layer (the masking drops cross-neuron credit).
+The naive es_d_rtrl formulas are checked in their two degenerate exact cases (T = 1; α -> 1 with an input
+constant in time).
 """
 
 import jax
 
-jax.config.update("jax_enable_x64", True)  # before brainpy builds any constant
+jax.config.update("jax_enable_x64", True)
+
+import brainstate  # noqa: E402
+
+# brainstate fixes its default float dtype when first imported; another test module may have imported it
+# before float64 was enabled, so set the precision explicitly too.
+brainstate.environ.set(precision=64)
 
 import brainunit as u  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -19,6 +27,7 @@ from references import (  # noqa: E402
     bptt_grads,
     bptt_grads_stopgrad,
     build_recurrent_lif,
+    es_d_rtrl_naive,
     functional_step,
     hidden_mask,
     rtrl_reference,
@@ -30,6 +39,8 @@ RTOL_FD = 1e-5  # central differences with step 1e-6 in float64: truncation ~1e-
 EPS_FD = 1e-6
 ATOL_EXACT = 1e-8  # exact algebra in float64, two summation orders (scan vs dense matrix products)
 MIN_MASK_EFFECT = 1e-3  # the masked recurrent gradient must differ by far more than rounding
+ES_ONE_MINUS_ALPHA = 1e-8
+ES_LIMIT_RTOL = 1e-6  # es_d_rtrl -> d_rtrl linearly in (1 - α); measured 1.2e-8 relative at 1 - α = 1e-8
 
 N_IN, N_REC, N_OUT, N_STEPS, BATCH = 3, 4, 2, 8, 2
 
@@ -60,7 +71,7 @@ def assert_close(actual, desired, atol=ATOL_EXACT, rtol=0.0):
 def test_functional_step_matches_model_update(batch_size, readout):
     model = build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=batch_size, readout=readout)
     twin = build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=batch_size, readout=readout)
-    xs, _ = data(batch_size)
+    xs, _ = data(batch_size, n_steps=3)  # run eagerly on both sides, so bit-identical
     step_fn, params, hidden, others = functional_step(model, xs[0], batch_size)
     for x in xs:
         out, hidden, others = step_fn(params, hidden, others, x)
@@ -161,3 +172,24 @@ def test_hidden_mask_keeps_per_neuron_blocks_and_whole_lti_groups():
         hidden_mask(hidden, [["a", "b"]])
     with pytest.raises(ValueError, match="mixes neuron counts"):
         hidden_mask(hidden, [["a", "r"]], [["b"]])
+
+
+def test_es_d_rtrl_naive_is_exact_for_one_step():
+    """Exact (T = 1, any α): both factorised traces hold only the immediate term `F_0 ⊗ u_0`."""
+    model = build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=BATCH, readout="linear", w_rec_scale=3.0)
+    xs, targets = data(BATCH, n_steps=1)
+    online = es_d_rtrl_naive(model, xs, targets, squared_error, 0.7, BATCH)
+    assert_close(online, bptt_grads(model, xs, targets, squared_error, BATCH))
+
+
+def test_es_d_rtrl_naive_tends_to_bptt_for_constant_input():
+    """Exact in the limit α -> 1 on a feed-forward layer fed a constant input: `ε^u_t / c_t = u / (1 − α)`
+    and `ε^f_t / (1 − α)` tends to the exact per-neuron trace."""
+    model = build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=BATCH, readout="linear", recurrent=False)
+    xs, targets = data(BATCH)
+    xs = jnp.broadcast_to(xs[0], xs.shape)
+    online = flat(es_d_rtrl_naive(model, xs, targets, squared_error, 1.0 - ES_ONE_MINUS_ALPHA, BATCH))
+    exact = flat(bptt_grads(model, xs, targets, squared_error, BATCH))
+    np.testing.assert_allclose(online, exact, atol=ES_LIMIT_RTOL * np.abs(exact).max())
+    coarse = flat(es_d_rtrl_naive(model, xs, targets, squared_error, 0.5, BATCH))
+    assert np.linalg.norm(coarse - exact) > MIN_MASK_EFFECT * np.linalg.norm(exact)  # an approximation

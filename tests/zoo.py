@@ -176,9 +176,38 @@ def _case(name, model, inputs, batch_size, expect_fn, init, seed) -> Case:
     return case
 
 
+# Weights and initial potentials are drawn on the host: brainstate.random compiles one XLA kernel per
+# new shape (0.1-0.4 s each), which dominated runs over many population sizes.
+_RNG = np.random.RandomState(0)
+
+
+class HostRandom:
+    """A seeded numpy initializer, `init(shape) -> array` (a brainunit Quantity when `unit` is given).
+
+    `kind='normal'`: mean + std * N(0, 1); `kind='uniform'`: U(low=mean, high=std). Draws from the zoo's
+    RNG, which each factory reseeds, so equal factory calls build equal models.
+    """
+
+    def __init__(self, kind: str, a: float, b: float, unit=None):
+        self.kind, self.a, self.b, self.unit = kind, a, b, unit
+
+    def __call__(self, shape, **kwargs):
+        if self.kind == "normal":
+            x = self.a + self.b * _RNG.standard_normal(shape)
+        else:
+            x = _RNG.uniform(self.a, self.b, size=shape)
+        x = jnp.asarray(x, dtype=brainstate.environ.dftype())
+        return x if self.unit is None else x * self.unit
+
+
+def _kaiming(n_pre: int, scale: float = 1.0, unit=None) -> HostRandom:
+    return HostRandom("normal", 0.0, scale / np.sqrt(n_pre), unit)
+
+
 def _begin(seed: int):
     brainstate.environ.set(dt=DT)
     brainstate.random.seed(seed)
+    _RNG.seed(seed)
 
 
 def _current_syn(n: int, tau=5.0 * u.ms):
@@ -186,18 +215,15 @@ def _current_syn(n: int, tau=5.0 * u.ms):
     return bps.Expon.desc(n, tau=tau, g_initializer=braintools.init.Constant(0.0 * u.mA))
 
 
-def _dense(n_pre: int, n_post: int, unit=u.mA, scale: float = 2.0, bias: bool = False):
-    return brainstate.nn.Linear(
-        n_pre, n_post,
-        w_init=braintools.init.KaimingNormal(scale=scale, unit=unit),
-        b_init=braintools.init.ZeroInit(unit=unit) if bias else None,
-    )
+def _dense(n_pre: int, n_post: int, unit=u.mA, scale: float = 2.0):
+    """A bias-free dense comm (a bias into a conductance is not a synapse)."""
+    return brainstate.nn.Linear(n_pre, n_post, w_init=_kaiming(n_pre, scale, unit), b_init=None)
 
 
 def _lif(n: int, tau=10.0 * u.ms, **kw):
     return bps.LIF(
         n, tau=tau, V_th=1.0 * u.mV, V_reset=0.0 * u.mV, V_rest=0.0 * u.mV,
-        V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV), **kw,
+        V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV), **kw,
     )
 
 
@@ -280,7 +306,7 @@ class EINet(brainstate.nn.Module):
         self.num = n_exc + n_inh
         self.N = bps.LIF(
             self.num, V_rest=-60.0 * u.mV, V_th=-50.0 * u.mV, V_reset=-60.0 * u.mV, tau=20.0 * u.ms,
-            V_initializer=braintools.init.Normal(-55.0 * u.mV, 2.0 * u.mV),
+            V_initializer=HostRandom("normal", -55.0, 2.0, u.mV),
         )
 
         def comm(n_pre, n_post, w):
@@ -302,11 +328,11 @@ class EINet(brainstate.nn.Module):
         )
         self.inp = bps.AlignPostProj(
             comm=brainstate.nn.Linear(
-                n_in, self.num, w_init=braintools.init.KaimingNormal(scale=5.0, unit=u.mA), b_init=None
+                n_in, self.num, w_init=_kaiming(n_in, 5.0, u.mA), b_init=None
             ),
             syn=_current_syn(self.num), out=bps.CUBA.desc(scale=1.0), post=self.N,
         )
-        self.out = bps.LeakyRateReadout(self.num, n_out, tau=10.0 * u.ms, w_init=braintools.init.KaimingNormal())
+        self.out = bps.LeakyRateReadout(self.num, n_out, tau=10.0 * u.ms, w_init=_kaiming(self.num))
 
     def update(self, x_spk, i_ext=20.0 * u.mA):
         spk = self.N.get_spike()
@@ -425,7 +451,7 @@ class AlifCuba(brainstate.nn.Module):
     def __init__(self, n_in=6, n=10):
         super().__init__()
         self.N = bps.ALIF(n, tau=10.0 * u.ms, tau_a=50.0 * u.ms, beta=0.2 * u.mV,
-                          V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV))
+                          V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV))
         self.inp = bps.AlignPostProj(comm=_dense(n_in, n), syn=_current_syn(n), out=bps.CUBA.desc(scale=1.0),
                                      post=self.N)
 
@@ -561,7 +587,7 @@ class LeakyReadoutNet(brainstate.nn.Module):
     def __init__(self, n_in=6, n=10, n_out=3, tau=10.0 * u.ms, tau_out=10.0 * u.ms):
         super().__init__()
         self.hidden = LifCuba(n_in, n, tau=tau)
-        self.out = bps.LeakyRateReadout(n, n_out, tau=tau_out, w_init=braintools.init.KaimingNormal())
+        self.out = bps.LeakyRateReadout(n, n_out, tau=tau_out, w_init=_kaiming(n))
 
     def update(self, x):
         return self.out(self.hidden(x))
@@ -592,7 +618,7 @@ class LinearReadoutNet(brainstate.nn.Module):
     def __init__(self, n_in=6, n=10, n_out=3):
         super().__init__()
         self.hidden = LifCuba(n_in, n)
-        self.fc = brainstate.nn.Linear(n, n_out, b_init=braintools.init.Constant(0.1))
+        self.fc = brainstate.nn.Linear(n, n_out, w_init=_kaiming(n), b_init=braintools.init.Constant(0.1))
 
     def update(self, x):
         return self.fc(self.hidden(x))
@@ -626,7 +652,7 @@ def fixed_prob(batch_size=None, weight="array", n_in=8, n=12, seed=0, init=True)
     an initializer, shape (n_in, conn_num); `'scalar'`: one homogeneous weight of shape ()."""
     _begin(seed)
     conn_weight = (
-        braintools.init.Normal(0.5 * u.mA, 0.1 * u.mA) if weight == "array" else 0.5 * u.mA
+        HostRandom("normal", 0.5, 0.1, u.mA) if weight == "array" else 0.5 * u.mA
     )
     comm = brainstate.nn.EventFixedProb(n_in, n, conn_num=4, conn_weight=conn_weight, seed=seed)
     model = LifCuba(n_in, n, comm=comm)
@@ -644,7 +670,7 @@ def fixed_prob(batch_size=None, weight="array", n_in=8, n=12, seed=0, init=True)
 def event_linear(batch_size=None, n_in=8, n=12, seed=0, init=True) -> Case:
     """`EventLinear` (dense weight, spikes as events) into LIF + Expon."""
     _begin(seed)
-    comm = brainstate.nn.EventLinear(n_in, n, weight=braintools.init.KaimingNormal(scale=2.0, unit=u.mA))
+    comm = brainstate.nn.EventLinear(n_in, n, weight=_kaiming(n_in, 2.0, u.mA))
     model = LifCuba(n_in, n, comm=comm)
     op = _comm_op("eventlinear", batch_size)
 

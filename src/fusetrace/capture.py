@@ -18,6 +18,7 @@ import brainevent
 import brainstate
 import brainunit as u
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._compat import ClosedJaxpr
@@ -248,7 +249,7 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
                 and np.shape(mantissa)[0] == batch_size
             leaves.append(StateLeaf(
                 path=".".join([path, *map(str, key)]), state_path=path, key=key, role=role,
-                shape=tuple(np.shape(mantissa)), dtype=np.dtype(np.result_type(mantissa)), unit=_unit_of(value),
+                shape=tuple(np.shape(mantissa)), dtype=np.dtype(jnp.asarray(mantissa).dtype), unit=_unit_of(value),
                 batch_axis=0 if batched else None, order=order,
             ))
             leaf_state.append(index)

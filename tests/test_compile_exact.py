@@ -1,0 +1,146 @@
+"""Tier 2: the fused learner against BPTT in the exact regime (float64, one-step windows).
+
+Every model here is a single spiking layer fed by inputs (no recurrent weight), so the true
+`∂h_t/∂h_{t-1}` is per-neuron and `d_rtrl` / `e_prop` must equal BPTT exactly — hidden weights AND
+readout weights, with an instantaneous Linear readout and with a LeakyRateReadout (whose cross-group
+credit is the LTI mechanism of DESIGN.md §2). The online estimate is Σ_t res.grads with params fixed;
+the reference is `brainstate.transform.grad` of Σ_t loss through `for_loop` on a twin model built with
+the same seed (no fusetrace code involved).
+"""
+
+import braintools
+import brainstate
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import brainpy.state as bps
+import fusetrace
+
+RTOL_EXACT = 1e-6  # the acceptance bound; observed errors are ~1e-15 (exact algebra, float64)
+N_IN, N, N_OUT, BATCH, STEPS = 3, 5, 2, 2, 10
+
+
+@pytest.fixture(autouse=True)
+def _dt():
+    brainstate.environ.set(dt=1.0 * u.ms)
+
+
+def _current_proj(neuron, n_in, syn="expon"):
+    comm = brainstate.nn.Linear(n_in, N, w_init=braintools.init.KaimingNormal(scale=3.0, unit=u.mA), b_init=None)
+    zero = braintools.init.Constant(0.0 * u.mA)
+    desc = (bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero) if syn == "expon"
+            else bps.DualExpon.desc(N, tau_decay=4.0 * u.ms, tau_rise=1.0 * u.ms, g_initializer=zero))
+    return bps.AlignPostProj(comm=comm, syn=desc, out=bps.CUBA.desc(scale=1.0), post=neuron)
+
+
+def _coba_proj(neuron, n_in):
+    comm = brainstate.nn.Linear(n_in, N, w_init=braintools.init.Uniform(0.5 * u.siemens, 2.0 * u.siemens), b_init=None)
+    return bps.AlignPostProj(comm=comm, syn=bps.Expon.desc(N, tau=3.0 * u.ms), out=bps.COBA.desc(E=5.0 * u.mV),
+                             post=neuron)
+
+
+V0 = braintools.init.Normal(0.5 * u.mV, 0.3 * u.mV)
+NEURONS = {
+    "cuba": lambda: bps.LIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms, V_initializer=V0),
+    "hetero_tau": lambda: bps.LIF(N, V_th=1.0 * u.mV, tau=jnp.linspace(3.0, 9.0, N) * u.ms, V_initializer=V0),
+    "alif": lambda: bps.ALIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms, tau_a=20.0 * u.ms, beta=0.3 * u.mV,
+                             V_initializer=V0),
+}
+
+
+class Layer(brainstate.nn.Module):
+    def __init__(self, kind: str, readout: str):
+        super().__init__()
+        self.neuron = NEURONS.get(kind, NEURONS["cuba"])()
+        if kind == "coba":
+            self.proj = _coba_proj(self.neuron, N_IN)
+        else:
+            self.proj = _current_proj(self.neuron, N_IN, syn="dualexpon" if kind == "dualexpon" else "expon")
+        self.out = (bps.LeakyRateReadout(N, N_OUT, tau=4.0 * u.ms) if readout == "leaky"
+                    else brainstate.nn.Linear(N, N_OUT))
+
+    def update(self, x):
+        self.proj(x)
+        return self.out(self.neuron(0.0 * u.mA))
+
+
+def _build(kind, readout, batch):
+    brainstate.random.seed(0)
+    model = Layer(kind, readout)
+    brainstate.nn.init_all_states(model, batch_size=batch)
+    return model
+
+
+def _data(batch):
+    shape = (STEPS, batch, N_IN) if batch else (STEPS, N_IN)
+    xs = (jax.random.uniform(jax.random.PRNGKey(1), shape) < 0.6).astype(jnp.float64)
+    ys = jax.random.normal(jax.random.PRNGKey(2), shape[:-1] + (N_OUT,))
+    return xs, ys
+
+
+def _loss(output, target):
+    return jnp.sum((output - target) ** 2)
+
+
+def online_grads(model, xs, ys, algorithm, batch, **options):
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=batch, **options)
+    params, state = learner.params, learner.init()
+    step = jax.jit(learner.step)
+    total = None
+    for x, y in zip(xs, ys, strict=True):
+        state, res = step(params, state, x, y)
+        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+    return total
+
+
+def bptt_grads(model, xs, ys):
+    weights = model.states(brainstate.ParamState)
+
+    def sequence_loss():
+        return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(model.update(x), y), xs, ys))
+
+    grads = brainstate.transform.grad(sequence_loss, weights)()
+    return {".".join(path): value for path, value in grads.items()}
+
+
+def _flat(tree):
+    return [np.asarray(u.get_mantissa(x)) for x in jax.tree.leaves(tree, is_leaf=u.math.is_quantity)]
+
+
+def assert_matches(online, reference, rtol):
+    assert set(online) == set(reference)
+    for path in reference:
+        for got, want in zip(_flat(online[path]), _flat(reference[path]), strict=True):
+            assert np.linalg.norm(want) > 0, f"{path}: BPTT gradient is zero; the test would prove nothing"
+            error = np.linalg.norm(got - want) / np.linalg.norm(want)
+            assert error <= rtol, f"{path}: relative error {error:.3g} > {rtol}"
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "e_prop"])
+@pytest.mark.parametrize("readout", ["leaky", "linear"])
+@pytest.mark.parametrize("kind", ["cuba", "coba", "alif", "dualexpon", "hetero_tau"])
+def test_exact_regime_matches_bptt(kind, readout, algorithm):
+    xs, ys = _data(BATCH)
+    online = online_grads(_build(kind, readout, BATCH), xs, ys, algorithm, BATCH)
+    reference = bptt_grads(_build(kind, readout, BATCH), xs, ys)
+    assert_matches(online, reference, RTOL_EXACT)
+
+
+def test_exact_regime_unbatched():
+    xs, ys = _data(None)
+    online = online_grads(_build("cuba", "leaky", None), xs, ys, "d_rtrl", None)
+    assert_matches(online, bptt_grads(_build("cuba", "leaky", None), xs, ys), RTOL_EXACT)
+
+
+def test_es_d_rtrl_is_an_approximation_with_the_right_sign():
+    """es_d_rtrl is not exact (it factorises the trace); it must still point the same way as BPTT."""
+    xs, ys = _data(BATCH)
+    online = online_grads(_build("cuba", "leaky", BATCH), xs, ys, "es_d_rtrl", BATCH, decay=0.5)
+    reference = bptt_grads(_build("cuba", "leaky", BATCH), xs, ys)
+    for path in reference:
+        for got, want in zip(_flat(online[path]), _flat(reference[path]), strict=True):
+            cosine = float(np.vdot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)))
+            assert cosine > 0.5, f"{path}: cosine {cosine:.3f}"
