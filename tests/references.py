@@ -229,7 +229,8 @@ def bptt_grads(model, xs, targets, loss_fn: Callable, batch_size: int | None = N
 def stop_recurrent(model):
     """Within the block, `model.stop_recurrent_grad` is True (so traces detach recurrent spikes)."""
     if not hasattr(model, "stop_recurrent_grad"):
-        raise TypeError(f"{type(model).__name__} has no `stop_recurrent_grad` flag to detach recurrent inputs")
+        raise TypeError(
+            f"{type(model).__name__} has no `stop_recurrent_grad` flag to detach recurrent inputs")
     saved = model.stop_recurrent_grad
     model.stop_recurrent_grad = True
     try:
@@ -257,7 +258,8 @@ def bptt_grads_stopgrad(model, xs, targets, loss_fn: Callable, batch_size: int |
 def _index_labels(hidden_one: Hidden) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """For the raveled hidden vector: the path index and the neuron index of every entry."""
     paths = list(hidden_one)
-    state_label = ravel_pytree({p: jnp.full(jnp.shape(v), i) for i, (p, v) in enumerate(hidden_one.items())})[0]
+    state_label = ravel_pytree({p: jnp.full(jnp.shape(v), i)
+                                for i, (p, v) in enumerate(hidden_one.items())})[0]
     neuron_label = ravel_pytree({p: jnp.arange(jnp.size(v)).reshape(jnp.shape(v))
                                  for p, v in hidden_one.items()})[0]
     return np.asarray(state_label).astype(int), np.asarray(neuron_label).astype(int), paths
@@ -286,7 +288,8 @@ def hidden_mask(hidden_one: Hidden, groups: Sequence[Sequence[str]] | None,
             is_lti[path] = index >= len(groups)
     missing = [p for p in paths if p not in group_of]
     if missing:
-        raise ValueError(f"hidden states {missing} are in no group; list every hidden path in groups or lti_groups")
+        raise ValueError(
+            f"hidden states {missing} are in no group; list every hidden path in groups or lti_groups")
     group_label = np.array([group_of[paths[s]] for s in state_label])
     lti_label = np.array([is_lti[paths[s]] for s in state_label])
     same_group = group_label[:, None] == group_label[None, :]
@@ -305,7 +308,8 @@ def _check_stage_methods(model):
 def _check_stages(hidden: dict, lti_paths: set[str], traced_hidden: _Traced, traced_lti: _Traced):
     bad = traced_hidden.written & lti_paths
     if bad:
-        raise ValueError(f"update_hidden writes LTI states {sorted(bad)}; they must be advanced in update_lti")
+        raise ValueError(
+            f"update_hidden writes LTI states {sorted(bad)}; they must be advanced in update_lti")
     bad = traced_lti.written - lti_paths
     if bad:
         raise ValueError(f"update_lti writes {sorted(bad)}, which are not listed in lti_groups")
@@ -328,7 +332,7 @@ def rtrl_reference(model, xs, targets, loss_fn: Callable, groups: Sequence[Seque
 
         J1 = ∂S1/∂h (h_{t-1}),  I1 = ∂S1/∂θ,   J2 = ∂S2/∂h (after stage 1),  I2 = ∂S2/∂θ   (jacfwd, dense)
         M_t = J2 (Mask ⊙ J1 · M_{t-1} + I1) + I2,      M_0 = 0
-        g_t = Σ_b δ_t[b] · M_t[b] + ∂L_t/∂θ|direct,     δ_t = ∂L_t/∂h_t with h_t independent leaves of output()
+        g_t = Σ_b δ_t[b] · M_t[b] + ∂L_t/∂θ|direct,   δ_t = ∂L_t/∂h_t, h_t independent leaves of output()
 
     Mask keeps per-neuron `S×S` blocks within each group of `groups` (so cross-neuron credit through recurrent
     weights is dropped, but a self-connection `W[n, n]` stays: call it on the model under `stop_recurrent`
@@ -417,7 +421,7 @@ def rtrl_reference(model, xs, targets, loss_fn: Callable, groups: Sequence[Seque
 
 
 def soft_spike(x):
-    """A smooth spike `sigmoid(4x)` (x in threshold units): makes the step differentiable for finite differences."""
+    """A smooth spike `sigmoid(4x)` (x in threshold units): a differentiable step for finite differences."""
     return jax.nn.sigmoid(4.0 * x)
 
 
@@ -628,7 +632,8 @@ def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: 
 
     h = jax.vmap(ravel_hidden)(hidden)
     n_batch = h.shape[0]
-    trace_u = {name: jnp.zeros((n_batch, jnp.shape(params[path]["weight"])[0])) for name, path in relations.items()}
+    trace_u = {name: jnp.zeros((n_batch, jnp.shape(params[path]["weight"])[0]))
+               for name, path in relations.items()}
     trace_f = {name: jnp.zeros_like(h) for name in relations}
     grad = jax.tree.map(jnp.zeros_like, params)
     carry = (h, trace_u, trace_f, others, grad, 0)

@@ -255,15 +255,25 @@ def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algori
     values = derive.forward(analysis, captured.strip_inputs(*example_inputs), captured.leaf_values())
     plan = make_plan(analysis, algorithm, values, decay=decay, kappa=kappa)
     param_items = [(".".join(map(str, k)), s) for k, s in model.states(brainstate.ParamState).items()]
-    params = {path: state.value for path, state in param_items}
+    params = {path: _strong(state.value) for path, state in param_items}
     model_states = {}
     for state, leaf in zip(captured.states, _first_leaf_per_state(captured), strict=True):
         if leaf.role != "weight":
-            model_states[leaf.state_path] = state.value
+            model_states[leaf.state_path] = _strong(state.value)
     if example_target is None:
         example_target = jax.tree.map(jnp.zeros_like, captured.wrap_outputs(values.outputs), is_leaf=u.math.is_quantity)
     return Learner(analysis=analysis, plan=plan, loss=loss, param_paths=tuple(params),
                    snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target))
+
+
+def _strong(tree):
+    """The same values without weak types, so the first step's output state has the input's types."""
+    def strong(x):
+        if u.math.is_quantity(x):
+            return u.Quantity(strong(u.get_mantissa(x)), unit=u.get_unit(x))
+        x = jnp.asarray(x)
+        return jnp.asarray(x, dtype=x.dtype)
+    return jax.tree.map(strong, tree, is_leaf=u.math.is_quantity)
 
 
 def _first_leaf_per_state(captured):
