@@ -7,8 +7,9 @@ is the fused program (nothing here builds equations by hand).
 
 Traces (DESIGN.md §2), per traced relation `k` into group `A` with `S` states:
 
-* d_rtrl / e_prop: `ε_k` (..., n_pre, n_post, S) — dense `dot_general(u, W)` relations;
-  `ε ← D ε + F ⊗ u`, gradient `Σ δ·ε`; e_prop optionally low-pass filters the trace with `kappa`.
+* d_rtrl / e_prop: `ε_k` per weight element and state, laid out by `layout` (dense, per-synapse or
+  shared): `ε ← D ε + F ⊗ u`, gradient `Σ δ·ε`; e_prop optionally low-pass filters the trace with
+  `kappa`.
 * es_d_rtrl: `ε^u_k` (the op input's layout) and `ε^f_k` (..., S):
   `ε^u ← α ε^u + u`, `ε^f ← α D ε^f + (1-α) F`, gradient `(∂y(ε^u, W)/∂W)ᵀ (δ·ε^f) / (1-α^{t+1})`
   (any op, via its own VJP: sparse weights keep their shape).
@@ -30,7 +31,7 @@ from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
 
 from . import derive
-from .relations import Relation
+from .layout import layout_kind, make_layout, trace_shape
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
 
@@ -44,6 +45,10 @@ class Credit:
     group: str
     decay: float
 
+    @property
+    def key(self) -> str:
+        return f"q{self.source}_{self.via}"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (a static jit field)
 class Plan:
@@ -56,19 +61,6 @@ class Plan:
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
-
-
-def _dense_layout(analysis: Analysis, relation: Relation) -> bool:
-    """Is the relation `y = dot_general(u, W)` with u (..., I), W (I, N), y (..., N)?"""
-    contraction = analysis.facts.contractions[relation.contraction]
-    eqn = contraction.eqn
-    if eqn.primitive.name != "dot_general" or contraction.weight_operand != 1 or relation.tail_perm is not None:
-        return False
-    (contract_u, contract_w), (batch_u, batch_w) = eqn.params["dimension_numbers"]
-    u_shape, w_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-    leaf = analysis.captured.leaves[relation.weight_leaf]
-    return (not batch_u and not batch_w and len(w_shape) == 2 and tuple(contract_w) == (0,)
-            and tuple(contract_u) == (len(u_shape) - 1,) and tuple(leaf.shape) == tuple(w_shape))
 
 
 def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9, kappa: float | None = None) -> Plan:
@@ -86,10 +78,11 @@ def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9,
     for index, relation in enumerate(analysis.relations):
         if relation.status != "traced":
             continue
-        if algorithm != "es_d_rtrl" and not _dense_layout(analysis, relation):
+        if algorithm != "es_d_rtrl" and layout_kind(analysis, relation) is None:
             notes.setdefault(relation.weight, []).append(
-                f"{algorithm} keeps per-weight traces only for dense dot_general(u, W) relations; "
-                f"`{relation.op}` gets no trace (its gradient is zero here): use es_d_rtrl, which handles any op")
+                f"{algorithm} has no per-weight trace layout for this `{relation.op}` relation (not a dense "
+                "dot_general(u, W) nor a per-synapse product): it gets no trace and a zero gradient here; "
+                "use es_d_rtrl, which handles any op")
             continue
         traced.append(index)
     credits = _credits(analysis, traced, values, notes)
@@ -123,7 +116,6 @@ def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
 
 
 def init_traces(analysis: Analysis, plan: Plan) -> dict:
-    batch = () if analysis.batch_size is None else (analysis.batch_size,)
     traces = {}
     for index in plan.traced:
         relation = analysis.relations[index]
@@ -137,18 +129,18 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
                 "post": jnp.zeros(group.shape + (group.n_states,), dtype),
             }
         else:
-            n_pre, n_post = leaf.shape
-            traces[plan.key(index)] = {"eps": jnp.zeros(batch + (n_pre, n_post, group.n_states), dtype)}
+            shape = trace_shape(analysis, relation, layout_kind(analysis, relation)) + (group.n_states,)
+            traces[plan.key(index)] = {"eps": jnp.zeros(shape, dtype)}
             if plan.kappa is not None:
-                traces[plan.key(index)]["filtered"] = jnp.zeros(batch + (n_pre, n_post, group.n_states), dtype)
+                traces[plan.key(index)]["filtered"] = jnp.zeros(shape, dtype)
     for credit in plan.credits:
         source = analysis.relations[credit.source]
-        key = f"q{credit.source}_{credit.via}"
+        dtype = analysis.captured.leaves[source.weight_leaf].dtype
         if plan.algorithm == "es_d_rtrl":
-            traces[key] = jnp.zeros(analysis.group_named(source.group).shape, analysis.captured.leaves[source.weight_leaf].dtype)
+            shape = analysis.group_named(source.group).shape
         else:
-            n_pre, n_post = analysis.captured.leaves[source.weight_leaf].shape
-            traces[key] = jnp.zeros(batch + (n_pre, n_post), analysis.captured.leaves[source.weight_leaf].dtype)
+            shape = trace_shape(analysis, source, layout_kind(analysis, source))
+        traces[credit.key] = jnp.zeros(shape, dtype)
     return traces
 
 
@@ -178,7 +170,7 @@ def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, l
         derivs[name] = (d, f)
         for index in indices:
             relation = relations[index]
-            update = _es_update if plan.algorithm == "es_d_rtrl" else _dense_update
+            update = _es_update if plan.algorithm == "es_d_rtrl" else _per_weight_update
             new_traces[plan.key(index)], grad = update(
                 analysis, plan, relation, values, d, f[relation.contraction], traces[plan.key(index)],
                 _group_delta(group, delta_new), _group_delta(group, delta_prev), step)
@@ -188,17 +180,24 @@ def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, l
     return values.new_leaves, new_traces, values.outputs, loss, grads
 
 
-def _dense_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
-    u = values.u[relation.contraction]
+def _contract(layout, signal, trace):
+    """`Σ_s gather(signal_s) · trace_s`, per batch entry, in the trace's layout."""
+    return sum(layout.gather(signal[..., s]) * trace[..., s] for s in range(signal.shape[-1]))
+
+
+def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
+    layout = make_layout(layout_kind(analysis, relation), analysis, relation, values)
     eps_prev = trace["eps"]
-    eps = jnp.einsum("...nst,...int->...ins", d, eps_prev) + u[..., :, None, None] * f[..., None, :, :]
+    n_states = d.shape[-1]
+    eps = jnp.stack([_contract(layout, d[..., s, :], eps_prev) + layout.inject(f[..., s]) for s in range(n_states)],
+                    axis=-1)
     new = {"eps": eps}
     used, used_prev = eps, eps_prev
     if plan.kappa is not None:
         used_prev = trace["filtered"]
         used = plan.kappa * used_prev + eps
         new["filtered"] = used
-    grad = jnp.einsum("...ns,...ins->in", delta, used) + jnp.einsum("...ns,...ins->in", delta_prev, used_prev)
+    grad = layout.reduce(_contract(layout, delta, used) + _contract(layout, delta_prev, used_prev))
     return new, grad
 
 
@@ -225,7 +224,7 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[via.contraction], axis=-1)
     carried = derive.credit(analysis, via.contraction, values, derive.to_op_layout(via, signal))  # (..., n_post of A)
     sensitivity = derive.pre_sensitivity(analysis, via.contraction, source_group, values)  # (..., N, S)
-    key = f"q{credit.source}_{credit.via}"
+    key = credit.key
     traces = dict(traces)
     if plan.algorithm == "es_d_rtrl":
         post = traces[plan.key(credit.source)]["post"]
@@ -236,8 +235,9 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     else:
         trace = traces[plan.key(credit.source)]
         eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
-        q = credit.decay * traces[key] + jnp.einsum("...ns,...ins->...in", sensitivity, eps)
-        grad = jnp.einsum("...n,...in->in", carried, q)
+        layout = make_layout(layout_kind(analysis, source), analysis, source, values)
+        q = credit.decay * traces[key] + _contract(layout, sensitivity, eps)
+        grad = layout.reduce(layout.gather(carried) * q)
     traces[key] = q
     grads = dict(grads)
     grads[source.weight_leaf] = grads[source.weight_leaf] + grad

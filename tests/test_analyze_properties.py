@@ -29,6 +29,12 @@ def _analyse(case):
     return fusetrace.analyze(case.model, *case.inputs, batch_size=case.batch_size)
 
 
+def _itemsize(model) -> int:
+    """Bytes per weight element (float32, or float64 when the suite enables x64); all zoo weights share it."""
+    _, dtype = zoo.weight_size(model, "out.weight")
+    return dtype.itemsize
+
+
 def _structure(analysis):
     """The documented, batch-independent content of an analysis."""
     groups = tuple((g.name, g.states, g.n_states, g.n_neurons) for g in analysis.groups)
@@ -70,9 +76,10 @@ def test_batch_invariant_ei(n_in, n_exc, n_inh, n_out):
 @SETTINGS
 @given(n_in=sizes, n=sizes, n_out=sizes, tau=taus, batch_size=st.integers(min_value=1, max_value=5))
 def test_trace_bytes_scaling(n_in, n, n_out, tau, batch_size):
-    """One LIF group (S=2) + leaky readout (S=1), float32 weights, written out by hand."""
-    itemsize = 4
-    unbatched = _analyse(_readout_case(n_in, n, n_out, tau, tau, None))
+    """One LIF group (S=2) + leaky readout (S=1), written out by hand."""
+    case = _readout_case(n_in, n, n_out, tau, tau, None)
+    itemsize = _itemsize(case.model)
+    unbatched = _analyse(case)
     batched = _analyse(_readout_case(n_in, n, n_out, tau, tau, batch_size))
     # |W|·S per traced relation: input (n_in x n) onto {V, g}, readout (n x n_out) onto {r}.
     d_rtrl = (n_in * n * 2 + n * n_out * 1) * itemsize
@@ -87,8 +94,10 @@ def test_trace_bytes_scaling(n_in, n, n_out, tau, batch_size):
 @given(n_in=sizes, n_exc=sizes, n_inh=sizes, n_out=sizes, batch_size=batches)
 def test_trace_bytes_ei(n_in, n_exc, n_inh, n_out, batch_size):
     """E/I net: one group of S=4 over N = n_exc + n_inh neurons, readout S=1; four traced weights."""
-    itemsize, num, batch = 4, n_exc + n_inh, batch_size or 1
-    analysis = _analyse(zoo.ei_net(batch_size=batch_size, n_in=n_in, n_exc=n_exc, n_inh=n_inh, n_out=n_out))
+    num, batch = n_exc + n_inh, batch_size or 1
+    case = zoo.ei_net(batch_size=batch_size, n_in=n_in, n_exc=n_exc, n_inh=n_inh, n_out=n_out)
+    itemsize = _itemsize(case.model)
+    analysis = _analyse(case)
     hidden_pre = (n_exc, n_inh, n_in)  # E, I and input comms, all onto the S=4 group
     d_rtrl = (sum(p * num * 4 for p in hidden_pre) + num * n_out) * itemsize
     es_d_rtrl = (sum(p + num * 4 for p in hidden_pre) + num + n_out) * itemsize

@@ -51,11 +51,26 @@ NEURONS = {
 }
 
 
+def _event_proj(neuron, n_in, comm):
+    zero = braintools.init.Constant(0.0 * u.mA)
+    if comm == "sparse":  # per-synapse weights on a fixed-probability graph
+        layer = brainstate.nn.EventFixedProb(n_in, N, conn_num=0.6, seed=3,
+                                             conn_weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA))
+    elif comm == "sparse_scalar":  # one shared weight
+        layer = brainstate.nn.EventFixedProb(n_in, N, conn_num=0.6, seed=3, conn_weight=2.5 * u.mA)
+    else:
+        layer = brainstate.nn.EventLinear(n_in, N, weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA))
+    return bps.AlignPostProj(comm=layer, syn=bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero),
+                             out=bps.CUBA.desc(scale=1.0), post=neuron)
+
+
 class Layer(brainstate.nn.Module):
     def __init__(self, kind: str, readout: str):
         super().__init__()
         self.neuron = NEURONS.get(kind, NEURONS["cuba"])()
-        if kind == "coba":
+        if kind in ("sparse", "sparse_scalar", "eventlinear"):
+            self.proj = _event_proj(self.neuron, N_IN, kind)
+        elif kind == "coba":
             self.proj = _coba_proj(self.neuron, N_IN)
         else:
             self.proj = _current_proj(self.neuron, N_IN, syn="dualexpon" if kind == "dualexpon" else "expon")
@@ -127,6 +142,16 @@ def test_exact_regime_matches_bptt(kind, readout, algorithm):
     online = online_grads(_build(kind, readout, BATCH), xs, ys, algorithm, BATCH)
     reference = bptt_grads(_build(kind, readout, BATCH), xs, ys)
     assert_matches(online, reference, RTOL_EXACT)
+
+
+@pytest.mark.parametrize("batch", [None, BATCH])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear"])
+def test_event_and_sparse_weights_match_bptt(kind, batch):
+    """Per-synapse sparse weights keep their (n_pre, conn) shape; a scalar shared weight gets a
+    per-neuron trace; both exact under d_rtrl."""
+    xs, ys = _data(batch)
+    online = online_grads(_build(kind, "leaky", batch), xs, ys, "d_rtrl", batch)
+    assert_matches(online, bptt_grads(_build(kind, "leaky", batch), xs, ys), RTOL_EXACT)
 
 
 def test_exact_regime_unbatched():

@@ -85,12 +85,16 @@ class Rule:
     linear: the primitive is linear in each operand when the others carry no source (affine survives).
     weight_operands: for contracting primitives, the operand positions that may hold a weight; the
       remaining differentiable operand is the presynaptic input.
+    per_synapse: for contracting primitives, each weight element reaches at most one output element
+      (true of event/sparse products; for `dot_general` it depends on the dimension numbers and is
+      checked where used).
     """
 
     family: Family
     propagate: PropagateFn
     linear: bool = False
     weight_operands: tuple[int, ...] = ()
+    per_synapse: bool = False
 
     def __post_init__(self):
         if self.family == "contracting" and not self.weight_operands:

@@ -12,9 +12,10 @@ def _contract(eqn, operands: list[Operand]):
     return [mixed(operands, linear=True) for _ in eqn.outvars]
 
 
-def register_contracting(*primitives, weight_operands: tuple[int, ...]) -> None:
+def register_contracting(*primitives, weight_operands: tuple[int, ...], per_synapse: bool = False) -> None:
     for primitive in primitives:
-        register(primitive, Rule("contracting", _contract, linear=True, weight_operands=weight_operands))
+        register(primitive, Rule("contracting", _contract, linear=True, weight_operands=weight_operands,
+                                 per_synapse=per_synapse))
 
 
 register_contracting(lax.dot_general_p, weight_operands=(0, 1))
@@ -25,5 +26,5 @@ register_contracting(
         "binary_csrmv_p", "binary_csrmm_p",         # CSR: (weights, indices, indptr, vector)
         "csrmv_p", "csrmm_p",
     )),
-    weight_operands=(0,),
+    weight_operands=(0,), per_synapse=True,
 )

@@ -1,0 +1,102 @@
+"""How a per-weight (d_rtrl / e_prop) trace is laid out, for each kind of weight relation.
+
+Consumes: an `Analysis`, a traced `Relation` and (per step) the step's values. Produces a `Layout`:
+three maps that are all the trace recursion needs,
+
+* `gather(c)`: a neuron-layout array `c (..., n_post)` seen at each weight element (`c[post(p)]`);
+* `inject(f)`: the immediate sensitivity `f[post(p)] · ∂y[post(p)]/∂W[p]` of each weight element;
+* `reduce(x)`: a per-batch-entry weight-layout array summed into the weight's own shape,
+
+so that `ε_s ← Σ_t gather(D_st)·ε_t + inject(F_s)` and `∂L/∂W = reduce(Σ_s gather(δ_s)·ε_s)`.
+
+Kinds:
+* "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting.
+* "synapse": an event/sparse product where each weight element reaches one post neuron (the rule's
+  `per_synapse`): trace in the weight's own shape (sparse weights stay sparse), maps by the op's own
+  VJP, one batch entry at a time.
+* "shared": a single weight element (a scalar weight reaching every neuron): trace per neuron,
+  `∂y/∂w` by the op's JVP.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusetrace.rules import lookup
+
+from . import derive
+
+
+def layout_kind(analysis, relation) -> str | None:
+    """The layout a relation's d_rtrl trace takes, or None when no per-weight trace is known for it."""
+    leaf = analysis.captured.leaves[relation.weight_leaf]
+    if int(np.prod(leaf.shape, dtype=int)) == 1:
+        return "shared"
+    contraction = analysis.facts.contractions[relation.contraction]
+    if _dense(contraction, leaf, relation):
+        return "dense"
+    if lookup(contraction.eqn.primitive).per_synapse:
+        return "synapse"
+    return None
+
+
+def _dense(contraction, leaf, relation) -> bool:
+    eqn = contraction.eqn
+    if eqn.primitive.name != "dot_general" or contraction.weight_operand != 1 or relation.tail_perm is not None:
+        return False
+    (contract_u, contract_w), (batch_u, batch_w) = eqn.params["dimension_numbers"]
+    u_shape, w_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    return (not batch_u and not batch_w and len(w_shape) == 2 and tuple(contract_w) == (0,)
+            and tuple(contract_u) == (len(u_shape) - 1,) and tuple(leaf.shape) == tuple(w_shape))
+
+
+def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
+    """Shape of one state's slice of the trace (append the state axis for the whole trace)."""
+    group = analysis.group_named(relation.group)
+    batch = () if analysis.batch_size is None else (analysis.batch_size,)
+    leaf = analysis.captured.leaves[relation.weight_leaf]
+    if kind == "shared":
+        return group.shape
+    return batch + tuple(leaf.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    gather: Callable[[jax.Array], jax.Array]
+    inject: Callable[[jax.Array], jax.Array]
+    reduce: Callable[[jax.Array], jax.Array]
+
+
+def make_layout(kind: str, analysis, relation, values) -> Layout:
+    batched = analysis.batch_size is not None
+    sum_batch = (lambda x: jnp.sum(x, axis=0)) if batched else (lambda x: x)
+    u = values.u[relation.contraction]
+    if kind == "dense":
+        return Layout(gather=lambda c: c[..., None, :], inject=lambda f: u[..., :, None] * f[..., None, :],
+                      reduce=sum_batch)
+    weight = values.leaves[relation.weight_leaf]
+
+    def op(pre, w):
+        return derive.op_output(analysis, relation.contraction, values, pre, w)
+
+    if kind == "shared":
+        _, dy_dw = jax.jvp(lambda w: op(u, w), (weight,), (jnp.ones_like(weight),))
+        dy_dw = derive.from_op_layout(relation, dy_dw)
+        return Layout(gather=lambda c: c, inject=lambda f: f * dy_dw,
+                      reduce=lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight)))
+    _, vjp_ones = jax.vjp(lambda w: op(jnp.ones_like(u), w), weight)
+    _, vjp_u = jax.vjp(lambda w: op(u, w), weight)
+
+    def per_entry(vjp):
+        def apply(c):
+            if not batched:
+                return vjp(derive.to_op_layout(relation, c))[0]
+            masks = jnp.eye(analysis.batch_size, dtype=c.dtype).reshape(
+                (analysis.batch_size, analysis.batch_size) + (1,) * (c.ndim - 1))
+            return jax.vmap(lambda mask: vjp(derive.to_op_layout(relation, c * mask))[0])(masks)
+        return apply
+
+    return Layout(gather=per_entry(vjp_ones), inject=per_entry(vjp_u), reduce=sum_batch)
