@@ -165,7 +165,7 @@ class Case:
 def _spikes(n: int, batch_size: int | None, seed: int = 0) -> jax.Array:
     """A fixed 0/1 spike pattern (about half active) with the batch axis first when batched."""
     shape = (n,) if batch_size is None else (batch_size, n)
-    return jnp.asarray(np.random.RandomState(seed).rand(*shape) < 0.5, dtype=jnp.float32)
+    return jnp.asarray(np.random.RandomState(seed).rand(*shape) < 0.5, dtype=brainstate.environ.dftype())
 
 
 def _case(name, model, inputs, batch_size, expect_fn, init, seed) -> Case:
@@ -184,8 +184,8 @@ _RNG = np.random.RandomState(0)
 class HostRandom:
     """A seeded numpy initializer, `init(shape) -> array` (a brainunit Quantity when `unit` is given).
 
-    `kind='normal'`: mean + std * N(0, 1); `kind='uniform'`: U(low=mean, high=std). Draws from the zoo's
-    RNG, which each factory reseeds, so equal factory calls build equal models.
+    `kind='normal'`: a + b * N(0, 1); `kind='uniform'`: U(a, b). Draws from the zoo's RNG, which each
+    factory reseeds, so equal factory calls build equal models.
     """
 
     def __init__(self, kind: str, a: float, b: float, unit=None):
@@ -549,10 +549,10 @@ class TwoLayer(brainstate.nn.Module):
         super().__init__()
         self.N1 = _lif(n1)
         self.N2 = _lif(n2)
-        self.in1 = bps.AlignPostProj(comm=_dense(n_in, n1), syn=_current_syn(n1), out=bps.CUBA.desc(scale=1.0),
-                                     post=self.N1)
-        self.in2 = bps.AlignPostProj(comm=_dense(n1, n2), syn=_current_syn(n2), out=bps.CUBA.desc(scale=1.0),
-                                     post=self.N2)
+        self.in1 = bps.AlignPostProj(comm=_dense(n_in, n1), syn=_current_syn(n1),
+                                     out=bps.CUBA.desc(scale=1.0), post=self.N1)
+        self.in2 = bps.AlignPostProj(comm=_dense(n1, n2), syn=_current_syn(n2),
+                                     out=bps.CUBA.desc(scale=1.0), post=self.N2)
 
     def update(self, x):
         self.in1(x)
@@ -664,7 +664,8 @@ def fixed_prob(batch_size=None, weight="array", n_in=8, n=12, seed=0, init=True)
             [Rel(leaf_of(m, m.inp.comm.weight), m.N.V, op, TRACED, n_pre=n_in)],
         )
 
-    return _case(f"fixed_prob_{weight}", model, (_spikes(n_in, batch_size),), batch_size, expected, init, seed)
+    inputs = (_spikes(n_in, batch_size),)
+    return _case(f"fixed_prob_{weight}", model, inputs, batch_size, expected, init, seed)
 
 
 def event_linear(batch_size=None, n_in=8, n=12, seed=0, init=True) -> Case:
@@ -695,7 +696,8 @@ class AlignPreNet(brainstate.nn.Module):
         super().__init__()
         self.pre_syn = bps.Expon(n_pre, tau=5.0 * u.ms, g_initializer=braintools.init.Constant(0.0))
         self.N = _lif(n_post)
-        self.proj = bps.CurrentProj(comm=_dense(n_pre, n_post, scale=5.0), out=bps.CUBA(scale=1.0), post=self.N)
+        self.proj = bps.CurrentProj(comm=_dense(n_pre, n_post, scale=5.0), out=bps.CUBA(scale=1.0),
+                                    post=self.N)
 
     def update(self, x):
         self.proj(self.pre_syn(x))
