@@ -18,11 +18,13 @@ the plain step exactly.
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from fusetrace._compat import bind_eqn
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import evaluate
 
@@ -53,9 +55,23 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
     )
 
 
-def _evaluate_with(analysis: Analysis, values: StepValues, leaves: Sequence, substitute: dict, want: list):
+def _evaluate_with(analysis: Analysis, values: StepValues, leaves: Sequence, substitute: dict, want: list,
+                   transform: dict | None = None):
     jaxpr = analysis.captured.jaxpr
-    return evaluate(jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute)
+    return evaluate(jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute,
+                    transform=transform)
+
+
+def _feedback_path(contraction, matrix):
+    """`y` forward, `op(u, matrix)` backward: `sg(y) + op(u, B) - sg(op(u, B))`."""
+
+    def swap(value, invals):
+        invals = list(invals)
+        invals[contraction.weight_operand] = matrix
+        (through_b,) = bind_eqn(contraction.eqn, invals)
+        return lax.stop_gradient(value) + through_b - lax.stop_gradient(through_b)
+
+    return swap
 
 
 def stack_states(arrays: Sequence[jax.Array]) -> jax.Array:
@@ -95,10 +111,16 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     return d, f
 
 
-def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Callable, weight_leaves: Sequence[int]):
+def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Callable, weight_leaves: Sequence[int],
+                     feedback: Mapping[int, jax.Array] | None = None):
     """`(loss, δ_new, δ_prev, direct)`: δ per hidden leaf w.r.t. its new value (as a leaf) and its
-    previous value (direct reads only), and the direct `∂L/∂W` for the given weight leaves."""
+    previous value (direct reads only), and the direct `∂L/∂W` for the given weight leaves.
+
+    `feedback` maps contraction indices to fixed matrices that replace the weight on the backward path
+    to the presynaptic input only (e-prop's random feedback); the forward values are unchanged."""
     facts = analysis.facts
+    transform = {facts.contractions[c].out_var: _feedback_path(facts.contractions[c], matrix)
+                 for c, matrix in (feedback or {}).items()}
     hidden = sorted(facts.new_vars)
     new_vars = [facts.new_vars[leaf] for leaf in hidden]
     outvars = analysis.captured.jaxpr.jaxpr.outvars[: analysis.captured.n_outputs]
@@ -110,7 +132,7 @@ def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Ca
         for leaf, value in zip(weight_leaves, weights, strict=True):
             leaves[leaf] = value
         substitute = dict(zip(new_vars, new_hidden, strict=True))
-        return loss_of_outputs(_evaluate_with(analysis, values, leaves, substitute, list(outvars)))
+        return loss_of_outputs(_evaluate_with(analysis, values, leaves, substitute, list(outvars), transform))
 
     args = ([values.new_leaves[leaf] for leaf in hidden], [values.leaves[leaf] for leaf in hidden],
             [values.leaves[leaf] for leaf in weight_leaves])
@@ -146,10 +168,12 @@ def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, wei
     return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var])[0]
 
 
-def credit(analysis: Analysis, contraction: int, values: StepValues, cotangent: jax.Array) -> jax.Array:
-    """`(∂y/∂u)ᵀ cotangent`: a learning signal carried back through the op to its presynaptic input."""
+def credit(analysis: Analysis, contraction: int, values: StepValues, cotangent: jax.Array,
+           feedback: jax.Array | None = None) -> jax.Array:
+    """`(∂y/∂u)ᵀ cotangent`: a learning signal carried back through the op to its presynaptic input
+    (through the fixed matrix `feedback` instead of the weight, when given)."""
     c = analysis.facts.contractions[contraction]
-    weight = values.leaves[c.weight_leaf]
+    weight = values.leaves[c.weight_leaf] if feedback is None else feedback
     _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
     return vjp(cotangent)[0]
 

@@ -58,12 +58,14 @@ class Plan:
     notes: dict  # weight path -> tuple of diagnostics
     decay: float  # es_d_rtrl's α
     kappa: float | None  # e_prop's optional trace filter
+    feedback: dict  # contraction index -> fixed random matrix (e_prop's random feedback), else empty
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
 
 
-def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9, kappa: float | None = None) -> Plan:
+def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9, kappa: float | None = None,
+              feedback: str = "symmetric", feedback_seed: int = 0) -> Plan:
     if algorithm not in ALGORITHMS:
         raise CompileError(four_part(
             what=f"unknown algorithm {algorithm!r}", where="fusetrace.compile(..., algorithm=...)",
@@ -86,7 +88,42 @@ def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9,
             continue
         traced.append(index)
     credits = _credits(analysis, traced, values, notes)
-    return Plan(algorithm, tuple(traced), credits, {k: tuple(v) for k, v in notes.items()}, decay, kappa)
+    matrices = _feedback_matrices(analysis, algorithm, credits, values, feedback, feedback_seed)
+    return Plan(algorithm, tuple(traced), credits, {k: tuple(v) for k, v in notes.items()}, decay, kappa, matrices)
+
+
+def _feedback_matrices(analysis, algorithm, credits, values, feedback, seed) -> dict:
+    """Fixed random matrices for the readout relations (those the learning signal crosses), drawn with
+    the readout weight's shape, dtype and standard deviation."""
+    if feedback not in ("symmetric", "random"):
+        raise CompileError(four_part(
+            what=f"feedback={feedback!r}", where="fusetrace.compile(..., feedback=...)",
+            why="e_prop's learning signal goes back through the readout weights ('symmetric') or through "
+                "fixed random matrices ('random')", fix="use 'symmetric' or 'random'"))
+    if feedback == "symmetric":
+        return {}
+    if algorithm != "e_prop":
+        raise CompileError(four_part(
+            what=f"random feedback is an e_prop option, not one of {algorithm}",
+            where="fusetrace.compile(..., feedback='random')", why="only e_prop replaces the feedback weights",
+            fix="use algorithm='e_prop' or drop feedback"))
+    readouts = {c.via for c in credits} | {i for i, r in enumerate(analysis.relations) if r.status == "instantaneous"
+                                           and r.contraction is not None}
+    matrices = {}
+    key = jax.random.PRNGKey(seed)
+    for index in sorted(readouts):
+        relation = analysis.relations[index]
+        contraction = analysis.facts.contractions[relation.contraction]
+        if contraction.eqn.invars[contraction.weight_operand] is not \
+                analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]:
+            raise CompileError(four_part(
+                what=f"random feedback for `{relation.weight}`", where=f"its `{relation.op}`",
+                why="the op reads a transformed view of the weight, so a replacement matrix has no defined layout",
+                fix="use feedback='symmetric' for this model"))
+        weight = values.leaves[relation.weight_leaf]
+        key, sub = jax.random.split(key)
+        matrices[relation.contraction] = jnp.std(weight) * jax.random.normal(sub, weight.shape, weight.dtype)
+    return matrices
 
 
 def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
@@ -157,7 +194,8 @@ def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, l
         leaves[leaf] = value
     values = derive.forward(analysis, inputs, leaves)
     weight_leaves = sorted(weights)
-    loss, delta_new, delta_prev, direct = derive.learning_signals(analysis, values, loss_of_outputs, weight_leaves)
+    loss, delta_new, delta_prev, direct = derive.learning_signals(analysis, values, loss_of_outputs, weight_leaves,
+                                                                  plan.feedback)
     grads = {leaf: direct[leaf] for leaf in weight_leaves}
     by_group: dict[str, list[int]] = {}
     for index in plan.traced:
@@ -222,7 +260,8 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     readout_group = analysis.group_named(credit.group)
     _, f_readout = derivs[credit.group]
     signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[via.contraction], axis=-1)
-    carried = derive.credit(analysis, via.contraction, values, derive.to_op_layout(via, signal))  # (..., n_post of A)
+    carried = derive.credit(analysis, via.contraction, values, derive.to_op_layout(via, signal),
+                            plan.feedback.get(via.contraction))  # (..., neurons of the source group)
     sensitivity = derive.pre_sensitivity(analysis, via.contraction, source_group, values)  # (..., N, S)
     key = credit.key
     traces = dict(traces)

@@ -218,7 +218,7 @@ def _grads_like(captured, params: dict, grads: dict[int, Any]) -> dict:
 
 def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algorithm: str = "es_d_rtrl",
             batch_size: int | None = None, example_target=None, decay: float = 0.9,
-            kappa: float | None = None) -> Learner:
+            kappa: float | None = None, feedback: str = "symmetric", feedback_seed: int = 0) -> Learner:
     """Compile `model` into a fused online learner.
 
     Arguments:
@@ -230,6 +230,8 @@ def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algori
         example_target: a target used only to show `fused_jaxpr` (default: zeros like the output).
         decay: es_d_rtrl's smoothing factor α.
         kappa: e_prop's optional low-pass filter of the trace (None: no filter).
+        feedback: e_prop's learning signal through the readout weights ("symmetric") or through fixed
+            random matrices of the same shape and scale ("random", seeded by `feedback_seed`).
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -253,7 +255,8 @@ def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algori
     analysis = analyze(model, *example_inputs, batch_size=batch_size)
     captured = analysis.captured
     values = derive.forward(analysis, captured.strip_inputs(*example_inputs), captured.leaf_values())
-    plan = make_plan(analysis, algorithm, values, decay=decay, kappa=kappa)
+    plan = make_plan(analysis, algorithm, values, decay=decay, kappa=kappa, feedback=feedback,
+                     feedback_seed=feedback_seed)
     param_items = [(".".join(map(str, k)), s) for k, s in model.states(brainstate.ParamState).items()]
     params = {path: _strong(state.value) for path, state in param_items}
     model_states = {}

@@ -2,6 +2,8 @@
 
 * `substitute`: values that replace vars once computed (the equation still runs; its result is
   dropped). The derivation cuts weight-relation outputs and hidden outputs with it.
+* `transform`: functions `(value, invals) -> value` applied to a var once computed, from the
+  equation's own inputs (e_prop's random feedback changes a relation's backward path with it).
 * `inline`: evaluate `jit` equations by recursing into their body (so a re-trace inlines them).
 * `fold`: drop unit residue (`x * 1.0`, `convert_element_type` to the same dtype) and reuse the
   result of an identical earlier equation (common-subexpression elimination).
@@ -9,7 +11,7 @@
 Rewrites call `jax.make_jaxpr` on a function that calls `evaluate`; nothing here builds equations.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,13 @@ def evaluate(
     *,
     want: Sequence[Any] | None = None,
     substitute: Mapping[Var, Any] | None = None,
+    transform: Mapping[Var, Callable[[Any, list[Any]], Any]] | None = None,
     inline: bool = False,
     fold: bool = False,
 ) -> list[Any]:
     """Values of `want` (default: the jaxpr's outputs) given `consts` and `args`."""
     substitute = substitute or {}
+    transform = transform or {}
     env: dict[Var, Any] = {}
     seen: dict[tuple, list[Var]] = {}  # CSE: equation key -> outvars of its first occurrence
     canon: dict[Var, Var] = {}  # a var computed twice -> its first occurrence
@@ -42,14 +46,18 @@ def evaluate(
     for var, value in zip(jaxpr.invars, args, strict=True):
         env[var] = substitute.get(var, value)
     for eqn in jaxpr.eqns:
-        key = _cse_key(eqn, canon) if fold and not any(v in substitute for v in eqn.outvars) else None
+        special = any(v in substitute or v in transform for v in eqn.outvars)
+        key = _cse_key(eqn, canon) if fold and not special else None
         if key is not None and key in seen:
             for var, first in zip(eqn.outvars, seen[key], strict=True):
                 canon[var] = first
                 env[var] = env[first]
             continue
-        outvals = _run(eqn, [read(a) for a in eqn.invars], inline, fold)
+        invals = [read(a) for a in eqn.invars]
+        outvals = _run(eqn, invals, inline, fold)
         for var, value in zip(eqn.outvars, outvals, strict=True):
+            if var in transform:
+                value = transform[var](value, invals)
             env[var] = substitute.get(var, value)
         if key is not None:
             seen[key] = list(eqn.outvars)
