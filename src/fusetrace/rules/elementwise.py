@@ -29,12 +29,12 @@ def register_elementwise(*primitives, propagate=_nonlinear, linear=False) -> Non
 
 
 register_elementwise(
-    lax.add_p, lax.sub_p, lax.neg_p, lax.convert_element_type_p, lax.reduce_precision_p,
+    lax.add_p, lax.sub_p, lax.neg_p, lax.convert_element_type_p,
     lax.real_p, lax.copy_p, add_any_p, propagate=_additive, linear=True,
 )
 register_elementwise(lax.mul_p, lax.div_p, propagate=_scaling, linear=True)
 register_elementwise(
-    lax.abs_p, lax.sign_p, lax.floor_p, lax.ceil_p, lax.round_p, lax.is_finite_p,
+    lax.reduce_precision_p, lax.abs_p, lax.sign_p, lax.floor_p, lax.ceil_p, lax.round_p, lax.is_finite_p,
     lax.exp_p, lax.exp2_p, lax.log_p, lax.log1p_p, lax.expm1_p, lax.tanh_p, lax.logistic_p,
     lax.sin_p, lax.cos_p, lax.tan_p, lax.asin_p, lax.acos_p, lax.atan_p, lax.atan2_p,
     lax.sinh_p, lax.cosh_p, lax.asinh_p, lax.acosh_p, lax.atanh_p,
