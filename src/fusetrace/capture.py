@@ -52,7 +52,7 @@ class StateLeaf:
     key: tuple
     role: Role
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: Any  # a numpy dtype, or a jax PRNG key dtype for the random state
     unit: Any
     batch_axis: int | None
     order: int
@@ -249,7 +249,7 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
                 and np.shape(mantissa)[0] == batch_size
             leaves.append(StateLeaf(
                 path=".".join([path, *map(str, key)]), state_path=path, key=key, role=role,
-                shape=tuple(np.shape(mantissa)), dtype=np.dtype(jnp.asarray(mantissa).dtype), unit=_unit_of(value),
+                shape=tuple(np.shape(mantissa)), dtype=jnp.asarray(mantissa).dtype, unit=_unit_of(value),
                 batch_axis=0 if batched else None, order=order,
             ))
             leaf_state.append(index)

@@ -35,7 +35,7 @@ def weight_node(path: str) -> str:
 
 
 def _leaf_attrs(leaf) -> dict:
-    return dict(path=leaf.path, shape=leaf.shape, dtype=str(np.dtype(leaf.dtype)), unit=str(leaf.unit))
+    return dict(path=leaf.path, shape=leaf.shape, dtype=str(leaf.dtype), unit=str(leaf.unit))
 
 
 def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
