@@ -63,13 +63,17 @@ def _evaluate_with(analysis: Analysis, values: StepValues, leaves: Sequence, sub
 
 
 def _feedback_path(contraction, matrix):
-    """`y` forward, `op(u, matrix)` backward: `sg(y) + op(u, B) - sg(op(u, B))`."""
+    """`y` forward; backward to the weight as usual, to the input through `matrix` instead:
+    `op(sg(u), W) + op(u, B) - sg(op(u, B))`."""
 
     def swap(value, invals):
-        invals = list(invals)
-        invals[contraction.weight_operand] = matrix
-        (through_b,) = bind_eqn(contraction.eqn, invals)
-        return lax.stop_gradient(value) + through_b - lax.stop_gradient(through_b)
+        to_weight = list(invals)
+        to_weight[contraction.pre_operand] = lax.stop_gradient(invals[contraction.pre_operand])
+        to_input = list(invals)
+        to_input[contraction.weight_operand] = matrix
+        (through_w,) = bind_eqn(contraction.eqn, to_weight)
+        (through_b,) = bind_eqn(contraction.eqn, to_input)
+        return through_w + through_b - lax.stop_gradient(through_b)
 
     return swap
 
