@@ -12,15 +12,15 @@ import json
 import time
 
 import brainevent
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import brainpy.state as bps
-import fusetrace  # noqa: F401  (selects jax_raw on import; this script switches explicitly)
+import fusetrace
 
 
 class SparseNet(brainstate.nn.Module):
@@ -29,10 +29,13 @@ class SparseNet(brainstate.nn.Module):
         self.n = n
         self.N = bps.LIF(n, V_th=1.0 * u.mV, tau=20.0 * u.ms, V_initializer=braintools.init.Uniform(0 * u.mV, 1 * u.mV))
         self.rec = bps.AlignPostProj(
-            comm=brainstate.nn.EventFixedProb(n, n, conn_num=conn / n, seed=0,
-                                              conn_weight=braintools.init.Uniform(0.1 * u.mA, 0.3 * u.mA)),
+            comm=brainstate.nn.EventFixedProb(
+                n, n, conn_num=conn / n, seed=0, conn_weight=braintools.init.Uniform(0.1 * u.mA, 0.3 * u.mA)
+            ),
             syn=bps.Expon.desc(n, tau=5.0 * u.ms, g_initializer=braintools.init.Constant(0.0 * u.mA)),
-            out=bps.CUBA.desc(scale=1.0), post=self.N)
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.N,
+        )
         self.out = bps.LeakyRateReadout(n, 10, tau=10.0 * u.ms)
 
     def update(self, drive):
@@ -60,6 +63,7 @@ def main():
     backends = ["jax_raw"]
     try:
         import numba  # noqa: F401
+
         backends.append("numba")
     except ImportError:
         print(json.dumps({"backend": "numba", "skipped": "numba is not installed"}))
@@ -70,15 +74,23 @@ def main():
         brainstate.nn.init_all_states(net)
         drive = 1.2 * u.mA * jnp.ones(args.neurons)
         # brainstate states cannot be written under a raw jax.jit: time through brainstate's own jit
-        step = brainstate.transform.jit(lambda d: net.update(d))
+        step = brainstate.transform.jit(net.update)
         med, p10, p90 = _median_ms(step, drive, repeats=args.repeats)
         learner = fusetrace.compile(net, drive, loss=lambda o, t: jnp.sum((o - t) ** 2), algorithm="es_d_rtrl")
         learn = jax.jit(learner.step)
         state = learner.init()
         lmed, lp10, lp90 = _median_ms(learn, learner.params, state, drive, jnp.zeros(10), repeats=args.repeats // 4)
-        print(json.dumps({"backend": backend, "neurons": args.neurons, "connections_per_neuron": args.conn,
-                          "forward_ms": {"median": med, "p10": p10, "p90": p90},
-                          "es_d_rtrl_step_ms": {"median": lmed, "p10": lp10, "p90": lp90}}))
+        print(
+            json.dumps(
+                {
+                    "backend": backend,
+                    "neurons": args.neurons,
+                    "connections_per_neuron": args.conn,
+                    "forward_ms": {"median": med, "p10": p10, "p90": p90},
+                    "es_d_rtrl_step_ms": {"median": lmed, "p10": lp10, "p90": lp90},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,15 +11,15 @@ time). Prints the loss per pass over the sequence; it falls.
 import argparse
 import time
 
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import brainpy.state as bps
 import fusetrace
 
 
@@ -28,12 +28,14 @@ class PatternNet(brainstate.nn.Module):
         super().__init__()
         self.lif = bps.LIF(n_rec, V_th=1.0 * u.mV, tau=30.0 * u.ms, V_initializer=braintools.init.Constant(0.0 * u.mV))
         self.inp = bps.AlignPostProj(
-            comm=brainstate.nn.Linear(n_in, n_rec, w_init=braintools.init.KaimingNormal(scale=2.0, unit=u.mA),
-                                      b_init=None),
+            comm=brainstate.nn.Linear(
+                n_in, n_rec, w_init=braintools.init.KaimingNormal(scale=2.0, unit=u.mA), b_init=None
+            ),
             syn=bps.Expon.desc(n_rec, tau=5.0 * u.ms, g_initializer=braintools.init.Constant(0.0 * u.mA)),
-            out=bps.CUBA.desc(scale=1.0), post=self.lif)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=30.0 * u.ms,
-                                        w_init=braintools.init.KaimingNormal(scale=0.5))
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.lif,
+        )
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=30.0 * u.ms, w_init=braintools.init.KaimingNormal(scale=0.5))
 
     def update(self, x):
         self.inp(x)
@@ -91,8 +93,10 @@ def main(argv=None):
         params, opt_state, mean_loss = epoch(params, opt_state)
         first = float(mean_loss) if first is None else first
         print(f"epoch {index + 1:3d}  mean loss per step {float(mean_loss):.5f}")
-    print(f"loss fell from {first:.5f} to {float(mean_loss):.5f} in {time.perf_counter() - start:.1f} s "
-          f"({args.algorithm}, {args.neurons} LIF neurons, {args.steps} steps per epoch)")
+    print(
+        f"loss fell from {first:.5f} to {float(mean_loss):.5f} in {time.perf_counter() - start:.1f} s "
+        f"({args.algorithm}, {args.neurons} LIF neurons, {args.steps} steps per epoch)"
+    )
     return first, float(mean_loss)
 
 

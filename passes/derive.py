@@ -49,17 +49,27 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
     values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
     return StepValues(
-        inputs=list(inputs), leaves=list(leaves), outputs=values[:n_out], new_leaves=values[n_out:n_all],
+        inputs=list(inputs),
+        leaves=list(leaves),
+        outputs=values[:n_out],
+        new_leaves=values[n_out:n_all],
         y={c.index: values[n_all + c.index] for c in contractions},
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
     )
 
 
-def _evaluate_with(analysis: Analysis, values: StepValues, leaves: Sequence, substitute: dict, want: list,
-                   transform: dict | None = None):
+def _evaluate_with(
+    analysis: Analysis,
+    values: StepValues,
+    leaves: Sequence,
+    substitute: dict,
+    want: list,
+    transform: dict | None = None,
+):
     jaxpr = analysis.captured.jaxpr
-    return evaluate(jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute,
-                    transform=transform)
+    return evaluate(
+        jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute, transform=transform
+    )
 
 
 def _feedback_path(contraction, matrix):
@@ -105,26 +115,37 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     zeros_y = [jnp.zeros_like(y) for y in primals[1]]
     columns = []
     for s in range(group.n_states):
-        tangent_h = [jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals[0], zeros_h))]
+        tangent_h = [
+            jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals[0], zeros_h, strict=True))
+        ]
         columns.append(stack_states(linear(tangent_h, zeros_y)))
     d = jnp.stack(columns, axis=-1)
     f = {}
     for index, relation in enumerate(relations):
-        tangent_y = [jnp.ones_like(y) if i == index else z for i, (y, z) in enumerate(zip(primals[1], zeros_y))]
+        tangent_y = [
+            jnp.ones_like(y) if i == index else z for i, (y, z) in enumerate(zip(primals[1], zeros_y, strict=True))
+        ]
         f[relation.contraction] = stack_states(linear(zeros_h, tangent_y))
     return d, f
 
 
-def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Callable, weight_leaves: Sequence[int],
-                     feedback: Mapping[int, jax.Array] | None = None):
+def learning_signals(
+    analysis: Analysis,
+    values: StepValues,
+    loss_of_outputs: Callable,
+    weight_leaves: Sequence[int],
+    feedback: Mapping[int, jax.Array] | None = None,
+):
     """`(loss, δ_new, δ_prev, direct)`: δ per hidden leaf w.r.t. its new value (as a leaf) and its
     previous value (direct reads only), and the direct `∂L/∂W` for the given weight leaves.
 
     `feedback` maps contraction indices to fixed matrices that replace the weight on the backward path
     to the presynaptic input only (e-prop's random feedback); the forward values are unchanged."""
     facts = analysis.facts
-    transform = {facts.contractions[c].out_var: _feedback_path(facts.contractions[c], matrix)
-                 for c, matrix in (feedback or {}).items()}
+    transform = {
+        facts.contractions[c].out_var: _feedback_path(facts.contractions[c], matrix)
+        for c, matrix in (feedback or {}).items()
+    }
     hidden = sorted(facts.new_vars)
     new_vars = [facts.new_vars[leaf] for leaf in hidden]
     outvars = analysis.captured.jaxpr.jaxpr.outvars[: analysis.captured.n_outputs]
@@ -138,8 +159,11 @@ def learning_signals(analysis: Analysis, values: StepValues, loss_of_outputs: Ca
         substitute = dict(zip(new_vars, new_hidden, strict=True))
         return loss_of_outputs(_evaluate_with(analysis, values, leaves, substitute, list(outvars), transform))
 
-    args = ([values.new_leaves[leaf] for leaf in hidden], [values.leaves[leaf] for leaf in hidden],
-            [values.leaves[leaf] for leaf in weight_leaves])
+    args = (
+        [values.new_leaves[leaf] for leaf in hidden],
+        [values.leaves[leaf] for leaf in hidden],
+        [values.leaves[leaf] for leaf in weight_leaves],
+    )
     value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
     delta_new = dict(zip(hidden, grads[0], strict=True))
     delta_prev = dict(zip(hidden, grads[1], strict=True))
@@ -160,8 +184,12 @@ def pre_sensitivity(analysis: Analysis, contraction: int, group, values: StepVal
     primals = [values.new_leaves[leaf] for leaf in group.leaves]
     _, linear = jax.linearize(pre, primals)
     zeros = [jnp.zeros_like(h) for h in primals]
-    return stack_states([linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros))])
-                         for s in range(group.n_states)])
+    return stack_states(
+        [
+            linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros, strict=True))])
+            for s in range(group.n_states)
+        ]
+    )
 
 
 def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, weight) -> jax.Array:
@@ -172,8 +200,9 @@ def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, wei
     return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var])[0]
 
 
-def credit(analysis: Analysis, contraction: int, values: StepValues, cotangent: jax.Array,
-           feedback: jax.Array | None = None) -> jax.Array:
+def credit(
+    analysis: Analysis, contraction: int, values: StepValues, cotangent: jax.Array, feedback: jax.Array | None = None
+) -> jax.Array:
     """`(∂y/∂u)ᵀ cotangent`: a learning signal carried back through the op to its presynaptic input
     (through the fixed matrix `feedback` instead of the weight, when given)."""
     c = analysis.facts.contractions[contraction]

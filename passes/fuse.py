@@ -64,17 +64,34 @@ class Plan:
         return f"r{relation_index}"
 
 
-def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9, kappa: float | None = None,
-              feedback: str = "symmetric", feedback_seed: int = 0) -> Plan:
+def make_plan(
+    analysis: Analysis,
+    algorithm: str,
+    values,
+    *,
+    decay: float = 0.9,
+    kappa: float | None = None,
+    feedback: str = "symmetric",
+    feedback_seed: int = 0,
+) -> Plan:
     if algorithm not in ALGORITHMS:
-        raise CompileError(four_part(
-            what=f"unknown algorithm {algorithm!r}", where="fusetrace.compile(..., algorithm=...)",
-            why=f"fusetrace implements {', '.join(ALGORITHMS)}", fix="pick one of those names"))
+        raise CompileError(
+            four_part(
+                what=f"unknown algorithm {algorithm!r}",
+                where="fusetrace.compile(..., algorithm=...)",
+                why=f"fusetrace implements {', '.join(ALGORITHMS)}",
+                fix="pick one of those names",
+            )
+        )
     if not 0.0 <= decay < 1.0:
-        raise CompileError(four_part(
-            what=f"decay={decay} is outside [0, 1)", where="fusetrace.compile(..., decay=...)",
-            why="es_d_rtrl's smoothing factor α weighs the past by α^k; α ≥ 1 never forgets",
-            fix="use a value such as 0.9 or 0.99"))
+        raise CompileError(
+            four_part(
+                what=f"decay={decay} is outside [0, 1)",
+                where="fusetrace.compile(..., decay=...)",
+                why="es_d_rtrl's smoothing factor α weighs the past by α^k; α ≥ 1 never forgets",
+                fix="use a value such as 0.9 or 0.99",
+            )
+        )
     notes: dict[str, list[str]] = {}
     traced = []
     for index, relation in enumerate(analysis.relations):
@@ -84,7 +101,8 @@ def make_plan(analysis: Analysis, algorithm: str, values, *, decay: float = 0.9,
             notes.setdefault(relation.weight, []).append(
                 f"{algorithm} has no per-weight trace layout for this `{relation.op}` relation (not a dense "
                 "dot_general(u, W) nor a per-synapse product): it gets no trace and a zero gradient here; "
-                "use es_d_rtrl, which handles any op")
+                "use es_d_rtrl, which handles any op"
+            )
             continue
         traced.append(index)
     credits = _credits(analysis, traced, values, notes)
@@ -96,30 +114,46 @@ def _feedback_matrices(analysis, algorithm, credits, values, feedback, seed) -> 
     """Fixed random matrices for the readout relations (those the learning signal crosses), drawn with
     the readout weight's shape, dtype and standard deviation."""
     if feedback not in ("symmetric", "random"):
-        raise CompileError(four_part(
-            what=f"feedback={feedback!r}", where="fusetrace.compile(..., feedback=...)",
-            why="e_prop's learning signal goes back through the readout weights ('symmetric') or through "
-                "fixed random matrices ('random')", fix="use 'symmetric' or 'random'"))
+        raise CompileError(
+            four_part(
+                what=f"feedback={feedback!r}",
+                where="fusetrace.compile(..., feedback=...)",
+                why="e_prop's learning signal goes back through the readout weights ('symmetric') or through "
+                "fixed random matrices ('random')",
+                fix="use 'symmetric' or 'random'",
+            )
+        )
     if feedback == "symmetric":
         return {}
     if algorithm != "e_prop":
-        raise CompileError(four_part(
-            what=f"random feedback is an e_prop option, not one of {algorithm}",
-            where="fusetrace.compile(..., feedback='random')", why="only e_prop replaces the feedback weights",
-            fix="use algorithm='e_prop' or drop feedback"))
-    readouts = {c.via for c in credits} | {i for i, r in enumerate(analysis.relations) if r.status == "instantaneous"
-                                           and r.contraction is not None}
+        raise CompileError(
+            four_part(
+                what=f"random feedback is an e_prop option, not one of {algorithm}",
+                where="fusetrace.compile(..., feedback='random')",
+                why="only e_prop replaces the feedback weights",
+                fix="use algorithm='e_prop' or drop feedback",
+            )
+        )
+    readouts = {c.via for c in credits} | {
+        i for i, r in enumerate(analysis.relations) if r.status == "instantaneous" and r.contraction is not None
+    }
     matrices = {}
     key = jax.random.PRNGKey(seed)
     for index in sorted(readouts):
         relation = analysis.relations[index]
         contraction = analysis.facts.contractions[relation.contraction]
-        if contraction.eqn.invars[contraction.weight_operand] is not \
-                analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]:
-            raise CompileError(four_part(
-                what=f"random feedback for `{relation.weight}`", where=f"its `{relation.op}`",
-                why="the op reads a transformed view of the weight, so a replacement matrix has no defined layout",
-                fix="use feedback='symmetric' for this model"))
+        if (
+            contraction.eqn.invars[contraction.weight_operand]
+            is not analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]
+        ):
+            raise CompileError(
+                four_part(
+                    what=f"random feedback for `{relation.weight}`",
+                    where=f"its `{relation.op}`",
+                    why="the op reads a transformed view of the weight, so a replacement matrix has no defined layout",
+                    fix="use feedback='symmetric' for this model",
+                )
+            )
         weight = values.leaves[relation.weight_leaf]
         key, sub = jax.random.split(key)
         matrices[relation.contraction] = jnp.std(weight) * jax.random.normal(sub, weight.shape, weight.dtype)
@@ -148,7 +182,8 @@ def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
                 else:
                     notes.setdefault(relations[k].weight, []).append(
                         f"credit reaching the loss through `{readout.weight}` into {reason}: that path is "
-                        "dropped (the gradient is approximate)")
+                        "dropped (the gradient is approximate)"
+                    )
     return tuple(credits)
 
 
@@ -163,10 +198,10 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
         if plan.algorithm == "es_d_rtrl":
             traces[plan.key(index)] = {
                 "pre": jnp.zeros(contraction.pre_var.aval.shape, dtype),
-                "post": jnp.zeros(group.shape + (group.n_states,), dtype),
+                "post": jnp.zeros((*group.shape, group.n_states), dtype),
             }
         else:
-            shape = trace_shape(analysis, relation, layout_kind(analysis, relation)) + (group.n_states,)
+            shape = (*trace_shape(analysis, relation, layout_kind(analysis, relation)), group.n_states)
             traces[plan.key(index)] = {"eps": jnp.zeros(shape, dtype)}
             if plan.kappa is not None:
                 traces[plan.key(index)]["filtered"] = jnp.zeros(shape, dtype)
@@ -185,8 +220,16 @@ def _group_delta(group, delta: dict) -> jax.Array:
     return derive.stack_states([delta[leaf] for leaf in group.leaves])
 
 
-def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, leaves: list, traces: dict,
-               step: jax.Array, inputs: list):
+def fused_step(
+    analysis: Analysis,
+    plan: Plan,
+    loss_of_outputs,
+    weights: dict,
+    leaves: list,
+    traces: dict,
+    step: jax.Array,
+    inputs: list,
+):
     """One fused step on mantissas: `(new_leaves, new_traces, outputs, loss, grads by weight leaf)`."""
     relations = analysis.relations
     leaves = list(leaves)
@@ -194,8 +237,9 @@ def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, l
         leaves[leaf] = value
     values = derive.forward(analysis, inputs, leaves)
     weight_leaves = sorted(weights)
-    loss, delta_new, delta_prev, direct = derive.learning_signals(analysis, values, loss_of_outputs, weight_leaves,
-                                                                  plan.feedback)
+    loss, delta_new, delta_prev, direct = derive.learning_signals(
+        analysis, values, loss_of_outputs, weight_leaves, plan.feedback
+    )
     grads = {leaf: direct[leaf] for leaf in weight_leaves}
     by_group: dict[str, list[int]] = {}
     for index in plan.traced:
@@ -210,8 +254,17 @@ def fused_step(analysis: Analysis, plan: Plan, loss_of_outputs, weights: dict, l
             relation = relations[index]
             update = _es_update if plan.algorithm == "es_d_rtrl" else _per_weight_update
             new_traces[plan.key(index)], grad = update(
-                analysis, plan, relation, values, d, f[relation.contraction], traces[plan.key(index)],
-                _group_delta(group, delta_new), _group_delta(group, delta_prev), step)
+                analysis,
+                plan,
+                relation,
+                values,
+                d,
+                f[relation.contraction],
+                traces[plan.key(index)],
+                _group_delta(group, delta_new),
+                _group_delta(group, delta_prev),
+                step,
+            )
             grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
     for credit in plan.credits:
         new_traces, grads = _apply_credit(analysis, plan, credit, values, derivs, delta_new, new_traces, grads, step)
@@ -227,8 +280,9 @@ def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, del
     layout = make_layout(layout_kind(analysis, relation), analysis, relation, values)
     eps_prev = trace["eps"]
     n_states = d.shape[-1]
-    eps = jnp.stack([_contract(layout, d[..., s, :], eps_prev) + layout.inject(f[..., s]) for s in range(n_states)],
-                    axis=-1)
+    eps = jnp.stack(
+        [_contract(layout, d[..., s, :], eps_prev) + layout.inject(f[..., s]) for s in range(n_states)], axis=-1
+    )
     new = {"eps": eps}
     used, used_prev = eps, eps_prev
     if plan.kappa is not None:
@@ -260,8 +314,9 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     readout_group = analysis.group_named(credit.group)
     _, f_readout = derivs[credit.group]
     signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[via.contraction], axis=-1)
-    carried = derive.credit(analysis, via.contraction, values, derive.to_op_layout(via, signal),
-                            plan.feedback.get(via.contraction))  # (..., neurons of the source group)
+    carried = derive.credit(
+        analysis, via.contraction, values, derive.to_op_layout(via, signal), plan.feedback.get(via.contraction)
+    )  # (..., neurons of the source group)
     sensitivity = derive.pre_sensitivity(analysis, via.contraction, source_group, values)  # (..., N, S)
     key = credit.key
     traces = dict(traces)
@@ -270,7 +325,9 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
         q = credit.decay * traces[key] + jnp.sum(sensitivity * post, axis=-1)
         correction = 1 - plan.decay ** (step.astype(q.dtype) + 1)
         cotangent = derive.to_op_layout(source, carried * q) / correction
-        grad = derive.weight_vjp(analysis, source.contraction, values, traces[plan.key(credit.source)]["pre"], cotangent)
+        grad = derive.weight_vjp(
+            analysis, source.contraction, values, traces[plan.key(credit.source)]["pre"], cotangent
+        )
     else:
         trace = traces[plan.key(credit.source)]
         eps = trace["filtered"] if plan.kappa is not None else trace["eps"]

@@ -74,10 +74,16 @@ def find_groups(facts: StepFacts) -> tuple[Group, ...]:
             if kind == "relation" or (kind in ("hidden", "new") and i in member_set)
         )
         first = leaves[indices[0]]
-        groups.append(Group(
-            name=first.path, states=tuple(leaves[i].path for i in indices), leaves=tuple(indices),
-            n_neurons=first.n_neurons, shape=first.shape, lti=lti,
-        ))
+        groups.append(
+            Group(
+                name=first.path,
+                states=tuple(leaves[i].path for i in indices),
+                leaves=tuple(indices),
+                n_neurons=first.n_neurons,
+                shape=first.shape,
+                lti=lti,
+            )
+        )
     return tuple(groups)
 
 
@@ -86,12 +92,14 @@ def _not_aligned(facts: StepFacts, j: int, i: int) -> None:
     var = facts.new_vars[j]
     producer = next((e for e in facts.captured.jaxpr.jaxpr.eqns if var in e.outvars), None)
     where = f"`{producer.primitive.name}` at {source_line(producer)}" if producer is not None else "the step"
-    raise NotNeuronAlignedError(four_part(
-        what=f"the update of hidden state `{leaves[j].path}` mixes neurons of `{leaves[i].path}` "
-             "without going through a weight",
-        where=f"the new value of `{leaves[j].path}` is produced by {where}",
-        why="per-neuron traces need each neuron's new state to depend only on the same neuron's states "
+    raise NotNeuronAlignedError(
+        four_part(
+            what=f"the update of hidden state `{leaves[j].path}` mixes neurons of `{leaves[i].path}` "
+            "without going through a weight",
+            where=f"the new value of `{leaves[j].path}` is produced by {where}",
+            why="per-neuron traces need each neuron's new state to depend only on the same neuron's states "
             "(cross-neuron paths must pass through a weight: matmul, event or sparse product)",
-        fix="route the cross-neuron interaction through a weight (a brainstate.nn.Linear or event "
+            fix="route the cross-neuron interaction through a weight (a brainstate.nn.Linear or event "
             "projection), or keep the mixing state out of HiddenState (use ShortTermState)",
-    ))
+        )
+    )

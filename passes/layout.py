@@ -49,8 +49,14 @@ def _dense(contraction, leaf, relation) -> bool:
         return False
     (contract_u, contract_w), (batch_u, batch_w) = eqn.params["dimension_numbers"]
     u_shape, w_shape = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-    return (not batch_u and not batch_w and len(w_shape) == 2 and tuple(contract_w) == (0,)
-            and tuple(contract_u) == (len(u_shape) - 1,) and tuple(leaf.shape) == tuple(w_shape))
+    return (
+        not batch_u
+        and not batch_w
+        and len(w_shape) == 2
+        and tuple(contract_w) == (0,)
+        and tuple(contract_u) == (len(u_shape) - 1,)
+        and tuple(leaf.shape) == tuple(w_shape)
+    )
 
 
 def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
@@ -75,8 +81,9 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
     sum_batch = (lambda x: jnp.sum(x, axis=0)) if batched else (lambda x: x)
     u = values.u[relation.contraction]
     if kind == "dense":
-        return Layout(gather=lambda c: c[..., None, :], inject=lambda f: u[..., :, None] * f[..., None, :],
-                      reduce=sum_batch)
+        return Layout(
+            gather=lambda c: c[..., None, :], inject=lambda f: u[..., :, None] * f[..., None, :], reduce=sum_batch
+        )
     weight = values.leaves[relation.weight_leaf]
 
     def op(pre, w):
@@ -85,8 +92,9 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
     if kind == "shared":
         _, dy_dw = jax.jvp(lambda w: op(u, w), (weight,), (jnp.ones_like(weight),))
         dy_dw = derive.from_op_layout(relation, dy_dw)
-        return Layout(gather=lambda c: c, inject=lambda f: f * dy_dw,
-                      reduce=lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight)))
+        return Layout(
+            gather=lambda c: c, inject=lambda f: f * dy_dw, reduce=lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight))
+        )
     _, vjp_ones = jax.vjp(lambda w: op(jnp.ones_like(u), w), weight)
     _, vjp_u = jax.vjp(lambda w: op(u, w), weight)
 
@@ -95,8 +103,10 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
             if not batched:
                 return vjp(derive.to_op_layout(relation, c))[0]
             masks = jnp.eye(analysis.batch_size, dtype=c.dtype).reshape(
-                (analysis.batch_size, analysis.batch_size) + (1,) * (c.ndim - 1))
+                (analysis.batch_size, analysis.batch_size) + (1,) * (c.ndim - 1)
+            )
             return jax.vmap(lambda mask: vjp(derive.to_op_layout(relation, c * mask))[0])(masks)
+
         return apply
 
     return Layout(gather=per_entry(vjp_ones), inject=per_entry(vjp_u), reduce=sum_batch)

@@ -80,8 +80,11 @@ def _groups_in(fact: Fact, kind: str, groups) -> tuple[str, ...]:
 
 def _aligned_new_groups(fact: Fact, groups, pre_shape) -> tuple[str, ...]:
     by_leaf = _group_of_leaf(groups)
-    names = [by_leaf[i].name for (k, i), dep in sorted(fact.items())
-             if k == "new" and i in by_leaf and dep.aligned and tuple(pre_shape) == by_leaf[i].shape]
+    names = [
+        by_leaf[i].name
+        for (k, i), dep in sorted(fact.items())
+        if k == "new" and i in by_leaf and dep.aligned and tuple(pre_shape) == by_leaf[i].shape
+    ]
     return tuple(dict.fromkeys(names))
 
 
@@ -108,42 +111,73 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
     pre_shape = tuple(pre_var.aval.shape)
     size = int(np.prod(pre_shape, dtype=int))
     n_pre = size // batch if batch is not None and batch in pre_shape else size  # per batch entry
-    common = dict(
-        weight=leaf.path, weight_leaf=leaf_index, op=op, contraction=contraction.index, n_pre=n_pre,
-        pre_new=_aligned_new_groups(contraction.pre_fact, groups, pre_shape),
-        pre_recurrent=_groups_in(contraction.pre_fact, "hidden", groups),
-        shared=int(np.prod(leaf.shape, dtype=int)) == 1,
-    )
+    common = {
+        "weight": leaf.path,
+        "weight_leaf": leaf_index,
+        "op": op,
+        "contraction": contraction.index,
+        "n_pre": n_pre,
+        "pre_new": _aligned_new_groups(contraction.pre_fact, groups, pre_shape),
+        "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
+        "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
+    }
     if not reached:
         if direct:
-            return Relation(group=None, status="instantaneous",
-                            reason="reaches the step output with no hidden state in between: exact same-step "
-                                   "gradient", **common)
-        return Relation(group=None, status="excluded", reason=f"the output of `{op}` reaches neither a hidden "
-                        "state nor the step output", **common)
+            return Relation(
+                group=None,
+                status="instantaneous",
+                reason="reaches the step output with no hidden state in between: exact same-step gradient",
+                **common,
+            )
+        return Relation(
+            group=None,
+            status="excluded",
+            reason=f"the output of `{op}` reaches neither a hidden state nor the step output",
+            **common,
+        )
     if len(reached) > 1:
-        return Relation(group=None, status="excluded", reason=f"the output of `{op}` reaches several hidden "
-                        f"groups ({', '.join(reached)}); one relation must feed one group", **common)
-    (name, tail), = reached.items()
+        return Relation(
+            group=None,
+            status="excluded",
+            reason=f"the output of `{op}` reaches several hidden "
+            f"groups ({', '.join(reached)}); one relation must feed one group",
+            **common,
+        )
+    ((name, tail),) = reached.items()
     if tail is None:
-        return Relation(group=name, status="excluded", reason=f"the path from `{op}` to group `{name}` is not "
-                        "element-wise per neuron (a non-element-wise tail)", **common)
+        return Relation(
+            group=name,
+            status="excluded",
+            reason=f"the path from `{op}` to group `{name}` is not element-wise per neuron (a non-element-wise tail)",
+            **common,
+        )
     return Relation(group=name, status="traced", tail_perm=tail.perm, **common)
 
 
 def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
     leaf = facts.captured.leaves[leaf_index]
     reached, direct = _reaches(facts, ("weight", leaf_index), groups)
-    common = dict(weight=leaf.path, weight_leaf=leaf_index, op="elementwise" if reached or direct else "none")
+    common = {"weight": leaf.path, "weight_leaf": leaf_index, "op": "elementwise" if reached or direct else "none"}
     if reached:
         names = ", ".join(reached)
-        return Relation(group=next(iter(reached)) if len(reached) == 1 else None, status="excluded",
-                        reason=f"reaches hidden group(s) {names} without a weight contraction (e.g. a per-neuron "
-                               "parameter or a weight transformed by another weight); no trace is derived for it "
-                               "yet", **common)
+        return Relation(
+            group=next(iter(reached)) if len(reached) == 1 else None,
+            status="excluded",
+            reason=f"reaches hidden group(s) {names} without a weight contraction (e.g. a per-neuron "
+            "parameter or a weight transformed by another weight); no trace is derived for it "
+            "yet",
+            **common,
+        )
     if direct:
-        return Relation(group=None, status="instantaneous",
-                        reason="reaches the step output with no hidden state in between: exact same-step gradient",
-                        **common)
-    return Relation(group=None, status="excluded", reason="not used by the step (no path to a hidden state or "
-                    "to the output)", **common)
+        return Relation(
+            group=None,
+            status="instantaneous",
+            reason="reaches the step output with no hidden state in between: exact same-step gradient",
+            **common,
+        )
+    return Relation(
+        group=None,
+        status="excluded",
+        reason="not used by the step (no path to a hidden state or to the output)",
+        **common,
+    )

@@ -108,8 +108,11 @@ class _Traced:
 
 def _trace(model, method: Callable, example_args: tuple, batch_size: int | None) -> _Traced:
     params, hidden, others = _model_states(model)
-    kind_of = [(kind, path, state) for kind, table in (("params", params), ("hidden", hidden),
-                                                       ("others", others)) for path, state in table.items()]
+    kind_of = [
+        (kind, path, state)
+        for kind, table in (("params", params), ("hidden", hidden), ("others", others))
+        for path, state in table.items()
+    ]
     if batch_size is not None:
         example_args = jax.tree.map(lambda a: a[0], example_args)
     function = brainstate.transform.StatefulFunction(method, return_only_write=False)
@@ -126,7 +129,8 @@ def _trace(model, method: Callable, example_args: tuple, batch_size: int | None)
                 return kind, path
         raise ValueError(
             f"the step uses a {type(state).__name__} that is not in model.states() (a global RandomState?); "
-            "a brute-force reference needs a deterministic step: feed random inputs as arguments")
+            "a brute-force reference needs a deterministic step: feed random inputs as arguments"
+        )
 
     keys = tuple(key_of(state) for state in states)
     written = frozenset(key_of(state)[1] for state in written_states)
@@ -164,8 +168,7 @@ def _batched(step: Callable, batch_size: int | None) -> Callable:
 
 def _current_values(model) -> tuple[Params, Hidden, dict]:
     params, hidden, others = _model_states(model)
-    return tuple({path: _mantissa(state.value) for path, state in table.items()}
-                 for table in (params, hidden, others))
+    return tuple({path: _mantissa(state.value) for path, state in table.items()} for table in (params, hidden, others))
 
 
 def functional_step(model: brainstate.nn.Module, example_input, batch_size: int | None = None):
@@ -229,8 +232,7 @@ def bptt_grads(model, xs, targets, loss_fn: Callable, batch_size: int | None = N
 def stop_recurrent(model):
     """Within the block, `model.stop_recurrent_grad` is True (so traces detach recurrent spikes)."""
     if not hasattr(model, "stop_recurrent_grad"):
-        raise TypeError(
-            f"{type(model).__name__} has no `stop_recurrent_grad` flag to detach recurrent inputs")
+        raise TypeError(f"{type(model).__name__} has no `stop_recurrent_grad` flag to detach recurrent inputs")
     saved = model.stop_recurrent_grad
     model.stop_recurrent_grad = True
     try:
@@ -258,15 +260,14 @@ def bptt_grads_stopgrad(model, xs, targets, loss_fn: Callable, batch_size: int |
 def _index_labels(hidden_one: Hidden) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """For the raveled hidden vector: the path index and the neuron index of every entry."""
     paths = list(hidden_one)
-    state_label = ravel_pytree({p: jnp.full(jnp.shape(v), i)
-                                for i, (p, v) in enumerate(hidden_one.items())})[0]
-    neuron_label = ravel_pytree({p: jnp.arange(jnp.size(v)).reshape(jnp.shape(v))
-                                 for p, v in hidden_one.items()})[0]
+    state_label = ravel_pytree({p: jnp.full(jnp.shape(v), i) for i, (p, v) in enumerate(hidden_one.items())})[0]
+    neuron_label = ravel_pytree({p: jnp.arange(jnp.size(v)).reshape(jnp.shape(v)) for p, v in hidden_one.items()})[0]
     return np.asarray(state_label).astype(int), np.asarray(neuron_label).astype(int), paths
 
 
-def hidden_mask(hidden_one: Hidden, groups: Sequence[Sequence[str]] | None,
-                lti_groups: Sequence[Sequence[str]] = ()) -> np.ndarray | None:
+def hidden_mask(
+    hidden_one: Hidden, groups: Sequence[Sequence[str]] | None, lti_groups: Sequence[Sequence[str]] = ()
+) -> np.ndarray | None:
     """The 0/1 mask applied to `∂h_t/∂h_{t-1}` (over the raveled hidden vector of one example).
 
     Entry `(i, j)` is kept when `i` and `j` belong to the same group and, for a group of `groups`, to the
@@ -288,8 +289,7 @@ def hidden_mask(hidden_one: Hidden, groups: Sequence[Sequence[str]] | None,
             is_lti[path] = index >= len(groups)
     missing = [p for p in paths if p not in group_of]
     if missing:
-        raise ValueError(
-            f"hidden states {missing} are in no group; list every hidden path in groups or lti_groups")
+        raise ValueError(f"hidden states {missing} are in no group; list every hidden path in groups or lti_groups")
     group_label = np.array([group_of[paths[s]] for s in state_label])
     lti_label = np.array([is_lti[paths[s]] for s in state_label])
     same_group = group_label[:, None] == group_label[None, :]
@@ -302,14 +302,14 @@ def _check_stage_methods(model):
         if not callable(getattr(model, method, None)):
             raise TypeError(
                 f"rtrl_reference needs {type(model).__name__}.{method}(): split the step as "
-                "update(x) == update_hidden(x); update_lti(); return output()")
+                "update(x) == update_hidden(x); update_lti(); return output()"
+            )
 
 
 def _check_stages(hidden: dict, lti_paths: set[str], traced_hidden: _Traced, traced_lti: _Traced):
     bad = traced_hidden.written & lti_paths
     if bad:
-        raise ValueError(
-            f"update_hidden writes LTI states {sorted(bad)}; they must be advanced in update_lti")
+        raise ValueError(f"update_hidden writes LTI states {sorted(bad)}; they must be advanced in update_lti")
     bad = traced_lti.written - lti_paths
     if bad:
         raise ValueError(f"update_lti writes {sorted(bad)}, which are not listed in lti_groups")
@@ -318,8 +318,15 @@ def _check_stages(hidden: dict, lti_paths: set[str], traced_hidden: _Traced, tra
         raise ValueError(f"lti_groups name unknown hidden states {sorted(unknown)}")
 
 
-def rtrl_reference(model, xs, targets, loss_fn: Callable, groups: Sequence[Sequence[str]] | None,
-                   lti_groups: Sequence[Sequence[str]] = (), batch_size: int | None = None) -> Params:
+def rtrl_reference(
+    model,
+    xs,
+    targets,
+    loss_fn: Callable,
+    groups: Sequence[Sequence[str]] | None,
+    lti_groups: Sequence[Sequence[str]] = (),
+    batch_size: int | None = None,
+) -> Params:
     """Brute-force RTRL with one-step windows: `Σ_t g_t` with dense, masked sensitivity matrices.
 
     The model must split its step in three methods (as `RecurrentLIF` does):
@@ -369,7 +376,7 @@ def rtrl_reference(model, xs, targets, loss_fn: Callable, groups: Sequence[Seque
     hidden_one = jax.tree.map(lambda a: a[0], hidden)
     theta, unravel_params = ravel_pytree(params)
     _, unravel_hidden = ravel_pytree(hidden_one)
-    ravel_hidden = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+    ravel_hidden = lambda tree: ravel_pytree(tree)[0]
     mask = hidden_mask(hidden_one, groups, lti_groups)
 
     def stage1(theta, h, others, x):
@@ -402,8 +409,9 @@ def rtrl_reference(model, xs, targets, loss_fn: Callable, groups: Sequence[Seque
     def body(carry, inputs):
         h, sensitivity, others, grad = carry
         x, target = inputs
-        h2, sensitivity, others = jax.vmap(example_step, in_axes=(None, 0, 0, None, 0),
-                                           out_axes=(0, 0, None))(theta, h, sensitivity, others, x)
+        h2, sensitivity, others = jax.vmap(example_step, in_axes=(None, 0, 0, None, 0), out_axes=(0, 0, None))(
+            theta, h, sensitivity, others, x
+        )
         grad_theta, delta = jax.grad(step_loss, argnums=(0, 1))(theta, h2, others, target)
         grad = grad + grad_theta + jnp.einsum("bn,bnp->p", delta, sensitivity)
         return (h2, sensitivity, others, grad), None
@@ -446,10 +454,20 @@ class RecurrentLIF(brainstate.nn.Module):
     name the hidden-layer weights and their presynaptic inputs for `es_d_rtrl_naive`.
     """
 
-    def __init__(self, n_in: int, n_rec: int, n_out: int, readout: str = "leaky",
-                 stop_recurrent_grad: bool = False, recurrent: bool = True, dt=1.0 * u.ms,
-                 tau_mem=10.0 * u.ms, spk_fun: Callable | None = None,
-                 w_in_scale: float = 3.0, w_rec_scale: float = 1.0):
+    def __init__(
+        self,
+        n_in: int,
+        n_rec: int,
+        n_out: int,
+        readout: str = "leaky",
+        stop_recurrent_grad: bool = False,
+        recurrent: bool = True,
+        dt=1.0 * u.ms,
+        tau_mem=10.0 * u.ms,
+        spk_fun: Callable | None = None,
+        w_in_scale: float = 3.0,
+        w_rec_scale: float = 1.0,
+    ):
         super().__init__()
         if readout not in ("leaky", "linear"):
             raise ValueError(f"readout must be 'leaky' or 'linear', got {readout!r}")
@@ -459,9 +477,16 @@ class RecurrentLIF(brainstate.nn.Module):
             spk_fun = braintools.surrogate.ReluGrad() if spk_fun is None else spk_fun
             # every LIF constant is passed explicitly: brainpy's defaults are built at import time, in
             # float32 when brainpy is imported before float64 is enabled
-            self.N = bps.LIF(n_rec, tau=tau_mem, spk_fun=spk_fun, R=1.0 * u.ohm, V_th=1.0 * u.mV,
-                             V_reset=0.0 * u.mV, V_rest=0.0 * u.mV,
-                             V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV))
+            self.N = bps.LIF(
+                n_rec,
+                tau=tau_mem,
+                spk_fun=spk_fun,
+                R=1.0 * u.ohm,
+                V_th=1.0 * u.mV,
+                V_reset=0.0 * u.mV,
+                V_rest=0.0 * u.mV,
+                V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV),
+            )
             self.inp = self._projection(n_in, w_in_scale, 5.0 * u.ms)
             self.rec = self._projection(n_rec, w_rec_scale, 8.0 * u.ms) if recurrent else None
             if readout == "leaky":
@@ -471,8 +496,9 @@ class RecurrentLIF(brainstate.nn.Module):
 
     def _projection(self, n_pre, scale, tau):
         return bps.AlignPostProj(
-            comm=brainstate.nn.Linear(n_pre, self.n_rec, b_init=None,
-                                      w_init=braintools.init.KaimingNormal(scale=scale, unit=u.mA)),
+            comm=brainstate.nn.Linear(
+                n_pre, self.n_rec, b_init=None, w_init=braintools.init.KaimingNormal(scale=scale, unit=u.mA)
+            ),
             syn=bps.Expon.desc(self.n_rec, tau=tau, g_initializer=braintools.init.Constant(0.0 * u.mA)),
             out=bps.CUBA.desc(scale=1.0),
             post=self.N,
@@ -545,8 +571,9 @@ def build_recurrent_lif(n_in=3, n_rec=4, n_out=2, batch_size=None, seed=0, **kw)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: float,
-                    batch_size: int | None = None) -> Params:
+def es_d_rtrl_naive(
+    model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: float, batch_size: int | None = None
+) -> Params:
     """`es_d_rtrl` of DESIGN.md §2 by its dense formulas, for a `RecurrentLIF` with a linear readout.
 
     Per hidden-layer weight `W` (`relations()`: input and recurrent) and per example, from `t = 0`:
@@ -586,7 +613,7 @@ def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: 
     hidden_one = jax.tree.map(lambda a: a[0], hidden)
     theta, unravel_params = ravel_pytree(params)
     _, unravel_hidden = ravel_pytree(hidden_one)
-    ravel_hidden = lambda tree: ravel_pytree(tree)[0]  # noqa: E731
+    ravel_hidden = lambda tree: ravel_pytree(tree)[0]
     groups, _ = model.groups()
     mask = hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]])
     in_group = np.isin(np.array(list(hidden_one))[_index_labels(hidden_one)[0]], groups[0])
@@ -619,8 +646,9 @@ def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: 
     def body(carry, inputs):
         h, trace_u, trace_f, others, grad, step = carry
         x, target = inputs
-        h1, trace_u, trace_f, others = jax.vmap(example_step, in_axes=(0, 0, 0, None, 0),
-                                                out_axes=(0, 0, 0, None))(h, trace_u, trace_f, others, x)
+        h1, trace_u, trace_f, others = jax.vmap(example_step, in_axes=(0, 0, 0, None, 0), out_axes=(0, 0, 0, None))(
+            h, trace_u, trace_f, others, x
+        )
         grad_theta, delta = jax.grad(step_loss, argnums=(0, 1))(theta, h1, others, target)
         grad = jax.tree.map(jnp.add, grad, unravel_params(grad_theta))
         correction = 1.0 - alpha ** (step + 1)
@@ -632,8 +660,7 @@ def es_d_rtrl_naive(model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: 
 
     h = jax.vmap(ravel_hidden)(hidden)
     n_batch = h.shape[0]
-    trace_u = {name: jnp.zeros((n_batch, jnp.shape(params[path]["weight"])[0]))
-               for name, path in relations.items()}
+    trace_u = {name: jnp.zeros((n_batch, jnp.shape(params[path]["weight"])[0])) for name, path in relations.items()}
     trace_f = {name: jnp.zeros_like(h) for name in relations}
     grad = jax.tree.map(jnp.zeros_like, params)
     carry = (h, trace_u, trace_f, others, grad, 0)

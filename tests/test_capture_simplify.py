@@ -1,14 +1,14 @@
 """Capture (roles, paths, units, batch axis, the global random state) and the simplify pass."""
 
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import brainpy.state as bps
 import fusetrace
 from fusetrace._compat import jit_p
 from fusetrace.capture import capture
@@ -26,10 +26,16 @@ class NoisyNet(brainstate.nn.Module):
         self.n_in = n_in
         self.N = bps.LIF(n, V_th=1.0 * u.mV, tau=5.0 * u.ms)
         self.inp = bps.AlignPostProj(
-            comm=brainstate.nn.Linear(n_in, n, w_init=braintools.init.KaimingNormal(scale=3.0, unit=u.mA),
-                                      b_init=braintools.init.Constant(0.1 * u.mA)),
+            comm=brainstate.nn.Linear(
+                n_in,
+                n,
+                w_init=braintools.init.KaimingNormal(scale=3.0, unit=u.mA),
+                b_init=braintools.init.Constant(0.1 * u.mA),
+            ),
             syn=bps.Expon.desc(n, tau=3.0 * u.ms, g_initializer=braintools.init.Constant(0.0 * u.mA)),
-            out=bps.CUBA.desc(scale=1.0), post=self.N)
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.N,
+        )
         self.out = bps.LeakyRateReadout(n, n_out, tau=4.0 * u.ms)
 
     def update(self, rate, bias=0.0 * u.mA):
@@ -97,16 +103,23 @@ def test_simplify_inlines_folds_and_keeps_values():
 
     assert count(captured.jaxpr.jaxpr, lambda e: e.primitive is jit_p) > 0  # brainpy's helper jits
     assert count(simple.jaxpr.jaxpr, lambda e: e.primitive is jit_p) == 0
-    one = lambda e: e.primitive.name == "mul" and any(getattr(a, "val", None) is not None and np.ndim(a.val) == 0
-                                                     and a.val == 1.0 for a in e.invars)
+    one = lambda e: (
+        e.primitive.name == "mul"
+        and any(getattr(a, "val", None) is not None and np.ndim(a.val) == 0 and a.val == 1.0 for a in e.invars)
+    )
     assert count(simple.jaxpr.jaxpr, one) == 0  # unit residue x * 1.0 is gone
     assert len(simple.jaxpr.jaxpr.eqns) < len(captured.jaxpr.jaxpr.eqns)
     inputs = captured.strip_inputs(0.5)
-    for a, b in zip(jax.tree.leaves(captured.step(inputs, captured.leaf_values())),
-                    jax.tree.leaves(simple.step(inputs, simple.leaf_values())), strict=True):
-        np.testing.assert_allclose(np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a),
-                                   np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key) else b),
-                                   rtol=RTOL_F64)
+    for a, b in zip(
+        jax.tree.leaves(captured.step(inputs, captured.leaf_values())),
+        jax.tree.leaves(simple.step(inputs, simple.leaf_values())),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a),
+            np.asarray(jax.random.key_data(b) if jnp.issubdtype(b.dtype, jax.dtypes.prng_key) else b),
+            rtol=RTOL_F64,
+        )
 
 
 def test_vmap_traced_bodies_are_deduplicated():
@@ -129,7 +142,7 @@ def test_vmap_traced_bodies_are_deduplicated():
 
 
 def test_capture_rejects_non_modules_and_bad_inputs():
-    with pytest.raises(CaptureError, match="brainstate.nn.Module"):
+    with pytest.raises(CaptureError, match=r"brainstate\.nn\.Module"):
         capture(lambda x: x, 1.0)
     with pytest.raises(CaptureError, match="tracing one step"):
         capture(_net(), jnp.ones((5, 7, 9)), "not a number")

@@ -8,15 +8,15 @@ the reference is `brainstate.transform.grad` of Σ_t loss through `for_loop` on 
 the same seed (no fusetrace code involved).
 """
 
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import brainpy.state as bps
 import fusetrace
 
 RTOL_EXACT = 1e-6  # the acceptance bound; observed errors are ~1e-15 (exact algebra, float64)
@@ -31,37 +31,42 @@ def _dt():
 def _current_proj(neuron, n_in, syn="expon"):
     comm = brainstate.nn.Linear(n_in, N, w_init=braintools.init.KaimingNormal(scale=3.0, unit=u.mA), b_init=None)
     zero = braintools.init.Constant(0.0 * u.mA)
-    desc = (bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero) if syn == "expon"
-            else bps.DualExpon.desc(N, tau_decay=4.0 * u.ms, tau_rise=1.0 * u.ms, g_initializer=zero))
+    desc = (
+        bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero)
+        if syn == "expon"
+        else bps.DualExpon.desc(N, tau_decay=4.0 * u.ms, tau_rise=1.0 * u.ms, g_initializer=zero)
+    )
     return bps.AlignPostProj(comm=comm, syn=desc, out=bps.CUBA.desc(scale=1.0), post=neuron)
 
 
 def _coba_proj(neuron, n_in):
     comm = brainstate.nn.Linear(n_in, N, w_init=braintools.init.Uniform(0.5 * u.siemens, 2.0 * u.siemens), b_init=None)
-    return bps.AlignPostProj(comm=comm, syn=bps.Expon.desc(N, tau=3.0 * u.ms), out=bps.COBA.desc(E=5.0 * u.mV),
-                             post=neuron)
+    return bps.AlignPostProj(
+        comm=comm, syn=bps.Expon.desc(N, tau=3.0 * u.ms), out=bps.COBA.desc(E=5.0 * u.mV), post=neuron
+    )
 
 
 V0 = braintools.init.Normal(0.5 * u.mV, 0.3 * u.mV)
 NEURONS = {
     "cuba": lambda: bps.LIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms, V_initializer=V0),
     "hetero_tau": lambda: bps.LIF(N, V_th=1.0 * u.mV, tau=jnp.linspace(3.0, 9.0, N) * u.ms, V_initializer=V0),
-    "alif": lambda: bps.ALIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms, tau_a=20.0 * u.ms, beta=0.3 * u.mV,
-                             V_initializer=V0),
+    "alif": lambda: bps.ALIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms, tau_a=20.0 * u.ms, beta=0.3 * u.mV, V_initializer=V0),
 }
 
 
 def _event_proj(neuron, n_in, comm):
     zero = braintools.init.Constant(0.0 * u.mA)
     if comm == "sparse":  # per-synapse weights on a fixed-probability graph
-        layer = brainstate.nn.EventFixedProb(n_in, N, conn_num=0.6, seed=3,
-                                             conn_weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA))
+        layer = brainstate.nn.EventFixedProb(
+            n_in, N, conn_num=0.6, seed=3, conn_weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA)
+        )
     elif comm == "sparse_scalar":  # one shared weight
         layer = brainstate.nn.EventFixedProb(n_in, N, conn_num=0.6, seed=3, conn_weight=2.5 * u.mA)
     else:
         layer = brainstate.nn.EventLinear(n_in, N, weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA))
-    return bps.AlignPostProj(comm=layer, syn=bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero),
-                             out=bps.CUBA.desc(scale=1.0), post=neuron)
+    return bps.AlignPostProj(
+        comm=layer, syn=bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=zero), out=bps.CUBA.desc(scale=1.0), post=neuron
+    )
 
 
 class Layer(brainstate.nn.Module):
@@ -74,8 +79,9 @@ class Layer(brainstate.nn.Module):
             self.proj = _coba_proj(self.neuron, N_IN)
         else:
             self.proj = _current_proj(self.neuron, N_IN, syn="dualexpon" if kind == "dualexpon" else "expon")
-        self.out = (bps.LeakyRateReadout(N, N_OUT, tau=4.0 * u.ms) if readout == "leaky"
-                    else brainstate.nn.Linear(N, N_OUT))
+        self.out = (
+            bps.LeakyRateReadout(N, N_OUT, tau=4.0 * u.ms) if readout == "leaky" else brainstate.nn.Linear(N, N_OUT)
+        )
 
     def update(self, x):
         self.proj(x)
@@ -92,7 +98,7 @@ def _build(kind, readout, batch):
 def _data(batch):
     shape = (STEPS, batch, N_IN) if batch else (STEPS, N_IN)
     xs = (jax.random.uniform(jax.random.PRNGKey(1), shape) < 0.6).astype(jnp.float64)
-    ys = jax.random.normal(jax.random.PRNGKey(2), shape[:-1] + (N_OUT,))
+    ys = jax.random.normal(jax.random.PRNGKey(2), (*shape[:-1], N_OUT))
     return xs, ys
 
 

@@ -1,7 +1,8 @@
 """Tier 3: hypothesis properties of compiled learners over sizes, seeds, time constants and batch."""
 
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,6 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import brainpy.state as bps
 import fusetrace
 from test_compile_exact import assert_matches, bptt_grads
 
@@ -22,24 +22,41 @@ SETTINGS = settings(max_examples=5, deadline=None, suppress_health_check=[Health
 class FeedForward(brainstate.nn.Module):
     def __init__(self, n_in, n, n_out, tau, readout):
         super().__init__()
-        self.neuron = bps.LIF(n, V_th=1.0 * u.mV, tau=tau * u.ms, R=1.0 * u.ohm, V_reset=0.0 * u.mV,
-                              V_rest=0.0 * u.mV, V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV))
+        self.neuron = bps.LIF(
+            n,
+            V_th=1.0 * u.mV,
+            tau=tau * u.ms,
+            R=1.0 * u.ohm,
+            V_reset=0.0 * u.mV,
+            V_rest=0.0 * u.mV,
+            V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV),
+        )
         self.proj = bps.AlignPostProj(
             comm=brainstate.nn.Linear(n_in, n, b_init=None, w_init=braintools.init.KaimingNormal(scale=4.0, unit=u.mA)),
             syn=bps.Expon.desc(n, tau=tau / 2 * u.ms, g_initializer=braintools.init.Constant(0.0 * u.mA)),
-            out=bps.CUBA.desc(scale=1.0), post=self.neuron)
-        self.out = bps.LeakyRateReadout(n, n_out, tau=tau * u.ms) if readout == "leaky" else brainstate.nn.Linear(n, n_out)
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.neuron,
+        )
+        self.out = (
+            bps.LeakyRateReadout(n, n_out, tau=tau * u.ms) if readout == "leaky" else brainstate.nn.Linear(n, n_out)
+        )
 
     def update(self, x):
         self.proj(x)
         return self.out(self.neuron(0.0 * u.mA))
 
 
-cases = st.fixed_dictionaries({
-    "n_in": st.integers(1, 4), "n": st.integers(1, 6), "n_out": st.integers(1, 3),
-    "tau": st.floats(2.0, 20.0), "batch": st.sampled_from([None, 1, 3]), "seed": st.integers(0, 2**16),
-    "readout": st.sampled_from(["leaky", "linear"]),
-})
+cases = st.fixed_dictionaries(
+    {
+        "n_in": st.integers(1, 4),
+        "n": st.integers(1, 6),
+        "n_out": st.integers(1, 3),
+        "tau": st.floats(2.0, 20.0),
+        "batch": st.sampled_from([None, 1, 3]),
+        "seed": st.integers(0, 2**16),
+        "readout": st.sampled_from(["leaky", "linear"]),
+    }
+)
 
 
 def _build(case):
@@ -77,8 +94,13 @@ def test_d_rtrl_matches_bptt_in_the_exact_regime(case):
     learner = fusetrace.compile(_build(case), xs[0], loss=_loss, algorithm="d_rtrl", batch_size=case["batch"])
     _, online = _run(learner, xs, ys, jax.jit(learner.step))
     reference = bptt_grads(_build(case), xs, ys)
-    nonzero = {k: v for k, v in reference.items()
-               if all(np.linalg.norm(np.asarray(u.get_mantissa(x))) > 0 for x in jax.tree.leaves(v, is_leaf=u.math.is_quantity))}
+    nonzero = {
+        k: v
+        for k, v in reference.items()
+        if all(
+            np.linalg.norm(np.asarray(u.get_mantissa(x))) > 0 for x in jax.tree.leaves(v, is_leaf=u.math.is_quantity)
+        )
+    }
     assert_matches({k: online[k] for k in nonzero}, nonzero, RTOL_EXACT)
 
 
@@ -90,10 +112,14 @@ def test_jit_equals_eager_and_es_state_is_linear_in_neurons(case, algorithm):
     learner = fusetrace.compile(_build(case), xs[0], loss=_loss, algorithm=algorithm, batch_size=case["batch"])
     state_eager, eager = _run(learner, xs, ys, learner.step)
     state_jit, jitted = _run(learner, xs, ys, jax.jit(learner.step))
-    for a, b in zip(jax.tree.leaves((state_eager, eager), is_leaf=u.math.is_quantity),
-                    jax.tree.leaves((state_jit, jitted), is_leaf=u.math.is_quantity), strict=True):
-        np.testing.assert_allclose(np.asarray(u.get_mantissa(a)), np.asarray(u.get_mantissa(b)), rtol=RTOL_F64,
-                                   atol=1e-13)
+    for a, b in zip(
+        jax.tree.leaves((state_eager, eager), is_leaf=u.math.is_quantity),
+        jax.tree.leaves((state_jit, jitted), is_leaf=u.math.is_quantity),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            np.asarray(u.get_mantissa(a)), np.asarray(u.get_mantissa(b)), rtol=RTOL_F64, atol=1e-13
+        )
     if algorithm == "es_d_rtrl":
         # O(B·(I + N·S)) per relation: input -> {V, g} (S = 2), plus the leaky readout's own relation
         # (pre n, S = 1) and its cross-group credit (n); never n_pre × n_post

@@ -34,7 +34,7 @@ def _data(batch, seed=1):
     rng = np.random.default_rng(seed)
     shape = (STEPS, batch, N_IN) if batch else (STEPS, N_IN)
     xs = jnp.asarray((rng.random(shape) < 0.6).astype(np.float64))
-    ys = jnp.asarray(rng.normal(size=shape[:-1] + (N_OUT,)))
+    ys = jnp.asarray(rng.normal(size=(*shape[:-1], N_OUT)))
     return xs, ys
 
 
@@ -75,6 +75,7 @@ def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent):
     batch = 2
     xs, ys = _data(batch, seed=3)
     online = online_grads(_model(batch, "linear", recurrent=recurrent), xs, ys, "es_d_rtrl", batch, decay=alpha)
-    reference = ref.es_d_rtrl_naive(_model(batch, "linear", recurrent=recurrent), xs, ys, _loss, alpha,
-                                    batch_size=batch)
+    reference = ref.es_d_rtrl_naive(
+        _model(batch, "linear", recurrent=recurrent), xs, ys, _loss, alpha, batch_size=batch
+    )
     assert_matches(online, reference, RTOL_ES)

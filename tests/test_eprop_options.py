@@ -8,15 +8,15 @@ is exact):
   one-step-loss problems `L_T` evaluated on truncated histories.
 """
 
-import braintools
+import brainpy.state as bps
 import brainstate
+import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import brainpy.state as bps
 import fusetrace
 import references as ref
 from test_compile_exact import RTOL_EXACT, _flat, assert_matches, bptt_grads
@@ -48,12 +48,15 @@ class FeedbackLeaky(bps.LeakyRateReadout):
 class Layer(brainstate.nn.Module):
     def __init__(self, readout, twin=False):
         super().__init__()
-        self.neuron = bps.LIF(N, V_th=1.0 * u.mV, tau=5.0 * u.ms,
-                              V_initializer=braintools.init.Normal(0.5 * u.mV, 0.3 * u.mV))
+        self.neuron = bps.LIF(
+            N, V_th=1.0 * u.mV, tau=5.0 * u.ms, V_initializer=braintools.init.Normal(0.5 * u.mV, 0.3 * u.mV)
+        )
         self.proj = bps.AlignPostProj(
             comm=brainstate.nn.Linear(N_IN, N, w_init=braintools.init.KaimingNormal(scale=3.0, unit=u.mA), b_init=None),
             syn=bps.Expon.desc(N, tau=3.0 * u.ms, g_initializer=braintools.init.Constant(0.0 * u.mA)),
-            out=bps.CUBA.desc(scale=1.0), post=self.neuron)
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.neuron,
+        )
         if readout == "leaky":
             self.out = (FeedbackLeaky if twin else bps.LeakyRateReadout)(N, N_OUT, tau=4.0 * u.ms)
         else:
@@ -98,15 +101,17 @@ def _online(learner, xs, ys):
 @pytest.mark.parametrize("readout", ["linear", "leaky"])
 def test_random_feedback_equals_bptt_of_the_feedback_twin(readout):
     xs, ys = _data()
-    learner = fusetrace.compile(_build(readout), xs[0], loss=_loss, algorithm="e_prop", batch_size=BATCH,
-                                feedback="random", feedback_seed=3)
+    learner = fusetrace.compile(
+        _build(readout), xs[0], loss=_loss, algorithm="e_prop", batch_size=BATCH, feedback="random", feedback_seed=3
+    )
     (matrix,) = learner.plan.feedback.values()  # the fixed B the learner drew (a parameter of the method)
     twin = _build(readout, twin=True)
     twin.out.feedback = matrix
     online, reference = _online(learner, xs, ys), bptt_grads(twin, xs, ys)
     assert_matches(online, reference, RTOL_EXACT)
-    symmetric = _online(fusetrace.compile(_build(readout), xs[0], loss=_loss, algorithm="e_prop", batch_size=BATCH),
-                        xs, ys)
+    symmetric = _online(
+        fusetrace.compile(_build(readout), xs[0], loss=_loss, algorithm="e_prop", batch_size=BATCH), xs, ys
+    )
     hidden = "proj.comm.weight"
     assert not np.allclose(_flat(online[hidden])[0], _flat(symmetric[hidden])[0])
 
@@ -128,8 +133,9 @@ def test_kappa_filters_the_trace():
     def loss_at_last(output, target):
         return jnp.where(target[1] == last, _loss(output, target[0]), 0.0)
 
-    learner = fusetrace.compile(build(), xs[0], loss=loss_at_last, algorithm="e_prop", example_target=targets[0],
-                                kappa=kappa)
+    learner = fusetrace.compile(
+        build(), xs[0], loss=loss_at_last, algorithm="e_prop", example_target=targets[0], kappa=kappa
+    )
     state, total = learner.init(), None
     for x, target in zip(xs, targets, strict=True):
         state, res = learner.step(learner.params, state, x, target)
@@ -146,6 +152,7 @@ def test_kappa_filters_the_trace():
             for t in range(s + 1):
                 _, h, o = step_fn(p, h, o, xs[t])
             return h
+
         return jax.jacfwd(rollout)(params[path]["weight"])
 
     h, o = hidden, others
@@ -157,14 +164,16 @@ def test_kappa_filters_the_trace():
     names = [ref.path_of(model, st) for st in read_states]
 
     def readout_loss(h_new):
-        values = [h_new[n] * st.value.unit if n in h_new and u.math.is_quantity(st.value) else
-                  (h_new[n] if n in h_new else st.value) for n, st in zip(names, read_states, strict=True)]
+        values = [
+            h_new[n] * st.value.unit if n in h_new and u.math.is_quantity(st.value) else (h_new.get(n, st.value))
+            for n, st in zip(names, read_states, strict=True)
+        ]
         return _loss(u.get_mantissa(readout.jaxpr_call(values)[1]), ys[last])
 
     delta = jax.grad(readout_loss)(h)
     expected = 0.0
     for k in range(STEPS):
         eps = sensitivity(last - k)
-        expected = expected + kappa ** k * sum(jnp.tensordot(delta[n], eps[n], axes=delta[n].ndim) for n in delta)
+        expected = expected + kappa**k * sum(jnp.tensordot(delta[n], eps[n], axes=delta[n].ndim) for n in delta)
     got = _flat(total[path])[0]
     np.testing.assert_allclose(got, np.asarray(expected), rtol=RTOL_EXACT, atol=1e-12)

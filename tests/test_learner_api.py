@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fusetrace
-from test_compile_exact import BATCH, N, N_IN, Layer, _build, _data, _loss
+from test_compile_exact import BATCH, N_IN, Layer, N, _build, _data, _loss
 
 RTOL_F64 = 1e-12  # same program evaluated two ways, float64
 
@@ -21,10 +21,12 @@ def _dt():
 
 
 def _allclose(a, b):
-    for x, y in zip(jax.tree.leaves(a, is_leaf=u.math.is_quantity), jax.tree.leaves(b, is_leaf=u.math.is_quantity),
-                    strict=True):
-        np.testing.assert_allclose(np.asarray(u.get_mantissa(x)), np.asarray(u.get_mantissa(y)), rtol=RTOL_F64,
-                                   atol=1e-14)
+    for x, y in zip(
+        jax.tree.leaves(a, is_leaf=u.math.is_quantity), jax.tree.leaves(b, is_leaf=u.math.is_quantity), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(u.get_mantissa(x)), np.asarray(u.get_mantissa(y)), rtol=RTOL_F64, atol=1e-14
+        )
 
 
 def test_jit_equals_eager_and_traces_once():
@@ -43,8 +45,9 @@ def test_jit_equals_eager_and_traces_once():
 
 def test_forward_output_equals_the_model_simulation():
     xs, ys = _data(BATCH)
-    learner = fusetrace.compile(_build("alif", "leaky", BATCH), xs[0], loss=_loss, algorithm="es_d_rtrl",
-                                batch_size=BATCH)
+    learner = fusetrace.compile(
+        _build("alif", "leaky", BATCH), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH
+    )
     twin = _build("alif", "leaky", BATCH)
     state = learner.init()
     for x, y in zip(xs, ys, strict=True):
@@ -54,14 +57,16 @@ def test_forward_output_equals_the_model_simulation():
 
 def test_scan_and_vmap_equal_a_python_loop():
     xs, ys = _data(BATCH)
-    learner = fusetrace.compile(_build("cuba", "linear", BATCH), xs[0], loss=_loss, algorithm="d_rtrl",
-                                batch_size=BATCH)
+    learner = fusetrace.compile(
+        _build("cuba", "linear", BATCH), xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH
+    )
     params = learner.params
 
     def run(xs, ys):
         def body(state, inputs):
             state, res = learner.step(params, state, *inputs)
             return state, res.grads
+
         _, grads = jax.lax.scan(body, learner.init(), (xs, ys))
         return jax.tree.map(lambda g: g.sum(0), grads, is_leaf=u.math.is_quantity)
 
@@ -76,8 +81,8 @@ def test_scan_and_vmap_equal_a_python_loop():
     many_y = jnp.stack([ys, -ys])
     batched = jax.vmap(run)(many_x, many_y)
     for index in range(2):
-        _allclose(jax.tree.map(lambda g: g[index], batched, is_leaf=u.math.is_quantity),
-                  run(many_x[index], many_y[index]))
+        one = jax.tree.map(lambda g, i=index: g[i], batched, is_leaf=u.math.is_quantity)
+        _allclose(one, run(many_x[index], many_y[index]))
 
 
 def test_params_grads_and_init_mirror_the_model():
@@ -87,34 +92,37 @@ def test_params_grads_and_init_mirror_the_model():
     xs, ys = _data(BATCH)
     learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH)
     assert set(learner.params) == set(expected_params)
-    assert jax.tree.structure(learner.params, is_leaf=u.math.is_quantity) == \
-        jax.tree.structure(expected_params, is_leaf=u.math.is_quantity)
+    assert jax.tree.structure(learner.params, is_leaf=u.math.is_quantity) == jax.tree.structure(
+        expected_params, is_leaf=u.math.is_quantity
+    )
     state = learner.init()
     for path, value in expected_hidden.items():
         _allclose(state["model"][path], value)
     _, res = learner.step(learner.params, state, xs[0], ys[0])
     for path, value in expected_params.items():
-        for g, p in zip(jax.tree.leaves(res.grads[path], is_leaf=u.math.is_quantity),
-                        jax.tree.leaves(value, is_leaf=u.math.is_quantity), strict=True):
+        for g, p in zip(
+            jax.tree.leaves(res.grads[path], is_leaf=u.math.is_quantity),
+            jax.tree.leaves(value, is_leaf=u.math.is_quantity),
+            strict=True,
+        ):
             assert np.shape(g) == np.shape(p) and u.get_unit(g) == u.get_unit(p)
             assert jnp.asarray(u.get_mantissa(g)).dtype == jnp.asarray(u.get_mantissa(p)).dtype
 
 
 def test_es_d_rtrl_state_holds_no_pre_by_post_array():
     xs, _ = _data(BATCH)
-    learner = fusetrace.compile(_build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="es_d_rtrl",
-                                batch_size=BATCH)
+    learner = fusetrace.compile(
+        _build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH
+    )
     for leaf in jax.tree.leaves(learner.init()["traces"]):
         assert not (N_IN in leaf.shape and N in leaf.shape), f"trace of shape {leaf.shape} is n_pre x n_post"
-    d_rtrl = fusetrace.compile(_build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="d_rtrl",
-                               batch_size=BATCH)
+    d_rtrl = fusetrace.compile(_build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH)
     assert any(N_IN in leaf.shape and N in leaf.shape for leaf in jax.tree.leaves(d_rtrl.init()["traces"]))
 
 
 def test_fused_jaxpr_is_one_program_with_the_dynamics_inside():
     xs, _ = _data(BATCH)
-    learner = fusetrace.compile(_build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="d_rtrl",
-                                batch_size=BATCH)
+    learner = fusetrace.compile(_build("cuba", "leaky", BATCH), xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH)
     closed = learner.fused_jaxpr
     names = {eqn.primitive.name for eqn in closed.jaxpr.eqns}
     assert "heaviside_surrogate_gradient" in names  # the dynamics
@@ -127,7 +135,7 @@ def test_online_decorator_keeps_simulation_and_builds_the_same_learner():
     model = Decorated("cuba", "leaky")
     brainstate.nn.init_all_states(model, batch_size=BATCH)
     twin = _build("cuba", "leaky", BATCH)
-    xs, ys = _data(BATCH)
+    xs, _ys = _data(BATCH)
     np.testing.assert_allclose(np.asarray(model.update(xs[0])), np.asarray(twin.update(xs[0])))
     brainstate.random.seed(0)
     model = Decorated("cuba", "leaky")

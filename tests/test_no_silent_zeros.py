@@ -17,8 +17,16 @@ import fusetrace
 import zoo
 
 STEPS = 6
-MODELS = ["two_layer", "rsnn", "ei_net", "ei_net_sparse", "align_pre", "leaky_readout", "linear_readout",
-          "fixed_prob_scalar"]
+MODELS = [
+    "two_layer",
+    "rsnn",
+    "ei_net",
+    "ei_net_sparse",
+    "align_pre",
+    "leaky_readout",
+    "linear_readout",
+    "fixed_prob_scalar",
+]
 ALGORITHMS = ["d_rtrl", "es_d_rtrl", "e_prop"]
 ZERO = 1e-12  # below this a float64 gradient norm counts as zero
 
@@ -34,7 +42,9 @@ def _sequence(inputs):
 
 
 def _norms(tree):
-    return [float(np.linalg.norm(np.asarray(u.get_mantissa(x)))) for x in jax.tree.leaves(tree, is_leaf=u.math.is_quantity)]
+    return [
+        float(np.linalg.norm(np.asarray(u.get_mantissa(x)))) for x in jax.tree.leaves(tree, is_leaf=u.math.is_quantity)
+    ]
 
 
 def _bptt(model, xs, target):
@@ -65,4 +75,5 @@ def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
             if bptt_norm > ZERO and online_norm <= ZERO:
                 explanation = learner.explain(path)
                 assert algorithm in explanation or "excluded" in explanation, (
-                    f"{path}: BPTT {bptt_norm:.3g}, {algorithm} gives zero with no diagnostic:\n{explanation}")
+                    f"{path}: BPTT {bptt_norm:.3g}, {algorithm} gives zero with no diagnostic:\n{explanation}"
+                )

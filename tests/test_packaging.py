@@ -20,15 +20,23 @@ def test_editable_install_maps_passes_into_the_package():
 
 @pytest.mark.slow
 def test_wheel_contains_and_imports_passes(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)], check=True
+    )
     (wheel,) = tmp_path.glob("fusetrace-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("simplify", "hidden", "relations", "derive", "fuse"):
         assert f"fusetrace/passes/{module}.py" in names
     extracted = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(extracted)
-    code = ("import pathlib, fusetrace.passes.fuse as f; "
-            f"assert pathlib.Path(f.__file__).resolve().is_relative_to(pathlib.Path({str(extracted)!r}).resolve()), f.__file__")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
-                   env={"PYTHONPATH": str(extracted), "PATH": "/usr/bin:/bin"})
+    root = repr(str(extracted))
+    code = (
+        "import pathlib, fusetrace.passes.fuse as f; "
+        f"assert pathlib.Path(f.__file__).resolve().is_relative_to(pathlib.Path({root}).resolve()), f.__file__"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(extracted), "PATH": "/usr/bin:/bin"},
+    )

@@ -81,8 +81,10 @@ def test_functional_step_matches_model_update(batch_size, readout):
         if key in hidden:
             np.testing.assert_array_equal(hidden[key], u.get_mantissa(state.value))
     # the references leave the model itself untouched
-    np.testing.assert_array_equal(model.N.V.value.mantissa, build_recurrent_lif(
-        N_IN, N_REC, N_OUT, batch_size=batch_size, readout=readout).N.V.value.mantissa)
+    np.testing.assert_array_equal(
+        model.N.V.value.mantissa,
+        build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=batch_size, readout=readout).N.V.value.mantissa,
+    )
 
 
 @pytest.mark.parametrize("readout", ["leaky", "linear"])
@@ -103,8 +105,9 @@ def test_bptt_matches_central_finite_differences(readout):
         return loss
 
     basis = jnp.eye(theta.size)
-    finite_diff = np.array([(total_loss(theta + EPS_FD * e) - total_loss(theta - EPS_FD * e)) / (2 * EPS_FD)
-                            for e in basis])
+    finite_diff = np.array(
+        [(total_loss(theta + EPS_FD * e) - total_loss(theta - EPS_FD * e)) / (2 * EPS_FD) for e in basis]
+    )
     grads = flat(bptt_grads(model, xs, targets, squared_error))
     assert np.linalg.norm(grads) > 0
     np.testing.assert_allclose(grads, finite_diff, rtol=RTOL_FD, atol=RTOL_FD * np.abs(grads).max())

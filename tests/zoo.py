@@ -27,15 +27,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import brainevent
+import brainpy  # noqa: F401  (brainpy.state lives inside brainpy >= 2.9)
+import brainpy.state as bps
 import brainstate
 import braintools
 import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import brainpy  # noqa: F401  (brainpy.state lives inside brainpy >= 2.9)
-import brainpy.state as bps
 
 try:
     import numba  # noqa: F401
@@ -69,7 +68,7 @@ def leaf_of(model: brainstate.nn.Module, state: brainstate.State, key: str | Non
 
 def state_paths(model: brainstate.nn.Module) -> list[str]:
     """Every state path of `model`, in `model.states()` order."""
-    return [".".join(map(str, key)) for key in model.states().keys()]
+    return [".".join(map(str, key)) for key in model.states()]
 
 
 def hidden_paths(model: brainstate.nn.Module) -> list[str]:
@@ -222,8 +221,13 @@ def _dense(n_pre: int, n_post: int, unit=u.mA, scale: float = 2.0):
 
 def _lif(n: int, tau=10.0 * u.ms, **kw):
     return bps.LIF(
-        n, tau=tau, V_th=1.0 * u.mV, V_reset=0.0 * u.mV, V_rest=0.0 * u.mV,
-        V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV), **kw,
+        n,
+        tau=tau,
+        V_th=1.0 * u.mV,
+        V_reset=0.0 * u.mV,
+        V_rest=0.0 * u.mV,
+        V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV),
+        **kw,
     )
 
 
@@ -238,7 +242,9 @@ class LifCuba(brainstate.nn.Module):
         self.N = _lif(n, tau=tau)
         self.inp = bps.AlignPostProj(
             comm=_dense(n_in, n) if comm is None else comm,
-            syn=_current_syn(n, tau_syn), out=bps.CUBA.desc(scale=1.0), post=self.N,
+            syn=_current_syn(n, tau_syn),
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.N,
         )
 
     def update(self, x):
@@ -253,7 +259,8 @@ def lif_cuba(batch_size=None, n_in=6, n=10, tau=10.0 * u.ms, seed=0, init=True) 
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.inp.syn.g], n)],
             [Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in)],
         )
 
@@ -268,7 +275,9 @@ class LifCoba(brainstate.nn.Module):
         self.N = _lif(n, tau=tau)
         self.inp = bps.AlignPostProj(
             comm=_dense(n_in, n, unit=u.mS, scale=0.5),
-            syn=bps.Expon.desc(n, tau=5.0 * u.ms), out=bps.COBA.desc(E=5.0 * u.mV), post=self.N,
+            syn=bps.Expon.desc(n, tau=5.0 * u.ms),
+            out=bps.COBA.desc(E=5.0 * u.mV),
+            post=self.N,
         )
 
     def update(self, x):
@@ -283,7 +292,8 @@ def lif_coba(batch_size=None, n_in=6, n=10, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.inp.syn.g], n)],
             [Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in)],
         )
 
@@ -305,7 +315,11 @@ class EINet(brainstate.nn.Module):
         self.n_in, self.n_exc, self.n_inh, self.n_out = n_in, n_exc, n_inh, n_out
         self.num = n_exc + n_inh
         self.N = bps.LIF(
-            self.num, V_rest=-60.0 * u.mV, V_th=-50.0 * u.mV, V_reset=-60.0 * u.mV, tau=20.0 * u.ms,
+            self.num,
+            V_rest=-60.0 * u.mV,
+            V_th=-50.0 * u.mV,
+            V_reset=-60.0 * u.mV,
+            tau=20.0 * u.ms,
             V_initializer=HostRandom("normal", -55.0, 2.0, u.mV),
         )
 
@@ -319,25 +333,29 @@ class EINet(brainstate.nn.Module):
             raise ValueError(conn)
 
         self.E = bps.AlignPostProj(
-            comm=comm(n_exc, self.num, 0.6 * u.mS), syn=bps.Expon.desc(self.num, tau=5.0 * u.ms),
-            out=bps.COBA.desc(E=0.0 * u.mV), post=self.N,
+            comm=comm(n_exc, self.num, 0.6 * u.mS),
+            syn=bps.Expon.desc(self.num, tau=5.0 * u.ms),
+            out=bps.COBA.desc(E=0.0 * u.mV),
+            post=self.N,
         )
         self.I = bps.AlignPostProj(
-            comm=comm(n_inh, self.num, 6.7 * u.mS), syn=bps.Expon.desc(self.num, tau=10.0 * u.ms),
-            out=bps.COBA.desc(E=-80.0 * u.mV), post=self.N,
+            comm=comm(n_inh, self.num, 6.7 * u.mS),
+            syn=bps.Expon.desc(self.num, tau=10.0 * u.ms),
+            out=bps.COBA.desc(E=-80.0 * u.mV),
+            post=self.N,
         )
         self.inp = bps.AlignPostProj(
-            comm=brainstate.nn.Linear(
-                n_in, self.num, w_init=_kaiming(n_in, 5.0, u.mA), b_init=None
-            ),
-            syn=_current_syn(self.num), out=bps.CUBA.desc(scale=1.0), post=self.N,
+            comm=brainstate.nn.Linear(n_in, self.num, w_init=_kaiming(n_in, 5.0, u.mA), b_init=None),
+            syn=_current_syn(self.num),
+            out=bps.CUBA.desc(scale=1.0),
+            post=self.N,
         )
         self.out = bps.LeakyRateReadout(self.num, n_out, tau=10.0 * u.ms, w_init=_kaiming(self.num))
 
     def update(self, x_spk, i_ext=20.0 * u.mA):
         spk = self.N.get_spike()
         self.E(spk[..., : self.n_exc])
-        self.I(spk[..., self.n_exc:])
+        self.I(spk[..., self.n_exc :])
         self.inp(x_spk)
         new_spk = self.N(i_ext)
         return self.out(new_spk), new_spk
@@ -405,18 +423,23 @@ class EIMerged(brainstate.nn.Module):
         def exc_out():
             return bps.COBA.desc(E=5.0 * u.mV)
 
-        self.E = bps.AlignPostProj(comm=_dense(n_exc, num, unit=u.mS, scale=0.5), syn=exc_syn(),
-                                   out=exc_out(), post=self.N)
-        self.inp = bps.AlignPostProj(comm=_dense(n_in, num, unit=u.mS, scale=0.5), syn=exc_syn(),
-                                     out=exc_out(), post=self.N)
-        self.I = bps.AlignPostProj(comm=_dense(n_inh, num, unit=u.mS, scale=0.5),
-                                   syn=bps.Expon.desc(num, tau=10.0 * u.ms),
-                                   out=bps.COBA.desc(E=-1.0 * u.mV), post=self.N)
+        self.E = bps.AlignPostProj(
+            comm=_dense(n_exc, num, unit=u.mS, scale=0.5), syn=exc_syn(), out=exc_out(), post=self.N
+        )
+        self.inp = bps.AlignPostProj(
+            comm=_dense(n_in, num, unit=u.mS, scale=0.5), syn=exc_syn(), out=exc_out(), post=self.N
+        )
+        self.I = bps.AlignPostProj(
+            comm=_dense(n_inh, num, unit=u.mS, scale=0.5),
+            syn=bps.Expon.desc(num, tau=10.0 * u.ms),
+            out=bps.COBA.desc(E=-1.0 * u.mV),
+            post=self.N,
+        )
 
     def update(self, x):
         spk = self.N.get_spike()
         self.E(spk[..., : self.n_exc])
-        self.I(spk[..., self.n_exc:])
+        self.I(spk[..., self.n_exc :])
         self.inp(x)
         return self.N()
 
@@ -450,10 +473,12 @@ class AlifCuba(brainstate.nn.Module):
 
     def __init__(self, n_in=6, n=10):
         super().__init__()
-        self.N = bps.ALIF(n, tau=10.0 * u.ms, tau_a=50.0 * u.ms, beta=0.2 * u.mV,
-                          V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV))
-        self.inp = bps.AlignPostProj(comm=_dense(n_in, n), syn=_current_syn(n), out=bps.CUBA.desc(scale=1.0),
-                                     post=self.N)
+        self.N = bps.ALIF(
+            n, tau=10.0 * u.ms, tau_a=50.0 * u.ms, beta=0.2 * u.mV, V_initializer=HostRandom("uniform", 0.0, 1.0, u.mV)
+        )
+        self.inp = bps.AlignPostProj(
+            comm=_dense(n_in, n), syn=_current_syn(n), out=bps.CUBA.desc(scale=1.0), post=self.N
+        )
 
     def update(self, x):
         self.inp(x)
@@ -467,7 +492,8 @@ def alif(batch_size=None, n_in=6, n=10, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.N.a, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.N.a, m.inp.syn.g], n)],
             [Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in)],
         )
 
@@ -483,7 +509,8 @@ class LifDualExpon(brainstate.nn.Module):
         self.inp = bps.AlignPostProj(
             comm=_dense(n_in, n, unit=u.mS, scale=0.5),
             syn=bps.DualExpon.desc(n, tau_decay=10.0 * u.ms, tau_rise=1.0 * u.ms),
-            out=bps.COBA.desc(E=5.0 * u.mV), post=self.N,
+            out=bps.COBA.desc(E=5.0 * u.mV),
+            post=self.N,
         )
 
     def update(self, x):
@@ -498,7 +525,8 @@ def dual_expon(batch_size=None, n_in=6, n=10, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.inp.syn.g_rise, m.inp.syn.g_decay], n)],
+            m,
+            [([m.N.V, m.inp.syn.g_rise, m.inp.syn.g_decay], n)],
             [Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in)],
         )
 
@@ -514,10 +542,12 @@ class RSNN(brainstate.nn.Module):
     def __init__(self, n_in=6, n=10, tau=10.0 * u.ms):
         super().__init__()
         self.N = _lif(n, tau=tau)
-        self.rec = bps.AlignPostProj(comm=_dense(n, n, scale=1.0), syn=_current_syn(n, 10.0 * u.ms),
-                                     out=bps.CUBA.desc(scale=1.0), post=self.N)
-        self.inp = bps.AlignPostProj(comm=_dense(n_in, n), syn=_current_syn(n, 5.0 * u.ms),
-                                     out=bps.CUBA.desc(scale=1.0), post=self.N)
+        self.rec = bps.AlignPostProj(
+            comm=_dense(n, n, scale=1.0), syn=_current_syn(n, 10.0 * u.ms), out=bps.CUBA.desc(scale=1.0), post=self.N
+        )
+        self.inp = bps.AlignPostProj(
+            comm=_dense(n_in, n), syn=_current_syn(n, 5.0 * u.ms), out=bps.CUBA.desc(scale=1.0), post=self.N
+        )
 
     def update(self, x):
         self.rec(self.N.get_spike())
@@ -532,7 +562,8 @@ def rsnn(batch_size=None, n_in=6, n=10, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.rec.syn.g, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.rec.syn.g, m.inp.syn.g], n)],
             [
                 Rel(leaf_of(m, m.rec.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n),
                 Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in),
@@ -549,10 +580,12 @@ class TwoLayer(brainstate.nn.Module):
         super().__init__()
         self.N1 = _lif(n1)
         self.N2 = _lif(n2)
-        self.in1 = bps.AlignPostProj(comm=_dense(n_in, n1), syn=_current_syn(n1),
-                                     out=bps.CUBA.desc(scale=1.0), post=self.N1)
-        self.in2 = bps.AlignPostProj(comm=_dense(n1, n2), syn=_current_syn(n2),
-                                     out=bps.CUBA.desc(scale=1.0), post=self.N2)
+        self.in1 = bps.AlignPostProj(
+            comm=_dense(n_in, n1), syn=_current_syn(n1), out=bps.CUBA.desc(scale=1.0), post=self.N1
+        )
+        self.in2 = bps.AlignPostProj(
+            comm=_dense(n1, n2), syn=_current_syn(n2), out=bps.CUBA.desc(scale=1.0), post=self.N2
+        )
 
     def update(self, x):
         self.in1(x)
@@ -568,7 +601,8 @@ def two_layer(batch_size=None, n_in=6, n1=10, n2=5, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N1.V, m.in1.syn.g], n1), ([m.N2.V, m.in2.syn.g], n2)],
+            m,
+            [([m.N1.V, m.in1.syn.g], n1), ([m.N2.V, m.in2.syn.g], n2)],
             [
                 Rel(leaf_of(m, m.in1.comm.weight, "weight"), m.N1.V, DOT, TRACED, n_pre=n_in),
                 Rel(leaf_of(m, m.in2.comm.weight, "weight"), m.N2.V, DOT, TRACED, n_pre=n1),
@@ -593,8 +627,9 @@ class LeakyReadoutNet(brainstate.nn.Module):
         return self.out(self.hidden(x))
 
 
-def leaky_readout(batch_size=None, n_in=6, n=10, n_out=3, tau=10.0 * u.ms, tau_out=10.0 * u.ms, seed=0,
-                  init=True) -> Case:
+def leaky_readout(
+    batch_size=None, n_in=6, n=10, n_out=3, tau=10.0 * u.ms, tau_out=10.0 * u.ms, seed=0, init=True
+) -> Case:
     """Groups {V, g} and {r}; the readout weight is traced onto r's group (r is hidden)."""
     _begin(seed)
     model = LeakyReadoutNet(n_in, n, n_out, tau=tau, tau_out=tau_out)
@@ -602,7 +637,8 @@ def leaky_readout(batch_size=None, n_in=6, n=10, n_out=3, tau=10.0 * u.ms, tau_o
     def expected(m):
         h = m.hidden
         return expect(
-            m, [([h.N.V, h.inp.syn.g], n), ([m.out.r], n_out)],
+            m,
+            [([h.N.V, h.inp.syn.g], n), ([m.out.r], n_out)],
             [
                 Rel(leaf_of(m, h.inp.comm.weight, "weight"), h.N.V, DOT, TRACED, n_pre=n_in),
                 Rel(leaf_of(m, m.out.weight), m.out.r, DOT, TRACED, n_pre=n),
@@ -633,7 +669,8 @@ def linear_readout(batch_size=None, n_in=6, n=10, n_out=3, seed=0, init=True) ->
     def expected(m):
         h = m.hidden
         return expect(
-            m, [([h.N.V, h.inp.syn.g], n)],
+            m,
+            [([h.N.V, h.inp.syn.g], n)],
             [
                 Rel(leaf_of(m, h.inp.comm.weight, "weight"), h.N.V, DOT, TRACED, n_pre=n_in),
                 Rel(leaf_of(m, m.fc.weight, "weight"), None, DOT, INSTANTANEOUS),
@@ -651,16 +688,15 @@ def fixed_prob(batch_size=None, weight="array", n_in=8, n=12, seed=0, init=True)
     """`EventFixedProb` (4 targets per pre) into LIF + Expon. `weight='array'`: per-synapse weights from
     an initializer, shape (n_in, conn_num); `'scalar'`: one homogeneous weight of shape ()."""
     _begin(seed)
-    conn_weight = (
-        HostRandom("normal", 0.5, 0.1, u.mA) if weight == "array" else 0.5 * u.mA
-    )
+    conn_weight = HostRandom("normal", 0.5, 0.1, u.mA) if weight == "array" else 0.5 * u.mA
     comm = brainstate.nn.EventFixedProb(n_in, n, conn_num=4, conn_weight=conn_weight, seed=seed)
     model = LifCuba(n_in, n, comm=comm)
     op = _comm_op("sparse", batch_size)
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.inp.syn.g], n)],
             [Rel(leaf_of(m, m.inp.comm.weight), m.N.V, op, TRACED, n_pre=n_in)],
         )
 
@@ -677,7 +713,8 @@ def event_linear(batch_size=None, n_in=8, n=12, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.N.V, m.inp.syn.g], n)],
+            m,
+            [([m.N.V, m.inp.syn.g], n)],
             [Rel(leaf_of(m, m.inp.comm.weight), m.N.V, op, TRACED, n_pre=n_in)],
         )
 
@@ -696,8 +733,7 @@ class AlignPreNet(brainstate.nn.Module):
         super().__init__()
         self.pre_syn = bps.Expon(n_pre, tau=5.0 * u.ms, g_initializer=braintools.init.Constant(0.0))
         self.N = _lif(n_post)
-        self.proj = bps.CurrentProj(comm=_dense(n_pre, n_post, scale=5.0), out=bps.CUBA(scale=1.0),
-                                    post=self.N)
+        self.proj = bps.CurrentProj(comm=_dense(n_pre, n_post, scale=5.0), out=bps.CUBA(scale=1.0), post=self.N)
 
     def update(self, x):
         self.proj(self.pre_syn(x))
@@ -712,7 +748,8 @@ def align_pre(batch_size=None, n_pre=6, n_post=10, seed=0, init=True) -> Case:
 
     def expected(m):
         return expect(
-            m, [([m.pre_syn.g], n_pre), ([m.N.V], n_post)],
+            m,
+            [([m.pre_syn.g], n_pre), ([m.N.V], n_post)],
             [Rel(leaf_of(m, m.proj.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_pre)],
         )
 

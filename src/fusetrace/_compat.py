@@ -1,10 +1,10 @@
 """Every `jax._src` import and every version switch lives here, and nothing else does."""
 
 import jax
-import jax.extend  # noqa: F401  (a submodule: not loaded by `import jax`)
+import jax.extend
 from jax._src import core as _core  # noqa: F401
-from jax._src.ad_util import add_jaxvals_p as add_any_p
 from jax._src import source_info_util as _source_info_util
+from jax._src.ad_util import add_jaxvals_p as add_any_p
 from jax._src.custom_derivatives import custom_jvp_call_p, custom_vjp_call_p
 from jax._src.interpreters import partial_eval as _pe
 from jax._src.pjit import jit_p
@@ -18,8 +18,20 @@ JaxprEqn = jax.extend.core.JaxprEqn
 Primitive = jax.extend.core.Primitive
 
 __all__ = [
-    "ClosedJaxpr", "DropVar", "Jaxpr", "JaxprEqn", "Literal", "Primitive", "Var",
-    "add_any_p", "custom_jvp_call_p", "custom_vjp_call_p", "jit_p", "dce", "source_line", "new_closed_jaxpr",
+    "ClosedJaxpr",
+    "DropVar",
+    "Jaxpr",
+    "JaxprEqn",
+    "Literal",
+    "Primitive",
+    "Var",
+    "add_any_p",
+    "custom_jvp_call_p",
+    "custom_vjp_call_p",
+    "dce",
+    "jit_p",
+    "new_closed_jaxpr",
+    "source_line",
 ]
 
 

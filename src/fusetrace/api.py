@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from .analysis import Analysis
+from .capture import capture
 from .errors import CompileError, four_part
+from .graph import build_graph
 from .passes import derive
 from .passes.fuse import Plan, fused_step, init_traces, make_plan
-from .capture import capture
-from .graph import build_graph
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.simplify import simplify
@@ -49,8 +49,9 @@ def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
     facts = step_facts(captured)
     groups = find_groups(facts)
     relations = find_relations(facts, groups)
-    return Analysis(captured=captured, facts=facts, groups=groups, relations=relations,
-                    graph=build_graph(facts, groups, relations))
+    return Analysis(
+        captured=captured, facts=facts, groups=groups, relations=relations, graph=build_graph(facts, groups, relations)
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -98,8 +99,7 @@ class Learner(eqx.Module):
         """The initial state: the model's non-parameter states (as after `init_all_states`), zero traces
         and a step counter."""
         traces = init_traces(self.analysis, self.plan)
-        return {"model": dict(self.snapshot.model),
-                "traces": traces, "step": jnp.zeros((), jnp.int32)}
+        return {"model": dict(self.snapshot.model), "traces": traces, "step": jnp.zeros((), jnp.int32)}
 
     def step(self, params: dict, state: dict, x_t, target_t) -> tuple[dict, StepResult]:
         """Advance the network and its traces one step; return the new state and this step's result.
@@ -120,9 +120,13 @@ class Learner(eqx.Module):
             return u.get_mantissa(value)
 
         new_leaves, traces, outputs, loss, grads = fused_step(
-            self.analysis, self.plan, loss_of_outputs, weights, leaves, state["traces"], state["step"], inputs)
-        new_state = {"model": _states_from(captured, new_leaves, state["model"]), "traces": traces,
-                     "step": state["step"] + 1}
+            self.analysis, self.plan, loss_of_outputs, weights, leaves, state["traces"], state["step"], inputs
+        )
+        new_state = {
+            "model": _states_from(captured, new_leaves, state["model"]),
+            "traces": traces,
+            "step": state["step"] + 1,
+        }
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, _grads_like(captured, params, grads))
 
     @property
@@ -171,11 +175,14 @@ def _leaves_from(captured, params: dict, model: dict) -> list:
     for leaf in captured.leaves:
         source = params if leaf.role == "weight" else model
         if leaf.state_path not in source:
-            raise CompileError(four_part(
-                what=f"`{leaf.state_path}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
-                where="Learner.step(params, state, x_t, target_t)",
-                why="every state the step reads must be given",
-                fix="pass learner.params / learner.init() (or values of the same structure)"))
+            raise CompileError(
+                four_part(
+                    what=f"`{leaf.state_path}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
+                    where="Learner.step(params, state, x_t, target_t)",
+                    why="every state the step reads must be given",
+                    fix="pass learner.params / learner.init() (or values of the same structure)",
+                )
+            )
         leaves.append(_mantissa(_leaf_of(source[leaf.state_path], leaf.key), leaf.unit))
     return leaves
 
@@ -216,9 +223,18 @@ def _grads_like(captured, params: dict, grads: dict[int, Any]) -> dict:
     return _rebuild(captured, zeros, grads, roles=("weight",))
 
 
-def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algorithm: str = "es_d_rtrl",
-            batch_size: int | None = None, example_target=None, decay: float = 0.9,
-            kappa: float | None = None, feedback: str = "symmetric", feedback_seed: int = 0) -> Learner:
+def compile(
+    model: brainstate.nn.Module,
+    *example_inputs,
+    loss: Callable,
+    algorithm: str = "es_d_rtrl",
+    batch_size: int | None = None,
+    example_target=None,
+    decay: float = 0.9,
+    kappa: float | None = None,
+    feedback: str = "symmetric",
+    feedback_seed: int = 0,
+) -> Learner:
     """Compile `model` into a fused online learner.
 
     Arguments:
@@ -245,18 +261,29 @@ def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algori
         >>> state, res = learner.step(learner.params, state, x0, y0)          # doctest: +SKIP
     """
     if not callable(loss):
-        raise CompileError(four_part(what="`loss` is not callable", where="fusetrace.compile(..., loss=...)",
-                                     why="the learning signal is the gradient of loss(output, target)",
-                                     fix="pass a function loss(output, target) -> scalar"))
+        raise CompileError(
+            four_part(
+                what="`loss` is not callable",
+                where="fusetrace.compile(..., loss=...)",
+                why="the learning signal is the gradient of loss(output, target)",
+                fix="pass a function loss(output, target) -> scalar",
+            )
+        )
     if kappa is not None and algorithm != "e_prop":
-        raise CompileError(four_part(what=f"kappa is an e_prop option, not one of {algorithm}",
-                                     where="fusetrace.compile(..., kappa=...)",
-                                     why="only e_prop filters its trace", fix="drop kappa or use algorithm='e_prop'"))
+        raise CompileError(
+            four_part(
+                what=f"kappa is an e_prop option, not one of {algorithm}",
+                where="fusetrace.compile(..., kappa=...)",
+                why="only e_prop filters its trace",
+                fix="drop kappa or use algorithm='e_prop'",
+            )
+        )
     analysis = analyze(model, *example_inputs, batch_size=batch_size)
     captured = analysis.captured
     values = derive.forward(analysis, captured.strip_inputs(*example_inputs), captured.leaf_values())
-    plan = make_plan(analysis, algorithm, values, decay=decay, kappa=kappa, feedback=feedback,
-                     feedback_seed=feedback_seed)
+    plan = make_plan(
+        analysis, algorithm, values, decay=decay, kappa=kappa, feedback=feedback, feedback_seed=feedback_seed
+    )
     param_items = [(".".join(map(str, k)), s) for k, s in model.states(brainstate.ParamState).items()]
     params = {path: _strong(state.value) for path, state in param_items}
     model_states = {}
@@ -265,17 +292,24 @@ def compile(model: brainstate.nn.Module, *example_inputs, loss: Callable, algori
             model_states[leaf.state_path] = _strong(state.value)
     if example_target is None:
         example_target = jax.tree.map(jnp.zeros_like, captured.wrap_outputs(values.outputs), is_leaf=u.math.is_quantity)
-    return Learner(analysis=analysis, plan=plan, loss=loss, param_paths=tuple(params),
-                   snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target))
+    return Learner(
+        analysis=analysis,
+        plan=plan,
+        loss=loss,
+        param_paths=tuple(params),
+        snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target),
+    )
 
 
 def _strong(tree):
     """The same values without weak types, so the first step's output state has the input's types."""
+
     def strong(x):
         if u.math.is_quantity(x):
             return u.Quantity(strong(u.get_mantissa(x)), unit=u.get_unit(x))
         x = jnp.asarray(x)
         return jnp.asarray(x, dtype=x.dtype)
+
     return jax.tree.map(strong, tree, is_leaf=u.math.is_quantity)
 
 
@@ -297,13 +331,19 @@ def online(*, loss: Callable, algorithm: str = "es_d_rtrl", **options):
 
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, brainstate.nn.Module)):
-            raise CompileError(four_part(what=f"@fusetrace.online decorates {cls!r}", where="the decorator",
-                                         why="it needs a brainstate.nn.Module subclass",
-                                         fix="put it on the model class"))
+            raise CompileError(
+                four_part(
+                    what=f"@fusetrace.online decorates {cls!r}",
+                    where="the decorator",
+                    why="it needs a brainstate.nn.Module subclass",
+                    fix="put it on the model class",
+                )
+            )
 
         def learner(self, *example_inputs, batch_size: int | None = None, **more):
-            return compile(self, *example_inputs, loss=loss, algorithm=algorithm, batch_size=batch_size,
-                           **{**options, **more})
+            return compile(
+                self, *example_inputs, loss=loss, algorithm=algorithm, batch_size=batch_size, **{**options, **more}
+            )
 
         cls.learner = learner
         return cls

@@ -12,7 +12,8 @@ brainpy's inputs draw from is not in `model.states()`: it is captured with role 
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Literal as TypingLiteral
+from typing import Any
+from typing import Literal as TypingLiteral
 
 import brainevent
 import brainstate
@@ -107,21 +108,25 @@ class Captured:
     def strip_inputs(self, *inputs) -> list[jax.Array]:
         leaves, tree = jax.tree.flatten(inputs, is_leaf=u.math.is_quantity)
         if tree != self.in_tree:
-            raise CaptureError(four_part(
-                what="the inputs do not have the structure of the example inputs the model was compiled with",
-                where=f"got {tree}",
-                why=f"the compiled step expects {self.in_tree}",
-                fix="pass inputs with the same structure, or compile again with new example inputs",
-            ))
+            raise CaptureError(
+                four_part(
+                    what="the inputs do not have the structure of the example inputs the model was compiled with",
+                    where=f"got {tree}",
+                    why=f"the compiled step expects {self.in_tree}",
+                    fix="pass inputs with the same structure, or compile again with new example inputs",
+                )
+            )
         return [_mantissa_in(x, unit) for x, unit in zip(leaves, self.in_units, strict=True)]
 
     def wrap_outputs(self, leaves: Sequence[jax.Array]):
-        return jax.tree.unflatten(self.out_tree, [_wrap(x, unit) for x, unit in zip(leaves, self.out_units, strict=True)])
+        return jax.tree.unflatten(
+            self.out_tree, [_wrap(x, unit) for x, unit in zip(leaves, self.out_units, strict=True)]
+        )
 
     def step(self, input_leaves: Sequence[jax.Array], state_leaves: Sequence[jax.Array]):
         """The pure step on mantissas: `(output_leaves, new_state_leaves)`."""
         out = evaluate(self.jaxpr.jaxpr, self.jaxpr.consts, [*input_leaves, *state_leaves])
-        return out[: self.n_outputs], out[self.n_outputs:]
+        return out[: self.n_outputs], out[self.n_outputs :]
 
 
 def _unit_of(x):
@@ -165,12 +170,14 @@ def _path_of(state, known: list[tuple[brainstate.State, str]]) -> tuple[str, int
             return path, order
     if isinstance(state, brainstate.random.RandomState):
         return "<random>", len(known)
-    raise CaptureError(four_part(
-        what=f"the step uses a {type(state).__name__} that is not part of the model",
-        where=f"state with value of shape {jax.tree.map(np.shape, state.value)}",
-        why="fusetrace can only restore and return states it can name through model.states()",
-        fix="make the state an attribute of the model (or of one of its sub-modules)",
-    ))
+    raise CaptureError(
+        four_part(
+            what=f"the step uses a {type(state).__name__} that is not part of the model",
+            where=f"state with value of shape {jax.tree.map(np.shape, state.value)}",
+            why="fusetrace can only restore and return states it can name through model.states()",
+            fix="make the state an attribute of the model (or of one of its sub-modules)",
+        )
+    )
 
 
 def ensure_initialised(model: brainstate.nn.Module, batch_size: int | None) -> None:
@@ -206,12 +213,14 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         CaptureError: the step cannot be traced or uses a state outside the model.
     """
     if not isinstance(model, brainstate.nn.Module):
-        raise CaptureError(four_part(
-            what=f"expected a brainstate.nn.Module, got {type(model).__name__}",
-            where="fusetrace.capture(model, ...)",
-            why="fusetrace traces `model.update` and reads its states through model.states()",
-            fix="pass the network object (e.g. a brainpy.state model), not a function or its output",
-        ))
+        raise CaptureError(
+            four_part(
+                what=f"expected a brainstate.nn.Module, got {type(model).__name__}",
+                where="fusetrace.capture(model, ...)",
+                why="fusetrace traces `model.update` and reads its states through model.states()",
+                fix="pass the network object (e.g. a brainpy.state model), not a function or its output",
+            )
+        )
     ensure_initialised(model, batch_size)
     known = state_paths(model)
     in_leaves, in_tree = jax.tree.flatten(example_inputs, is_leaf=u.math.is_quantity)
@@ -230,31 +239,53 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
     try:
         function.make_jaxpr(*mantissa_inputs)
     except Exception as error:  # surface the model's own error with context
-        raise CaptureError(four_part(
-            what=f"tracing one step of {type(model).__name__} failed: {error}",
-            where="model.update(*example_inputs) under brainstate.transform.StatefulFunction",
-            why="the step must be traceable by JAX with the given example inputs",
-            fix="check the example inputs' shapes (batched inputs carry the batch axis first) and that "
+        raise CaptureError(
+            four_part(
+                what=f"tracing one step of {type(model).__name__} failed: {error}",
+                where="model.update(*example_inputs) under brainstate.transform.StatefulFunction",
+                why="the step must be traceable by JAX with the given example inputs",
+                fix="check the example inputs' shapes (batched inputs carry the batch axis first) and that "
                 "model.update runs eagerly with them",
-        )) from error
+            )
+        ) from error
     states = tuple(function.get_states(*mantissa_inputs))
     closed = function.get_jaxpr(*mantissa_inputs)
     leaves, leaf_state = [], []
     for index, state in enumerate(states):
         (path, order), role = _path_of(state, known), _role(state)
-        for key, value in zip(_leaf_keys(state.value), jax.tree.leaves(state.value, is_leaf=u.math.is_quantity),
-                              strict=True):
+        for key, value in zip(
+            _leaf_keys(state.value), jax.tree.leaves(state.value, is_leaf=u.math.is_quantity), strict=True
+        ):
             mantissa = u.get_mantissa(value)
-            batched = batch_size is not None and role in ("hidden", "short_term") and np.ndim(mantissa) >= 1 \
+            batched = (
+                batch_size is not None
+                and role in ("hidden", "short_term")
+                and np.ndim(mantissa) >= 1
                 and np.shape(mantissa)[0] == batch_size
-            leaves.append(StateLeaf(
-                path=".".join([path, *map(str, key)]), state_path=path, key=key, role=role,
-                shape=tuple(np.shape(mantissa)), dtype=jnp.asarray(mantissa).dtype, unit=_unit_of(value),
-                batch_axis=0 if batched else None, order=order,
-            ))
+            )
+            leaves.append(
+                StateLeaf(
+                    path=".".join([path, *map(str, key)]),
+                    state_path=path,
+                    key=key,
+                    role=role,
+                    shape=tuple(np.shape(mantissa)),
+                    dtype=jnp.asarray(mantissa).dtype,
+                    unit=_unit_of(value),
+                    batch_axis=0 if batched else None,
+                    order=order,
+                )
+            )
             leaf_state.append(index)
     out_tree, out_units = holder["out"]
     return Captured(
-        jaxpr=closed, leaves=tuple(leaves), states=states, leaf_state=tuple(leaf_state), in_tree=in_tree,
-        in_units=in_units, out_tree=out_tree, out_units=out_units, batch_size=batch_size,
+        jaxpr=closed,
+        leaves=tuple(leaves),
+        states=states,
+        leaf_state=tuple(leaf_state),
+        in_tree=in_tree,
+        in_units=in_units,
+        out_tree=out_tree,
+        out_units=out_units,
+        batch_size=batch_size,
     )

@@ -30,8 +30,9 @@ def summary(analysis) -> str:
         if relation.reason:
             lines.append(f"    reason: {relation.reason}")
     lines += ["", "trace memory:"]
-    lines.extend(f"  {name}: {analysis.trace_bytes(name)} bytes ({_bytes(analysis.trace_bytes(name))})"
-                 for name in ALGORITHMS)
+    lines.extend(
+        f"  {name}: {analysis.trace_bytes(name)} bytes ({_bytes(analysis.trace_bytes(name))})" for name in ALGORITHMS
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -67,8 +68,10 @@ def explain(analysis, path: str) -> str:
     if leaf.role == "hidden":
         group = analysis.group_of(path)
         feeding = [r for r in analysis.relations if r.group == group.name and r.status == "traced"]
-        lines = [f"`{path}` is a hidden state of group `{group.name}` ({group.n_states} states per neuron, "
-                 f"{group.n_neurons} neurons{', linear time-invariant' if group.lti else ''})."]
+        lines = [
+            f"`{path}` is a hidden state of group `{group.name}` ({group.n_states} states per neuron, "
+            f"{group.n_neurons} neurons{', linear time-invariant' if group.lti else ''})."
+        ]
         lines.append("Its group is fed by: " + (", ".join(r.weight for r in feeding) or "no traced weight") + ".")
         return "\n".join(lines) + "\n"
     if leaf.role == "weight":
@@ -77,8 +80,10 @@ def explain(analysis, path: str) -> str:
             target = f" into group `{relation.group}`" if relation.group else ""
             lines.append(f"`{path}` is {relation.status} via `{relation.op}`{target}.")
             if relation.pre_recurrent:
-                lines.append(f"  Its presynaptic input reads the previous state of {', '.join(relation.pre_recurrent)} "
-                             "(a recurrent path: per-neuron traces approximate it).")
+                lines.append(
+                    f"  Its presynaptic input reads the previous state of {', '.join(relation.pre_recurrent)} "
+                    "(a recurrent path: per-neuron traces approximate it)."
+                )
             if relation.pre_new:
                 lines.append(f"  Its presynaptic input reads this step's new state of {', '.join(relation.pre_new)}.")
             if relation.reason:

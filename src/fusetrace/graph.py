@@ -20,7 +20,6 @@ Nodes are added in leaf order, then relation order; the graph is frozen.
 """
 
 import networkx as nx
-import numpy as np
 
 from .capture import Captured
 from .stepfacts import StepFacts
@@ -35,7 +34,7 @@ def weight_node(path: str) -> str:
 
 
 def _leaf_attrs(leaf) -> dict:
-    return dict(path=leaf.path, shape=leaf.shape, dtype=str(leaf.dtype), unit=str(leaf.unit))
+    return {"path": leaf.path, "shape": leaf.shape, "dtype": str(leaf.dtype), "unit": str(leaf.unit)}
 
 
 def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
@@ -58,8 +57,16 @@ def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
     contraction_node = {}
     for index, relation in enumerate(relations):
         node = f"op:{index}"
-        graph.add_node(node, kind="relation", op=relation.op, weight=relation.weight, group=relation.group,
-                       status=relation.status, reason=relation.reason, n_pre=relation.n_pre)
+        graph.add_node(
+            node,
+            kind="relation",
+            op=relation.op,
+            weight=relation.weight,
+            group=relation.group,
+            status=relation.status,
+            reason=relation.reason,
+            n_pre=relation.n_pre,
+        )
         graph.add_edge(weight_node(relation.weight), node, role="weight")
         if relation.contraction is not None:
             contraction_node[relation.contraction] = node

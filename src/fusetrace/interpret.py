@@ -85,8 +85,13 @@ def _unit_residue(eqn, invals):
     if eqn.primitive is lax.mul_p:
         for i, atom in enumerate(eqn.invars):
             other = invals[1 - i]
-            if (isinstance(atom, Literal) and np.ndim(atom.val) == 0 and atom.val == 1
-                    and tuple(other.shape) == tuple(out.aval.shape) and other.dtype == out.aval.dtype):
+            if (
+                isinstance(atom, Literal)
+                and np.ndim(atom.val) == 0
+                and atom.val == 1
+                and tuple(other.shape) == tuple(out.aval.shape)
+                and other.dtype == out.aval.dtype
+            ):
                 return other
     return None
 

@@ -65,15 +65,17 @@ def _apply(index, eqn, operands, on_contract, describe) -> list[Fact]:
     if rule is None:
         touched = sorted({s for op in operands for s in op.fact if s[0] != "input"})
         if touched:
-            raise UnsupportedPrimitiveError(four_part(
-                what=f"cannot analyse how {', '.join(describe(s) for s in touched)} flows through "
-                     f"the primitive `{eqn.primitive.name}`",
-                where=f"`{eqn.primitive.name}` emitted at {source_line(eqn)}",
-                why="fusetrace has no rule for this primitive, and it lies on a path from a hidden state "
+            raise UnsupportedPrimitiveError(
+                four_part(
+                    what=f"cannot analyse how {', '.join(describe(s) for s in touched)} flows through "
+                    f"the primitive `{eqn.primitive.name}`",
+                    where=f"`{eqn.primitive.name}` emitted at {source_line(eqn)}",
+                    why="fusetrace has no rule for this primitive, and it lies on a path from a hidden state "
                     "or a weight, so ignoring it could change gradients silently",
-                fix="rewrite that part of the model with standard jax.numpy / lax operations, or register "
+                    fix="rewrite that part of the model with standard jax.numpy / lax operations, or register "
                     "a rule with fusetrace.rules.register(primitive, Rule(...))",
-            ))
+                )
+            )
         return [{} for _ in eqn.outvars]
     if rule.family == "contracting" and on_contract is not None:
         fact = on_contract(index, eqn, operands)
@@ -86,4 +88,3 @@ def propagate_closed(closed: ClosedJaxpr, in_facts: Sequence[Fact]) -> list[Fact
     """Facts of the outputs of a closed sub-jaxpr (used by recursing control rules)."""
     result = propagate(closed.jaxpr, in_facts)
     return [result.of(v) for v in closed.jaxpr.outvars]
-

@@ -50,7 +50,8 @@ class StepFacts:
             prefix = "the new value of " if kind == "new" else ""
             return f"{prefix}`{self.captured.leaves[index].path}`"
         contraction = self.contractions[index]
-        return f"the output of `{contraction.eqn.primitive.name}` with `{self.captured.leaves[contraction.weight_leaf].path}`"
+        weight = self.captured.leaves[contraction.weight_leaf].path
+        return f"the output of `{contraction.eqn.primitive.name}` with `{weight}`"
 
     def new_fact(self, leaf: int) -> Fact:
         """What a hidden leaf's new value depends on (before its own cut)."""
@@ -63,7 +64,7 @@ class StepFacts:
 def _single_weight(fact: Fact) -> int | None:
     if len(fact) != 1:
         return None
-    ((kind, index), dep), = fact.items()
+    (((kind, index), dep),) = fact.items()
     return index if kind == "weight" and dep.affine else None
 
 
@@ -91,14 +92,22 @@ def step_facts(captured: Captured) -> StepFacts:
             pre = others[0]
             if any(kind == "weight" for kind, _ in operands[pre].fact):
                 return None  # weight -> weight path: not a relation
-            contractions.append(Contraction(
-                index=len(contractions), eqn_index=eqn_index, eqn=eqn, weight_leaf=weight,
-                weight_operand=position, pre_operand=pre, pre_fact=dict(operands[pre].fact),
-            ))
+            contractions.append(
+                Contraction(
+                    index=len(contractions),
+                    eqn_index=eqn_index,
+                    eqn=eqn,
+                    weight_leaf=weight,
+                    weight_operand=position,
+                    pre_operand=pre,
+                    pre_fact=dict(operands[pre].fact),
+                )
+            )
             return {("relation", contractions[-1].index): ALIGNED_AFFINE}
         return None
 
     cut = {var: ("new", leaf) for leaf, var in new_vars.items()}
+
     def describe(source: Source) -> str:
         return StepFacts(captured, Propagation({}, {}), tuple(contractions), new_vars).describe(source)
 

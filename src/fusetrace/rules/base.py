@@ -14,7 +14,8 @@ special rule returns the function unchanged. Registering a primitive twice is an
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal as TypingLiteral
+from typing import Any
+from typing import Literal as TypingLiteral
 
 from .._compat import Primitive
 

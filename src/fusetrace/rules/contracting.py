@@ -15,24 +15,42 @@ def _contracting(linear: bool):
     return propagate
 
 
-def register_contracting(*primitives, weight_operands: tuple[int, ...], per_synapse: bool = False,
-                         linear: bool = True) -> None:
+def register_contracting(
+    *primitives, weight_operands: tuple[int, ...], per_synapse: bool = False, linear: bool = True
+) -> None:
     for primitive in primitives:
-        register(primitive, Rule("contracting", _contracting(linear), linear=linear,
-                                 weight_operands=weight_operands, per_synapse=per_synapse))
+        register(
+            primitive,
+            Rule(
+                "contracting",
+                _contracting(linear),
+                linear=linear,
+                weight_operands=weight_operands,
+                per_synapse=per_synapse,
+            ),
+        )
 
 
 register_contracting(lax.dot_general_p, weight_operands=(0, 1))
 # event products read their spike operand as binary (x > 0): linear in the weight only
 register_contracting(
-    *(getattr(brainevent, name).primitive for name in (
-        "binary_densemv_p", "binary_densemm_p",     # EventLinear: (weights, spikes)
-        "binary_fcnmv_p", "binary_fcnmm_p",         # EventFixedProb: (weights, indices, spikes)
-        "binary_csrmv_p", "binary_csrmm_p",         # CSR: (weights, indices, indptr, spikes)
-    )),
-    weight_operands=(0,), per_synapse=True, linear=False,
+    *(
+        getattr(brainevent, name).primitive
+        for name in (
+            "binary_densemv_p",
+            "binary_densemm_p",  # EventLinear: (weights, spikes)
+            "binary_fcnmv_p",
+            "binary_fcnmm_p",  # EventFixedProb: (weights, indices, spikes)
+            "binary_csrmv_p",
+            "binary_csrmm_p",  # CSR: (weights, indices, indptr, spikes)
+        )
+    ),
+    weight_operands=(0,),
+    per_synapse=True,
+    linear=False,
 )
 register_contracting(
     *(getattr(brainevent, name).primitive for name in ("csrmv_p", "csrmm_p")),  # CSR with float vectors
-    weight_operands=(0,), per_synapse=True,
+    weight_operands=(0,),
+    per_synapse=True,
 )

@@ -22,7 +22,7 @@ def _recurse(eqn, operands: list[Operand]):
 
     inner = sub_jaxpr(eqn)
     n_in = len(inner.jaxpr.invars)
-    return propagate_closed(inner, [op.fact for op in operands[len(operands) - n_in:]])
+    return propagate_closed(inner, [op.fact for op in operands[len(operands) - n_in :]])
 
 
 def _conservative(eqn, operands: list[Operand]):

@@ -11,7 +11,10 @@ def _broadcast_in_dim_rule(eqn, operands: list[Operand]):
     (out,) = eqn.outvars
     out_shape, in_shape = tuple(out.aval.shape), tuple(operands[0].shape)
     trailing = tuple(range(len(out_shape) - len(in_shape), len(out_shape)))
-    keeps = tuple(eqn.params["broadcast_dimensions"]) == trailing and out_shape[len(out_shape) - len(in_shape):] == in_shape
+    keeps = (
+        tuple(eqn.params["broadcast_dimensions"]) == trailing
+        and out_shape[len(out_shape) - len(in_shape) :] == in_shape
+    )
     if keeps:
         return [merge(operands[:1], in_shape, linear=True)]
     return [mixed(operands[:1], linear=True)]
@@ -46,14 +49,40 @@ def register_structural(*primitives, linear: bool) -> None:
 register(lax.broadcast_in_dim_p, Rule("structural", _broadcast_in_dim_rule, linear=True))
 register(lax.transpose_p, Rule("structural", _transpose_rule, linear=True))
 register_structural(
-    lax.reshape_p, lax.squeeze_p, lax.rev_p,
-    lax.slice_p, lax.dynamic_slice_p, lax.dynamic_update_slice_p, lax.concatenate_p, lax.pad_p,
-    lax.reduce_sum_p, lax.cumsum_p, lax.gather_p, lax.scatter_add_p, lax.scatter_p,
-    lax.split_p, linear=True,
+    lax.reshape_p,
+    lax.squeeze_p,
+    lax.rev_p,
+    lax.slice_p,
+    lax.dynamic_slice_p,
+    lax.dynamic_update_slice_p,
+    lax.concatenate_p,
+    lax.pad_p,
+    lax.reduce_sum_p,
+    lax.cumsum_p,
+    lax.gather_p,
+    lax.scatter_add_p,
+    lax.scatter_p,
+    lax.split_p,
+    linear=True,
 )
 register_structural(
-    lax.reduce_max_p, lax.reduce_min_p, lax.reduce_prod_p, lax.reduce_and_p, lax.reduce_or_p,
-    lax.argmax_p, lax.argmin_p, lax.sort_p, lax.cummax_p, lax.cummin_p, lax.cumprod_p, lax.iota_p,
-    lax.scatter_mul_p, lax.scatter_min_p, lax.scatter_max_p, lax.top_k_p, lax.reduce_xor_p,
-    lax.cumlogsumexp_p, linear=False,
+    lax.reduce_max_p,
+    lax.reduce_min_p,
+    lax.reduce_prod_p,
+    lax.reduce_and_p,
+    lax.reduce_or_p,
+    lax.argmax_p,
+    lax.argmin_p,
+    lax.sort_p,
+    lax.cummax_p,
+    lax.cummin_p,
+    lax.cumprod_p,
+    lax.iota_p,
+    lax.scatter_mul_p,
+    lax.scatter_min_p,
+    lax.scatter_max_p,
+    lax.top_k_p,
+    lax.reduce_xor_p,
+    lax.cumlogsumexp_p,
+    linear=False,
 )
