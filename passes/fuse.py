@@ -168,23 +168,34 @@ def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
         group = analysis.group_named(readout.group)
         for source_group in readout.pre_new:
             sources = [k for k in traced if relations[k].group == source_group]
-            reason = None
-            if not group.lti or group.n_states != 1:
-                reason = f"group `{group.name}` is not a one-state linear time-invariant group"
-            else:
-                d, _ = derive.transition_derivatives(analysis, group, [], values)
-                flat = np.asarray(d).ravel()
-                if not np.allclose(flat, flat[0], rtol=0, atol=0):
-                    reason = f"group `{group.name}` has no single decay factor (per-unit decays differ)"
+            decay, reason = _single_decay(analysis, group, values)
             for k in sources:
                 if reason is None:
-                    credits.append(Credit(source=k, via=via, group=group.name, decay=float(flat[0])))
+                    credits.append(Credit(source=k, via=via, group=group.name, decay=decay))
                 else:
                     notes.setdefault(relations[k].weight, []).append(
                         f"credit reaching the loss through `{readout.weight}` into {reason}: that path is "
                         "dropped (the gradient is approximate)"
                     )
     return tuple(credits)
+
+
+def _single_decay(analysis, group, values) -> tuple[float, str | None]:
+    """`(λ, None)` when `group` is a one-state LTI group with one decay factor for every unit, else
+    `(nan, reason)`."""
+    if not group.lti or group.n_states != 1:
+        return float("nan"), f"group `{group.name}` is not a one-state linear time-invariant group"
+    d, _ = derive.transition_derivatives(analysis, group, [], values)
+    flat = np.asarray(d).ravel()
+    if not np.all(flat == flat[0]):
+        return float("nan"), f"group `{group.name}` has no single decay factor (per-unit decays differ)"
+    return float(flat[0]), None
+
+
+def _kind(analysis, relation) -> str:
+    kind = layout_kind(analysis, relation)
+    assert kind is not None, "make_plan traces only relations with a layout"
+    return kind
 
 
 def init_traces(analysis: Analysis, plan: Plan) -> dict:
@@ -201,7 +212,7 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
                 "post": jnp.zeros((*group.shape, group.n_states), dtype),
             }
         else:
-            shape = (*trace_shape(analysis, relation, layout_kind(analysis, relation)), group.n_states)
+            shape = (*trace_shape(analysis, relation, _kind(analysis, relation)), group.n_states)
             traces[plan.key(index)] = {"eps": jnp.zeros(shape, dtype)}
             if plan.kappa is not None:
                 traces[plan.key(index)]["filtered"] = jnp.zeros(shape, dtype)
@@ -211,7 +222,7 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
         if plan.algorithm == "es_d_rtrl":
             shape = analysis.group_named(source.group).shape
         else:
-            shape = trace_shape(analysis, source, layout_kind(analysis, source))
+            shape = trace_shape(analysis, source, _kind(analysis, source))
         traces[credit.key] = jnp.zeros(shape, dtype)
     return traces
 
@@ -271,13 +282,16 @@ def fused_step(
     return values.new_leaves, new_traces, values.outputs, loss, grads
 
 
-def _contract(layout, signal, trace):
+def _contract(layout, signal, trace) -> jax.Array:
     """`Σ_s gather(signal_s) · trace_s`, per batch entry, in the trace's layout."""
-    return sum(layout.gather(signal[..., s]) * trace[..., s] for s in range(signal.shape[-1]))
+    total = layout.gather(signal[..., 0]) * trace[..., 0]
+    for s in range(1, signal.shape[-1]):
+        total = total + layout.gather(signal[..., s]) * trace[..., s]
+    return total
 
 
 def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
-    layout = make_layout(layout_kind(analysis, relation), analysis, relation, values)
+    layout = make_layout(_kind(analysis, relation), analysis, relation, values)
     eps_prev = trace["eps"]
     n_states = d.shape[-1]
     eps = jnp.stack(
@@ -331,7 +345,7 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     else:
         trace = traces[plan.key(credit.source)]
         eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
-        layout = make_layout(layout_kind(analysis, source), analysis, source, values)
+        layout = make_layout(_kind(analysis, source), analysis, source, values)
         q = credit.decay * traces[key] + _contract(layout, sensitivity, eps)
         grad = layout.reduce(layout.gather(carried) * q)
     traces[key] = q

@@ -38,7 +38,8 @@ def layout_kind(analysis, relation) -> str | None:
     contraction = analysis.facts.contractions[relation.contraction]
     if _dense(contraction, leaf, relation):
         return "dense"
-    if lookup(contraction.eqn.primitive).per_synapse:
+    rule = lookup(contraction.eqn.primitive)
+    if rule is not None and rule.per_synapse:
         return "synapse"
     return None
 

@@ -63,8 +63,10 @@ def _reaches(facts: StepFacts, source, groups) -> tuple[dict[str, Dep | None], b
         if dep is not None:
             name = by_leaf[leaf].name
             dep = dep if dep.one_to_one else None
-            if name in reached and (reached[name] is None or dep is None or reached[name].perm != dep.perm):
-                dep = None
+            if name in reached:
+                earlier = reached[name]
+                if earlier is None or dep is None or earlier.perm != dep.perm:
+                    dep = None
             reached[name] = dep
     jaxpr = facts.captured.jaxpr.jaxpr
     outputs = jaxpr.outvars[: facts.captured.n_outputs]

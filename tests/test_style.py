@@ -1,4 +1,5 @@
-"""The code base stays lint-clean and formatted (ruff, configured in pyproject.toml)."""
+"""The code base stays lint-clean, formatted and type-checked (ruff and pyright, configured in
+pyproject.toml)."""
 
 import pathlib
 import shutil
@@ -15,3 +16,9 @@ TREES = ["src", "passes", "tests", "examples", "benchmarks"]
 def test_ruff(command):
     result = subprocess.run([*command, *TREES], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("pyright") is None, reason="pyright is a test extra")
+def test_pyright_on_src_and_passes():
+    result = subprocess.run(["pyright"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -1,21 +1,24 @@
 """Every `jax._src` import and every version switch lives here, and nothing else does."""
 
-import jax
-import jax.extend
-from jax._src import core as _core  # noqa: F401
+from typing import TypeAlias
+
+import jax.extend.core as _extend_core
 from jax._src import source_info_util as _source_info_util
 from jax._src.ad_util import add_jaxvals_p as add_any_p
 from jax._src.custom_derivatives import custom_jvp_call_p, custom_vjp_call_p
 from jax._src.interpreters import partial_eval as _pe
 from jax._src.pjit import jit_p
+from jax.extend.core import (  # pyright: ignore[reportPrivateImportUsage]
+    DropVar,
+    Jaxpr,
+    JaxprEqn,
+    Literal,
+    Primitive,
+    Var,
+)
 
-Var = jax.extend.core.Var
-Literal = jax.extend.core.Literal
-DropVar = jax.extend.core.DropVar
-ClosedJaxpr = jax.extend.core.ClosedJaxpr
-Jaxpr = jax.extend.core.Jaxpr
-JaxprEqn = jax.extend.core.JaxprEqn
-Primitive = jax.extend.core.Primitive
+# a runtime alias (constructed by new_closed_jaxpr), so not a `type` statement
+ClosedJaxpr: TypeAlias = _extend_core.ClosedJaxpr  # noqa: UP040  # pyright: ignore[reportPrivateImportUsage]
 
 __all__ = [
     "ClosedJaxpr",
@@ -26,6 +29,8 @@ __all__ = [
     "Primitive",
     "Var",
     "add_any_p",
+    "aval_dtype",
+    "aval_shape",
     "custom_jvp_call_p",
     "custom_vjp_call_p",
     "dce",
@@ -33,6 +38,15 @@ __all__ = [
     "new_closed_jaxpr",
     "source_line",
 ]
+
+
+def aval_shape(atom) -> tuple[int, ...]:
+    """The static shape of a jaxpr atom (var or literal)."""
+    return tuple(atom.aval.shape)  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def aval_dtype(atom):
+    return atom.aval.dtype  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def dce(jaxpr: Jaxpr) -> Jaxpr:

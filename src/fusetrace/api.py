@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from .analysis import Analysis
-from .capture import capture
+from .capture import capture, states_of
 from .errors import CompileError, four_part
 from .graph import build_graph
 from .passes import derive
@@ -60,7 +60,7 @@ class _Snapshot:
 
     params: dict
     model: dict
-    inputs: tuple
+    inputs: tuple[Any, ...]
     target: Any
 
 
@@ -133,7 +133,7 @@ class Learner(eqx.Module):
     def fused_jaxpr(self):
         """The fused step as one jaxpr (dynamics, derivatives, trace updates, gradient)."""
         inputs = self.snapshot.inputs
-        x = inputs if len(inputs) > 1 else inputs[0]
+        x = inputs[0] if len(inputs) == 1 else inputs
         return jax.make_jaxpr(self.step)(self.params, self.init(), x, self.snapshot.target)
 
     @property
@@ -284,7 +284,7 @@ def compile(
     plan = make_plan(
         analysis, algorithm, values, decay=decay, kappa=kappa, feedback=feedback, feedback_seed=feedback_seed
     )
-    param_items = [(".".join(map(str, k)), s) for k, s in model.states(brainstate.ParamState).items()]
+    param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]
     params = {path: _strong(state.value) for path, state in param_items}
     model_states = {}
     for state, leaf in zip(captured.states, _first_leaf_per_state(captured), strict=True):
@@ -345,7 +345,7 @@ def online(*, loss: Callable, algorithm: str = "es_d_rtrl", **options):
                 self, *example_inputs, loss=loss, algorithm=algorithm, batch_size=batch_size, **{**options, **more}
             )
 
-        cls.learner = learner
+        cls.learner = learner  # pyright: ignore[reportAttributeAccessIssue]
         return cls
 
     return decorate

@@ -159,9 +159,15 @@ def _role(state: brainstate.State) -> Role:
     return "long_term"
 
 
+def states_of(model: brainstate.nn.Module, *filters) -> dict[tuple, brainstate.State]:
+    """`model.states(*filters)` as a plain dict (path tuple -> state), in `model.states()` order."""
+    found: Any = model.states(*filters)
+    return dict(found.items())
+
+
 def state_paths(model: brainstate.nn.Module) -> list[tuple[brainstate.State, str]]:
     """`(state, dotted path)` for every state of `model`, in `model.states()` order."""
-    return [(state, ".".join(str(k) for k in path)) for path, state in model.states().items()]
+    return [(state, ".".join(str(k) for k in path)) for path, state in states_of(model).items()]
 
 
 def _path_of(state, known: list[tuple[brainstate.State, str]]) -> tuple[str, int]:
@@ -182,7 +188,7 @@ def _path_of(state, known: list[tuple[brainstate.State, str]]) -> tuple[str, int
 
 def ensure_initialised(model: brainstate.nn.Module, batch_size: int | None) -> None:
     """Initialise the model's states unless they already exist with the requested batch size."""
-    hidden = [s for _, s in model.states(brainstate.HiddenState).items()]
+    hidden = list(states_of(model, brainstate.HiddenState).values())
     if not hidden:
         brainstate.nn.init_all_states(model, batch_size=batch_size)
         return

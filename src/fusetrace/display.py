@@ -5,10 +5,11 @@ import networkx as nx
 
 
 def _bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError("unreachable")
 
 
@@ -46,9 +47,7 @@ def _quote(text: str) -> str:
 def to_dot(graph: nx.DiGraph) -> str:
     lines = ["digraph fusetrace {", "  rankdir=LR;"]
     for node, data in graph.nodes(data=True):
-        label = data.get("path") or (data.get("op") if data["kind"] == "relation" else node)
-        if data["kind"] == "relation":
-            label = f"{data['op']}\\n{data['status']}"
+        label = f"{data['op']}\\n{data['status']}" if data["kind"] == "relation" else str(data.get("path") or node)
         lines.append(f"  {_quote(node)} [label={_quote(label)}, shape={_SHAPES[data['kind']]}];")
     for source, target, data in graph.edges(data=True):
         style = ", style=dashed" if data.get("role") in ("coupling", "direct") else ""

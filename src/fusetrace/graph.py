@@ -21,6 +21,7 @@ Nodes are added in leaf order, then relation order; the graph is frozen.
 
 import networkx as nx
 
+from ._compat import aval_shape
 from .capture import Captured
 from .stepfacts import StepFacts
 
@@ -44,7 +45,7 @@ def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
     group_of = {leaf: g.name for g in groups for leaf in g.leaves}
     leaf_node = {}
     for index, var in enumerate(jaxpr.invars[: captured.n_inputs]):
-        graph.add_node(f"input:{index}", kind="input", shape=tuple(var.aval.shape))
+        graph.add_node(f"input:{index}", kind="input", shape=aval_shape(var))
     for index, leaf in enumerate(captured.leaves):
         if leaf.role == "hidden":
             leaf_node[index] = hidden_node(leaf.path)
@@ -53,7 +54,7 @@ def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
             leaf_node[index] = weight_node(leaf.path)
             graph.add_node(leaf_node[index], kind="weight", **_leaf_attrs(leaf))
     for index, var in enumerate(jaxpr.outvars[: captured.n_outputs]):
-        graph.add_node(f"output:{index}", kind="output", shape=tuple(var.aval.shape))
+        graph.add_node(f"output:{index}", kind="output", shape=aval_shape(var))
     contraction_node = {}
     for index, relation in enumerate(relations):
         node = f"op:{index}"

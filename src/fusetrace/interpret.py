@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from jax import lax
 
-from ._compat import ClosedJaxpr, Jaxpr, Literal, Var, bind_eqn, jit_p
+from ._compat import ClosedJaxpr, Jaxpr, Literal, Var, aval_dtype, aval_shape, bind_eqn, jit_p
 
 
 def evaluate(
@@ -124,7 +124,7 @@ def retrace(closed: ClosedJaxpr, *, inline: bool, fold: bool) -> ClosedJaxpr:
     """A fresh ClosedJaxpr of `closed` evaluated with the given switches."""
     import jax
 
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    avals = [jax.ShapeDtypeStruct(aval_shape(v), aval_dtype(v)) for v in closed.jaxpr.invars]
 
     def run(*args):
         return evaluate(closed.jaxpr, closed.consts, args, inline=inline, fold=fold)

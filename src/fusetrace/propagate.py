@@ -15,7 +15,7 @@ An equation whose primitive has no rule is fine when none of its operands carrie
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, source_line
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_shape, source_line
 from .errors import UnsupportedPrimitiveError, four_part
 from .rules import ALIGNED_AFFINE, Fact, Operand, Source, lookup
 
@@ -50,7 +50,7 @@ def propagate(
     for var, fact in zip(jaxpr.invars, in_facts, strict=True):
         result.facts[var] = dict(fact)
     for index, eqn in enumerate(jaxpr.eqns):
-        operands = [Operand(result.of(a), tuple(a.aval.shape)) for a in eqn.invars]
+        operands = [Operand(result.of(a), aval_shape(a)) for a in eqn.invars]
         out_facts = _apply(index, eqn, operands, on_contract, describe)
         for var, fact in zip(eqn.outvars, out_facts, strict=True):
             if var in cut:
@@ -60,7 +60,7 @@ def propagate(
     return result
 
 
-def _apply(index, eqn, operands, on_contract, describe) -> list[Fact]:
+def _apply(index, eqn, operands, on_contract, describe) -> Sequence[Fact]:
     rule = lookup(eqn.primitive)
     if rule is None:
         touched = sorted({s for op in operands for s in op.fact if s[0] != "input"})

@@ -83,6 +83,7 @@ def step_facts(captured: Captured) -> StepFacts:
 
     def on_contract(eqn_index: int, eqn: JaxprEqn, operands: list[Operand]):
         rule = lookup(eqn.primitive)
+        assert rule is not None  # called on contracting equations only
         carrying = [i for i, op in enumerate(operands) if op.fact]
         for position in rule.weight_operands:
             weight = _single_weight(operands[position].fact)

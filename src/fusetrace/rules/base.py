@@ -74,7 +74,7 @@ class Operand:
     shape: tuple[int, ...]
 
 
-PropagateFn = Callable[[Any, Sequence[Operand]], list[dict[Source, Dep]]]
+PropagateFn = Callable[[Any, list[Operand]], Sequence[Fact]]
 
 
 @dataclasses.dataclass(frozen=True)

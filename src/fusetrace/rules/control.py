@@ -21,6 +21,7 @@ def _recurse(eqn, operands: list[Operand]):
     from ..propagate import propagate_closed  # the engine; imported late to keep rules leaf modules
 
     inner = sub_jaxpr(eqn)
+    assert inner is not None, f"{eqn.primitive} has no sub-jaxpr"
     n_in = len(inner.jaxpr.invars)
     return propagate_closed(inner, [op.fact for op in operands[len(operands) - n_in :]])
 
