@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 from typing import Literal as TypingLiteral
 
-import brainevent
 import brainstate
 import brainunit as u
 import jax
@@ -27,10 +26,6 @@ from .errors import CaptureError, four_part
 from .interpret import evaluate
 
 Role = TypingLiteral["hidden", "weight", "short_term", "long_term", "random"]
-
-# Sparse/event models must run on the CPU out of the box. brainevent's default CPU backend needs numba
-# (not a dependency); its pure-JAX backend lowers through XLA. See docs/design-notes.md for the timing.
-brainevent.config.set_backend("cpu", "jax_raw")
 
 
 @dataclasses.dataclass(frozen=True)
