@@ -150,14 +150,15 @@ def test_exact_regime_matches_bptt(kind, readout, algorithm):
     assert_matches(online, reference, RTOL_EXACT)
 
 
+@pytest.mark.parametrize("readout", ["leaky", "linear"])
 @pytest.mark.parametrize("batch", [None, BATCH])
 @pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear"])
-def test_event_and_sparse_weights_match_bptt(kind, batch):
+def test_event_and_sparse_weights_match_bptt(kind, batch, readout):
     """Per-synapse sparse weights keep their (n_pre, conn) shape; a scalar shared weight gets a
     per-neuron trace; both exact under d_rtrl."""
     xs, ys = _data(batch)
-    online = online_grads(_build(kind, "leaky", batch), xs, ys, "d_rtrl", batch)
-    assert_matches(online, bptt_grads(_build(kind, "leaky", batch), xs, ys), RTOL_EXACT)
+    online = online_grads(_build(kind, readout, batch), xs, ys, "d_rtrl", batch)
+    assert_matches(online, bptt_grads(_build(kind, readout, batch), xs, ys), RTOL_EXACT)
 
 
 def test_exact_regime_unbatched():

@@ -43,6 +43,18 @@ def test_jit_equals_eager_and_traces_once():
         _allclose(state_eager, state_jit)
 
 
+def test_step_never_writes_the_model_states():
+    model = _build("cuba", "leaky", BATCH)
+    xs, ys = _data(BATCH)
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH)
+    before = {k: s.value for k, s in model.states().items()}
+    state = learner.init()
+    for x, y in zip(xs, ys, strict=True):
+        state, _ = jax.jit(learner.step)(learner.params, state, x, y)
+    for key, st in model.states().items():
+        _allclose(st.value, before[key])
+
+
 def test_forward_output_equals_the_model_simulation():
     xs, ys = _data(BATCH)
     learner = fusetrace.compile(
