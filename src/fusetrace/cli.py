@@ -1,0 +1,327 @@
+"""The `fusetrace` command: `demo`, `train` and `inspect`.
+
+Bad arguments and failures print one line (`fusetrace: error: ...`) and exit non-zero; `--debug`
+shows the traceback instead.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import pathlib
+import sys
+import time
+from typing import Any
+
+import brainpy.state as bps
+import brainstate
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import checkpoint, plots
+from .api import analyze, compile
+from .capture import states_of
+from .errors import FusetraceError
+from .trainer import Trainer
+
+ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+
+
+class CliError(FusetraceError, ValueError):
+    """A user error on the command line (printed as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (saved as config.json; `--resume` reads it back)."""
+
+    task: str
+    algorithm: str
+    iterations: int
+    batch: int
+    learning_rate: float
+    update_every: int
+    seed: int
+    checkpoint_every: int
+    clip_norm: float | None = None
+    decay: float = 0.9
+    task_options: dict = dataclasses.field(default_factory=dict)
+
+
+def _task_registry() -> dict[str, Any]:
+    from . import tasks
+
+    return tasks.REGISTRY
+
+
+def _spec(name: str):
+    registry = _task_registry()
+    if name not in registry:
+        raise CliError(f"unknown task {name!r}; choose one of {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        return value
+
+    return parse
+
+
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"fusetrace: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fusetrace", description="Online learning for brainpy.state networks.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="train the reference network on evidence accumulation (a few minutes)")
+    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--iterations", type=_positive(int), default=None)
+    demo.add_argument("--algorithm", choices=ALGORITHMS, default="es_d_rtrl")
+    demo.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="train a reference network online on a generated task")
+    train.add_argument("--task", default=None)
+    train.add_argument("--algorithm", choices=ALGORITHMS, default="es_d_rtrl")
+    train.add_argument("--iterations", type=_positive(int), default=100)
+    train.add_argument("--batch", type=_positive(int), default=16)
+    train.add_argument("--lr", type=_positive(float), default=5e-3)
+    train.add_argument(
+        "--update-every",
+        type=_nonnegative_int,
+        default=0,
+        help="optimizer step every k time steps; 0: at the end of each sequence",
+    )
+    train.add_argument("--decay", type=float, default=0.9, help="es_d_rtrl's smoothing factor")
+    train.add_argument("--clip", type=_positive(float), default=None, help="global-norm gradient clipping")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=_positive(int), default=10)
+    train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
+    train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+
+    inspect = commands.add_parser("inspect", help="print the analysis of a model and draw its graph")
+    inspect.add_argument(
+        "target", metavar="MODULE:FACTORY", help="a function returning a model, or (model, example_input)"
+    )
+    inspect.add_argument("--batch-size", type=_positive(int), default=None)
+    inspect.add_argument("--out", default="graph.png", help="PNG file for the graph drawing")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "demo":
+            return _demo(args)
+        return _train(args)
+    except (FusetraceError, OSError, ImportError, AttributeError, ValueError, TypeError, KeyError) as error:
+        if args.debug:
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"fusetrace: error: {first}", file=sys.stderr)
+        return 2
+
+
+def _inspect(args) -> int:
+    module_name, _, factory_name = args.target.partition(":")
+    if not module_name or not factory_name:
+        raise CliError(f"expected MODULE:FACTORY, got {args.target!r}")
+    sys.path.insert(0, str(pathlib.Path.cwd()))
+    factory = getattr(importlib.import_module(module_name), factory_name)
+    made = factory()
+    model, example = made if isinstance(made, tuple) else (made, None)
+    if example is None:
+        raise CliError(f"{args.target} must return (model, example_input) so one step can be traced")
+    analysis = analyze(model, example, batch_size=args.batch_size)
+    print(analysis.summary())
+    plots.graph(analysis.graph, args.out, title=args.target)
+    print(f"graph drawing: {args.out}")
+    return 0
+
+
+def _demo(args) -> int:
+    spec = _spec("evidence")
+    config = RunConfig(
+        task="evidence",
+        algorithm=args.algorithm,
+        iterations=args.iterations or spec.demo["iterations"],
+        batch=spec.demo["batch"],
+        learning_rate=spec.demo["learning_rate"],
+        update_every=0,
+        seed=args.seed,
+        checkpoint_every=10,
+        task_options=dict(spec.demo.get("task_options", {})),
+    )
+    summary = run(config, pathlib.Path(args.run_dir))
+    print(
+        f"final accuracy {summary['final_accuracy']:.3f} (mean of the last {summary['accuracy_window']} "
+        f"iterations); run folder: {args.run_dir}"
+    )
+    return 0
+
+
+def _train(args) -> int:
+    if args.resume:
+        run_dir = pathlib.Path(args.resume)
+        config_file = run_dir / "config.json"
+        if not config_file.exists():
+            raise CliError(f"--resume {run_dir}: no config.json there (not a fusetrace run folder)")
+        config = RunConfig(**json.loads(config_file.read_text()))
+        run(config, run_dir, resume=True)
+        return 0
+    if args.task is None:
+        raise CliError("--task is required (or --resume DIR)")
+    _spec(args.task)
+    if not 0 <= args.decay < 1:
+        raise CliError(f"--decay {args.decay} is outside [0, 1)")
+    config = RunConfig(
+        task=args.task,
+        algorithm=args.algorithm,
+        iterations=args.iterations,
+        batch=args.batch,
+        learning_rate=args.lr,
+        update_every=args.update_every,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        clip_norm=args.clip,
+        decay=args.decay,
+    )
+    run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
+    return 0
+
+
+def build(config: RunConfig):
+    """`(model, learner, trainer, spec)` for a run configuration (deterministic in config.seed)."""
+    spec = _spec(config.task)
+    brainstate.environ.set(dt=spec.dt_ms * u.ms)
+    brainstate.random.seed(config.seed)
+    model = spec.network()
+    first = spec.sample(batch=config.batch, seed=config.seed, **config.task_options)
+    options = {"decay": config.decay} if config.algorithm == "es_d_rtrl" else {}
+    learner = compile(
+        model,
+        first.inputs[0],
+        loss=spec.loss,
+        algorithm=config.algorithm,
+        batch_size=config.batch,
+        example_target=jax.tree.map(lambda a: a[0], first.targets),
+        **options,
+    )
+    trainer = Trainer(
+        learner,
+        lambda seed: spec.sample(batch=config.batch, seed=seed, **config.task_options),
+        optax.adam(config.learning_rate),
+        update_every=config.update_every,
+        clip_norm=config.clip_norm,
+        seed=config.seed,
+        metric=spec.metric,
+    )
+    return model, learner, trainer, spec
+
+
+def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train, checkpointing every `config.checkpoint_every` iterations; write metrics and pictures."""
+    from tqdm import tqdm
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, learner, trainer, spec = build(config)
+    state, history = trainer.init(), []
+    if resume:
+        folder = checkpoint.latest(run_dir)
+        if folder is None:
+            raise CliError(f"--resume {run_dir}: no checkpoint to resume from")
+        state, meta = checkpoint.restore(folder, state)
+        history = meta.get("history", [])
+    else:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    start, done = time.perf_counter(), int(state["iteration"])
+    bar = tqdm(total=config.iterations, initial=done, disable=not progress, unit="it", dynamic_ncols=True)
+    while int(state["iteration"]) < config.iterations:
+        state, result = trainer.iteration(state)
+        history.append({k: float(v) for k, v in result.metrics.items()})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
+        bar.update(1)
+        iteration = int(state["iteration"])
+        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            checkpoint.save(run_dir, iteration, state, {"history": history})
+    bar.close()
+    summary = _finish(config, run_dir, model, learner, trainer, spec, state, history, time.perf_counter() - start)
+    return summary
+
+
+def _finish(config, run_dir, model, learner, trainer, spec, state, history, seconds) -> dict:
+    window = min(10, len(history))
+    accuracies = [h["accuracy"] for h in history[-window:] if "accuracy" in h]
+    summary = {
+        "config": dataclasses.asdict(config),
+        "iterations": len(history),
+        "seconds": seconds,
+        "final_loss": float(np.mean([h["loss"] for h in history[-window:]])) if history else None,
+        "final_accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
+        "accuracy_window": window,
+        "history": history,
+        "trace_bytes": learner.analysis.trace_bytes(config.algorithm),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    plots.curves(history, run_dir / "curves.png")
+    plots.graph(learner.graph, run_dir / "graph.png", title=f"{config.task}: {config.algorithm}")
+    spikes = record_spikes(model, state["params"], trainer.batch(int(state["iteration"])).inputs, config.batch)
+    plots.raster(spikes, run_dir / "raster.png", dt_ms=spec.dt_ms, title="spikes, first sequence of a batch")
+    return summary
+
+
+def record_spikes(model, params: dict, inputs, batch: int) -> np.ndarray:
+    """Spikes (T, neurons) of every neuron population of `model` on the first sequence of `inputs`,
+    simulated with the given params."""
+    brainstate.nn.init_all_states(model, batch_size=batch)
+    weights = {".".join(map(str, k)): s for k, s in states_of(model, brainstate.ParamState).items()}
+    for path, value in params.items():
+        weights[path].value = value
+    populations = []
+    for node in states_of_nodes(model):
+        if isinstance(node, bps.Neuron) and all(node is not p for p in populations):
+            populations.append(node)
+
+    def step(x):
+        model.update(x)
+        return jnp.concatenate([jnp.reshape(u.get_mantissa(p.get_spike()), (batch, -1)) for p in populations], -1)
+
+    spikes = brainstate.transform.for_loop(step, inputs)
+    return np.asarray(spikes[:, 0])
+
+
+def states_of_nodes(model) -> list:
+    nodes: Any = model.nodes()
+    return list(nodes.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

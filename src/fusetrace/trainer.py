@@ -1,0 +1,129 @@
+"""Online training loop: a `Learner`, an optax optimizer and a task sampler.
+
+One iteration draws a batch of sequences (deterministically from `seed` and the iteration number),
+runs the fused learner over it inside ONE jit-compiled `lax.scan`, and applies the optimizer every
+`update_every` steps (1: fully online; 0: once at the end of the sequence), with optional global-norm
+clipping. The state that must survive a crash — params, optimizer state, iteration counter — is one
+pytree, saved atomically by `fusetrace.checkpoint`; resuming from it continues bit for bit.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .api import Learner
+from .errors import CompileError, four_part
+
+
+class Batch(Protocol):
+    """What a task sampler returns: `inputs` with time first (T, batch, ...) and `targets`, a pytree
+    whose leaves have time first; `targets[t]` is what the learner's loss receives at step t."""
+
+    inputs: Any
+    targets: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationResult:
+    loss: float  # mean loss per step
+    outputs: Any  # (T, batch, ...) readout outputs
+    metrics: dict
+
+
+class Trainer:
+    """Drive `learner` over batches from `sample(seed) -> Batch` with an optax `optimizer`.
+
+    Arguments:
+        learner: a compiled `fusetrace.Learner`.
+        sample: `sample(seed)` returns a `Batch` (deterministic in its seed).
+        optimizer: an optax `GradientTransformation`.
+        update_every: apply the optimizer every k steps (1: fully online); 0: at the sequence end.
+        clip_norm: optional global-norm clipping of each update's accumulated gradient.
+        seed: base seed of the batches (iteration i uses `seed + i`).
+        metric: optional `metric(outputs, batch) -> dict` of extra numbers per iteration.
+
+    Example:
+        >>> trainer = Trainer(learner, lambda s: task(batch=16, seed=s), optax.adam(1e-3))  # doctest: +SKIP
+        >>> state = trainer.init()                                                       # doctest: +SKIP
+        >>> state, result = trainer.iteration(state)                                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        learner: Learner,
+        sample: Callable[[int], Batch],
+        optimizer: optax.GradientTransformation,
+        *,
+        update_every: int = 1,
+        clip_norm: float | None = None,
+        seed: int = 0,
+        metric: Callable[[Any, Batch], dict] | None = None,
+    ):
+        if update_every < 0:
+            raise CompileError(
+                four_part(
+                    what=f"update_every={update_every}",
+                    where="fusetrace.Trainer(...)",
+                    why="it counts steps between optimizer updates (0: once per sequence)",
+                    fix="use 1 for fully online learning, k > 1 for every k steps, or 0",
+                )
+            )
+        self.learner, self.sample, self.seed, self.metric = learner, sample, seed, metric
+        self.update_every = update_every
+        self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
+        self._sequence = jax.jit(self._run_sequence)
+
+    def init(self) -> dict:
+        """The training state: params (as compiled), optimizer state, iteration counter."""
+        params = self.learner.params
+        return {"params": params, "opt_state": self.optimizer.init(params), "iteration": jnp.zeros((), jnp.int32)}
+
+    def batch(self, iteration: int) -> Batch:
+        return self.sample(self.seed + int(iteration))
+
+    def iteration(self, state: dict) -> tuple[dict, IterationResult]:
+        """Run one batch of sequences, learning online; returns the new state and what happened."""
+        batch = self.batch(int(state["iteration"]))
+        params, opt_state, losses, outputs = self._sequence(
+            state["params"], state["opt_state"], batch.inputs, batch.targets
+        )
+        new_state = {"params": params, "opt_state": opt_state, "iteration": state["iteration"] + 1}
+        metrics = {"loss": float(jnp.mean(losses))}
+        if self.metric is not None:
+            metrics.update(self.metric(outputs, batch))
+        return new_state, IterationResult(metrics["loss"], outputs, metrics)
+
+    def _apply(self, params, opt_state, grads):
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _run_sequence(self, params, opt_state, inputs, targets):
+        learner, every = self.learner, self.update_every
+        zeros = jax.tree.map(jnp.zeros_like, params)
+
+        def body(carry, step_inputs):
+            params, opt_state, state, accumulated, t = carry
+            x, target = step_inputs
+            state, res = learner.step(params, state, x, target)
+            accumulated = jax.tree.map(jnp.add, accumulated, res.grads)
+            if every > 0:
+                due = (t + 1) % every == 0
+                params, opt_state, accumulated = jax.lax.cond(
+                    due,
+                    lambda p, o, a: (*self._apply(p, o, a), zeros),
+                    lambda p, o, a: (p, o, a),
+                    params,
+                    opt_state,
+                    accumulated,
+                )
+            return (params, opt_state, state, accumulated, t + 1), (res.loss, res.output)
+
+        carry = (params, opt_state, learner.init(), zeros, jnp.zeros((), jnp.int32))
+        (params, opt_state, _, accumulated, _), (losses, outputs) = jax.lax.scan(body, carry, (inputs, targets))
+        if every == 0:
+            params, opt_state = self._apply(params, opt_state, accumulated)
+        return params, opt_state, losses, outputs

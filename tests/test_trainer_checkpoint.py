@@ -1,0 +1,171 @@
+"""Training loop and checkpoints: exact save/restore, atomic writes, bit-exact resume, CLI errors."""
+
+import dataclasses
+import pathlib
+import subprocess
+import sys
+
+import brainstate
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fusetrace
+from fusetrace import checkpoint
+from fusetrace.cli import main as cli_main
+from fusetrace.trainer import Trainer
+from test_compile_exact import BATCH, N_IN, N_OUT, STEPS, _build, _loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    inputs: jax.Array
+    targets: jax.Array
+
+
+def _sample(seed):
+    key = jax.random.PRNGKey(seed)
+    xs = (jax.random.uniform(key, (STEPS, BATCH, N_IN)) < 0.6).astype(jnp.float64)
+    return Batch(xs, jax.random.normal(jax.random.fold_in(key, 1), (STEPS, BATCH, N_OUT)))
+
+
+@pytest.fixture(autouse=True)
+def _dt():
+    brainstate.environ.set(dt=1.0 * u.ms)
+
+
+def _trainer(update_every=1):
+    learner = fusetrace.compile(_build("cuba", "leaky", BATCH), _sample(0).inputs[0], loss=_loss,
+                                algorithm="d_rtrl", batch_size=BATCH)
+    return Trainer(learner, _sample, optax.adam(1e-2), update_every=update_every, clip_norm=1.0, seed=5)
+
+
+def _equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("update_every", [0, 1, 3])
+def test_training_changes_params_and_update_schedule_matters(update_every):
+    trainer = _trainer(update_every)
+    state = trainer.init()
+    new, result = trainer.iteration(state)
+    assert np.isfinite(result.loss) and int(new["iteration"]) == 1
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new["params"]), strict=True)]
+    assert all(moved)
+
+
+def test_update_every_zero_equals_one_step_on_the_summed_online_gradient():
+    trainer = _trainer(0)
+    state = trainer.init()
+    new, _ = trainer.iteration(state)
+    learner, batch = trainer.learner, _sample(5)
+    s, total = learner.init(), None
+    for x, y in zip(batch.inputs, batch.targets, strict=True):
+        s, res = learner.step(state["params"], s, x, y)
+        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+    expected, _ = trainer._apply(state["params"], state["opt_state"], total)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12)
+
+
+def test_checkpoint_round_trip_is_exact_with_units_and_keys(tmp_path):
+    state = {"w": u.Quantity(jnp.arange(6.0).reshape(2, 3), unit=u.mA), "key": jax.random.key(3),
+             "n": jnp.asarray(7, jnp.int32)}
+    checkpoint.save(tmp_path, 7, state, {"note": "x"})
+    restored, meta = checkpoint.restore(checkpoint.latest(tmp_path), state)
+    _equal(state, restored)
+    assert u.get_unit(restored["w"]) == u.mA and meta["note"] == "x" and meta["step"] == 7
+
+
+def test_interrupted_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    state = {"w": jnp.ones(3)}
+    checkpoint.save(tmp_path, 1, state)
+
+    def crash(handle, **arrays):
+        handle.write(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(checkpoint.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, {"w": 2 * jnp.ones(3)})
+    monkeypatch.undo()
+    folder = checkpoint.latest(tmp_path)
+    assert folder.name == "step-00000001"
+    restored, _ = checkpoint.restore(folder, state)
+    _equal(restored, state)
+    assert not any(p.name.startswith(".step-") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_restore_rejects_a_mismatched_state(tmp_path):
+    checkpoint.save(tmp_path, 1, {"w": jnp.ones(3)})
+    with pytest.raises(checkpoint.CheckpointError, match="expects"):
+        checkpoint.restore(checkpoint.latest(tmp_path), {"w": jnp.ones(4)})
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+        checkpoint.restore(tmp_path / "nowhere", {"w": jnp.ones(3)})
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    uninterrupted = _trainer()
+    state = uninterrupted.init()
+    for _ in range(4):
+        state, _ = uninterrupted.iteration(state)
+    first = _trainer()
+    partial = first.init()
+    for _ in range(2):
+        partial, _ = first.iteration(partial)
+    checkpoint.save(tmp_path, 2, partial)
+    second = _trainer()  # a fresh process would rebuild everything like this
+    resumed, _ = checkpoint.restore(checkpoint.latest(tmp_path), second.init())
+    for _ in range(2):
+        resumed, _ = second.iteration(resumed)
+    _equal(state, resumed)
+
+
+def test_trainer_rejects_bad_schedule():
+    with pytest.raises(fusetrace.errors.CompileError, match="update_every"):
+        Trainer(_trainer().learner, _sample, optax.sgd(0.1), update_every=-1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--task", "no-such-task"], "unknown task"),
+    (["train"], "--task is required"),
+    (["train", "--resume", "/nonexistent/run"], "no config.json"),
+    (["inspect", "nocolon"], "MODULE:FACTORY"),
+    (["inspect", "no_such_module_xyz:f"], "No module named"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusetrace: error:") and message in err[0], err
+
+
+def test_cli_argument_errors_exit_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "fusetrace.cli", "train", "--batch", "0"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["fusetrace: error: argument --batch: '0' must be positive"]
+
+
+def test_cli_inspect_prints_the_summary_and_draws(tmp_path, capsys, monkeypatch):
+    module = tmp_path / "my_models.py"
+    module.write_text(
+        "import jax.numpy as jnp\n"
+        "from test_compile_exact import _build\n"
+        "def make():\n"
+        "    return _build('cuba', 'leaky', None), jnp.zeros(3)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent))
+    assert cli_main(["inspect", "my_models:make", "--out", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "hidden groups:" in out and "proj.comm.weight.weight: traced" in out
+    assert (tmp_path / "g.png").stat().st_size > 1000
