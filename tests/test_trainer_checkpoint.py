@@ -169,3 +169,19 @@ def test_cli_inspect_prints_the_summary_and_draws(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert "hidden groups:" in out and "proj.comm.weight.weight: traced" in out
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_bptt_baseline_equals_d_rtrl_in_the_exact_regime():
+    """The BPTT trainer (whole-sequence gradient through the captured step) and the online d_rtrl
+    trainer with one update per sequence take the same step on a feed-forward layer."""
+    from fusetrace.trainer import BPTTTrainer
+
+    learner = _trainer().learner
+    bptt = BPTTTrainer(learner, _sample, optax.sgd(1.0), seed=5)
+    online = Trainer(learner, _sample, optax.sgd(1.0), update_every=0, seed=5)
+    start = bptt.init()
+    (a, _), (b, _) = bptt.iteration(start), online.iteration(start)
+    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10)
+    with pytest.raises(fusetrace.errors.CompileError, match="BPTT"):
+        BPTTTrainer(learner, _sample, optax.sgd(1.0), update_every=1)

@@ -32,6 +32,7 @@ class Analysis:
 
     @property
     def batch_size(self) -> int | None:
+        """The batch size the states were captured with, or None for unbatched states."""
         return self.captured.batch_size
 
     def group_of(self, path: str) -> Group:
@@ -42,9 +43,11 @@ class Analysis:
         raise KeyError(f"no hidden state `{path}`; hidden states: {[s for g in self.groups for s in g.states]}")
 
     def group_named(self, name: str) -> Group:
+        """The group called `name` (as in `summary()`)."""
         return next(g for g in self.groups if g.name == name)
 
     def relations_of(self, weight: str) -> tuple[Relation, ...]:
+        """The relations of the weight leaf at path `weight` (at least one for every weight leaf)."""
         return tuple(r for r in self.relations if r.weight == weight)
 
     def trace_bytes(self, algorithm: str) -> int:

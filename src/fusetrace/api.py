@@ -41,9 +41,12 @@ def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         NotNeuronAlignedError: a hidden state's update mixes neurons without a weight.
         CaptureError: the step cannot be traced.
 
-    Example:
-        >>> analysis = fusetrace.analyze(net, x0, batch_size=16)   # doctest: +SKIP
-        >>> print(analysis.summary())                              # doctest: +SKIP
+    Examples:
+        ```python
+        analysis = fusetrace.analyze(net, x0)  # net: a brainstate.nn.Module, x0: one step's input
+        print(analysis.summary())
+        print(analysis.explain("inp.comm.weight"))
+        ```
     """
     captured = simplify(capture(model, *example_inputs, batch_size=batch_size))
     facts = step_facts(captured)
@@ -65,8 +68,13 @@ class _Snapshot:
 
 
 class StepResult(eqx.Module):
-    """What `Learner.step` returns beside the new state: the step's output (with units), its scalar
-    loss, and this step's gradient estimate (the structure and units of `Learner.params`)."""
+    """What `Learner.step` returns beside the new state.
+
+    Attributes:
+        output: the step's output, with units, as `model.update` returns it.
+        loss: the step's scalar loss.
+        grads: this step's gradient estimate, with the structure and units of `Learner.params`.
+    """
 
     output: Any
     loss: jax.Array
@@ -88,6 +96,7 @@ class Learner(eqx.Module):
 
     @property
     def algorithm(self) -> str:
+        """The algorithm the learner was compiled with: "d_rtrl", "es_d_rtrl" or "e_prop"."""
         return self.plan.algorithm
 
     @property
@@ -109,6 +118,10 @@ class Learner(eqx.Module):
             state: as returned by `init()` or a previous `step`.
             x_t: this step's input (a tuple when `model.update` takes several arguments).
             target_t: whatever `loss` takes as its second argument.
+
+        Returns:
+            The new state (the structure of `init()`) and a `StepResult` with this step's output, loss and
+                gradient.
         """
         captured = self.analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
@@ -138,17 +151,21 @@ class Learner(eqx.Module):
 
     @property
     def graph(self):
+        """The dependency graph of the analysis (a frozen networkx `DiGraph`; schema in `fusetrace.graph`)."""
         return self.analysis.graph
 
     def summary(self) -> str:
+        """The analysis summary, then the algorithm and what it does with each weight it treats specially."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}"]
         lines += [f"  {path}: {note}" for path, notes in self.plan.notes.items() for note in notes]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
+        """The dependency graph in Graphviz dot syntax."""
         return self.analysis.to_dot()
 
     def explain(self, path: str) -> str:
+        """What fusetrace does with the state or weight at `path`, and why, including the algorithm's notes."""
         text = self.analysis.explain(path)
         notes = [n for p, ns in self.plan.notes.items() if p == path or p.startswith(path + ".") for n in ns]
         return text + "".join(f"  {self.algorithm}: {note}\n" for note in notes)
@@ -255,10 +272,12 @@ def compile(
     Raises:
         CompileError: bad options. Plus everything `analyze` raises.
 
-    Example:
-        >>> learner = fusetrace.compile(net, x0, loss=mse, algorithm="d_rtrl")  # doctest: +SKIP
-        >>> state = learner.init()                                             # doctest: +SKIP
-        >>> state, res = learner.step(learner.params, state, x0, y0)          # doctest: +SKIP
+    Examples:
+        ```python
+        learner = fusetrace.compile(net, x0, loss=lambda out, y: jnp.sum((out - y) ** 2), algorithm="d_rtrl")
+        state = learner.init()
+        state, res = jax.jit(learner.step)(learner.params, state, x0, y0)  # res.output, res.loss, res.grads
+        ```
     """
     if not callable(loss):
         raise CompileError(
@@ -321,12 +340,30 @@ def _first_leaf_per_state(captured):
 
 
 def online(*, loss: Callable, algorithm: str = "es_d_rtrl", **options):
-    """Class decorator: instances keep simulating as before and gain `.learner(*example_inputs,
-    batch_size=None)`, which returns `fusetrace.compile(instance, ..., loss=loss, algorithm=algorithm)`.
+    """Class decorator: instances simulate as before and gain a `.learner(...)` method.
 
-    Example:
-        >>> @fusetrace.online(algorithm="d_rtrl", loss=mse)   # doctest: +SKIP
-        ... class Net(brainstate.nn.Module): ...
+    `instance.learner(*example_inputs, batch_size=None, **more)` returns
+    `fusetrace.compile(instance, *example_inputs, loss=loss, algorithm=algorithm, batch_size=batch_size,
+    **options, **more)`.
+
+    Arguments:
+        loss: `loss(output, target) -> scalar` for one step, as in `compile`.
+        algorithm: "d_rtrl", "es_d_rtrl" or "e_prop", as in `compile`.
+        **options: further keyword arguments of `compile` (`decay`, `kappa`, `feedback`, ...).
+
+    Returns:
+        The decorator; it returns the class itself, with `learner` added.
+
+    Raises:
+        CompileError: the decorated object is not a `brainstate.nn.Module` subclass.
+
+    Examples:
+        ```python
+        @fusetrace.online(algorithm="d_rtrl", loss=lambda out, y: jnp.sum((out - y) ** 2))
+        class Net(brainstate.nn.Module): ...
+
+        learner = Net().learner(x0, batch_size=16)
+        ```
     """
 
     def decorate(cls):

@@ -11,11 +11,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import brainunit as u
 import jax
 import jax.numpy as jnp
 import optax
 
 from .api import Learner
+from .api import _leaves_from as api_leaves
 from .errors import CompileError, four_part
 
 
@@ -126,4 +128,44 @@ class Trainer:
         (params, opt_state, _, accumulated, _), (losses, outputs) = jax.lax.scan(body, carry, (inputs, targets))
         if every == 0:
             params, opt_state = self._apply(params, opt_state, accumulated)
+        return params, opt_state, losses, outputs
+
+
+class BPTTTrainer(Trainer):
+    """The same training loop with exact BPTT gradients over each whole sequence (a baseline: its
+    memory grows with the sequence length). The optimizer steps once per sequence."""
+
+    def __init__(
+        self, learner: Learner, sample: Callable[[int], Batch], optimizer: optax.GradientTransformation, **options
+    ):
+        if options.get("update_every", 0) != 0:
+            raise CompileError(
+                four_part(
+                    what="BPTT with update_every != 0",
+                    where="fusetrace.trainer.BPTTTrainer(...)",
+                    why="BPTT needs the whole sequence before it has a gradient",
+                    fix="leave update_every at 0 (one update per sequence)",
+                )
+            )
+        super().__init__(learner, sample, optimizer, **{**options, "update_every": 0})
+
+    def _run_sequence(self, params, opt_state, inputs, targets):
+        learner = self.learner
+        captured = learner.analysis.captured
+        model_state = learner.init()["model"]
+
+        def total_loss(params):
+            def body(leaves, step_inputs):
+                x, target = step_inputs
+                x_leaves = captured.strip_inputs(*(x if len(learner.snapshot.inputs) > 1 else (x,)))
+                outputs, new_leaves = captured.step(x_leaves, leaves)
+                loss = u.get_mantissa(learner.loss(captured.wrap_outputs(outputs), target))
+                return new_leaves, (loss, captured.wrap_outputs(outputs))
+
+            initial = api_leaves(captured, params, model_state)
+            _, (losses, outputs) = jax.lax.scan(body, initial, (inputs, targets))
+            return jnp.sum(losses), (losses, outputs)
+
+        grads, (losses, outputs) = jax.grad(total_loss, has_aux=True)(params)
+        params, opt_state = self._apply(params, opt_state, grads)
         return params, opt_state, losses, outputs

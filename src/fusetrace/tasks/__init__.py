@@ -1,0 +1,1 @@
+"""Generated reference tasks (TASKS.md)."""

@@ -1,0 +1,251 @@
+"""What every generated task shares: the `Task` record, the per-step losses that `fusetrace.compile`
+takes, the accuracy metrics, and the helpers the generators and reference networks are built from.
+
+Layout: time first. `inputs` is (time, batch, n_in) of 0/1 spikes, `targets` (time, batch, n_out),
+`mask` (time, batch) is 1 where the loss counts. `task.step_targets()` is the pytree a `lax.scan`
+over time hands to the loss one step at a time: `(target_t, mask_t)`.
+
+Randomness: every generator draws from `numpy.random.default_rng(seed)` (PCG64), so the same seed gives
+bit-identical arrays on every platform and backend. Spikes are Bernoulli per step with probability
+`rate · dt` (a Poisson process discretised at dt), which must not exceed 1.
+
+Sharp edge: the reference-network factories set brainstate's global `dt` (the models read it at every
+step, and `LeakyRateReadout` computes its decay when it is built) and, when given a seed, reseed
+`brainstate.random`.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import brainpy.state as bps
+import brainstate
+import braintools
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from ..errors import FusetraceError, four_part
+
+
+class TaskError(FusetraceError, ValueError):
+    """A task generator or metric was given arguments it cannot honour."""
+
+
+def bad_argument(what: str, where: str, why: str, fix: str) -> TaskError:
+    return TaskError(four_part(what=what, where=where, why=why, fix=fix))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """One generated batch of trials, time first.
+
+    Attributes:
+        name: the task's name ("evidence_accumulation", ...).
+        inputs: (time, batch, n_in) float32 0/1 spikes.
+        targets: (time, batch, n_out) float32: one-hot classes or regression values (defined at every
+            step; `mask` says where they count).
+        mask: (time, batch) float32, 1 where the loss counts.
+        labels: (batch,) int32 trial classes, or None where a trial has no single class.
+        dt_ms: the step in milliseconds.
+        info: what the generator drew, per trial (cue sides, directions, fixation lengths, tokens, ...).
+
+    Raises:
+        TaskError: the arrays' shapes disagree.
+    """
+
+    name: str
+    inputs: Float[Array, "time batch n_in"]
+    targets: Float[Array, "time batch n_out"]
+    mask: Float[Array, "time batch"]
+    labels: Int[Array, " batch"] | None
+    dt_ms: float
+    info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        n_steps, batch = self.inputs.shape[:2]
+        problems = []
+        if self.inputs.ndim != 3 or self.targets.ndim != 3:
+            problems.append(f"inputs {self.inputs.shape} and targets {self.targets.shape} must be 3-d")
+        elif self.targets.shape[:2] != (n_steps, batch):
+            problems.append(f"targets {self.targets.shape} do not start with (time, batch) = {(n_steps, batch)}")
+        if self.mask.shape != (n_steps, batch):
+            problems.append(f"mask {self.mask.shape} is not (time, batch) = {(n_steps, batch)}")
+        if self.labels is not None and self.labels.shape != (batch,):
+            problems.append(f"labels {self.labels.shape} is not (batch,) = {(batch,)}")
+        if problems:
+            raise bad_argument(
+                what=f"Task {self.name!r}: " + "; ".join(problems),
+                where="Task(...)",
+                why="every array is time first and shares the batch axis",
+                fix="build tasks with the generators in fusetrace.tasks",
+            )
+
+    @property
+    def n_steps(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.shape[1]
+
+    @property
+    def n_in(self) -> int:
+        return self.inputs.shape[2]
+
+    @property
+    def n_out(self) -> int:
+        return self.targets.shape[2]
+
+    def step_targets(self) -> tuple[Float[Array, "time batch n_out"], Float[Array, "time batch"]]:
+        """`(targets, mask)`, time first: scanning over it gives each step's `(target_t, mask_t)`,
+        the second argument of `cross_entropy_loss` / `mse_loss`.
+
+        Example:
+            >>> task = evidence_accumulation(batch=4, seed=0)                         # doctest: +SKIP
+            >>> jax.lax.scan(body, carry, (task.inputs, task.step_targets()))        # doctest: +SKIP
+        """
+        return self.targets, self.mask
+
+
+def cross_entropy_loss(
+    output: Float[Array, "batch n_out"], target_and_mask: tuple[Float[Array, "batch n_out"], Float[Array, " batch"]]
+) -> Float[Array, ""]:
+    """One step's softmax cross-entropy, masked, summed over the batch.
+
+    Arguments:
+        output: the readout (batch, n_out) (or (n_out,) unbatched).
+        target_and_mask: `(target, mask)`: one-hot (or soft) class targets like `output` and the
+            step's mask (batch,) (or a scalar).
+
+    Returns:
+        Σ_b mask_b · (−Σ_k target_bk log softmax(output_b)_k).
+    """
+    target, mask = target_and_mask
+    log_probabilities = jax.nn.log_softmax(output, axis=-1)
+    return -jnp.sum(mask * jnp.sum(target * log_probabilities, axis=-1))
+
+
+def mse_loss(
+    output: Float[Array, "batch n_out"], target_and_mask: tuple[Float[Array, "batch n_out"], Float[Array, " batch"]]
+) -> Float[Array, ""]:
+    """One step's squared error, masked, summed over the batch: Σ_b mask_b · ½ Σ_k (output − target)².
+
+    Arguments:
+        output: the readout (batch, n_out) (or (n_out,) unbatched).
+        target_and_mask: `(target, mask)` as in `cross_entropy_loss`.
+    """
+    target, mask = target_and_mask
+    return 0.5 * jnp.sum(mask * jnp.sum((output - target) ** 2, axis=-1))
+
+
+def accuracy(outputs: Float[Array, "time batch n_out"], task: Task) -> Float[Array, ""]:
+    """Fraction of trials whose decision matches `task.labels`; the decision is the argmax of the
+    readout summed over each trial's masked (recall / test) steps.
+
+    Raises:
+        TaskError: the task has no trial labels (use `step_accuracy`), or shapes disagree.
+    """
+    if task.labels is None:
+        raise bad_argument(
+            what=f"accuracy(outputs, task): task {task.name!r} has no trial labels",
+            where="fusetrace.tasks.accuracy",
+            why="each of its masked steps has its own class",
+            fix="use fusetrace.tasks.step_accuracy",
+        )
+    outputs = _checked_outputs(outputs, task, "accuracy")
+    evidence = jnp.sum(task.mask[..., None] * outputs, axis=0)
+    return jnp.mean(jnp.argmax(evidence, axis=-1) == task.labels)
+
+
+def step_accuracy(outputs: Float[Array, "time batch n_out"], task: Task) -> Float[Array, ""]:
+    """Fraction of masked steps whose readout argmax is the target class (for per-step classification,
+    e.g. the copy task)."""
+    outputs = _checked_outputs(outputs, task, "step_accuracy")
+    hits = jnp.argmax(outputs, axis=-1) == jnp.argmax(task.targets, axis=-1)
+    return jnp.sum(task.mask * hits) / jnp.sum(task.mask)
+
+
+def _checked_outputs(outputs, task: Task, where: str) -> jax.Array:
+    outputs = jnp.asarray(u.get_mantissa(outputs))
+    if outputs.shape != task.targets.shape:
+        raise bad_argument(
+            what=f"{where}: outputs {outputs.shape} differ from the targets {task.targets.shape}",
+            where=f"fusetrace.tasks.{where}",
+            why="the readout is compared step by step with the task's targets",
+            fix="pass the readout of every step of the task, stacked time first",
+        )
+    return outputs
+
+
+# --------------------------------------------------------------------------- generator helpers
+
+
+def check_count(value, name: str, where: str, minimum: int = 1) -> int:
+    """`value` as an int, or a TaskError when it is not an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise bad_argument(
+            what=f"{name}={value!r}",
+            where=where,
+            why=f"{name} counts {'trials' if name == 'batch' else 'steps or items'}",
+            fix=f"pass an integer >= {minimum}",
+        )
+    return int(value)
+
+
+def spikes(rng: np.random.Generator, rate_hz: np.ndarray, dt_ms: float) -> np.ndarray:
+    """0/1 float32 spikes, Bernoulli per step with probability rate · dt (a discretised Poisson process)."""
+    probability = np.asarray(rate_hz, np.float32) * np.float32(dt_ms * 1e-3)
+    return (rng.random(probability.shape, dtype=np.float32) < probability).astype(np.float32)
+
+
+def one_hot(classes: np.ndarray, n_classes: int) -> np.ndarray:
+    return (np.asarray(classes)[..., None] == np.arange(n_classes)).astype(np.float32)
+
+
+def as_task(name: str, inputs, targets, mask, labels, dt_ms: float, info: dict) -> Task:
+    """A `Task` holding float32 / int32 JAX arrays (whatever the x64 setting)."""
+    return Task(
+        name=name,
+        inputs=jnp.asarray(inputs, jnp.float32),
+        targets=jnp.asarray(targets, jnp.float32),
+        mask=jnp.asarray(mask, jnp.float32),
+        labels=None if labels is None else jnp.asarray(labels, jnp.int32),
+        dt_ms=float(dt_ms),
+        info=info,
+    )
+
+
+# --------------------------------------------------------------------------- network helpers
+
+
+def begin_network(dt_ms: float, seed: int | None) -> None:
+    """Set brainstate's global dt (read at every step and by `LeakyRateReadout` when built) and, when
+    given, reseed `brainstate.random` (the weight initialisers draw from it)."""
+    if not dt_ms > 0:
+        raise bad_argument(
+            what=f"dt_ms={dt_ms!r}",
+            where="a reference-network factory",
+            why="the step must be a positive duration",
+            fix="pass dt_ms > 0 (the tasks use 1.0)",
+        )
+    brainstate.environ.set(dt=dt_ms * u.ms)
+    if seed is not None:
+        brainstate.random.seed(seed)
+
+
+def current_projection(n_pre: int, post: bps.Neuron, n_post: int, tau_syn, scale: float) -> bps.AlignPostProj:
+    """`pre spikes -> Linear (mA, no bias) -> Expon current synapse -> CUBA -> post`.
+
+    Projections onto the same population with equal synapse parameters share one `Expon` (brainpy's
+    AlignPost merging): the currents add, which is the same dynamics."""
+    return bps.AlignPostProj(
+        comm=brainstate.nn.Linear(
+            n_pre, n_post, w_init=braintools.init.KaimingNormal(scale=scale, unit=u.mA), b_init=None
+        ),
+        syn=bps.Expon.desc(n_post, tau=tau_syn, g_initializer=braintools.init.Constant(0.0 * u.mA)),
+        out=bps.CUBA.desc(scale=1.0),
+        post=post,
+    )
