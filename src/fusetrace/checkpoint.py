@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .errors import FusetraceError, four_part
@@ -33,8 +34,13 @@ def _leaves(tree) -> list:
     return jax.tree.leaves(tree)
 
 
+def _is_key(leaf) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _to_numpy(leaf) -> np.ndarray:
-    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    if _is_key(leaf):
         return np.asarray(jax.random.key_data(leaf))
     return np.asarray(leaf)
 
@@ -46,7 +52,7 @@ def save(run_dir: str | os.PathLike, step: int, state: Any, meta: dict | None = 
     final = root / f"step-{step:08d}"
     scratch = pathlib.Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=root))
     try:
-        arrays = {f"leaf_{i:05d}": _to_numpy(leaf) for i, leaf in enumerate(_leaves(state))}
+        arrays: dict[str, Any] = {f"leaf_{i:05d}": _to_numpy(leaf) for i, leaf in enumerate(_leaves(state))}
         with open(scratch / "arrays.npz", "wb") as handle:
             np.savez(handle, **arrays)
             handle.flush()
@@ -103,8 +109,8 @@ def restore(folder: str | os.PathLike, template: Any) -> tuple[Any, dict]:
 
 
 def _restore_leaf(value: np.ndarray, like, folder):
-    if jax.dtypes.issubdtype(getattr(like, "dtype", None), jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+    if _is_key(like):
+        return jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(like))
     like_array = np.asarray(like)
     if value.shape != like_array.shape or value.dtype != like_array.dtype:
         raise CheckpointError(
@@ -116,4 +122,4 @@ def _restore_leaf(value: np.ndarray, like, folder):
                 fix="resume with the same configuration (sizes, batch, float64 setting) as the original run",
             )
         )
-    return jax.numpy.asarray(value)
+    return jnp.asarray(value)

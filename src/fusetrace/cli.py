@@ -225,7 +225,6 @@ def build(config: RunConfig):
     brainstate.random.seed(config.seed)
     model = spec.network()
     first = spec.sample(batch=config.batch, seed=config.seed, **config.task_options)
-    options = {"decay": config.decay} if config.algorithm == "es_d_rtrl" else {}
     learner = compile(
         model,
         first.inputs[0],
@@ -233,7 +232,7 @@ def build(config: RunConfig):
         algorithm=config.algorithm,
         batch_size=config.batch,
         example_target=jax.tree.map(lambda a: a[0], first.targets),
-        **options,
+        decay=config.decay,
     )
     trainer = Trainer(
         learner,

@@ -25,6 +25,7 @@ CUE_PERIOD_MS, CUE_ONSET_MS, CUE_MS = 150, 50, 100
 DELAY_MS, RECALL_MS = 1050, 150
 CUE_HZ, RECALL_HZ, NOISE_HZ = 40.0, 40.0, 10.0
 P_LEFT_CHOICES = (0.3, 0.7)
+IN_SCALE, REC_SCALE = 30.0, 7.5  # Kaiming variance scales of the input and recurrent weights
 
 
 def evidence_accumulation(batch: int, seed: int, *, n_cues: int = 7, shorten: float = 1.0) -> Task:
@@ -135,9 +136,6 @@ class EvidenceNetwork(brainstate.nn.Module):
         self.inp_lif(x)
         self.inp_alif(x)
         return self.out(u.math.concatenate([self.lif(), self.alif()], axis=-1))
-
-
-IN_SCALE, REC_SCALE = 2.0, 1.0  # Kaiming variance scales of the input and recurrent weights
 
 
 def evidence_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> EvidenceNetwork:
