@@ -38,8 +38,9 @@ def _dt():
 
 
 def _trainer(update_every=1):
-    learner = fusetrace.compile(_build("cuba", "leaky", BATCH), _sample(0).inputs[0], loss=_loss,
-                                algorithm="d_rtrl", batch_size=BATCH)
+    learner = fusetrace.compile(
+        _build("cuba", "leaky", BATCH), _sample(0).inputs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH
+    )
     return Trainer(learner, _sample, optax.adam(1e-2), update_every=update_every, clip_norm=1.0, seed=5)
 
 
@@ -58,8 +59,10 @@ def test_training_changes_params_and_update_schedule_matters(update_every):
     state = trainer.init()
     new, result = trainer.iteration(state)
     assert np.isfinite(result.loss) and int(new["iteration"]) == 1
-    moved = [not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new["params"]), strict=True)]
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(new["params"]), strict=True)
+    ]
     assert all(moved)
 
 
@@ -78,8 +81,11 @@ def test_update_every_zero_equals_one_step_on_the_summed_online_gradient():
 
 
 def test_checkpoint_round_trip_is_exact_with_units_and_keys(tmp_path):
-    state = {"w": u.Quantity(jnp.arange(6.0).reshape(2, 3), unit=u.mA), "key": jax.random.key(3),
-             "n": jnp.asarray(7, jnp.int32)}
+    state = {
+        "w": u.Quantity(jnp.arange(6.0).reshape(2, 3), unit=u.mA),
+        "key": jax.random.key(3),
+        "n": jnp.asarray(7, jnp.int32),
+    }
     checkpoint.save(tmp_path, 7, state, {"note": "x"})
     restored, meta = checkpoint.restore(checkpoint.latest(tmp_path), state)
     _equal(state, restored)
@@ -135,13 +141,16 @@ def test_trainer_rejects_bad_schedule():
         Trainer(_trainer().learner, _sample, optax.sgd(0.1), update_every=-1)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--task", "no-such-task"], "unknown task"),
-    (["train"], "--task is required"),
-    (["train", "--resume", "/nonexistent/run"], "no config.json"),
-    (["inspect", "nocolon"], "MODULE:FACTORY"),
-    (["inspect", "no_such_module_xyz:f"], "No module named"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--task", "no-such-task"], "unknown task"),
+        (["train"], "--task is required"),
+        (["train", "--resume", "/nonexistent/run"], "no config.json"),
+        (["inspect", "nocolon"], "MODULE:FACTORY"),
+        (["inspect", "no_such_module_xyz:f"], "No module named"),
+    ],
+)
 def test_cli_errors_are_one_line(argv, message, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -149,8 +158,9 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 
 
 def test_cli_argument_errors_exit_without_traceback():
-    result = subprocess.run([sys.executable, "-m", "fusetrace.cli", "train", "--batch", "0"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fusetrace.cli", "train", "--batch", "0"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["fusetrace: error: argument --batch: '0' must be positive"]
 

@@ -7,7 +7,7 @@ over time hands to the loss one step at a time: `(target_t, mask_t)`.
 
 Randomness: every generator draws from `numpy.random.default_rng(seed)` (PCG64), so the same seed gives
 bit-identical arrays on every platform and backend. Spikes are Bernoulli per step with probability
-`rate · dt` (a Poisson process discretised at dt), which must not exceed 1.
+`rate · dt` (a Poisson process discretised at dt; rate · dt > 1 is an error).
 
 Sharp edge: the reference-network factories set brainstate's global `dt` (the models read it at every
 step, and `LeakyRateReadout` computes its decay when it is built) and, when given a seed, reseed
@@ -15,6 +15,7 @@ step, and `LeakyRateReadout` computes its decay when it is built) and, when give
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,17 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ..errors import FusetraceError, four_part
+
+# Array types, time first (module-level aliases keep the dimension strings out of annotations, which
+# pyflakes would parse as forward references).
+TimeInputs = Float[Array, "time batch n_in"]
+TimeOutputs = Float[Array, "time batch n_out"]
+TimeMask = Float[Array, "time batch"]
+Labels = Int[Array, " batch"]
+StepOutput = Float[Array, "batch n_out"]
+StepMask = Float[Array, " batch"]
+StepTarget = tuple[StepOutput, StepMask]
+Scalar = Float[Array, ""]
 
 
 class TaskError(FusetraceError, ValueError):
@@ -57,24 +69,25 @@ class Task:
     """
 
     name: str
-    inputs: Float[Array, "time batch n_in"]
-    targets: Float[Array, "time batch n_out"]
-    mask: Float[Array, "time batch"]
-    labels: Int[Array, " batch"] | None
+    inputs: TimeInputs
+    targets: TimeOutputs
+    mask: TimeMask
+    labels: Labels | None
     dt_ms: float
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        n_steps, batch = self.inputs.shape[:2]
         problems = []
         if self.inputs.ndim != 3 or self.targets.ndim != 3:
             problems.append(f"inputs {self.inputs.shape} and targets {self.targets.shape} must be 3-d")
-        elif self.targets.shape[:2] != (n_steps, batch):
-            problems.append(f"targets {self.targets.shape} do not start with (time, batch) = {(n_steps, batch)}")
-        if self.mask.shape != (n_steps, batch):
-            problems.append(f"mask {self.mask.shape} is not (time, batch) = {(n_steps, batch)}")
-        if self.labels is not None and self.labels.shape != (batch,):
-            problems.append(f"labels {self.labels.shape} is not (batch,) = {(batch,)}")
+        else:
+            n_steps, batch = self.inputs.shape[:2]
+            if self.targets.shape[:2] != (n_steps, batch):
+                problems.append(f"targets {self.targets.shape} do not start with (time, batch) {(n_steps, batch)}")
+            if self.mask.shape != (n_steps, batch):
+                problems.append(f"mask {self.mask.shape} is not (time, batch) = {(n_steps, batch)}")
+            if self.labels is not None and self.labels.shape != (batch,):
+                problems.append(f"labels {self.labels.shape} is not (batch,) = {(batch,)}")
         if problems:
             raise bad_argument(
                 what=f"Task {self.name!r}: " + "; ".join(problems),
@@ -99,7 +112,7 @@ class Task:
     def n_out(self) -> int:
         return self.targets.shape[2]
 
-    def step_targets(self) -> tuple[Float[Array, "time batch n_out"], Float[Array, "time batch"]]:
+    def step_targets(self) -> tuple[TimeOutputs, TimeMask]:
         """`(targets, mask)`, time first: scanning over it gives each step's `(target_t, mask_t)`,
         the second argument of `cross_entropy_loss` / `mse_loss`.
 
@@ -110,9 +123,7 @@ class Task:
         return self.targets, self.mask
 
 
-def cross_entropy_loss(
-    output: Float[Array, "batch n_out"], target_and_mask: tuple[Float[Array, "batch n_out"], Float[Array, " batch"]]
-) -> Float[Array, ""]:
+def cross_entropy_loss(output: StepOutput, target_and_mask: StepTarget) -> Scalar:
     """One step's softmax cross-entropy, masked, summed over the batch.
 
     Arguments:
@@ -128,9 +139,7 @@ def cross_entropy_loss(
     return -jnp.sum(mask * jnp.sum(target * log_probabilities, axis=-1))
 
 
-def mse_loss(
-    output: Float[Array, "batch n_out"], target_and_mask: tuple[Float[Array, "batch n_out"], Float[Array, " batch"]]
-) -> Float[Array, ""]:
+def mse_loss(output: StepOutput, target_and_mask: StepTarget) -> Scalar:
     """One step's squared error, masked, summed over the batch: Σ_b mask_b · ½ Σ_k (output − target)².
 
     Arguments:
@@ -141,7 +150,7 @@ def mse_loss(
     return 0.5 * jnp.sum(mask * jnp.sum((output - target) ** 2, axis=-1))
 
 
-def accuracy(outputs: Float[Array, "time batch n_out"], task: Task) -> Float[Array, ""]:
+def accuracy(outputs: TimeOutputs, task: Task) -> Scalar:
     """Fraction of trials whose decision matches `task.labels`; the decision is the argmax of the
     readout summed over each trial's masked (recall / test) steps.
 
@@ -160,7 +169,7 @@ def accuracy(outputs: Float[Array, "time batch n_out"], task: Task) -> Float[Arr
     return jnp.mean(jnp.argmax(evidence, axis=-1) == task.labels)
 
 
-def step_accuracy(outputs: Float[Array, "time batch n_out"], task: Task) -> Float[Array, ""]:
+def step_accuracy(outputs: TimeOutputs, task: Task) -> Scalar:
     """Fraction of masked steps whose readout argmax is the target class (for per-step classification,
     e.g. the copy task)."""
     outputs = _checked_outputs(outputs, task, "step_accuracy")
@@ -198,6 +207,13 @@ def check_count(value, name: str, where: str, minimum: int = 1) -> int:
 def spikes(rng: np.random.Generator, rate_hz: np.ndarray, dt_ms: float) -> np.ndarray:
     """0/1 float32 spikes, Bernoulli per step with probability rate · dt (a discretised Poisson process)."""
     probability = np.asarray(rate_hz, np.float32) * np.float32(dt_ms * 1e-3)
+    if probability.size and probability.max() > 1.0:
+        raise bad_argument(
+            what=f"a rate of {probability.max() / (dt_ms * 1e-3):g} Hz at dt = {dt_ms} ms",
+            where="fusetrace.tasks spike generation",
+            why="a step holds at most one spike, so rate · dt must not exceed 1",
+            fix="lower the rate or the step",
+        )
     return (rng.random(probability.shape, dtype=np.float32) < probability).astype(np.float32)
 
 
@@ -221,6 +237,26 @@ def as_task(name: str, inputs, targets, mask, labels, dt_ms: float, info: dict) 
 # --------------------------------------------------------------------------- network helpers
 
 
+def ms(value: float) -> u.Quantity:
+    return u.Quantity(value, unit=u.ms)
+
+
+def mv(value: float) -> u.Quantity:
+    return u.Quantity(value, unit=u.mV)
+
+
+def eprop_beta(tau_a_ms: float, tau_v_ms: float, beta: float = 1.7) -> u.Quantity:
+    """`bps.ALIF`'s `beta` for e-prop's threshold adaptation β (1.7 in e-prop).
+
+    e-prop's code (and NEST's port, `adapt_beta`) raises the threshold by β · (1 − ρ) / (1 − α) per
+    spike, ρ = e^{−dt/τ_a}, α = e^{−dt/τ_v}, with the adaptation growing by 1 per spike, as brainpy's
+    ALIF `a` does; the threshold stays in the same units, so that prefactor in mV is brainpy's `beta`.
+    """
+    dt_ms = float(u.Quantity(brainstate.environ.get_dt()).to_decimal(u.ms))
+    rho, alpha = math.exp(-dt_ms / tau_a_ms), math.exp(-dt_ms / tau_v_ms)
+    return mv(beta * (1.0 - rho) / (1.0 - alpha))
+
+
 def begin_network(dt_ms: float, seed: int | None) -> None:
     """Set brainstate's global dt (read at every step and by `LeakyRateReadout` when built) and, when
     given, reseed `brainstate.random` (the weight initialisers draw from it)."""
@@ -231,7 +267,7 @@ def begin_network(dt_ms: float, seed: int | None) -> None:
             why="the step must be a positive duration",
             fix="pass dt_ms > 0 (the tasks use 1.0)",
         )
-    brainstate.environ.set(dt=dt_ms * u.ms)
+    brainstate.environ.set(dt=ms(dt_ms))  # pyright: ignore[reportArgumentType]  (annotated float; takes a Quantity)
     if seed is not None:
         brainstate.random.seed(seed)
 
@@ -245,7 +281,7 @@ def current_projection(n_pre: int, post: bps.Neuron, n_post: int, tau_syn, scale
         comm=brainstate.nn.Linear(
             n_pre, n_post, w_init=braintools.init.KaimingNormal(scale=scale, unit=u.mA), b_init=None
         ),
-        syn=bps.Expon.desc(n_post, tau=tau_syn, g_initializer=braintools.init.Constant(0.0 * u.mA)),
+        syn=bps.Expon.desc(n_post, tau=tau_syn, g_initializer=braintools.init.Constant(u.Quantity(0.0, unit=u.mA))),
         out=bps.CUBA.desc(scale=1.0),
         post=post,
     )

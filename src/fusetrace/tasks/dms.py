@@ -12,17 +12,28 @@ fixation (fixation carries only background input) and so fix every trial's timin
 
 import brainpy.state as bps
 import brainstate
-import brainunit as u
 import numpy as np
 
-from .base import Task, as_task, bad_argument, begin_network, check_count, current_projection, one_hot, spikes
+from .base import (
+    Task,
+    as_task,
+    bad_argument,
+    begin_network,
+    check_count,
+    current_projection,
+    eprop_beta,
+    ms,
+    mv,
+    one_hot,
+    spikes,
+)
 
 DT_MS = 1.0
 N_INPUTS, N_DIRECTIONS, KAPPA = 100, 8, 3.0
 SAMPLE_MS, TEST_MS = 500, 500
 STIMULUS_HZ, BACKGROUND_HZ = 100.0, 1.0
 NON_MATCH, MATCH = 0, 1
-IN_SCALE, REC_SCALE = 2.0, 0.5  # Kaiming variance scales of the input and recurrent weights
+IN_SCALE, REC_SCALE = 3.0, 0.75  # Kaiming variance scales: the untrained net fires at ~10 Hz
 
 
 def tuning(directions: np.ndarray) -> np.ndarray:
@@ -30,7 +41,19 @@ def tuning(directions: np.ndarray) -> np.ndarray:
     direction θ_i = 2π i / 100) to each motion direction θ = 2π d / 8; shape (len(directions), 100)."""
     preferred = 2 * np.pi * np.arange(N_INPUTS) / N_INPUTS
     theta = 2 * np.pi * np.asarray(directions)[:, None] / N_DIRECTIONS
-    return np.exp(KAPPA * (np.cos(theta - preferred) - 1.0))
+    return np.exp(KAPPA * (np.cos(theta - preferred) - 1.0)).astype(np.float32)
+
+
+def draw_trials(rng: np.random.Generator, batch: int, fixation_ms: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The per-trial draws of `delayed_match_to_sample`, in its order: fixation length (uniform
+    integer in the inclusive range), sample direction (uniform over 8), match (probability 1/2) and
+    test direction (the sample when matching, else uniform over the 7 others). Each (batch,)."""
+    fixation = rng.integers(fixation_ms[0], fixation_ms[1] + 1, size=batch)
+    sample = rng.integers(0, N_DIRECTIONS, size=batch)
+    labels = (rng.random(batch) < 0.5).astype(np.int32)
+    other = (sample + rng.integers(1, N_DIRECTIONS, size=batch)) % N_DIRECTIONS
+    test = np.where(labels == MATCH, sample, other)
+    return {"fixation": fixation, "sample": sample, "test": test, "labels": labels}
 
 
 def delayed_match_to_sample(
@@ -66,20 +89,18 @@ def delayed_match_to_sample(
     where = "delayed_match_to_sample(...)"
     batch = check_count(batch, "batch", where)
     delay_ms = check_count(delay_ms, "delay_ms", where, minimum=0)
-    low, high = fixation_ms
-    if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high):
+    integers = len(fixation_ms) == 2 and all(isinstance(value, int) for value in fixation_ms)
+    if not (integers and 0 <= fixation_ms[0] <= fixation_ms[1]):
         raise bad_argument(
             what=f"fixation_ms={fixation_ms!r}",
             where=where,
             why="it is the inclusive range of whole milliseconds the fixation length is drawn from",
             fix="pass two integers 0 <= lo <= hi (the definition: (10, 500))",
         )
+    high = fixation_ms[1]
     rng = np.random.default_rng(seed)
-    fixation = rng.integers(low, high + 1, size=batch)
-    sample = rng.integers(0, N_DIRECTIONS, size=batch)
-    labels = (rng.random(batch) < 0.5).astype(np.int32)
-    other = (sample + rng.integers(1, N_DIRECTIONS, size=batch)) % N_DIRECTIONS
-    test = np.where(labels == MATCH, sample, other)
+    trials = draw_trials(rng, batch, fixation_ms)
+    fixation, sample, test, labels = trials["fixation"], trials["sample"], trials["test"], trials["labels"]
 
     n_steps = high + SAMPLE_MS + delay_ms + TEST_MS
     time = np.arange(n_steps)[:, None]
@@ -87,7 +108,7 @@ def delayed_match_to_sample(
     sample_on = (time >= fixation) & (time < fixation + SAMPLE_MS)
     test_on = (time >= test_start) & (time < test_start + TEST_MS)
     in_trial = time < test_start + TEST_MS
-    rates = BACKGROUND_HZ * in_trial[..., None] + STIMULUS_HZ * (
+    rates = np.float32(BACKGROUND_HZ) * in_trial[..., None] + np.float32(STIMULUS_HZ) * (
         sample_on[..., None] * tuning(sample)[None] + test_on[..., None] * tuning(test)[None]
     )
     inputs = spikes(rng, rates, DT_MS)
@@ -98,19 +119,19 @@ def delayed_match_to_sample(
 
 class DMSNetwork(brainstate.nn.Module):
     """The DMS reference network: `n_rec` recurrent adaptive LIF neurons (`bps.ALIF`, τ = 100 ms,
-    τ_a = 1,500 ms, threshold 1 mV, β = 1.7 · (1 − e^{−dt/τ_a}) mV as for e-prop's ALIF), input and
+    τ_a = 1,500 ms, threshold 1 mV, threshold adaptation β = 1.7 in e-prop's convention, see
+    `eprop_beta`: 0.114 mV per spike at dt = 1 ms; not fixed by the definition), input and
     recurrent currents through exponential synapses with τ_syn = 100 ms, and a `LeakyRateReadout`
     (τ = 20 ms; not fixed by the definition) of the new spikes. `update(x_t)` returns the readout.
     """
 
     def __init__(self, n_in: int = N_INPUTS, n_rec: int = 200, n_out: int = 2):
         super().__init__()
-        tau_a = 1500.0 * u.ms
-        beta = 1.7 * (1.0 - float(u.math.exp(-brainstate.environ.get_dt() / tau_a))) * u.mV
-        self.neurons = bps.ALIF(n_rec, tau=100.0 * u.ms, tau_a=tau_a, V_th=1.0 * u.mV, beta=beta)
-        self.rec = current_projection(n_rec, self.neurons, n_rec, 100.0 * u.ms, scale=REC_SCALE)
-        self.inp = current_projection(n_in, self.neurons, n_rec, 100.0 * u.ms, scale=IN_SCALE)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=20.0 * u.ms)
+        beta = eprop_beta(1500.0, 100.0)
+        self.neurons = bps.ALIF(n_rec, tau=ms(100.0), tau_a=ms(1500.0), V_th=mv(1.0), beta=beta)
+        self.rec = current_projection(n_rec, self.neurons, n_rec, ms(100.0), scale=REC_SCALE)
+        self.inp = current_projection(n_in, self.neurons, n_rec, ms(100.0), scale=IN_SCALE)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(20.0))
 
     def update(self, x):
         self.rec(self.neurons.get_spike())

@@ -16,7 +16,19 @@ import brainstate
 import brainunit as u
 import numpy as np
 
-from .base import Task, as_task, bad_argument, begin_network, check_count, current_projection, one_hot, spikes
+from .base import (
+    Task,
+    as_task,
+    bad_argument,
+    begin_network,
+    check_count,
+    current_projection,
+    eprop_beta,
+    ms,
+    mv,
+    one_hot,
+    spikes,
+)
 
 DT_MS = 1.0
 GROUP_SIZE = 10  # channels per group; groups in order: left, right, recall, noise
@@ -25,7 +37,14 @@ CUE_PERIOD_MS, CUE_ONSET_MS, CUE_MS = 150, 50, 100
 DELAY_MS, RECALL_MS = 1050, 150
 CUE_HZ, RECALL_HZ, NOISE_HZ = 40.0, 40.0, 10.0
 P_LEFT_CHOICES = (0.3, 0.7)
-IN_SCALE, REC_SCALE = 30.0, 7.5  # Kaiming variance scales of the input and recurrent weights
+IN_SCALE, REC_SCALE = 30.0, 7.5  # Kaiming variance scales: the untrained net fires at ~10 Hz
+
+
+def draw_cues(rng: np.random.Generator, batch: int, n_cues: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-trial draws of `evidence_accumulation`: p_left ∈ {0.3, 0.7} with equal odds (batch,),
+    then each cue left with probability p_left (batch, n_cues) bool."""
+    p_left = rng.choice(np.asarray(P_LEFT_CHOICES), size=batch)
+    return p_left, rng.random((batch, n_cues)) < p_left[:, None]
 
 
 def evidence_accumulation(batch: int, seed: int, *, n_cues: int = 7, shorten: float = 1.0) -> Task:
@@ -74,8 +93,7 @@ def evidence_accumulation(batch: int, seed: int, *, n_cues: int = 7, shorten: fl
             fix="pass a value in [0, 1] (1.0: the published task)",
         )
     rng = np.random.default_rng(seed)
-    p_left = rng.choice(np.asarray(P_LEFT_CHOICES), size=batch)
-    cue_left = rng.random((batch, n_cues)) < p_left[:, None]
+    p_left, cue_left = draw_cues(rng, batch, n_cues)
     labels = (np.sum(~cue_left, axis=1) > n_cues // 2).astype(np.int32)
 
     recall_start = CUE_PERIOD_MS * n_cues + round(DELAY_MS * shorten)
@@ -103,31 +121,30 @@ class EvidenceNetwork(brainstate.nn.Module):
     spikes (concatenated). `update(x_t)` returns the readout (batch, n_out).
 
     Parameters (e-prop's): τ_v = 20 ms, threshold 0.6 mV (soft reset), ALIF τ_a = 2,000 ms, readout
-    τ = 20 ms. Differences from the published network, all forced by the stock brainpy.state parts:
+    τ = 20 ms. Differences from the published network (the first two forced by the stock brainpy.state
+    parts):
 
     * no refractory period: `bps.ALIF` has none, and `bps.LIFRef` reads the environment's clock `t`,
       which one compiled step does not advance (a constant `t` would hold a neuron that fired once
       refractory for ever), so both populations omit it;
-    * currents reach the membrane through an exponential synapse (`tau_syn`, 5 ms by default) since
+    * currents reach the membrane through an exponential synapse (`tau_syn_ms`, 5 ms by default) since
       `AlignPostProj` needs one; e-prop adds them directly;
-    * threshold adaptation: brainpy's `a` grows by 1 per spike, e-prop's by (1 − ρ), so
-      β = 1.7 · (1 − e^{−dt/τ_a}) mV reproduces e-prop's β = 1.7;
+    * threshold adaptation as in e-prop's code and NEST's port: +β · (1 − ρ) / (1 − α) mV per spike,
+      β = 1.7, ρ = e^{−dt/τ_a}, α = e^{−dt/τ_v} (0.0174 mV at dt = 1 ms);
     * self-connections (autapses) are not removed.
     """
 
-    def __init__(self, n_in: int = 40, n_lif: int = 50, n_alif: int = 50, n_out: int = 2, tau_syn=5.0 * u.ms):
+    def __init__(self, n_in: int = 40, n_lif: int = 50, n_alif: int = 50, n_out: int = 2, tau_syn_ms: float = 5.0):
         super().__init__()
-        tau_v, tau_a, threshold = 20.0 * u.ms, 2000.0 * u.ms, 0.6 * u.mV
-        dt = brainstate.environ.get_dt()
-        beta = 1.7 * (1.0 - float(u.math.exp(-dt / tau_a))) * u.mV
+        tau_v, threshold, tau_syn = ms(20.0), mv(0.6), ms(tau_syn_ms)
         self.lif = bps.LIF(n_lif, tau=tau_v, V_th=threshold)
-        self.alif = bps.ALIF(n_alif, tau=tau_v, tau_a=tau_a, V_th=threshold, beta=beta)
+        self.alif = bps.ALIF(n_alif, tau=tau_v, tau_a=ms(2000.0), V_th=threshold, beta=eprop_beta(2000.0, 20.0))
         n_rec = n_lif + n_alif
         self.rec_lif = current_projection(n_rec, self.lif, n_lif, tau_syn, scale=REC_SCALE)
         self.rec_alif = current_projection(n_rec, self.alif, n_alif, tau_syn, scale=REC_SCALE)
         self.inp_lif = current_projection(n_in, self.lif, n_lif, tau_syn, scale=IN_SCALE)
         self.inp_alif = current_projection(n_in, self.alif, n_alif, tau_syn, scale=IN_SCALE)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=20.0 * u.ms)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(20.0))
 
     def update(self, x):
         previous = u.math.concatenate([self.lif.get_spike(), self.alif.get_spike()], axis=-1)

@@ -7,16 +7,15 @@ The input is a frozen Poisson pattern: the same seed gives the same input and ta
 
 import brainpy.state as bps
 import brainstate
-import brainunit as u
 import numpy as np
 
-from .base import Task, as_task, begin_network, check_count, current_projection, spikes
+from .base import Task, as_task, begin_network, check_count, current_projection, ms, mv, spikes
 
 DT_MS = 1.0
 INPUT_HZ = 50.0
 PERIODS_MS = (1000.0, 500.0, 333.0, 200.0)
 AMPLITUDE_RANGE, PHASE_RANGE = (0.5, 2.0), (0.0, 2 * np.pi)
-IN_SCALE, REC_SCALE = 15.0, 3.0  # Kaiming variance scales of the input and recurrent weights
+IN_SCALE, REC_SCALE = 15.0, 3.0  # Kaiming variance scales: the untrained net fires at ~10 Hz
 
 
 def pattern_generation(seed: int, *, batch: int = 1, n_in: int = 100, duration_ms: int = 1000) -> Task:
@@ -67,11 +66,11 @@ class PatternNetwork(brainstate.nn.Module):
 
     def __init__(self, n_in: int = 100, n_rec: int = 100, n_out: int = 1):
         super().__init__()
-        tau_syn = 5.0 * u.ms
-        self.neurons = bps.LIF(n_rec, tau=30.0 * u.ms, V_th=1.0 * u.mV)
+        tau_syn = ms(5.0)
+        self.neurons = bps.LIF(n_rec, tau=ms(30.0), V_th=mv(1.0))
         self.rec = current_projection(n_rec, self.neurons, n_rec, tau_syn, scale=REC_SCALE)
         self.inp = current_projection(n_in, self.neurons, n_rec, tau_syn, scale=IN_SCALE)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=30.0 * u.ms)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(30.0))
 
     def update(self, x):
         self.rec(self.neurons.get_spike())
