@@ -195,3 +195,56 @@ def test_bptt_baseline_equals_d_rtrl_in_the_exact_regime():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10)
     with pytest.raises(fusetrace.errors.CompileError, match="BPTT"):
         BPTTTrainer(learner, _sample, optax.sgd(1.0), update_every=1)
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    for step in range(1, 6):
+        checkpoint.save(tmp_path, step, {"w": jnp.full(2, float(step))}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert names == ["step-00000004", "step-00000005"]
+    restored, _ = checkpoint.restore(checkpoint.latest(tmp_path), {"w": jnp.zeros(2)})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), [5.0, 5.0])
+
+
+@pytest.mark.slow
+def test_cli_train_killed_mid_run_resumes_exactly(tmp_path):
+    """SIGKILL a real `fusetrace train` process after its first checkpoint, resume it, and compare
+    with an uninterrupted run: the final checkpoints are identical array for array."""
+    import signal
+    import time
+
+    args = [
+        "train",
+        "--task",
+        "copy",
+        "--algorithm",
+        "e_prop",
+        "--iterations",
+        "12",
+        "--batch",
+        "4",
+        "--option",
+        "lag=150",
+        "--checkpoint-every",
+        "1",
+        "--seed",
+        "3",
+    ]
+    command = [sys.executable, "-m", "fusetrace.cli"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*command, *args, "--run-dir", str(whole)], check=True, capture_output=True)
+    process = subprocess.Popen(
+        [*command, *args, "--run-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while checkpoint.latest(killed) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = int(checkpoint.latest(killed).name.split("-")[1])
+    assert stopped_at < 12, "the run finished before it could be killed; the test proves nothing"
+    subprocess.run([*command, "train", "--resume", str(killed)], check=True, capture_output=True)
+    with np.load(checkpoint.latest(whole) / "arrays.npz") as a, np.load(checkpoint.latest(killed) / "arrays.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -45,8 +45,9 @@ def _to_numpy(leaf) -> np.ndarray:
     return np.asarray(leaf)
 
 
-def save(run_dir: str | os.PathLike, step: int, state: Any, meta: dict | None = None) -> pathlib.Path:
-    """Write `state` as checkpoint `step` of `run_dir` atomically; returns its folder."""
+def save(run_dir: str | os.PathLike, step: int, state: Any, meta: dict | None = None, keep: int = 2) -> pathlib.Path:
+    """Write `state` as checkpoint `step` of `run_dir` atomically and keep the newest `keep` complete
+    checkpoints; returns its folder."""
     root = pathlib.Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -67,6 +68,9 @@ def save(run_dir: str | os.PathLike, step: int, state: Any, meta: dict | None = 
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -25,9 +25,10 @@ from . import checkpoint, plots
 from .api import analyze, compile
 from .capture import states_of
 from .errors import FusetraceError
-from .trainer import Trainer
+from .trainer import BPTTTrainer, Trainer
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+BASELINES = ("bptt",)  # whole-sequence BPTT through the same captured step, for comparison
 
 
 class CliError(FusetraceError, ValueError):
@@ -87,6 +88,16 @@ def _nonnegative_int(text):
     return value
 
 
+def _task_option(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line and exit status 2."""
 
@@ -107,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a reference network online on a generated task")
     train.add_argument("--task", default=None)
-    train.add_argument("--algorithm", choices=ALGORITHMS, default="es_d_rtrl")
+    train.add_argument("--algorithm", choices=ALGORITHMS + BASELINES, default="es_d_rtrl")
     train.add_argument("--iterations", type=_positive(int), default=100)
     train.add_argument("--batch", type=_positive(int), default=16)
     train.add_argument("--lr", type=_positive(float), default=5e-3)
@@ -120,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decay", type=float, default=0.9, help="es_d_rtrl's smoothing factor")
     train.add_argument("--clip", type=_positive(float), default=None, help="global-norm gradient clipping")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_task_option,
+        metavar="KEY=VALUE",
+        help="a task generator option, e.g. --option shorten=0.2 (repeatable)",
+    )
     train.add_argument("--checkpoint-every", type=_positive(int), default=10)
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
@@ -213,6 +232,7 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         clip_norm=args.clip,
         decay=args.decay,
+        task_options=dict(args.option),
     )
     run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     return 0
@@ -225,16 +245,19 @@ def build(config: RunConfig):
     brainstate.random.seed(config.seed)
     model = spec.network()
     first = spec.sample(batch=config.batch, seed=config.seed, **config.task_options)
+    baseline = config.algorithm in BASELINES
     learner = compile(
         model,
         first.inputs[0],
         loss=spec.loss,
-        algorithm=config.algorithm,
+        algorithm="d_rtrl" if baseline else config.algorithm,  # BPTT only uses the captured step
         batch_size=config.batch,
         example_target=jax.tree.map(lambda a: a[0], first.targets),
         decay=config.decay,
     )
-    trainer = Trainer(
+    if baseline and config.update_every != 0:
+        raise CliError("--algorithm bptt updates once per sequence: use --update-every 0")
+    trainer = (BPTTTrainer if baseline else Trainer)(
         learner,
         lambda seed: spec.sample(batch=config.batch, seed=seed, **config.task_options),
         optax.adam(config.learning_rate),
@@ -287,7 +310,7 @@ def _finish(config, run_dir, model, learner, trainer, spec, state, history, seco
         "final_accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
         "accuracy_window": window,
         "history": history,
-        "trace_bytes": learner.analysis.trace_bytes(config.algorithm),
+        "trace_bytes": None if config.algorithm in BASELINES else learner.analysis.trace_bytes(config.algorithm),
     }
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     plots.curves(history, run_dir / "curves.png")
