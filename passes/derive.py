@@ -171,15 +171,15 @@ def learning_signals(
     return value, delta_new, delta_prev, direct
 
 
-def pre_sensitivity(analysis: Analysis, contraction: int, group, values: StepValues) -> jax.Array:
-    """`∂u/∂h_t` per state of `group` (shape (..., S)) for the presynaptic input of `contraction`."""
+def pre_sensitivity(analysis: Analysis, link, group, values: StepValues) -> jax.Array:
+    """`∂v/∂h_t` per state of `group` (shape (..., S)) for a value `link` aligned with the group (the
+    part of a relation's presynaptic input that this group's new values produce)."""
     facts = analysis.facts
     new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
-    pre_var = facts.contractions[contraction].pre_var
 
     def pre(new_group):
         substitute = dict(zip(new_vars, new_group, strict=True))
-        return _evaluate_with(analysis, values, values.leaves, substitute, [pre_var])[0]
+        return _evaluate_with(analysis, values, values.leaves, substitute, [link])[0]
 
     primals = [values.new_leaves[leaf] for leaf in group.leaves]
     _, linear = jax.linearize(pre, primals)
@@ -190,6 +190,20 @@ def pre_sensitivity(analysis: Analysis, contraction: int, group, values: StepVal
             for s in range(group.n_states)
         ]
     )
+
+
+def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
+    """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
+    structural ops: the VJP is exact and selects the source's part)."""
+    if source is target:
+        return cotangent
+    (primal,) = _evaluate_with(analysis, values, values.leaves, {}, [source])
+
+    def forward(value):
+        return _evaluate_with(analysis, values, values.leaves, {source: value}, [target])[0]
+
+    _, vjp = jax.vjp(forward, primal)
+    return vjp(cotangent)[0]
 
 
 def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, weight) -> jax.Array:

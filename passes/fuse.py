@@ -44,6 +44,7 @@ class Credit:
     via: int  # relation index of the readout relation k'
     group: str
     decay: float
+    link: object = dataclasses.field(compare=False, repr=False)  # the var aligned with the source's group
 
     @property
     def key(self) -> str:
@@ -106,6 +107,7 @@ def make_plan(
             continue
         traced.append(index)
     credits = _credits(analysis, traced, values, notes)
+    _note_unreachable(analysis, traced, credits, notes)
     matrices = _feedback_matrices(analysis, algorithm, credits, values, feedback, feedback_seed)
     return Plan(algorithm, tuple(traced), credits, {k: tuple(v) for k, v in notes.items()}, decay, kappa, matrices)
 
@@ -166,18 +168,41 @@ def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
     for via in traced:
         readout = relations[via]
         group = analysis.group_named(readout.group)
-        for source_group in readout.pre_new:
+        for source_group, link in readout.pre_links:
             sources = [k for k in traced if relations[k].group == source_group]
             decay, reason = _single_decay(analysis, group, values)
             for k in sources:
                 if reason is None:
-                    credits.append(Credit(source=k, via=via, group=group.name, decay=decay))
+                    credits.append(Credit(source=k, via=via, group=group.name, decay=decay, link=link))
                 else:
                     notes.setdefault(relations[k].weight, []).append(
                         f"credit reaching the loss through `{readout.weight}` into {reason}: that path is "
                         "dropped (the gradient is approximate)"
                     )
     return tuple(credits)
+
+
+def _note_unreachable(analysis: Analysis, traced, credits, notes) -> None:
+    """A diagnostic for each traced weight whose group's credit cannot reach the loss: the outputs
+    read none of its states and no cross-group credit starts from it."""
+    captured = analysis.captured
+    read = {
+        i
+        for v in captured.jaxpr.jaxpr.outvars[: captured.n_outputs]
+        for (k, i) in analysis.facts.propagation.of(v)
+        if k in ("new", "hidden")
+    }
+    credited = {c.source for c in credits}
+    for index in traced:
+        relation = analysis.relations[index]
+        group = analysis.group_named(relation.group)
+        if index in credited or read.intersection(group.leaves) or relation.weight in notes:
+            continue
+        notes.setdefault(relation.weight, []).append(
+            f"group `{group.name}` reaches the loss only along paths that carry no credit back to it (its new "
+            "states are not read by the output, nor through a linear readout of them): this weight gets a zero "
+            "gradient"
+        )
 
 
 def _single_decay(analysis, group, values) -> tuple[float, str | None]:
@@ -330,8 +355,10 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[via.contraction], axis=-1)
     carried = derive.credit(
         analysis, via.contraction, values, derive.to_op_layout(via, signal), plan.feedback.get(via.contraction)
-    )  # (..., neurons of the source group)
-    sensitivity = derive.pre_sensitivity(analysis, via.contraction, source_group, values)  # (..., N, S)
+    )  # in the layout of the readout's presynaptic input
+    pre_var = analysis.facts.contractions[via.contraction].pre_var
+    carried = derive.pullback(analysis, values, credit.link, pre_var, carried)  # (..., neurons of the source)
+    sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
     key = credit.key
     traces = dict(traces)
     if plan.algorithm == "es_d_rtrl":

@@ -10,15 +10,18 @@ for every weight leaf, in leaf order — each with a status:
   it gets its exact same-step gradient.
 * "excluded": no trace can be derived; `reason` says why. Nothing is ever dropped silently.
 
-A relation also records what its presynaptic input depends on: `pre_new` — groups whose *new*
-values reach it element-wise (a readout of this step's spikes: the cross-group credit of DESIGN.md §2
-applies when the relation's group is LTI); `pre_recurrent` — groups whose *previous* values reach it.
+A relation also records what its presynaptic input depends on: `pre_links` — for each group whose
+*new* values reach it, the value aligned with that group from which the input is assembled by linear
+structural ops only (this step's spikes of one population, or several populations concatenated: the
+cross-group credit of DESIGN.md §2 applies when the relation's group is LTI); `pre_new` — the names of
+those groups; `pre_recurrent` — groups whose *previous* values reach it.
 """
 
 import dataclasses
 
 import numpy as np
 
+from fusetrace._compat import Literal, aval_shape
 from fusetrace.rules import Dep, Fact
 from fusetrace.stepfacts import StepFacts
 
@@ -36,6 +39,7 @@ class Relation:
     contraction: int | None = None  # index into StepFacts.contractions
     n_pre: int = 0  # elements per batch entry of the presynaptic input
     pre_new: tuple[str, ...] = ()
+    pre_links: tuple = dataclasses.field(default=(), repr=False, compare=False)  # ((group name, Var), ...)
     pre_recurrent: tuple[str, ...] = ()
     shared: bool = False  # one weight element reaches many neurons (scalar weight)
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
@@ -80,14 +84,54 @@ def _groups_in(fact: Fact, kind: str, groups) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _aligned_new_groups(fact: Fact, groups, pre_shape) -> tuple[str, ...]:
+# ops that only move elements, linearly: a value assembled from aligned values by these is pulled back
+# exactly by a VJP through them
+LINEAR_STRUCTURAL = frozenset(
+    {
+        "concatenate",
+        "slice",
+        "reshape",
+        "squeeze",
+        "transpose",
+        "broadcast_in_dim",
+        "convert_element_type",
+        "copy",
+        "rev",
+        "pad",
+    }
+)
+
+
+def _aligned_group(fact: Fact, shape, by_leaf) -> str | None:
+    """The group whose new values `fact` depends on, element-wise and with the group's shape, when it
+    depends on no other hidden value; else None."""
+    names = {by_leaf[i].name for (k, i), _ in fact.items() if k in ("new", "hidden") and i in by_leaf}
+    aligned = [by_leaf[i] for (k, i), dep in fact.items() if k == "new" and i in by_leaf and dep.aligned]
+    if len(names) == 1 and aligned and tuple(shape) == aligned[0].shape:
+        return aligned[0].name
+    return None
+
+
+def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object], ...]:
+    """`(group, aligned var)` pairs from which `var` is assembled by `LINEAR_STRUCTURAL` ops alone;
+    empty when some part of `var` comes from hidden values another way."""
     by_leaf = _group_of_leaf(groups)
-    names = [
-        by_leaf[i].name
-        for (k, i), dep in sorted(fact.items())
-        if k == "new" and i in by_leaf and dep.aligned and tuple(pre_shape) == by_leaf[i].shape
-    ]
-    return tuple(dict.fromkeys(names))
+    producer = {out: eqn for eqn in facts.captured.jaxpr.jaxpr.eqns for out in eqn.outvars}
+    links, frontier = [], [var]
+    while frontier:
+        current = frontier.pop(0)
+        fact = facts.propagation.of(current)
+        if not any(k in ("new", "hidden") for k, _ in fact):
+            continue  # inputs and constants carry no credit
+        group = _aligned_group(fact, aval_shape(current), by_leaf)
+        if group is not None:
+            links.append((group, current))
+            continue
+        eqn = producer.get(current)
+        if eqn is None or eqn.primitive.name not in LINEAR_STRUCTURAL:
+            return ()
+        frontier.extend(a for a in eqn.invars if not isinstance(a, Literal))
+    return tuple(links)
 
 
 def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relation, ...]:
@@ -119,7 +163,8 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "op": op,
         "contraction": contraction.index,
         "n_pre": n_pre,
-        "pre_new": _aligned_new_groups(contraction.pre_fact, groups, pre_shape),
+        "pre_links": (links := pre_links(facts, groups, pre_var)),
+        "pre_new": tuple(dict.fromkeys(name for name, _ in links)),
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
     }
