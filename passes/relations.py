@@ -134,6 +134,15 @@ def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object], ...]:
     return tuple(links)
 
 
+def _instantaneous(common: dict) -> Relation:
+    return Relation(
+        group=None,
+        status="instantaneous",
+        reason="reaches the step output with no hidden state in between: exact same-step gradient",
+        **common,
+    )
+
+
 def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relation, ...]:
     leaves = facts.captured.leaves
     relations: list[Relation] = []
@@ -170,12 +179,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
     }
     if not reached:
         if direct:
-            return Relation(
-                group=None,
-                status="instantaneous",
-                reason="reaches the step output with no hidden state in between: exact same-step gradient",
-                **common,
-            )
+            return _instantaneous(common)
         return Relation(
             group=None,
             status="excluded",
@@ -216,12 +220,7 @@ def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
             **common,
         )
     if direct:
-        return Relation(
-            group=None,
-            status="instantaneous",
-            reason="reaches the step output with no hidden state in between: exact same-step gradient",
-            **common,
-        )
+        return _instantaneous(common)
     return Relation(
         group=None,
         status="excluded",
