@@ -197,6 +197,7 @@ def _demo(args) -> int:
         update_every=0,
         seed=args.seed,
         checkpoint_every=10,
+        clip_norm=spec.demo.get("clip_norm"),
         task_options=dict(spec.demo.get("task_options", {})),
     )
     summary = run(config, pathlib.Path(args.run_dir))
