@@ -218,3 +218,13 @@ def test_readout_of_concatenated_or_sliced_populations_is_exact(readout_of, algo
             assert all(np.linalg.norm(g) == 0 for g in _flat(reference[path]) + _flat(online[path]))
             reference.pop(path), online.pop(path)
     assert_matches(online, reference, RTOL_EXACT)
+
+
+def test_a_group_without_credit_path_gets_a_diagnostic():
+    brainstate.random.seed(0)
+    model = TwoPopulations("slice")
+    brainstate.nn.init_all_states(model, batch_size=BATCH)
+    xs, _ = _data(BATCH)
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH)
+    assert "carry no credit back" in learner.explain("proj_b.comm.weight")
+    assert "carry no credit back" not in learner.explain("proj_a.comm.weight")
