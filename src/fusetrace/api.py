@@ -205,7 +205,10 @@ def _leaves_from(captured, params: dict, model: dict) -> list:
 
 
 def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
-    """A dict shaped like `template` with each captured leaf replaced by `values[leaf]` (with units)."""
+    """A dict shaped like `template` with each captured leaf replaced by `values[leaf]` (with units).
+
+    A state's captured leaves come in the flatten order of its value, so they pair with the template's
+    leaves one to one."""
     out = dict(template)
     by_state: dict[str, list[int]] = {}
     for index, leaf in enumerate(captured.leaves):
@@ -213,13 +216,19 @@ def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
             by_state.setdefault(leaf.state_path, []).append(index)
     for path, indices in by_state.items():
         flat, tree = jax.tree.flatten(template[path], is_leaf=u.math.is_quantity)
-        keys = [captured.leaves[i].key for i in indices]
-        replaced = []
-        for position, old in enumerate(flat):
-            index = indices[position] if len(indices) == len(flat) and keys else None
-            value = values[index] if index is not None else old
-            leaf_unit = captured.leaves[index].unit if index is not None else None
-            replaced.append(_wrap_like(value, old, leaf_unit))
+        if len(flat) != len(indices):
+            raise CompileError(
+                four_part(
+                    what=f"`{path}` has {len(flat)} array(s) here but {len(indices)} in the compiled step",
+                    where="Learner.step(params, state, ...)",
+                    why="params and state must keep the structure of learner.params / learner.init()",
+                    fix="pass values with the same structure (e.g. the {'weight': ...} dict of a Linear)",
+                )
+            )
+        replaced = [
+            _wrap_like(values[index], old, captured.leaves[index].unit)
+            for index, old in zip(indices, flat, strict=True)
+        ]
         out[path] = jax.tree.unflatten(tree, replaced)
     return out
 
