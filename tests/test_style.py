@@ -4,21 +4,31 @@ pyproject.toml)."""
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _tool(name: str) -> str | None:
+    """The tool installed beside this interpreter (the project's venv), else on PATH."""
+    beside = pathlib.Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
 TREES = ["src", "passes", "tests", "examples", "benchmarks"]
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is a test extra")
-@pytest.mark.parametrize("command", [["ruff", "check"], ["ruff", "format", "--check"]], ids=["lint", "format"])
+@pytest.mark.skipif(_tool("ruff") is None, reason="ruff is a test extra")
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
 def test_ruff(command):
-    result = subprocess.run([*command, *TREES], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([_tool("ruff"), *command, *TREES], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("pyright") is None, reason="pyright is a test extra")
+@pytest.mark.skipif(_tool("pyright") is None, reason="pyright is a test extra")
 def test_pyright_on_src_and_passes():
-    result = subprocess.run(["pyright"], cwd=ROOT, capture_output=True, text=True)
+    command = [_tool("pyright"), "--pythonpath", sys.executable]  # resolve imports in this environment
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
