@@ -6,7 +6,7 @@ for `fusetrace.compile(net, task.inputs[0], loss=cross_entropy_loss, batch_size=
 Definitions: docs/tasks.md.
 """
 
-from .base import Task, TaskError, accuracy, cross_entropy_loss, mse_loss, step_accuracy
+from .base import RecurrentLIFReadout, Task, TaskError, accuracy, cross_entropy_loss, mse_loss, step_accuracy
 from .copy_task import CopyNetwork, copy_network, copy_task
 from .dms import DMSNetwork, delayed_match_to_sample, dms_network
 from .evidence import EvidenceNetwork, evidence_accumulation, evidence_network
@@ -19,6 +19,7 @@ __all__ = [
     "DMSNetwork",
     "EvidenceNetwork",
     "PatternNetwork",
+    "RecurrentLIFReadout",
     "Task",
     "TaskError",
     "TaskSpec",

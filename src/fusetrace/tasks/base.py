@@ -272,6 +272,35 @@ def begin_network(dt_ms: float, seed: int | None) -> None:
         brainstate.random.seed(seed)
 
 
+class RecurrentLIFReadout(brainstate.nn.Module):
+    """`n_rec` recurrent LIF neurons (threshold 1 mV) with input and recurrent currents through 5 ms
+    exponential synapses, and a `LeakyRateReadout` of the new spikes. `update(x_t)` returns the readout
+    (batch, n_out). The reference networks of the pattern and copy tasks are this with their constants."""
+
+    def __init__(
+        self,
+        n_in: int,
+        n_rec: int,
+        n_out: int,
+        *,
+        tau_m_ms: float,
+        readout_tau_ms: float,
+        in_scale: float,
+        rec_scale: float,
+    ):
+        super().__init__()
+        tau_syn = ms(5.0)
+        self.neurons = bps.LIF(n_rec, tau=ms(tau_m_ms), V_th=mv(1.0))
+        self.rec = current_projection(n_rec, self.neurons, n_rec, tau_syn, scale=rec_scale)
+        self.inp = current_projection(n_in, self.neurons, n_rec, tau_syn, scale=in_scale)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(readout_tau_ms))
+
+    def update(self, x):
+        self.rec(self.neurons.get_spike())
+        self.inp(x)
+        return self.out(self.neurons())
+
+
 def current_projection(n_pre: int, post: bps.Neuron, n_post: int, tau_syn, scale: float) -> bps.AlignPostProj:
     """`pre spikes -> Linear (mA, no bias) -> Expon current synapse -> CUBA -> post`.
 

@@ -5,11 +5,9 @@ recall markers (9). The network must emit the ten tokens, in order, during the t
 step per symbol; the input is one-hot, so exactly one of the 10 channels spikes at every step.
 """
 
-import brainpy.state as bps
-import brainstate
 import numpy as np
 
-from .base import Task, as_task, begin_network, check_count, current_projection, ms, mv, one_hot
+from .base import RecurrentLIFReadout, Task, as_task, begin_network, check_count, one_hot
 
 DT_MS = 1.0
 N_SYMBOLS, N_TOKENS = 10, 10
@@ -60,7 +58,7 @@ def copy_task(batch: int, seed: int, lag: int) -> Task:
     return as_task("copy", one_hot(symbols, N_SYMBOLS), one_hot(wanted, N_SYMBOLS), mask, None, DT_MS, info)
 
 
-class CopyNetwork(brainstate.nn.Module):
+class CopyNetwork(RecurrentLIFReadout):
     """A small recurrent network for the copy task (not fixed by the definition): `n_rec` LIF neurons
     (τ_m = 20 ms, threshold 1 mV), exponential current synapses (τ_syn = 5 ms), and a
     `LeakyRateReadout` with a short τ = 2 ms so that consecutive recall steps can differ.
@@ -68,17 +66,7 @@ class CopyNetwork(brainstate.nn.Module):
     """
 
     def __init__(self, n_in: int = N_SYMBOLS, n_rec: int = 64, n_out: int = N_SYMBOLS):
-        super().__init__()
-        tau_syn = ms(5.0)
-        self.neurons = bps.LIF(n_rec, tau=ms(20.0), V_th=mv(1.0))
-        self.rec = current_projection(n_rec, self.neurons, n_rec, tau_syn, scale=REC_SCALE)
-        self.inp = current_projection(n_in, self.neurons, n_rec, tau_syn, scale=IN_SCALE)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(2.0))
-
-    def update(self, x):
-        self.rec(self.neurons.get_spike())
-        self.inp(x)
-        return self.out(self.neurons())
+        super().__init__(n_in, n_rec, n_out, tau_m_ms=20.0, readout_tau_ms=2.0, in_scale=IN_SCALE, rec_scale=REC_SCALE)
 
 
 def copy_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> CopyNetwork:

@@ -5,11 +5,9 @@ The input is a frozen Poisson pattern: the same seed gives the same input and ta
 `pattern_generation(seed)` over and over is e-prop's setting. Time origin: step n is at t = n · dt.
 """
 
-import brainpy.state as bps
-import brainstate
 import numpy as np
 
-from .base import Task, as_task, begin_network, check_count, current_projection, ms, mv, spikes
+from .base import RecurrentLIFReadout, Task, as_task, begin_network, check_count, spikes
 
 DT_MS = 1.0
 INPUT_HZ = 50.0
@@ -57,7 +55,7 @@ def pattern_generation(seed: int, *, batch: int = 1, n_in: int = 100, duration_m
     return as_task("pattern_generation", inputs, target, np.ones((n_steps, batch)), None, DT_MS, info)
 
 
-class PatternNetwork(brainstate.nn.Module):
+class PatternNetwork(RecurrentLIFReadout):
     """e-prop's pattern-generation network: `n_rec` recurrent LIF neurons (τ_m = 30 ms, threshold
     1 mV, soft reset), input and recurrent currents through exponential synapses (τ_syn = 5 ms: the
     stock `AlignPostProj` needs one; e-prop adds currents directly), and a `LeakyRateReadout`
@@ -65,17 +63,7 @@ class PatternNetwork(brainstate.nn.Module):
     """
 
     def __init__(self, n_in: int = 100, n_rec: int = 100, n_out: int = 1):
-        super().__init__()
-        tau_syn = ms(5.0)
-        self.neurons = bps.LIF(n_rec, tau=ms(30.0), V_th=mv(1.0))
-        self.rec = current_projection(n_rec, self.neurons, n_rec, tau_syn, scale=REC_SCALE)
-        self.inp = current_projection(n_in, self.neurons, n_rec, tau_syn, scale=IN_SCALE)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(30.0))
-
-    def update(self, x):
-        self.rec(self.neurons.get_spike())
-        self.inp(x)
-        return self.out(self.neurons())
+        super().__init__(n_in, n_rec, n_out, tau_m_ms=30.0, readout_tau_ms=30.0, in_scale=IN_SCALE, rec_scale=REC_SCALE)
 
 
 def pattern_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> PatternNetwork:
