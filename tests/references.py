@@ -318,6 +318,17 @@ def _check_stages(hidden: dict, lti_paths: set[str], traced_hidden: _Traced, tra
         raise ValueError(f"lti_groups name unknown hidden states {sorted(unknown)}")
 
 
+def _per_example(model, xs, batch_size: int | None):
+    """`(params, hidden, others, xs, hidden_one, batched)` from the model's current states, with an
+    unbatched model turned into a batch of one (one code path) and `hidden_one` its first example."""
+    params, hidden, others = _current_values(model)
+    batched = batch_size is not None
+    if not batched:
+        hidden = jax.tree.map(lambda a: a[None], hidden)
+        xs = jax.tree.map(lambda a: a[:, None], xs)
+    return params, hidden, others, xs, jax.tree.map(lambda a: a[0], hidden), batched
+
+
 def rtrl_reference(
     model,
     xs,
@@ -368,12 +379,7 @@ def rtrl_reference(
     _check_stages(hidden_states, lti_paths, traced_hidden, traced_lti)
     stage_hidden, stage_lti, output = map(_pure, (traced_hidden, traced_lti, traced_output))
 
-    params, hidden, others = _current_values(model)
-    batched = batch_size is not None
-    if not batched:  # one code path: an unbatched model is a batch of one
-        hidden = jax.tree.map(lambda a: a[None], hidden)
-        xs = jax.tree.map(lambda a: a[:, None], xs)
-    hidden_one = jax.tree.map(lambda a: a[0], hidden)
+    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
     theta, unravel_params = ravel_pytree(params)
     _, unravel_hidden = ravel_pytree(hidden_one)
     ravel_hidden = lambda tree: ravel_pytree(tree)[0]
@@ -605,12 +611,7 @@ def es_d_rtrl_naive(
     presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
     output = _pure(_trace(model, model.output, (), batch_size))
 
-    params, hidden, others = _current_values(model)
-    batched = batch_size is not None
-    if not batched:
-        hidden = jax.tree.map(lambda a: a[None], hidden)
-        xs = jax.tree.map(lambda a: a[:, None], xs)
-    hidden_one = jax.tree.map(lambda a: a[0], hidden)
+    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
     theta, unravel_params = ravel_pytree(params)
     _, unravel_hidden = ravel_pytree(hidden_one)
     ravel_hidden = lambda tree: ravel_pytree(tree)[0]
