@@ -11,8 +11,8 @@ Traces (DESIGN.md §2), per traced relation `k` into group `A` with `S` states:
   shared): `ε ← D ε + F ⊗ u`, gradient `Σ δ·ε`; e_prop optionally low-pass filters the trace with
   `kappa`.
 * es_d_rtrl: `ε^u_k` (the op input's layout) and `ε^f_k` (..., S):
-  `ε^u ← α ε^u + u`, `ε^f ← α D ε^f + (1-α) F`, gradient `(∂y(ε^u, W)/∂W)ᵀ (δ·ε^f) / (1-α^{t+1})`
-  (any op, via its own VJP: sparse weights keep their shape).
+  `ε^u ← α ε^u + a·u`, `ε^f ← β D ε^f + b F`, gradient `(∂y(ε^u, W)/∂W)ᵀ (δ·ε^f) / (1-α^{t+1})`
+  (any op, via its own VJP: sparse weights keep their shape); `(a, β, b)` by factorisation (below).
 * cross-group credit through a linear time-invariant group `R` (decay `λ`, one state) fed by relation
   `k'` whose input reads `A`'s new values: `q ← λ q + P·ε` beside the trace; its gradient term is
   `((∂y_k'/∂u)ᵀ (δ^R F^R)) · q`.
@@ -34,6 +34,19 @@ from . import derive
 from .layout import layout_kind, make_layout, trace_shape
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+# es_d_rtrl's two factorisations of the trace ε ≈ ε^u ⊗ ε^f, as (pre gain, post decay, post gain) in
+#   ε^u ← α ε^u + a·u,   ε^f ← β·D ε^f + b·F     (α the `decay`; the gradient divides by 1 − α^{t+1})
+# "filtered": both factors low-pass filtered with α (pp-prop's choice): a=1, β=α, b=1−α. Its magnitude
+#   comes out near (1−α)/(1−αλ) of the true one on a neuron of decay λ.
+# "averaged": ε^u the bias-corrected moving average of u, ε^f the exact d_rtrl sensitivity to a constant
+#   input (a=1−α, β=1, b=1); exact (equal to d_rtrl) whenever u is constant in time.
+FACTORISATIONS = ("filtered", "averaged")
+
+
+def _factor_gains(factorisation: str, alpha: float) -> tuple[float, float, float]:
+    if factorisation == "filtered":
+        return 1.0, alpha, 1.0 - alpha
+    return 1.0 - alpha, 1.0, 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Plan:
     credits: tuple[Credit, ...]
     notes: dict  # weight path -> tuple of diagnostics
     decay: float  # es_d_rtrl's α
+    factorisation: str  # es_d_rtrl's factorisation, one of FACTORISATIONS
     kappa: float | None  # e_prop's optional trace filter
     feedback: dict  # contraction index -> fixed random matrix (e_prop's random feedback), else empty
 
@@ -71,6 +85,7 @@ def make_plan(
     values,
     *,
     decay: float = 0.9,
+    factorisation: str = "filtered",
     kappa: float | None = None,
     feedback: str = "symmetric",
     feedback_seed: int = 0,
@@ -93,6 +108,15 @@ def make_plan(
                 fix="use a value such as 0.9 or 0.99",
             )
         )
+    if factorisation not in FACTORISATIONS:
+        raise CompileError(
+            four_part(
+                what=f"unknown factorisation {factorisation!r}",
+                where="fusetrace.compile(..., factorisation=...)",
+                why=f"es_d_rtrl factorises its trace as one of {', '.join(FACTORISATIONS)}",
+                fix="pick one of those names (docs/concepts.md compares them)",
+            )
+        )
     notes: dict[str, list[str]] = {}
     traced = []
     for index, relation in enumerate(analysis.relations):
@@ -109,7 +133,8 @@ def make_plan(
     credits = _credits(analysis, traced, values, notes)
     _note_unreachable(analysis, traced, credits, notes)
     matrices = _feedback_matrices(analysis, algorithm, credits, values, feedback, feedback_seed)
-    return Plan(algorithm, tuple(traced), credits, {k: tuple(v) for k, v in notes.items()}, decay, kappa, matrices)
+    notes_by_weight = {k: tuple(v) for k, v in notes.items()}
+    return Plan(algorithm, tuple(traced), credits, notes_by_weight, decay, factorisation, kappa, matrices)
 
 
 def _feedback_matrices(analysis, algorithm, credits, values, feedback, seed) -> dict:
@@ -334,9 +359,10 @@ def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, del
 
 def _es_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
     alpha = plan.decay
+    pre_gain, post_decay, post_gain = _factor_gains(plan.factorisation, alpha)
     u = values.u[relation.contraction]
-    pre = alpha * trace["pre"] + u
-    post = alpha * jnp.einsum("...st,...t->...s", d, trace["post"]) + (1 - alpha) * f
+    pre = alpha * trace["pre"] + pre_gain * u
+    post = post_decay * jnp.einsum("...st,...t->...s", d, trace["post"]) + post_gain * f
     correction = 1 - alpha ** (step.astype(post.dtype) + 1)
     prev_correction = jnp.where(step > 0, 1 - alpha ** step.astype(post.dtype), 1.0)
     cotangent = derive.to_op_layout(relation, jnp.sum(delta * post, axis=-1)) / correction

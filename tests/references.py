@@ -578,7 +578,13 @@ def build_recurrent_lif(n_in=3, n_rec=4, n_out=2, batch_size=None, seed=0, **kw)
 
 
 def es_d_rtrl_naive(
-    model: RecurrentLIF, xs, targets, loss_fn: Callable, alpha: float, batch_size: int | None = None
+    model: RecurrentLIF,
+    xs,
+    targets,
+    loss_fn: Callable,
+    alpha: float,
+    batch_size: int | None = None,
+    factorisation: str = "filtered",
 ) -> Params:
     """`es_d_rtrl` of DESIGN.md §2 by its dense formulas, for a `RecurrentLIF` with a linear readout.
 
@@ -587,6 +593,9 @@ def es_d_rtrl_naive(
         ε^u_t = α ε^u_{t-1} + u_t                           u_t = `presynaptic(x_t)` (I,)
         ε^f_t = α D_t ε^f_{t-1} + (1 − α) F_t               over the raveled hidden vector
         dW   += Σ_b ε^u_t[b] ⊗ (Σ_s δ_t[b, s, n] ε^f_t[b, s, n]) / c_t,     c_t = 1 − α^{t+1}
+
+    That is the "filtered" factorisation; the "averaged" one has `ε^u_t = α ε^u_{t-1} + (1 − α) u_t`
+    and `ε^f_t = D_t ε^f_{t-1} + F_t` (same gradient formula).
 
     `D_t` is `∂h_t/∂h_{t-1}` of the step with recurrent spikes detached (weight paths cut), masked to the
     per-neuron blocks of the spiking group; `F_t = ∂h_t/∂y_t` is one JVP with a ones tangent on the weight
@@ -600,6 +609,10 @@ def es_d_rtrl_naive(
         raise NotImplementedError("es_d_rtrl_naive is written for RecurrentLIF(readout='linear') only")
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    gains = {"filtered": (1.0, alpha, 1.0 - alpha), "averaged": (1.0 - alpha, 1.0, 1.0)}
+    if factorisation not in gains:
+        raise ValueError(f"unknown factorisation {factorisation!r}")
+    pre_gain, post_decay, post_gain = gains[factorisation]
     xs = _mantissa(xs)
     relations = model.relations()
     x0 = jax.tree.map(lambda a: a[0], xs)
@@ -635,8 +648,8 @@ def es_d_rtrl_naive(
         for name in relations:
             tangent = {key: ones[key] if key == name else zero[key] for key in relations}
             f = jax.jvp(lambda s: stage1(h, others, x, s)[0], (zero,), (tangent,))[1]
-            trace_u[name] = alpha * trace_u[name] + presyn[name]
-            trace_f[name] = alpha * (mask * jacobian) @ trace_f[name] + (1.0 - alpha) * f
+            trace_u[name] = alpha * trace_u[name] + pre_gain * presyn[name]
+            trace_f[name] = post_decay * (mask * jacobian) @ trace_f[name] + post_gain * f
         return h1, trace_u, trace_f, others1
 
     def step_loss(theta, h1, others, target):

@@ -178,6 +178,28 @@ def test_es_d_rtrl_is_an_approximation_with_the_right_sign():
             assert cosine > 0.5, f"{path}: cosine {cosine:.3f}"
 
 
+@pytest.mark.parametrize("alpha", [0.5, 0.9])
+@pytest.mark.parametrize("readout", ["leaky", "linear"])
+@pytest.mark.parametrize("kind", ["cuba", "alif", "dualexpon"])
+def test_averaged_es_d_rtrl_is_d_rtrl_under_constant_input(kind, readout, alpha):
+    """The "averaged" factorisation is exact when the presynaptic input is constant in time: then the
+    trace ε = Σ_k (Π D) F u is ε^f ⊗ u and the bias-corrected average of u is u itself. The "filtered"
+    one (pp-prop's) is not: its magnitude is off by about (1−α)/(1−αλ)."""
+    xs, ys = _data(BATCH)
+    xs = jnp.broadcast_to(jnp.linspace(0.2, 1.0, N_IN), xs.shape)  # constant in time, not binary
+    weight = "proj.comm.weight"  # the leaky readout's own input (spikes) is not constant: compare the input
+    exact = online_grads(_build(kind, readout, BATCH), xs, ys, "d_rtrl", BATCH)
+    assert np.linalg.norm(_flat(exact[weight])[0]) > 0
+    for factorisation, matches in (("averaged", True), ("filtered", False)):
+        options = {"decay": alpha, "factorisation": factorisation}
+        online = online_grads(_build(kind, readout, BATCH), xs, ys, "es_d_rtrl", BATCH, **options)
+        paths = list(exact) if readout == "linear" and matches else [weight]
+        for path in paths:
+            for got, want in zip(_flat(online[path]), _flat(exact[path]), strict=True):
+                error = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert (error <= RTOL_EXACT) == matches, f"{factorisation} {path}: relative error {error:.3g}"
+
+
 class TwoPopulations(brainstate.nn.Module):
     """Two feed-forward LIF populations; the readout reads their spikes concatenated (or a slice of
     one population): cross-group credit must be pulled back through the concatenation exactly."""

@@ -69,13 +69,21 @@ def test_e_prop_equals_stop_gradient_bptt(readout, batch):
     assert_matches(online, reference, RTOL_EPROP)
 
 
+@pytest.mark.parametrize("factorisation", ["filtered", "averaged"])
 @pytest.mark.parametrize("recurrent", [True, False])
 @pytest.mark.parametrize("alpha", [0.5, 0.9])
-def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent):
+def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent, factorisation):
     batch = 2
     xs, ys = _data(batch, seed=3)
-    online = online_grads(_model(batch, "linear", recurrent=recurrent), xs, ys, "es_d_rtrl", batch, decay=alpha)
+    model = _model(batch, "linear", recurrent=recurrent)
+    online = online_grads(model, xs, ys, "es_d_rtrl", batch, decay=alpha, factorisation=factorisation)
     reference = ref.es_d_rtrl_naive(
-        _model(batch, "linear", recurrent=recurrent), xs, ys, _loss, alpha, batch_size=batch
+        _model(batch, "linear", recurrent=recurrent),
+        xs,
+        ys,
+        _loss,
+        alpha,
+        batch_size=batch,
+        factorisation=factorisation,
     )
     assert_matches(online, reference, RTOL_ES)

@@ -1,6 +1,7 @@
 """Training loop and checkpoints: exact save/restore, atomic writes, bit-exact resume, CLI errors."""
 
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -149,6 +150,7 @@ def test_trainer_rejects_bad_schedule():
         (["train", "--resume", "/nonexistent/run"], "no config.json"),
         (["inspect", "nocolon"], "MODULE:FACTORY"),
         (["inspect", "no_such_module_xyz:f"], "No module named"),
+        (["train", "--task", "copy", "--rate-reg", "-1"], "non-negative"),
     ],
 )
 def test_cli_errors_are_one_line(argv, message, capsys):
@@ -195,6 +197,20 @@ def test_bptt_baseline_equals_d_rtrl_in_the_exact_regime():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-10)
     with pytest.raises(fusetrace.errors.CompileError, match="BPTT"):
         BPTTTrainer(learner, _sample, optax.sgd(1.0), update_every=1)
+
+
+def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
+    """The es_d_rtrl factorisation and the firing-rate regulariser reach the learner from the command
+    line, are saved in config.json, and the regularised run differs from the plain one."""
+    args = ["train", "--task", "copy", "--algorithm", "es_d_rtrl", "--iterations", "2", "--batch", "2"]
+    args += ["--factorisation", "averaged", "--option", "lag=5", "--checkpoint-every", "2"]
+    assert cli_main([*args, "--run-dir", str(tmp_path / "plain")]) == 0
+    assert cli_main([*args, "--rate-reg", "5", "--target-rate", "0", "--run-dir", str(tmp_path / "reg")]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "reg" / "config.json").read_text())
+    assert config["factorisation"] == "averaged" and config["rate_reg"] == 5.0 and config["target_rate_hz"] == 0.0
+    plain, reg = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "reg"))
+    assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 
 
 def test_old_checkpoints_are_pruned(tmp_path):

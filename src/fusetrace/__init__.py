@@ -5,5 +5,17 @@ from .analysis import Analysis
 from .api import Learner, StepResult, analyze, compile, online
 from .passes.hidden import Group
 from .passes.relations import Relation
+from .regularize import firing_rate_regularizer
 
-__all__ = ["Analysis", "Group", "Learner", "Relation", "StepResult", "analyze", "compile", "errors", "online"]
+__all__ = [
+    "Analysis",
+    "Group",
+    "Learner",
+    "Relation",
+    "StepResult",
+    "analyze",
+    "compile",
+    "errors",
+    "firing_rate_regularizer",
+    "online",
+]

@@ -23,7 +23,12 @@ from .passes.simplify import simplify
 from .stepfacts import step_facts
 
 
-def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None = None) -> Analysis:
+def analyze(
+    model: brainstate.nn.Module,
+    *example_inputs,
+    batch_size: int | None = None,
+    regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
+) -> Analysis:
     """Analyse one step of `model`: hidden groups, weight relations and the dependency graph.
 
     Arguments:
@@ -32,6 +37,7 @@ def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         example_inputs: the arguments of one `model.update(...)` call; batched inputs carry the
             batch axis first.
         batch_size: the batch size, or None for unbatched states.
+        regularizer: optional `regularizer(model) -> scalar` read right after the step (see `compile`).
 
     Returns:
         An `Analysis` with `.groups`, `.relations`, `.graph`, `.summary()`, `.to_dot()`, `.explain()`.
@@ -48,7 +54,7 @@ def analyze(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         print(analysis.explain("inp.comm.weight"))
         ```
     """
-    captured = simplify(capture(model, *example_inputs, batch_size=batch_size))
+    captured = simplify(capture(model, *example_inputs, batch_size=batch_size, regularizer=regularizer))
     facts = step_facts(captured)
     groups = find_groups(facts)
     relations = find_relations(facts, groups)
@@ -128,12 +134,15 @@ class Learner(eqx.Module):
         leaves = _leaves_from(captured, params, state["model"])
         weights = {leaf: leaves[leaf] for leaf in _weight_leaves(captured)}
 
-        def loss_of_outputs(out_leaves):
-            value = self.loss(captured.wrap_outputs(out_leaves), target_t)
-            return u.get_mantissa(value)
-
         new_leaves, traces, outputs, loss, grads = fused_step(
-            self.analysis, self.plan, loss_of_outputs, weights, leaves, state["traces"], state["step"], inputs
+            self.analysis,
+            self.plan,
+            lambda out_leaves: self.step_loss(out_leaves, target_t),
+            weights,
+            leaves,
+            state["traces"],
+            state["step"],
+            inputs,
         )
         new_state = {
             "model": _states_from(captured, new_leaves, state["model"]),
@@ -141,6 +150,13 @@ class Learner(eqx.Module):
             "step": state["step"] + 1,
         }
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, _grads_like(captured, params, grads))
+
+    def step_loss(self, out_leaves, target_t) -> jax.Array:
+        """One step's loss from the captured step's output leaves: `loss(output, target_t)`, plus the
+        regulariser's value when the learner was compiled with one."""
+        captured = self.analysis.captured
+        value = u.get_mantissa(self.loss(captured.wrap_outputs(out_leaves), target_t))
+        return value + out_leaves[-1] if captured.regularized else value
 
     @property
     def fused_jaxpr(self):
@@ -257,9 +273,11 @@ def compile(
     batch_size: int | None = None,
     example_target=None,
     decay: float = 0.9,
+    factorisation: str = "filtered",
     kappa: float | None = None,
     feedback: str = "symmetric",
     feedback_seed: int = 0,
+    regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -271,9 +289,16 @@ def compile(
         batch_size: batch size of the states, or None.
         example_target: a target used only to show `fused_jaxpr` (default: zeros like the output).
         decay: es_d_rtrl's smoothing factor α.
+        factorisation: es_d_rtrl's factorisation of the trace: "filtered" (both factors low-pass filtered
+            with α, as pp-prop) or "averaged" (the moving average of the presynaptic input times the exact
+            postsynaptic sensitivity; equals d_rtrl when the input is constant in time).
         kappa: e_prop's optional low-pass filter of the trace (None: no filter).
         feedback: e_prop's learning signal through the readout weights ("symmetric") or through fixed
             random matrices of the same shape and scale ("random", seeded by `feedback_seed`).
+        regularizer: optional `regularizer(model) -> scalar` added to every step's loss. It is called
+            right after `model.update`, so it reads the step's NEW states (e.g. `net.neurons.get_spike()`)
+            and the weights; its gradient reaches the weights through the same traces as the loss
+            (`fusetrace.firing_rate_regularizer` builds one).
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -306,11 +331,27 @@ def compile(
                 fix="drop kappa or use algorithm='e_prop'",
             )
         )
-    analysis = analyze(model, *example_inputs, batch_size=batch_size)
+    if factorisation != "filtered" and algorithm != "es_d_rtrl":
+        raise CompileError(
+            four_part(
+                what=f"factorisation is an es_d_rtrl option, not one of {algorithm}",
+                where="fusetrace.compile(..., factorisation=...)",
+                why="only es_d_rtrl factorises its trace",
+                fix="drop factorisation or use algorithm='es_d_rtrl'",
+            )
+        )
+    analysis = analyze(model, *example_inputs, batch_size=batch_size, regularizer=regularizer)
     captured = analysis.captured
     values = derive.forward(analysis, captured.strip_inputs(*example_inputs), captured.leaf_values())
     plan = make_plan(
-        analysis, algorithm, values, decay=decay, kappa=kappa, feedback=feedback, feedback_seed=feedback_seed
+        analysis,
+        algorithm,
+        values,
+        decay=decay,
+        factorisation=factorisation,
+        kappa=kappa,
+        feedback=feedback,
+        feedback_seed=feedback_seed,
     )
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]
     params = {path: _strong(state.value) for path, state in param_items}

@@ -11,7 +11,7 @@ brainpy's inputs draw from is not in `model.states()`: it is captured with role 
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from typing import Literal as TypingLiteral
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._compat import ClosedJaxpr
-from .errors import CaptureError, four_part
+from .errors import CaptureError, FusetraceError, four_part
 from .interpret import evaluate
 
 Role = TypingLiteral["hidden", "weight", "short_term", "long_term", "random"]
@@ -77,9 +77,10 @@ class Captured:
     out_tree: Any
     out_units: tuple[Any, ...]
     batch_size: int | None
+    regularized: bool = False  # one more output after the model's: the regulariser's scalar
 
     def __post_init__(self):
-        n_in, n_out = len(self.in_units), len(self.out_units)
+        n_in, n_out = len(self.in_units), self.n_outputs
         if len(self.jaxpr.jaxpr.invars) != n_in + len(self.leaves):
             raise ValueError("jaxpr inputs do not match input leaves + state leaves")
         if len(self.jaxpr.jaxpr.outvars) != n_out + len(self.leaves):
@@ -91,7 +92,8 @@ class Captured:
 
     @property
     def n_outputs(self) -> int:
-        return len(self.out_units)
+        """Output leaves of the jaxpr: the model's, then the regulariser's scalar when `regularized`."""
+        return len(self.out_units) + self.regularized
 
     def leaf_values(self) -> list[jax.Array]:
         """The current values of every state leaf, as mantissas."""
@@ -114,8 +116,10 @@ class Captured:
         return [_mantissa_in(x, unit) for x, unit in zip(leaves, self.in_units, strict=True)]
 
     def wrap_outputs(self, leaves: Sequence[jax.Array]):
+        """The model's output (with units) from the jaxpr's output leaves (the regulariser's dropped)."""
+        model_leaves = list(leaves)[: len(self.out_units)]
         return jax.tree.unflatten(
-            self.out_tree, [_wrap(x, unit) for x, unit in zip(leaves, self.out_units, strict=True)]
+            self.out_tree, [_wrap(x, unit) for x, unit in zip(model_leaves, self.out_units, strict=True)]
         )
 
     def step(self, input_leaves: Sequence[jax.Array], state_leaves: Sequence[jax.Array]):
@@ -198,7 +202,12 @@ def _leaf_keys(value) -> list[tuple]:
     return [tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path) for path, _ in with_path]
 
 
-def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None = None) -> Captured:
+def capture(
+    model: brainstate.nn.Module,
+    *example_inputs,
+    batch_size: int | None = None,
+    regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
+) -> Captured:
     """Trace one step `model.update(*example_inputs)` and record the role of every state leaf.
 
     Arguments:
@@ -206,6 +215,8 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         example_inputs: the arguments of one `model.update` call (arrays or Quantities; batched
             inputs carry the batch axis first).
         batch_size: the batch size of the states, or None for unbatched states.
+        regularizer: optional `regularizer(model) -> scalar`, called right after `model.update` (the
+            states hold their new values); its value becomes one more output leaf.
 
     Returns:
         A `Captured` step on mantissas.
@@ -233,12 +244,17 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         out = model.update(*args)
         out_leaves, out_tree = jax.tree.flatten(out, is_leaf=u.math.is_quantity)
         holder["out"] = (out_tree, tuple(_unit_of(x) for x in out_leaves))
-        return [u.get_mantissa(x) for x in out_leaves]
+        mantissas = [u.get_mantissa(x) for x in out_leaves]
+        if regularizer is not None:
+            mantissas.append(_regularizer_value(regularizer, model))
+        return mantissas
 
     holder: dict[str, Any] = {}
     function = brainstate.transform.StatefulFunction(step, return_only_write=False)
     try:
         function.make_jaxpr(*mantissa_inputs)
+    except FusetraceError:  # ours, raised from inside (e.g. by a regulariser): already explained
+        raise
     except Exception as error:  # surface the model's own error with context
         raise CaptureError(
             four_part(
@@ -289,4 +305,19 @@ def capture(model: brainstate.nn.Module, *example_inputs, batch_size: int | None
         out_tree=out_tree,
         out_units=out_units,
         batch_size=batch_size,
+        regularized=regularizer is not None,
     )
+
+
+def _regularizer_value(regularizer, model) -> jax.Array:
+    value = u.get_mantissa(regularizer(model))
+    if jnp.shape(value) != ():
+        raise CaptureError(
+            four_part(
+                what=f"the regularizer returned shape {jnp.shape(value)}, not a scalar",
+                where="fusetrace.compile(..., regularizer=...)",
+                why="its value is added to each step's loss",
+                fix="reduce it to a scalar (e.g. with jnp.sum or jnp.mean)",
+            )
+        )
+    return value

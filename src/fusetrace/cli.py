@@ -13,7 +13,6 @@ import sys
 import time
 from typing import Any
 
-import brainpy.state as bps
 import brainstate
 import brainunit as u
 import jax
@@ -25,6 +24,8 @@ from . import checkpoint, plots
 from .api import analyze, compile
 from .capture import states_of
 from .errors import FusetraceError
+from .passes.fuse import FACTORISATIONS
+from .regularize import firing_rate_regularizer, neurons_of
 from .trainer import BPTTTrainer, Trainer
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
@@ -49,6 +50,9 @@ class RunConfig:
     checkpoint_every: int
     clip_norm: float | None = None
     decay: float = 0.9
+    factorisation: str = "filtered"
+    rate_reg: float = 0.0  # firing-rate regularisation strength (0: none)
+    target_rate_hz: float = 10.0
     task_options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -129,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer step every k time steps; 0: at the end of each sequence",
     )
     train.add_argument("--decay", type=float, default=0.9, help="es_d_rtrl's smoothing factor")
+    train.add_argument("--factorisation", choices=FACTORISATIONS, default="filtered", help="es_d_rtrl's trace factors")
+    train.add_argument("--rate-reg", type=float, default=0.0, help="firing-rate regularisation strength (0: none)")
+    train.add_argument("--target-rate", type=float, default=10.0, help="the regularised firing rate in Hz")
     train.add_argument("--clip", type=_positive(float), default=None, help="global-norm gradient clipping")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -222,6 +229,8 @@ def _train(args) -> int:
     _spec(args.task)
     if not 0 <= args.decay < 1:
         raise CliError(f"--decay {args.decay} is outside [0, 1)")
+    if args.rate_reg < 0 or args.target_rate < 0:
+        raise CliError("--rate-reg and --target-rate must be non-negative")
     config = RunConfig(
         task=args.task,
         algorithm=args.algorithm,
@@ -233,6 +242,9 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         clip_norm=args.clip,
         decay=args.decay,
+        factorisation=args.factorisation,
+        rate_reg=args.rate_reg,
+        target_rate_hz=args.target_rate,
         task_options=dict(args.option),
     )
     run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
@@ -255,6 +267,8 @@ def build(config: RunConfig):
         batch_size=config.batch,
         example_target=jax.tree.map(lambda a: a[0], first.targets),
         decay=config.decay,
+        factorisation=config.factorisation if config.algorithm == "es_d_rtrl" else "filtered",
+        regularizer=(firing_rate_regularizer(config.target_rate_hz, config.rate_reg) if config.rate_reg > 0 else None),
     )
     if baseline and config.update_every != 0:
         raise CliError("--algorithm bptt updates once per sequence: use --update-every 0")
@@ -328,10 +342,7 @@ def record_spikes(model, params: dict, inputs, batch: int) -> np.ndarray:
     weights = {".".join(map(str, k)): s for k, s in states_of(model, brainstate.ParamState).items()}
     for path, value in params.items():
         weights[path].value = value
-    populations = []
-    for node in states_of_nodes(model):
-        if isinstance(node, bps.Neuron) and all(node is not p for p in populations):
-            populations.append(node)
+    populations = neurons_of(model)
 
     def step(x):
         model.update(x)
@@ -339,11 +350,6 @@ def record_spikes(model, params: dict, inputs, batch: int) -> np.ndarray:
 
     spikes = brainstate.transform.for_loop(step, inputs)
     return np.asarray(spikes[:, 0])
-
-
-def states_of_nodes(model) -> list:
-    nodes: Any = model.nodes()
-    return list(nodes.values())
 
 
 if __name__ == "__main__":

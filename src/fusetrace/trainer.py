@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import brainunit as u
 import jax
 import jax.numpy as jnp
 import optax
@@ -159,7 +158,7 @@ class BPTTTrainer(Trainer):
                 x, target = step_inputs
                 x_leaves = captured.strip_inputs(*(x if len(learner.snapshot.inputs) > 1 else (x,)))
                 outputs, new_leaves = captured.step(x_leaves, leaves)
-                loss = u.get_mantissa(learner.loss(captured.wrap_outputs(outputs), target))
+                loss = learner.step_loss(outputs, target)
                 return new_leaves, (loss, captured.wrap_outputs(outputs))
 
             initial = api_leaves(captured, params, model_state)
