@@ -93,40 +93,44 @@ def stack_states(arrays: Sequence[jax.Array]) -> jax.Array:
 
 
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):
-    """`(D, F)`: D of shape (..., S, S) with `D[..., s_out, s_in]`, and F[k] of shape (..., S) for each
-    relation (by contraction index) feeding `group`."""
+    """`(D, F)`: D of shape (..., S, S) with `D[..., s_out, s_in]`, and F, parallel to `relations` (all
+    feeding `group`), each of shape (..., S): `∂h_t/∂y` with a ones tangent on the relation's op output,
+    or for an element-wise parameter on the parameter itself."""
     facts = analysis.facts
     contractions = facts.contractions
     cut_y = {c.out_var: values.y[c.index] for c in contractions}
     new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
+    through_op = [r for r in relations if not r.elementwise]
+    through_param = [r for r in relations if r.elementwise]
 
-    def transition(group_prev, ys):
+    def transition(group_prev, ys, params):
         leaves = list(values.leaves)
         for leaf, value in zip(group.leaves, group_prev, strict=True):
             leaves[leaf] = value
+        for relation, value in zip(through_param, params, strict=True):
+            leaves[relation.weight_leaf] = value
         substitute = dict(cut_y)
-        for relation, y in zip(relations, ys, strict=True):
+        for relation, y in zip(through_op, ys, strict=True):
             substitute[contractions[relation.contraction].out_var] = y
         return _evaluate_with(analysis, values, leaves, substitute, new_vars)
 
-    primals = ([values.leaves[leaf] for leaf in group.leaves], [values.y[r.contraction] for r in relations])
+    primals = (
+        [values.leaves[leaf] for leaf in group.leaves],
+        [values.y[r.contraction] for r in through_op],
+        [values.leaves[r.weight_leaf] for r in through_param],
+    )
     _, linear = jax.linearize(transition, *primals)
-    zeros_h = [jnp.zeros_like(h) for h in primals[0]]
-    zeros_y = [jnp.zeros_like(y) for y in primals[1]]
-    columns = []
-    for s in range(group.n_states):
-        tangent_h = [
-            jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals[0], zeros_h, strict=True))
-        ]
-        columns.append(stack_states(linear(tangent_h, zeros_y)))
-    d = jnp.stack(columns, axis=-1)
-    f = {}
-    for index, relation in enumerate(relations):
-        tangent_y = [
-            jnp.ones_like(y) if i == index else z for i, (y, z) in enumerate(zip(primals[1], zeros_y, strict=True))
-        ]
-        f[relation.contraction] = stack_states(linear(zeros_h, tangent_y))
-    return d, f
+    zeros = tuple([jnp.zeros_like(x) for x in part] for part in primals)
+
+    def column(part: int, index: int) -> jax.Array:
+        tangents = [list(z) for z in zeros]
+        tangents[part][index] = jnp.ones_like(primals[part][index])
+        return stack_states(linear(*tangents))
+
+    d = jnp.stack([column(0, s) for s in range(group.n_states)], axis=-1)
+    f_op = iter([column(1, i) for i in range(len(through_op))])
+    f_param = iter([column(2, i) for i in range(len(through_param))])
+    return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
 def learning_signals(
@@ -229,6 +233,33 @@ def weight_vjp(analysis: Analysis, contraction: int, values: StepValues, pre, co
     """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation."""
     c = analysis.facts.contractions[contraction]
     _, vjp = jax.vjp(lambda w: op_output(analysis, contraction, values, pre, w), values.leaves[c.weight_leaf])
+    return vjp(cotangent)[0]
+
+
+def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: Mapping[int, jax.Array]) -> jax.Array:
+    """`(∂h_t/∂W)ᵀ δ_t` with `h_{t-1}` fixed, through this relation only: the weight's effect on this
+    step's new hidden values (its effect on later steps is not carried). Through the relation's op
+    output when it has a contraction (so other uses of the same weight are not counted twice), else
+    through the weight leaf itself."""
+    facts = analysis.facts
+    hidden = sorted(facts.new_vars)
+    new_vars = [facts.new_vars[leaf] for leaf in hidden]
+    cotangent = [delta_new[leaf] for leaf in hidden]
+    if relation.contraction is not None:
+        out_var = facts.contractions[relation.contraction].out_var
+        _, vjp = jax.vjp(
+            lambda y: _evaluate_with(analysis, values, values.leaves, {out_var: y}, new_vars),
+            values.y[relation.contraction],
+        )
+        (through_y,) = vjp(cotangent)
+        return weight_vjp(analysis, relation.contraction, values, values.u[relation.contraction], through_y)
+
+    def new_hidden(weight):
+        leaves = list(values.leaves)
+        leaves[relation.weight_leaf] = weight
+        return _evaluate_with(analysis, values, leaves, {}, new_vars)
+
+    _, vjp = jax.vjp(new_hidden, values.leaves[relation.weight_leaf])
     return vjp(cotangent)[0]
 
 

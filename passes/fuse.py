@@ -68,6 +68,7 @@ class Credit:
 class Plan:
     algorithm: str
     traced: tuple[int, ...]  # relation indices that get a trace
+    same_step: tuple[int, ...]  # relation indices that get their same-step gradient only (with a note)
     credits: tuple[Credit, ...]
     notes: dict  # weight path -> tuple of diagnostics
     decay: float  # es_d_rtrl's α
@@ -118,15 +119,21 @@ def make_plan(
             )
         )
     notes: dict[str, list[str]] = {}
-    traced = []
+    traced, same_step = [], []
     for index, relation in enumerate(analysis.relations):
+        if relation.status == "excluded" and relation.op != "none":
+            same_step.append(index)
+            notes.setdefault(relation.weight, []).append(
+                f"{SAME_STEP}; no trace because {_first_lower(relation.reason)}"
+            )
         if relation.status != "traced":
             continue
         if algorithm != "es_d_rtrl" and layout_kind(analysis, relation) is None:
+            same_step.append(index)
             notes.setdefault(relation.weight, []).append(
-                f"{algorithm} has no per-weight trace layout for this `{relation.op}` relation (not a dense "
-                "dot_general(u, W) nor a per-synapse product): it gets no trace and a zero gradient here; "
-                "use es_d_rtrl, which handles any op"
+                f"{SAME_STEP}; no trace because {algorithm} has no per-weight trace layout for this "
+                f"`{relation.op}` relation (not a dense dot_general(u, W) nor a per-synapse product); es_d_rtrl "
+                "traces any op"
             )
             continue
         traced.append(index)
@@ -134,7 +141,19 @@ def make_plan(
     _note_unreachable(analysis, traced, credits, notes)
     matrices = _feedback_matrices(analysis, algorithm, credits, values, feedback, feedback_seed)
     notes_by_weight = {k: tuple(v) for k, v in notes.items()}
-    return Plan(algorithm, tuple(traced), credits, notes_by_weight, decay, factorisation, kappa, matrices)
+    return Plan(
+        algorithm, tuple(traced), tuple(same_step), credits, notes_by_weight, decay, factorisation, kappa, matrices
+    )
+
+
+SAME_STEP = (
+    "approximate: gets its same-step gradient only (∂L_t/∂W through this step's new hidden values; its "
+    "effect on later steps is dropped)"
+)
+
+
+def _first_lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def _feedback_matrices(analysis, algorithm, credits, values, feedback, seed) -> dict:
@@ -217,6 +236,10 @@ def _note_unreachable(analysis: Analysis, traced, credits, notes) -> None:
         for (k, i) in analysis.facts.propagation.of(v)
         if k in ("new", "hidden")
     }
+    for relation in analysis.relations:  # an instantaneous readout of a group's values reads the group
+        if relation.status == "instantaneous" and relation.contraction is not None:
+            pre_fact = analysis.facts.contractions[relation.contraction].pre_fact
+            read |= {i for (k, i) in pre_fact if k in ("new", "hidden")}
     credited = {c.source for c in credits}
     for index in traced:
         relation = analysis.relations[index]
@@ -253,10 +276,10 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
     for index in plan.traced:
         relation = analysis.relations[index]
         group = analysis.group_named(relation.group)
-        contraction = analysis.facts.contractions[relation.contraction]
         leaf = analysis.captured.leaves[relation.weight_leaf]
         dtype = leaf.dtype
-        if plan.algorithm == "es_d_rtrl":
+        if _factorised(plan, relation):
+            contraction = analysis.facts.contractions[relation.contraction]
             traces[plan.key(index)] = {
                 "pre": jnp.zeros(contraction.pre_var.aval.shape, dtype),
                 "post": jnp.zeros((*group.shape, group.n_states), dtype),
@@ -269,12 +292,18 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
     for credit in plan.credits:
         source = analysis.relations[credit.source]
         dtype = analysis.captured.leaves[source.weight_leaf].dtype
-        if plan.algorithm == "es_d_rtrl":
+        if _factorised(plan, source):
             shape = analysis.group_named(source.group).shape
         else:
             shape = trace_shape(analysis, source, _kind(analysis, source))
         traces[credit.key] = jnp.zeros(shape, dtype)
     return traces
+
+
+def _factorised(plan: Plan, relation) -> bool:
+    """Whether the relation's trace is es_d_rtrl's pair of factors (element-wise parameters keep their
+    exact per-neuron trace under every algorithm: it is already O(N))."""
+    return plan.algorithm == "es_d_rtrl" and not relation.elementwise
 
 
 def _group_delta(group, delta: dict) -> jax.Array:
@@ -309,24 +338,30 @@ def fused_step(
     derivs = {}
     for name, indices in by_group.items():
         group = analysis.group_named(name)
-        d, f = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
+        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
+        f = dict(zip(indices, f_list, strict=True))
         derivs[name] = (d, f)
         for index in indices:
             relation = relations[index]
-            update = _es_update if plan.algorithm == "es_d_rtrl" else _per_weight_update
+            update = _es_update if _factorised(plan, relation) else _per_weight_update
             new_traces[plan.key(index)], grad = update(
                 analysis,
                 plan,
                 relation,
                 values,
                 d,
-                f[relation.contraction],
+                f[index],
                 traces[plan.key(index)],
                 _group_delta(group, delta_new),
                 _group_delta(group, delta_prev),
                 step,
             )
             grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
+    for index in plan.same_step:
+        relation = relations[index]
+        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.same_step_grad(
+            analysis, values, relation, delta_new
+        )
     for credit in plan.credits:
         new_traces, grads = _apply_credit(analysis, plan, credit, values, derivs, delta_new, new_traces, grads, step)
     return values.new_leaves, new_traces, values.outputs, loss, grads
@@ -378,7 +413,7 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     source_group = analysis.group_named(source.group)
     readout_group = analysis.group_named(credit.group)
     _, f_readout = derivs[credit.group]
-    signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[via.contraction], axis=-1)
+    signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[credit.via], axis=-1)
     carried = derive.credit(
         analysis, via.contraction, values, derive.to_op_layout(via, signal), plan.feedback.get(via.contraction)
     )  # in the layout of the readout's presynaptic input
@@ -387,7 +422,7 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
     key = credit.key
     traces = dict(traces)
-    if plan.algorithm == "es_d_rtrl":
+    if _factorised(plan, source):
         post = traces[plan.key(credit.source)]["post"]
         q = credit.decay * traces[key] + jnp.sum(sensitivity * post, axis=-1)
         correction = 1 - plan.decay ** (step.astype(q.dtype) + 1)

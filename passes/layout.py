@@ -16,6 +16,8 @@ Kinds:
   VJP, one batch entry at a time.
 * "shared": a single weight element (a scalar weight reaching every neuron): trace per neuron,
   `∂y/∂w` by the op's JVP.
+* "neuron": an element-wise parameter (one per neuron, or one for all) with no contraction: trace per
+  neuron; `F` is already `∂h/∂θ` (the JVP on the parameter), so `inject` is the identity.
 """
 
 import dataclasses
@@ -32,6 +34,8 @@ from . import derive
 
 def layout_kind(analysis, relation) -> str | None:
     """The layout a relation's d_rtrl trace takes, or None when no per-weight trace is known for it."""
+    if relation.elementwise:
+        return "neuron"
     leaf = analysis.captured.leaves[relation.weight_leaf]
     if int(np.prod(leaf.shape, dtype=int)) == 1:
         return "shared"
@@ -65,7 +69,7 @@ def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
     group = analysis.group_named(relation.group)
     batch = () if analysis.batch_size is None else (analysis.batch_size,)
     leaf = analysis.captured.leaves[relation.weight_leaf]
-    if kind == "shared":
+    if kind in ("shared", "neuron"):
         return group.shape
     return batch + tuple(leaf.shape)
 
@@ -80,6 +84,11 @@ class Layout:
 def make_layout(kind: str, analysis, relation, values) -> Layout:
     batched = analysis.batch_size is not None
     sum_batch = (lambda x: jnp.sum(x, axis=0)) if batched else (lambda x: x)
+    if kind == "neuron":
+        shape = analysis.captured.leaves[relation.weight_leaf].shape
+        if int(np.prod(shape, dtype=int)) == 1:
+            return Layout(gather=lambda c: c, inject=lambda f: f, reduce=lambda x: jnp.reshape(jnp.sum(x), shape))
+        return Layout(gather=lambda c: c, inject=lambda f: f, reduce=lambda x: jnp.reshape(sum_batch(x), shape))
     u = values.u[relation.contraction]
     if kind == "dense":
         return Layout(

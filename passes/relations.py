@@ -5,7 +5,9 @@ for every weight leaf, in leaf order — each with a status:
 
 * "traced": the weight enters a contracting op (`dot_general`, event/sparse products) whose output
   reaches exactly one hidden group, element-wise (the tail). The op's other operand is the
-  presynaptic input.
+  presynaptic input. Or (op "elementwise", no contraction) a per-neuron parameter — one element per
+  neuron of the group, or a single element — that reaches exactly one group element-wise (a
+  learnable bias current, threshold or time constant): its trace is per neuron.
 * "instantaneous": the weight reaches the step's outputs without passing through a hidden state;
   it gets its exact same-step gradient.
 * "excluded": no trace can be derived; `reason` says why. Nothing is ever dropped silently.
@@ -49,8 +51,13 @@ class Relation:
             raise ValueError(f"unknown relation status {self.status!r}")
         if self.status == "excluded" and not self.reason:
             raise ValueError("an excluded relation needs a reason")
-        if self.status == "traced" and (self.group is None or self.contraction is None):
-            raise ValueError("a traced relation needs a group and a contraction")
+        if self.status == "traced" and (self.group is None or (self.contraction is None) != self.elementwise):
+            raise ValueError("a traced relation needs a group, and a contraction unless it is element-wise")
+
+    @property
+    def elementwise(self) -> bool:
+        """A per-neuron parameter with no contraction (its trace is per neuron)."""
+        return self.op == "elementwise"
 
 
 def _group_of_leaf(groups: tuple[Group, ...]) -> dict[int, Group]:
@@ -76,6 +83,21 @@ def _reaches(facts: StepFacts, source, groups) -> tuple[dict[str, Dep | None], b
     outputs = jaxpr.outvars[: facts.captured.n_outputs]
     direct = any(source in facts.propagation.of(v) for v in outputs)
     return reached, direct
+
+
+def _feeds(facts: StepFacts, source) -> tuple[str, ...]:
+    """The weights whose ops read `source` in their presynaptic input (weight -> weight paths)."""
+    leaves = facts.captured.leaves
+    names = [leaves[c.weight_leaf].path for c in facts.contractions if source in c.pre_fact]
+    return tuple(dict.fromkeys(names))
+
+
+def _through_weights(names: tuple[str, ...]) -> str:
+    listed = ", ".join(f"`{name}`" for name in names)
+    return (
+        f"its value reaches the presynaptic input of the op of {listed} (a weight -> weight path): per-neuron "
+        "traces do not cross another weight"
+    )
 
 
 def _groups_in(fact: Fact, kind: str, groups) -> tuple[str, ...]:
@@ -177,6 +199,14 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
     }
+    downstream = _feeds(facts, ("relation", contraction.index))
+    if downstream:
+        return Relation(
+            group=next(iter(reached)) if len(reached) == 1 else None,
+            status="excluded",
+            reason=_through_weights(downstream),
+            **common,
+        )
     if not reached:
         if direct:
             return _instantaneous(common)
@@ -208,15 +238,31 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
 def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
     leaf = facts.captured.leaves[leaf_index]
     reached, direct = _reaches(facts, ("weight", leaf_index), groups)
-    common = {"weight": leaf.path, "weight_leaf": leaf_index, "op": "elementwise" if reached or direct else "none"}
-    if reached:
-        names = ", ".join(reached)
+    downstream = _feeds(facts, ("weight", leaf_index))
+    used = reached or direct or downstream
+    common = {"weight": leaf.path, "weight_leaf": leaf_index, "op": "elementwise" if used else "none"}
+    if downstream:
         return Relation(
             group=next(iter(reached)) if len(reached) == 1 else None,
             status="excluded",
-            reason=f"reaches hidden group(s) {names} without a weight contraction (e.g. a per-neuron "
-            "parameter or a weight transformed by another weight); no trace is derived for it "
-            "yet",
+            reason=_through_weights(downstream),
+            **common,
+        )
+    if reached:
+        names = ", ".join(reached)
+        if len(reached) == 1:
+            ((name, dep),) = reached.items()
+            group = next(g for g in groups if g.name == name)
+            size = int(np.prod(leaf.shape, dtype=int))
+            per_neuron = size == 1 or (dep is not None and dep.perm is None and size == group.n_neurons)
+            if per_neuron and (dep is not None or size == 1):
+                return Relation(group=name, status="traced", shared=size == 1, **common)
+        return Relation(
+            group=next(iter(reached)) if len(reached) == 1 else None,
+            status="excluded",
+            reason=f"reaches hidden group(s) {names} without a weight contraction, and not as one "
+            "parameter per neuron of one group (e.g. several groups, or a weight transformed by another "
+            "weight)",
             **common,
         )
     if direct:

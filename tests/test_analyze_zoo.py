@@ -138,8 +138,8 @@ def _expected_bytes(case, algorithm: str) -> int:
         n_states = expected["groups"][group]["n_states"]
         n_neurons = expected["groups"][group]["n_neurons"]
         size, dtype = zoo.weight_size(case.model, weight)
-        if algorithm in ("d_rtrl", "e_prop"):
-            total += batch * size * n_states * dtype.itemsize
+        if algorithm in ("d_rtrl", "e_prop"):  # a single shared weight's trace is per neuron
+            total += batch * (n_neurons if size == 1 else size) * n_states * dtype.itemsize
         else:
             total += batch * (expected["n_pre"][weight] + n_neurons * n_states) * dtype.itemsize
     return total

@@ -77,3 +77,37 @@ def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
                 assert algorithm in explanation or "excluded" in explanation, (
                     f"{path}: BPTT {bptt_norm:.3g}, {algorithm} gives zero with no diagnostic:\n{explanation}"
                 )
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "e_prop"])
+@pytest.mark.parametrize("name", MODELS)
+def test_weights_reported_exact_match_bptt(name, algorithm):
+    """`learner.report()` claims exactness only where it holds: every weight it calls exact gets the BPTT
+    gradient (≤ 1e-6 relative); the recurrent and two-layer models must have approximate ones too."""
+    model, inputs, _ = zoo.ZOO[name](batch_size=2)
+    xs, target = _sequence(inputs), 0.3
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=2)
+    state, total = learner.init(), None
+    step = jax.jit(learner.step)
+    for x in xs:
+        state, res = step(learner.params, state, x, target)
+        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+    twin, _, _ = zoo.ZOO[name](batch_size=2)
+    reference = _bptt(twin, xs, target)
+    reports = learner.report()
+    leaves = {leaf.path: leaf for leaf in learner.analysis.captured.leaves if leaf.role == "weight"}
+    assert {r.path for r in reports} == set(leaves)  # every weight leaf has a report
+
+    def value(tree, leaf):
+        tree = tree[leaf.state_path]
+        for part in leaf.key:
+            tree = tree[part]
+        return np.asarray(u.get_mantissa(tree))
+
+    for report in reports:
+        if report.exact:
+            got, want = value(total, leaves[report.path]), value(reference, leaves[report.path])
+            error = np.linalg.norm(got - want) / max(np.linalg.norm(want), ZERO)
+            assert error <= 1e-6, f"{report.line()}\nbut its gradient differs from BPTT by {error:.3g}"
+    if name in ("rsnn", "two_layer"):
+        assert not all(r.exact for r in reports)

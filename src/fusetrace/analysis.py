@@ -53,7 +53,8 @@ class Analysis:
     def trace_bytes(self, algorithm: str) -> int:
         """Bytes of trace state the algorithm keeps for this batch size.
 
-        `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S; `es_d_rtrl`: Σ of B·(n_pre + N·S),
+        `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S (B·N·S for a single shared weight or a
+        per-neuron parameter: the trace is per neuron); `es_d_rtrl`: Σ of B·(n_pre + N·S),
         with B the batch size (1 when unbatched), S the receiving group's states per neuron, N its
         neurons, and the weight's item size.
         """
@@ -67,10 +68,13 @@ class Analysis:
             leaf = self.captured.leaves[relation.weight_leaf]
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
-            if algorithm == "es_d_rtrl":
+            size = int(np.prod(leaf.shape, dtype=int))
+            if algorithm == "es_d_rtrl":  # an element-wise parameter has n_pre 0: its exact trace is per neuron
                 total += batch * (relation.n_pre + group.n_neurons * group.n_states) * itemsize
+            elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
+                total += batch * group.n_neurons * group.n_states * itemsize
             else:
-                total += batch * int(np.prod(leaf.shape, dtype=int)) * group.n_states * itemsize
+                total += batch * size * group.n_states * itemsize
         return total
 
     def summary(self) -> str:

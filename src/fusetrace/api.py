@@ -19,6 +19,7 @@ from .passes import derive
 from .passes.fuse import Plan, fused_step, init_traces, make_plan
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
+from .passes.report import weight_reports
 from .passes.simplify import simplify
 from .stepfacts import step_facts
 
@@ -171,20 +172,28 @@ class Learner(eqx.Module):
         return self.analysis.graph
 
     def summary(self) -> str:
-        """The analysis summary, then the algorithm and what it does with each weight it treats specially."""
-        lines = [self.analysis.summary(), f"algorithm: {self.algorithm}"]
-        lines += [f"  {path}: {note}" for path, notes in self.plan.notes.items() for note in notes]
+        """The analysis summary, then the algorithm and, for every weight: what it gets (trace, same-step
+        gradient, ...), its trace shapes and bytes, exact or approximate, and why."""
+        lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
+        lines += [f"  {report.line()}" for report in self.report()]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
         """The dependency graph in Graphviz dot syntax."""
         return self.analysis.to_dot()
 
+    def report(self) -> tuple:
+        """One `WeightReport` per weight leaf: its treatment, trace shapes and bytes, whether its gradient
+        is exact (equal to BPTT's) and why."""
+        return weight_reports(self.analysis, self.plan)
+
     def explain(self, path: str) -> str:
         """What fusetrace does with the state or weight at `path`, and why, including the algorithm's notes."""
         text = self.analysis.explain(path)
-        notes = [n for p, ns in self.plan.notes.items() if p == path or p.startswith(path + ".") for n in ns]
-        return text + "".join(f"  {self.algorithm}: {note}\n" for note in notes)
+        reports = [
+            r for r in weight_reports(self.analysis, self.plan) if r.path == path or r.path.startswith(path + ".")
+        ]
+        return text + "".join(f"  {self.algorithm}: {report.line()}\n" for report in reports)
 
 
 def _weight_leaves(captured) -> list[int]:

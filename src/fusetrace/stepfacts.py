@@ -2,8 +2,9 @@
 
 Seeds every hidden leaf's input with its own source ('hidden', leaf) and every weight leaf's input
 with ('weight', leaf); cuts every written hidden leaf at its new value (source ('new', leaf)); and
-turns each contracting equation that multiplies a (linear view of a) single weight with a weight-free
-operand into a relation candidate whose output is the fresh source ('relation', index).
+turns each contracting equation that multiplies a (linear view of a) single weight with one other
+operand (the presynaptic input, which may itself read other weights) into a relation candidate whose
+output is the fresh source ('relation', index).
 """
 
 import dataclasses
@@ -90,9 +91,7 @@ def step_facts(captured: Captured) -> StepFacts:
             others = [i for i in carrying if i != position]
             if weight is None or len(others) != 1:
                 continue
-            pre = others[0]
-            if any(kind == "weight" for kind, _ in operands[pre].fact):
-                return None  # weight -> weight path: not a relation
+            pre = others[0]  # it may read other weights (a weight -> weight path): they get no trace
             contractions.append(
                 Contraction(
                     index=len(contractions),

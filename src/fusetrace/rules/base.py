@@ -115,12 +115,26 @@ def lookup(primitive: Primitive) -> Rule | None:
     return RULES.get(primitive)
 
 
+def broadcasts_over_leading_axes(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """`shape` equals `out_shape` except for leading size-1 axes that the op broadcasts (a per-neuron
+    value of shape (1, N) meeting a batch (B, N)): like `broadcast_in_dim` over new leading axes, each
+    output element still reads the source element at its own trailing position."""
+    shape, out_shape = tuple(shape), tuple(out_shape)
+    if len(shape) != len(out_shape):
+        return False
+    k = 0
+    while k < len(shape) and shape[k] == 1 and out_shape[k] != 1:
+        k += 1
+    return shape[k:] == out_shape[k:]
+
+
 def merge(operands: Sequence[Operand], out_shape: tuple[int, ...], linear: bool) -> dict[Source, Dep]:
     """Element-wise merge: a source stays aligned only if every operand carrying it has the output's
-    shape, and affine only if the primitive is `linear` (in the sense of `Rule.linear`)."""
+    shape (up to broadcast leading axes), and affine only if the primitive is `linear` (in the sense of
+    `Rule.linear`)."""
     out: dict[Source, Dep] = {}
     for op in operands:
-        same_shape = tuple(op.shape) == tuple(out_shape)
+        same_shape = broadcasts_over_leading_axes(op.shape, out_shape)
         for source, dep in op.fact.items():
             dep = dep.weaken(same_shape, linear)
             out[source] = out[source] & dep if source in out else dep

@@ -1,0 +1,109 @@
+"""What the chosen algorithm does with each weight: trace shape and bytes, exact or approximate, and why.
+
+Consumes: an `Analysis` and a `Plan`. Produces one `WeightReport` per weight leaf (in leaf order), shown
+by `Learner.summary()` and `Learner.explain(path)`.
+
+Exactness (float64 algebra, one-step windows), per relation:
+* instantaneous: exact (the same-step gradient is the whole gradient);
+* traced under d_rtrl / e_prop (or an element-wise parameter under any algorithm): exact when the
+  receiving group lies on no loop of the group graph (an edge A -> B for every weight op into B whose
+  presynaptic input reads A's values) and no credit path of it is dropped (a plan note); otherwise
+  approximate — the per-neuron traces drop the cross-neuron terms of the loop;
+* traced under es_d_rtrl: approximate (the trace is factorised into presynaptic and postsynaptic factors);
+* same-step only, or dropped: approximate, with the plan's note.
+"""
+
+import dataclasses
+
+import networkx as nx
+import numpy as np
+
+from .fuse import Plan, _factorised
+from .layout import layout_kind, trace_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightReport:
+    path: str
+    treatment: str  # "trace", "same-step", "instantaneous", "unused"
+    trace_shapes: tuple[tuple[int, ...], ...]
+    trace_bytes: int
+    exact: bool
+    why: str
+
+    def line(self) -> str:
+        shapes = " + ".join("x".join(map(str, s)) or "scalar" for s in self.trace_shapes) or "none"
+        verdict = "exact" if self.exact else "approximate"
+        return f"{self.path}: {self.treatment}; trace {shapes} ({self.trace_bytes} bytes); {verdict}: {self.why}"
+
+
+def _looping_groups(analysis) -> set[str]:
+    graph = nx.DiGraph()
+    by_leaf = {leaf: group.name for group in analysis.groups for leaf in group.leaves}
+    for relation in analysis.relations:
+        if relation.contraction is None or relation.group is None:
+            continue
+        pre_fact = analysis.facts.contractions[relation.contraction].pre_fact
+        for kind, leaf in pre_fact:
+            if kind in ("new", "hidden") and leaf in by_leaf:
+                graph.add_edge(by_leaf[leaf], relation.group)
+    looping = set()
+    for component in nx.strongly_connected_components(graph):
+        if len(component) > 1 or any(graph.has_edge(g, g) for g in component):
+            looping |= component
+    return looping
+
+
+def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
+    relation = analysis.relations[index]
+    group = analysis.group_named(relation.group)
+    if _factorised(plan, relation):
+        pre = tuple(analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
+        return pre, (*group.shape, group.n_states)
+    kind = layout_kind(analysis, relation)
+    assert kind is not None, "the plan traces only relations with a layout"
+    return ((*trace_shape(analysis, relation, kind), group.n_states),)
+
+
+def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
+    looping = _looping_groups(analysis)
+    reports = []
+    by_weight: dict[str, list[int]] = {}
+    for index, relation in enumerate(analysis.relations):
+        by_weight.setdefault(relation.weight, []).append(index)
+    for path, indices in by_weight.items():
+        relations = [analysis.relations[i] for i in indices]
+        leaf = analysis.captured.leaves[relations[0].weight_leaf]
+        itemsize = np.dtype(leaf.dtype).itemsize
+        shapes = tuple(s for i in indices if i in plan.traced for s in _traces(analysis, plan, i))
+        nbytes = sum(int(np.prod(s, dtype=int)) for s in shapes) * itemsize
+        notes = plan.notes.get(path, ())
+        reasons = list(notes)
+        for i, relation in zip(indices, relations, strict=True):
+            if i not in plan.traced:
+                continue
+            if _factorised(plan, relation):
+                reasons.append(f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})")
+            elif relation.group in looping:
+                reasons.append(
+                    f"group `{relation.group}` lies on a loop through weights (its values come back to it through "
+                    "weight ops): the per-neuron trace drops the cross-neuron terms"
+                )
+        if any(i in plan.traced for i in indices):
+            treatment = "trace"
+        elif any(i in plan.same_step for i in indices):
+            treatment = "same-step"
+        elif all(r.status == "instantaneous" for r in relations):
+            treatment = "instantaneous"
+        else:
+            treatment = "unused"
+        if reasons:
+            why = "; ".join(dict.fromkeys(reasons))
+        elif treatment == "instantaneous":
+            why = "it reaches the output with no hidden state in between (the same-step gradient is all of it)"
+        elif treatment == "unused":
+            why = "the step does not use it (its gradient is zero)"
+        else:
+            why = f"{plan.algorithm}'s per-neuron trace is the true sensitivity here (no loop through weights)"
+        reports.append(WeightReport(path, treatment, shapes, nbytes, not reasons, why))
+    return tuple(reports)
