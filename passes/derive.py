@@ -22,9 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from fusetrace._compat import bind_eqn
+from fusetrace._compat import bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import evaluate
 
@@ -119,6 +120,8 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
         [values.y[r.contraction] for r in through_op],
         [values.leaves[r.weight_leaf] for r in through_param],
     )
+    if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
+        return _reverse_derivatives(analysis, group, relations, transition, primals)
     _, linear = jax.linearize(transition, *primals)
     zeros = tuple([jnp.zeros_like(x) for x in part] for part in primals)
 
@@ -131,6 +134,59 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     f_op = iter([column(1, i) for i in range(len(through_op))])
     f_param = iter([column(2, i) for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
+
+
+def _has_custom_vjp(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is custom_vjp_call_p:
+            return True
+        params = [p for v in eqn.params.values() for p in (v if isinstance(v, tuple) else (v,))]
+        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _has_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
+            return True
+    return False
+
+
+def _reverse_derivatives(analysis: Analysis, group, relations: Sequence, transition, primals):
+    """`transition_derivatives` by reverse mode (for steps whose custom_vjp rules forbid forward mode).
+
+    Since `D` is block-diagonal per neuron and each op output element feeds one neuron, one VJP per state
+    with a ones cotangent on that state gives the rows of every neuron's block at once. A parameter is
+    shared over the batch (one per neuron) or over everything (a scalar), so its `F` (the ones-tangent
+    JVP `Σ_j ∂h/∂θ_j`) is read one batch entry, or one group element, at a time (one-hot cotangents)."""
+    out, vjp = jax.vjp(transition, *primals)
+    through_op = [r for r in relations if not r.elementwise]
+    n_states = group.n_states
+    rows_h, rows_y, rows_p = [], [], []
+    for s in range(n_states):
+        cotangent = [jnp.ones_like(o) if i == s else jnp.zeros_like(o) for i, o in enumerate(out)]
+        grads_h, grads_y, _ = vjp(cotangent)
+        rows_h.append(grads_h)
+        rows_y.append([from_op_layout(r, g) for r, g in zip(through_op, grads_y, strict=True)])
+        rows_p.append([_param_f(vjp, cotangent, s, i, theta, group, analysis) for i, theta in enumerate(primals[2])])
+    d = jnp.stack([stack_states([rows_h[s][t] for s in range(n_states)]) for t in range(n_states)], -1)
+    f_op = iter([stack_states([rows_y[s][i] for s in range(n_states)]) for i in range(len(through_op))])
+    f_param = iter([stack_states([rows_p[s][i] for s in range(n_states)]) for i in range(len(primals[2]))])
+    return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
+
+
+def _param_f(vjp, cotangent, state: int, index: int, theta, group, analysis) -> jax.Array:
+    """`F` of state `state` for parameter `index` in the group layout, from one-hot cotangents."""
+    shape = tuple(group.shape)
+    per_neuron = jnp.size(theta) > 1
+    if per_neuron and analysis.batch_size is None:
+        return jnp.reshape(vjp(cotangent)[2][index], shape)
+    # one-hot over batch entries (a per-neuron parameter) or over every group element (a scalar)
+    n_masks = analysis.batch_size if per_neuron else int(np.prod(shape, dtype=int))
+    masks = jnp.eye(n_masks, dtype=cotangent[state].dtype).reshape((n_masks, *shape[: 1 if per_neuron else None]))
+    masks = masks.reshape((n_masks, *masks.shape[1:], *(1,) * (len(shape) - masks.ndim + 1)))
+
+    def row(mask):
+        return jnp.sum(vjp([c * mask for c in cotangent])[2][index])
+
+    if not per_neuron:
+        return jnp.reshape(jax.vmap(row)(masks), shape)
+    rows = jax.vmap(lambda mask: vjp([c * mask for c in cotangent])[2][index])(masks)
+    return jnp.reshape(rows, shape)
 
 
 def learning_signals(
