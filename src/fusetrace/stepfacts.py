@@ -9,6 +9,8 @@ output is the fresh source ('relation', index).
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from ._compat import JaxprEqn, Var
 from .capture import Captured
 from .propagate import Propagation, propagate
@@ -69,6 +71,11 @@ def _single_weight(fact: Fact) -> int | None:
     return index if kind == "weight" and dep.affine else None
 
 
+def _inexact(atom) -> bool:
+    dtype = getattr(getattr(atom, "aval", None), "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
 def step_facts(captured: Captured) -> StepFacts:
     jaxpr = captured.jaxpr.jaxpr
     n_in, n_out = captured.n_inputs, captured.n_outputs
@@ -89,6 +96,8 @@ def step_facts(captured: Captured) -> StepFacts:
         for position in rule.weight_operands:
             weight = _single_weight(operands[position].fact)
             others = [i for i in carrying if i != position]
+            if not others:  # the input carries no tracked source (a constant, or a delay buffer's value)
+                others = [i for i, v in enumerate(eqn.invars) if i != position and _inexact(v)]
             if weight is None or len(others) != 1:
                 continue
             pre = others[0]  # it may read other weights (a weight -> weight path): they get no trace
