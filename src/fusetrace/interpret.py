@@ -4,7 +4,12 @@
   dropped). The derivation cuts weight-relation outputs and hidden outputs with it.
 * `transform`: functions `(value, invals) -> value` applied to a var once computed, from the
   equation's own inputs (e_prop's random feedback changes a relation's backward path with it).
-* `inline`: evaluate `jit` equations by recursing into their body (so a re-trace inlines them).
+* `inline`: evaluate `jit` equations by recursing into their body (so a re-trace inlines them), and
+  turn control flow into straight-line code where that is an exact program transformation:
+  - a `cond` whose branches have no effects and hold a contracting primitive is *if-converted*: every
+    branch is evaluated and `select_n(index, *branch_outputs)` picks the result (the contraction, a
+    potential weight relation, is then visible at the top level);
+  - a `scan` of static length at most `UNROLL_MAX_LENGTH` and without effects is *unrolled*.
 * `fold`: drop unit residue (`x * 1.0`, `convert_element_type` to the same dtype) and reuse the
   result of an identical earlier equation (common-subexpression elimination).
 
@@ -18,6 +23,14 @@ import numpy as np
 from jax import lax
 
 from ._compat import ClosedJaxpr, Jaxpr, Literal, Var, aval_dtype, aval_shape, bind_eqn, jit_p
+from .rules.control import holds_contraction, scan_parts
+
+UNROLL_MAX_LENGTH = 32
+"""Scans (`brainstate.transform.for_loop`, `lax.scan`, static `fori_loop`) of at most this many iterations
+are unrolled before analysis: sub-steps of a neuron, or a weight applied inside the loop body, then become
+straight-line code (a weight inside the body gives one contraction per iteration, or one after CSE when
+its operands do not change). Longer scans stay whole: the analysis propagates facts through their body
+to a fixed point, and a contraction inside them cannot become a weight relation."""
 
 
 def evaluate(
@@ -65,11 +78,73 @@ def evaluate(
 
 
 def _run(eqn, invals, inline, fold):
-    if inline and eqn.primitive is jit_p:
-        inner: ClosedJaxpr = eqn.params["jaxpr"]
-        return evaluate(inner.jaxpr, inner.consts, invals, inline=True, fold=fold)
+    rewrite = _INLINE.get(eqn.primitive) if inline else None
+    outvals = rewrite(eqn, invals, fold) if rewrite is not None else None
+    if outvals is not None:
+        return outvals
     residue = _unit_residue(eqn, invals) if fold else None
     return [residue] if residue is not None else bind_eqn(eqn, invals)
+
+
+def _inline_jit(eqn, invals, fold):
+    inner: ClosedJaxpr = eqn.params["jaxpr"]
+    return evaluate(inner.jaxpr, inner.consts, invals, inline=True, fold=fold)
+
+
+def _if_convert(eqn, invals, fold):
+    """The outputs of an effect-free `cond` holding a contraction, as `select_n` over every branch's
+    outputs; None (bind it unchanged) otherwise.
+
+    Exact in value and in forward-mode derivative (`select_n`'s tangent is the chosen branch's tangent,
+    as for `cond`). Sharp edge: reverse mode sends a zero cotangent through the branches not taken, which
+    gives NaN where such a branch has an infinite local derivative at the current point (the `where`
+    gradient pitfall); conds without a contraction are therefore left whole.
+    """
+    branches = eqn.params["branches"]
+    if eqn.effects or not any(holds_contraction(branch.jaxpr) for branch in branches):
+        return None
+    index, *operands = invals
+    outs = [evaluate(b.jaxpr, b.consts, operands, inline=True, fold=fold) for b in branches]
+    if len(branches) == 1:
+        return outs[0]
+    # out-of-range indices run the last branch, as XLA's conditional does (lax.switch clamps before)
+    last = len(branches) - 1
+    which = (
+        lax.ne(index, np.int32(0))
+        if last == 1
+        else lax.select(
+            lax.bitwise_or(lax.lt(index, np.int32(0)), lax.gt(index, np.int32(last))), lax.full_like(index, last), index
+        )
+    )
+    return [
+        # an output every branch passes through unchanged needs no select (and keeps its facts exact)
+        values[0] if all(v is values[0] for v in values) else lax.select_n(which, *values)
+        for values in zip(*outs, strict=True)
+    ]
+
+
+def _unroll(eqn, invals, fold):
+    """The outputs of an effect-free `scan` of static length `1..UNROLL_MAX_LENGTH`, computed by
+    evaluating its body once per iteration; None (bind it unchanged) otherwise."""
+    length, body = eqn.params["length"], eqn.params["jaxpr"]
+    if eqn.effects or not 0 < length <= UNROLL_MAX_LENGTH:
+        return None
+    consts, carry, xs = scan_parts(eqn, invals)
+    order = range(length - 1, -1, -1) if eqn.params["reverse"] else range(length)
+    ys_by_step = {}
+    for step in order:
+        x = [lax.index_in_dim(value, step, keepdims=False) for value in xs]
+        outs = evaluate(body.jaxpr, body.consts, [*consts, *carry, *x], inline=True, fold=fold)
+        carry, ys_by_step[step] = outs[: len(carry)], outs[len(carry) :]
+    # stacked with registered structural primitives (`jnp.stack` emits a `stack` primitive)
+    stacked = [
+        lax.concatenate([lax.expand_dims(y, (0,)) for y in values], 0)
+        for values in zip(*(ys_by_step[k] for k in range(length)), strict=True)
+    ]
+    return [*carry, *stacked]
+
+
+_INLINE = {jit_p: _inline_jit, lax.cond_p: _if_convert, lax.scan_p: _unroll}
 
 
 def _unit_residue(eqn, invals):

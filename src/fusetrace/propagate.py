@@ -10,24 +10,43 @@ Two hooks make this the engine of the analysis passes:
 
 An equation whose primitive has no rule is fine when none of its operands carries a source; otherwise
 `UnsupportedPrimitiveError` names the primitive, the source line, and the state paths involved.
+
+Values that are not floating point (booleans, integers: comparisons, predicates, indices) carry no
+derivative. An equation's rule sees such operands with an empty fact; their sources are added to every
+output of the equation as *control* dependencies — `Dep(aligned=True, affine=False)`: a dependency
+without derivative constrains no layout (a predicate `any(v > 1.2)` that reads every neuron must not make
+a select or a loop "mix neurons"), but a coefficient chosen by a tracked value is never source-free, so
+every dependency of those outputs loses `affine`.
 """
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_shape, source_line
+import jax.numpy as jnp
+
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_dtype, aval_shape, source_line
 from .errors import UnsupportedPrimitiveError, four_part
-from .rules import ALIGNED_AFFINE, Fact, Operand, Source, lookup
+from .rules import ALIGNED_AFFINE, Dep, Fact, Operand, Source, lookup
+from .rules.control import check_weight_inside
+
+CONTROL = Dep(True, False)
+"""A dependency without derivative (through a boolean or integer value): see the module docstring."""
 
 OnContract = Callable[[int, JaxprEqn, list[Operand]], Fact | None]
 
 
 @dataclasses.dataclass
 class Propagation:
-    """Facts of every var of one jaxpr, plus the facts cut vars had before their cut."""
+    """Facts of every var of one jaxpr, plus the facts cut vars had before their cut.
+
+    inside: for each source, the indices (in jaxpr order) of the control-flow equations (`cond`,
+      `scan`, `while`, custom-derivative calls) whose operands depend on it. A contraction inside such
+      an equation is not seen by `on_contract`; `rules.control.describe_construct` names the construct.
+    """
 
     facts: dict[Var, Fact]
     before_cut: dict[Var, Fact]
+    inside: dict[Source, list[int]] = dataclasses.field(default_factory=dict)
 
     def of(self, atom) -> Fact:
         return {} if isinstance(atom, Literal) else self.facts.get(atom, {})
@@ -51,6 +70,7 @@ def propagate(
         result.facts[var] = dict(fact)
     for index, eqn in enumerate(jaxpr.eqns):
         operands = [Operand(result.of(a), aval_shape(a)) for a in eqn.invars]
+        _record_control(result, index, eqn, operands)
         out_facts = _apply(index, eqn, operands, on_contract, describe)
         for var, fact in zip(eqn.outvars, out_facts, strict=True):
             if var in cut:
@@ -60,10 +80,34 @@ def propagate(
     return result
 
 
+def _record_control(result: Propagation, index: int, eqn: JaxprEqn, operands: list[Operand]) -> None:
+    rule = lookup(eqn.primitive)
+    if rule is None or rule.family != "control":
+        return
+    for source in dict.fromkeys(s for op in operands for s in op.fact):
+        result.inside.setdefault(source, []).append(index)
+
+
+def _differentiable(atom) -> bool:
+    return jnp.issubdtype(aval_dtype(atom), jnp.inexact)
+
+
 def _apply(index, eqn, operands, on_contract, describe) -> Sequence[Fact]:
+    control = join(*(op.fact for op, atom in zip(operands, eqn.invars, strict=True) if not _differentiable(atom)))
+    if control:
+        operands = [
+            op if _differentiable(atom) else Operand({}, op.shape)
+            for op, atom in zip(operands, eqn.invars, strict=True)
+        ]
+    return [with_control(fact, control) for fact in _apply_rule(index, eqn, operands, on_contract, describe, control)]
+
+
+def _apply_rule(index, eqn, operands, on_contract, describe, control) -> Sequence[Fact]:
     rule = lookup(eqn.primitive)
     if rule is None:
-        touched = sorted({s for op in operands for s in op.fact if s[0] != "input"})
+        touched = sorted(
+            {s for op in operands for s in op.fact if s[0] != "input"} | {s for s in control if s[0] != "input"}
+        )
         if touched:
             raise UnsupportedPrimitiveError(
                 four_part(
@@ -77,11 +121,34 @@ def _apply(index, eqn, operands, on_contract, describe) -> Sequence[Fact]:
                 )
             )
         return [{} for _ in eqn.outvars]
+    if rule.family == "control" and on_contract is not None:  # the analysis that finds weight relations
+        check_weight_inside(eqn, operands, describe)
     if rule.family == "contracting" and on_contract is not None:
         fact = on_contract(index, eqn, operands)
         if fact is not None:
             return [fact for _ in eqn.outvars]
     return rule.propagate(eqn, operands)
+
+
+def join(*facts: Fact) -> dict[Source, Dep]:
+    """What a value that may be any of `facts` depends on: every source of any of them; a dependency is
+    aligned / affine / permuted only if it is so in every fact that carries the source."""
+    out: dict[Source, Dep] = {}
+    for fact in facts:
+        for source, dep in fact.items():
+            out[source] = out[source] & dep if source in out else dep
+    return out
+
+
+def with_control(fact: Fact, control: Fact) -> Fact:
+    """`fact` of a value whose computation is also steered by values that depend on `control`'s sources
+    without derivative (see the module docstring)."""
+    if not control:
+        return fact
+    out = {source: Dep(dep.aligned, False, dep.perm) for source, dep in fact.items()}
+    for source in control:
+        out.setdefault(source, CONTROL)
+    return out
 
 
 def propagate_closed(closed: ClosedJaxpr, in_facts: Sequence[Fact]) -> list[Fact]:
