@@ -161,7 +161,7 @@ def _reverse_derivatives(analysis: Analysis, group, relations: Sequence, transit
         cotangent = [jnp.ones_like(o) if i == s else jnp.zeros_like(o) for i, o in enumerate(out)]
         grads_h, grads_y, _ = vjp(cotangent)
         rows_h.append(grads_h)
-        rows_y.append([from_op_layout(r, g) for r, g in zip(through_op, grads_y, strict=True)])
+        rows_y.append([from_op_layout(r, g, group.shape) for r, g in zip(through_op, grads_y, strict=True)])
         rows_p.append([_param_f(vjp, cotangent, s, i, theta, group, analysis) for i, theta in enumerate(primals[2])])
     d = jnp.stack([stack_states([rows_h[s][t] for s in range(n_states)]) for t in range(n_states)], -1)
     f_op = iter([stack_states([rows_y[s][i] for s in range(n_states)]) for i in range(len(through_op))])
@@ -296,7 +296,7 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
     """`(∂h_t/∂W)ᵀ δ_t` with `h_{t-1}` fixed, through this relation only: the weight's effect on this
     step's new hidden values (its effect on later steps is not carried). Through the relation's op
     output when it has a contraction (so other uses of the same weight are not counted twice), else
-    through the weight leaf itself."""
+    through the weight leaf itself with the outputs of its own contracting ops held fixed."""
     facts = analysis.facts
     hidden = sorted(facts.new_vars)
     new_vars = [facts.new_vars[leaf] for leaf in hidden]
@@ -310,10 +310,13 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
         (through_y,) = vjp(cotangent)
         return weight_vjp(analysis, relation.contraction, values, values.u[relation.contraction], through_y)
 
+    # the weight's own contracting ops are traced or credited on their own: hold their outputs fixed
+    own = {c.out_var: values.y[c.index] for c in facts.contractions if c.weight_leaf == relation.weight_leaf}
+
     def new_hidden(weight):
         leaves = list(values.leaves)
         leaves[relation.weight_leaf] = weight
-        return _evaluate_with(analysis, values, leaves, {}, new_vars)
+        return _evaluate_with(analysis, values, leaves, own, new_vars)
 
     _, vjp = jax.vjp(new_hidden, values.leaves[relation.weight_leaf])
     return vjp(cotangent)[0]
@@ -321,13 +324,18 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
 
 def to_op_layout(relation, array: jax.Array) -> jax.Array:
     """A group-layout array (without state axis) in the layout of the relation's op output."""
-    if relation.tail_perm is None:
-        return array
-    inverse = tuple(relation.tail_perm.index(axis) for axis in range(len(relation.tail_perm)))
-    return jnp.transpose(array, inverse)
+    if relation.tail_perm is not None:
+        inverse = tuple(relation.tail_perm.index(axis) for axis in range(len(relation.tail_perm)))
+        array = jnp.transpose(array, inverse)
+    if relation.op_shape is not None and array.shape != relation.op_shape:
+        array = jnp.reshape(array, relation.op_shape)  # unit axes only (the tail keeps element order)
+    return array
 
 
-def from_op_layout(relation, array: jax.Array) -> jax.Array:
-    if relation.tail_perm is None:
-        return array
-    return jnp.transpose(array, relation.tail_perm)
+def from_op_layout(relation, array: jax.Array, shape: tuple[int, ...] | None = None) -> jax.Array:
+    """An op-output-layout array in the group layout (`shape`: the group's, for unit-axis reshapes)."""
+    if relation.tail_perm is not None:
+        array = jnp.transpose(array, relation.tail_perm)
+    if shape is not None and array.shape != tuple(shape):
+        array = jnp.reshape(array, shape)
+    return array

@@ -16,6 +16,9 @@ Kinds:
   VJP, one batch entry at a time.
 * "shared": a single weight element (a scalar weight reaching every neuron): trace per neuron,
   `∂y/∂w` by the op's JVP.
+* "conv": a convolution (each kernel element is used at every output position): trace per output
+  position, `(B·P, *W.shape)` — one kernel copy per position, never dense `n_pre × n_post`; maps by the
+  op's VJPs with one-hot masks over the batch and the positions (exact, but B·P VJPs per step).
 * "neuron": an element-wise parameter (one per neuron, or one for all) with no contraction: trace per
   neuron; `F` is already `∂h/∂θ` (the JVP on the parameter), so `inject` is the identity.
 """
@@ -45,6 +48,8 @@ def layout_kind(analysis, relation) -> str | None:
     rule = lookup(contraction.eqn.primitive)
     if rule is not None and rule.per_synapse:
         return "synapse"
+    if contraction.eqn.primitive.name == "conv_general_dilated" and contraction.weight_operand == 1:
+        return "conv"
     return None
 
 
@@ -71,7 +76,20 @@ def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
     leaf = analysis.captured.leaves[relation.weight_leaf]
     if kind in ("shared", "neuron"):
         return group.shape
+    if kind == "conv":
+        return (len(_position_masks(analysis, relation)), *leaf.shape)
     return batch + tuple(leaf.shape)
+
+
+def _position_masks(analysis, relation) -> np.ndarray:
+    """One-hot masks over every op-output element but the feature axis: `(B·P, *op_shape)` with the
+    feature axis of size 1 (a mask selects one batch entry and one output position, all channels)."""
+    eqn = analysis.facts.contractions[relation.contraction].eqn
+    shape = tuple(relation.op_shape)
+    feature = eqn.params["dimension_numbers"].out_spec[1]
+    kept = tuple(1 if axis == feature else size for axis, size in enumerate(shape))
+    count = int(np.prod(kept, dtype=int))
+    return np.eye(count).reshape((count, *kept))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +119,19 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
 
     if kind == "shared":
         _, dy_dw = jax.jvp(lambda w: op(u, w), (weight,), (jnp.ones_like(weight),))
-        dy_dw = derive.from_op_layout(relation, dy_dw)
+        dy_dw = derive.from_op_layout(relation, dy_dw, analysis.group_named(relation.group).shape)
         return Layout(
             gather=lambda c: c, inject=lambda f: f * dy_dw, reduce=lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight))
         )
     _, vjp_ones = jax.vjp(lambda w: op(jnp.ones_like(u), w), weight)
     _, vjp_u = jax.vjp(lambda w: op(u, w), weight)
+    if kind == "conv":
+        masks = jnp.asarray(_position_masks(analysis, relation), weight.dtype)
+
+        def per_position(vjp):
+            return lambda c: jax.vmap(lambda mask: vjp(derive.to_op_layout(relation, c) * mask)[0])(masks)
+
+        return Layout(gather=per_position(vjp_ones), inject=per_position(vjp_u), reduce=lambda x: jnp.sum(x, axis=0))
 
     def per_entry(vjp):
         def apply(c):

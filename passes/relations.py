@@ -45,6 +45,8 @@ class Relation:
     pre_recurrent: tuple[str, ...] = ()
     shared: bool = False  # one weight element reaches many neurons (scalar weight)
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
+    op_shape: tuple[int, ...] | None = None  # the op output's shape (the group's, up to tail_perm and unit axes)
+    positions: int = 1  # output positions per batch entry that share each weight element (convolutions)
 
     def __post_init__(self):
         if self.status not in ("traced", "instantaneous", "excluded"):
@@ -176,7 +178,19 @@ def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relatio
             relations.append(_classify(facts, groups, leaf_index, contraction))
         if not found:
             relations.append(_without_contraction(facts, groups, leaf_index))
+        else:
+            relations.extend(_beside_contractions(facts, groups, leaf_index))
     return tuple(relations)
+
+
+def _positions(contraction, batch: int | None) -> int:
+    """Output positions per batch entry of a convolution (each kernel element is used at each); 1 else."""
+    eqn = contraction.eqn
+    if eqn.primitive.name != "conv_general_dilated":
+        return 1
+    shape = contraction.out_var.aval.shape
+    features = shape[eqn.params["dimension_numbers"].out_spec[1]]
+    return int(np.prod(shape, dtype=int)) // features // (batch or 1)
 
 
 def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relation:
@@ -198,6 +212,8 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "pre_new": tuple(dict.fromkeys(name for name, _ in links)),
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
+        "op_shape": tuple(contraction.out_var.aval.shape),
+        "positions": _positions(contraction, batch),
     }
     downstream = _feeds(facts, ("relation", contraction.index))
     if downstream:
@@ -233,6 +249,28 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
             **common,
         )
     return Relation(group=name, status="traced", tail_perm=tail.perm, **common)
+
+
+def _beside_contractions(facts: StepFacts, groups, leaf_index: int) -> list[Relation]:
+    """A weight used by contracting ops that ALSO reaches hidden values another way (element-wise, or
+    through another weight's input): one excluded relation for those other paths (same-step gradient)."""
+    reached, _ = _reaches(facts, ("weight", leaf_index), groups)
+    downstream = _feeds(facts, ("weight", leaf_index))
+    if not reached and not downstream:
+        return []
+    places = [f"hidden group(s) {', '.join(reached)}"] if reached else []
+    places += [f"the input of the op of {', '.join(f'`{n}`' for n in downstream)}"] if downstream else []
+    return [
+        Relation(
+            weight=facts.captured.leaves[leaf_index].path,
+            weight_leaf=leaf_index,
+            group=next(iter(reached)) if len(reached) == 1 else None,
+            op="elementwise",
+            status="excluded",
+            reason=f"besides its contracting op(s) it also reaches {' and '.join(places)} directly; that "
+            "path gets no trace",
+        )
+    ]
 
 
 def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:

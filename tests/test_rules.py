@@ -176,6 +176,10 @@ CASES.update(
         lax.top_k_p: (lambda x: lax.top_k(x, 2)[0], lambda: (_x(),)),
         # contracting
         lax.dot_general_p: (lambda x, w: x @ w, lambda: (_x((2, 3)), _x((3, 4)))),
+        lax.conv_general_dilated_p: (
+            lambda x, w: lax.conv_general_dilated(x, w, (1,), "SAME"),
+            lambda: (_x((1, 2, 5)), _x((3, 2, 2))),
+        ),
         brainevent.binary_densemv_p.primitive: (
             lambda w, s: brainevent.binary_densemv(w, s, transpose=True),
             lambda: (_x((3, 4)), _x((3,), 0.0, 1.0)),
@@ -278,8 +282,11 @@ def _check_alignment(fn, args, position, dep):
         moved = list(args)
         moved[position] = _perturb(x, index)
         changed = np.argwhere(np.abs(np.asarray(fn(*moved), dtype=np.float64) - base.astype(np.float64)) > 0)
-        if dep.aligned:
-            assert all(tuple(c[len(c) - len(index) :]) == index for c in changed), (index, changed)
+        if dep.aligned:  # same trailing position, ignoring size-1 axes (broadcasts, squeezes)
+            own = tuple(i for i, d in zip(index, x.shape, strict=True) if d != 1)
+            for c in changed:
+                out = tuple(ci for ci, d in zip(c, base.shape, strict=True) if d != 1)
+                assert out[len(out) - len(own) :] == own, (index, changed)
         elif dep.perm is not None:
             expected = tuple(index[axis] for axis in dep.perm)
             assert all(tuple(c) == expected for c in changed), (index, changed)

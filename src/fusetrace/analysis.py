@@ -54,7 +54,8 @@ class Analysis:
         """Bytes of trace state the algorithm keeps for this batch size.
 
         `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S (B·N·S for a single shared weight or a
-        per-neuron parameter: the trace is per neuron); `es_d_rtrl`: Σ of B·(n_pre + N·S),
+        per-neuron parameter: the trace is per neuron; B·P·|W|·S for a convolution with P output positions);
+        `es_d_rtrl`: Σ of B·(n_pre + N·S),
         with B the batch size (1 when unbatched), S the receiving group's states per neuron, N its
         neurons, and the weight's item size.
         """
@@ -73,6 +74,8 @@ class Analysis:
                 total += batch * (relation.n_pre + group.n_neurons * group.n_states) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
                 total += batch * group.n_neurons * group.n_states * itemsize
+            elif relation.positions > 1:  # a convolution: one kernel copy per output position
+                total += batch * relation.positions * size * group.n_states * itemsize
             else:
                 total += batch * size * group.n_states * itemsize
         return total

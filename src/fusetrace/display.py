@@ -28,6 +28,11 @@ def summary(analysis) -> str:
         lines.append(f"  {relation.weight}: {relation.status} via {relation.op}{target}")
         if relation.status == "traced":
             lines.append(f"    presynaptic input: {relation.n_pre} per batch entry")
+        if relation.positions > 1:
+            lines.append(
+                f"    d_rtrl trace per output position: {relation.positions} positions share each kernel element "
+                "(one kernel copy per output position)"
+            )
         if relation.reason:
             lines.append(f"    reason: {relation.reason}")
     lines += ["", "trace memory:"]

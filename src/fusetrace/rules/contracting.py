@@ -32,6 +32,8 @@ def register_contracting(
 
 
 register_contracting(lax.dot_general_p, weight_operands=(0, 1))
+# convolutions: (input, kernel); each kernel element is shared over the output positions
+register_contracting(lax.conv_general_dilated_p, weight_operands=(1,))
 # event products read their spike operand as binary (x > 0): linear in the weight only
 register_contracting(
     *(

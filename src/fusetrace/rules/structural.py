@@ -1,6 +1,7 @@
-"""Structural primitives: they move, pick or reduce elements. A broadcast over new leading axes keeps
-a value aligned with its sources, a transpose keeps it one-to-one (with a recorded layout); every other
-one mixes elements (conservatively), and the linear ones keep affinity."""
+"""Structural primitives: they move, pick or reduce elements. A broadcast over new leading axes, and a
+squeeze or reshape that only drops or inserts size-1 axes, keep a value aligned with its sources; a
+transpose keeps it one-to-one (with a recorded layout); every other one mixes elements
+(conservatively), and the linear ones keep affinity."""
 
 from jax import lax
 
@@ -34,6 +35,16 @@ def _transpose_rule(eqn, operands: list[Operand]):
     return [out]
 
 
+def _unit_axes_rule(eqn, operands: list[Operand]):
+    """`squeeze`, and a `reshape` that only inserts or drops size-1 axes, keep every element in place
+    (flattened order): aligned sources stay aligned; any other reshape mixes."""
+    (out,) = eqn.outvars
+    in_shape, out_shape = tuple(operands[0].shape), tuple(out.aval.shape)
+    if [d for d in in_shape if d != 1] != [d for d in out_shape if d != 1]:
+        return [mixed(operands[:1], linear=True)]
+    return [{source: Dep(dep.aligned, dep.affine) for source, dep in operands[0].fact.items()}]
+
+
 def _mixing(linear: bool):
     def propagate(eqn, operands: list[Operand]):
         return [mixed(operands, linear=linear) for _ in eqn.outvars]
@@ -48,9 +59,9 @@ def register_structural(*primitives, linear: bool) -> None:
 
 register(lax.broadcast_in_dim_p, Rule("structural", _broadcast_in_dim_rule, linear=True))
 register(lax.transpose_p, Rule("structural", _transpose_rule, linear=True))
+register(lax.squeeze_p, Rule("structural", _unit_axes_rule, linear=True))
+register(lax.reshape_p, Rule("structural", _unit_axes_rule, linear=True))
 register_structural(
-    lax.reshape_p,
-    lax.squeeze_p,
     lax.rev_p,
     lax.slice_p,
     lax.dynamic_slice_p,
