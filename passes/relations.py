@@ -113,6 +113,7 @@ def _groups_in(fact: Fact, kind: str, groups) -> tuple[str, ...]:
 LINEAR_STRUCTURAL = frozenset(
     {
         "concatenate",
+        "stack",
         "slice",
         "reshape",
         "squeeze",

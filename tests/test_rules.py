@@ -20,7 +20,7 @@ import pytest
 from braintools.surrogate._base import heaviside_p
 from jax import lax
 
-from fusetrace._compat import Literal, add_any_p, custom_jvp_call_p, custom_vjp_call_p, jit_p
+from fusetrace._compat import Literal, add_any_p, custom_jvp_call_p, custom_vjp_call_p, jit_p, stack_p, unstack_p
 from fusetrace.rules import ALIGNED_AFFINE, RULES, Operand
 
 ATOL = 1e-9  # float64 perturbation checks
@@ -156,6 +156,8 @@ CASES.update(
         lax.scatter_add_p: (lambda x, y: x.at[jnp.array([1, 2])].add(y), lambda: (_x(), _x((2,)))),
         lax.scatter_p: (lambda x, y: x.at[jnp.array([1, 2])].set(y), lambda: (_x(), _x((2,)))),
         lax.split_p: (lambda x: lax.split(x, (2, 2))[0], lambda: (_x(),)),
+        stack_p: (lambda x, y: jnp.stack([x, y]), lambda: (_x(), _x())),
+        unstack_p: (lambda x: unstack_p.bind(x, axis=0)[1], lambda: (_x(M),)),
         lax.reduce_max_p: (lambda x: jnp.max(x, 0), lambda: (_x(M),)),
         lax.reduce_min_p: (lambda x: jnp.min(x, 0), lambda: (_x(M),)),
         lax.reduce_prod_p: (lambda x: jnp.prod(x, 0), lambda: (_x(M),)),

@@ -7,6 +7,7 @@ from jax._src import source_info_util as _source_info_util
 from jax._src.ad_util import add_jaxvals_p as add_any_p
 from jax._src.custom_derivatives import custom_jvp_call_p, custom_vjp_call_p
 from jax._src.interpreters import partial_eval as _pe
+from jax._src.lax.lax import stack_p, unstack_p  # jnp.stack / unstack (jax >= 0.10)
 from jax._src.pjit import jit_p
 from jax.extend.core import (  # pyright: ignore[reportPrivateImportUsage]
     DropVar,
@@ -37,6 +38,8 @@ __all__ = [
     "jit_p",
     "new_closed_jaxpr",
     "source_line",
+    "stack_p",
+    "unstack_p",
 ]
 
 

@@ -5,6 +5,7 @@ transpose keeps it one-to-one (with a recorded layout); every other one mixes el
 
 from jax import lax
 
+from .._compat import stack_p, unstack_p
 from .base import Dep, Operand, Rule, merge, mixed, register
 
 
@@ -74,6 +75,8 @@ register_structural(
     lax.scatter_add_p,
     lax.scatter_p,
     lax.split_p,
+    stack_p,
+    unstack_p,
     linear=True,
 )
 register_structural(
