@@ -1,5 +1,8 @@
 """Every `jax._src` import and every version switch lives here, and nothing else does."""
 
+import functools
+import importlib.util
+import os
 from typing import TypeAlias
 
 import jax.extend.core as _extend_core
@@ -62,11 +65,30 @@ def new_closed_jaxpr(jaxpr: Jaxpr, consts) -> ClosedJaxpr:
     return ClosedJaxpr(jaxpr, list(consts))
 
 
+# frames inside these packages are the modelling libraries' own code, not the user's model
+_LIBRARIES = ("brainstate", "brainpy", "brainunit", "saiunit", "brainevent", "braintools", "fusetrace")
+
+
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in _LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        dirs.extend(os.path.realpath(d) + os.sep for d in (spec.submodule_search_locations or []) if spec)
+    return tuple(dirs)
+
+
+def _is_library(file_name: str) -> bool:
+    return os.path.realpath(file_name).startswith(_library_dirs())
+
+
 def source_line(eqn: JaxprEqn) -> str:
-    """`file:line (function)` of the user frame that emitted `eqn`, or '<unknown>'."""
-    frame = _source_info_util.user_frame(eqn.source_info.traceback)
-    if frame is None:
+    """`file:line (function)` of the user frame that emitted `eqn` (the first outside jax and the
+    modelling libraries; the first outside jax when all are library frames), or '<unknown>'."""
+    frames = list(_source_info_util.user_frames(eqn.source_info.traceback))
+    if not frames:
         return "<unknown>"
+    frame = next((f for f in frames if not _is_library(f.file_name)), frames[0])
     return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
