@@ -84,7 +84,7 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
                 continue
             if _factorised(plan, relation):
                 reasons.append(f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})")
-            elif relation.group in looping:
+            if relation.group in looping:
                 reasons.append(
                     f"group `{relation.group}` lies on a loop through weights (its values come back to it through "
                     "weight ops): the per-neuron trace drops the cross-neuron terms"

@@ -26,7 +26,9 @@ def summary(analysis) -> str:
     for relation in analysis.relations:
         target = f" -> {relation.group}" if relation.group else ""
         lines.append(f"  {relation.weight}: {relation.status} via {relation.op}{target}")
-        if relation.status == "traced":
+        if relation.status == "traced" and relation.elementwise:
+            lines.append("    a parameter added element-wise: its trace is per neuron")
+        elif relation.status == "traced":
             lines.append(f"    presynaptic input: {relation.n_pre} per batch entry")
         if relation.positions > 1:
             lines.append(
