@@ -147,7 +147,7 @@ def make_plan(
 
 
 SAME_STEP = (
-    "approximate: gets its same-step gradient only (∂L_t/∂W through this step's new hidden values; its "
+    "gets its same-step gradient only (∂L_t/∂W through this step's new hidden values; its "
     "effect on later steps is dropped)"
 )
 
