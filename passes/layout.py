@@ -92,6 +92,22 @@ def _position_masks(analysis, relation) -> np.ndarray:
     return np.eye(count).reshape((count, *kept))
 
 
+UNROLLED_SUM_MAX = 64
+
+
+def sum_leading(x: jax.Array) -> jax.Array:
+    """`Σ_b x[b]` over the leading (batch) axis. Up to `UNROLLED_SUM_MAX` entries it is written as a chain
+    of element-wise adds, which XLA's CPU backend fuses with the trace arithmetic into one loop; as a
+    `reduce` it went to a library reduction fusion that took ~25x longer on the d_rtrl gradient (measured
+    on a 16 x 512 x 512 trace: 95 ms against ~3 ms)."""
+    if x.shape[0] > UNROLLED_SUM_MAX:
+        return jnp.sum(x, axis=0)
+    total = x[0]
+    for b in range(1, x.shape[0]):
+        total = total + x[b]
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     gather: Callable[[jax.Array], jax.Array]
@@ -101,7 +117,7 @@ class Layout:
 
 def make_layout(kind: str, analysis, relation, values) -> Layout:
     batched = analysis.batch_size is not None
-    sum_batch = (lambda x: jnp.sum(x, axis=0)) if batched else (lambda x: x)
+    sum_batch = sum_leading if batched else (lambda x: x)
     if kind == "neuron":
         shape = analysis.captured.leaves[relation.weight_leaf].shape
         if int(np.prod(shape, dtype=int)) == 1:

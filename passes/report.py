@@ -32,7 +32,12 @@ class WeightReport:
     why: str
 
     def line(self) -> str:
-        shapes = " + ".join("x".join(map(str, s)) or "scalar" for s in self.trace_shapes) or "none"
+        counted: dict[tuple[int, ...], int] = {}
+        for shape in self.trace_shapes:
+            counted[shape] = counted.get(shape, 0) + 1
+        shapes = (
+            " + ".join(f"{n} x ({'x'.join(map(str, shape)) or 'scalar'})" for shape, n in counted.items()) or "none"
+        )
         verdict = "exact" if self.exact else "approximate"
         return f"{self.path}: {self.treatment}; trace {shapes} ({self.trace_bytes} bytes); {verdict}: {self.why}"
 
@@ -62,7 +67,7 @@ def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
         return pre, (*group.shape, group.n_states)
     kind = layout_kind(analysis, relation)
     assert kind is not None, "the plan traces only relations with a layout"
-    return ((*trace_shape(analysis, relation, kind), group.n_states),)
+    return (trace_shape(analysis, relation, kind),) * group.n_states  # one array per state
 
 
 def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:

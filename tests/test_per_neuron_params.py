@@ -69,7 +69,7 @@ def test_parameters_are_traced_per_neuron_and_exact(custom, batch):
     neurons = (N,) if batch is None else (batch, N)
     for path in ("bias", "gain"):
         assert reports[path].treatment == "trace" and reports[path].exact, reports[path].line()
-        assert reports[path].trace_shapes == ((*neurons, 2),)  # per neuron x (V, g): O(N)
+        assert reports[path].trace_shapes == (neurons, neurons)  # per neuron, one array per state (V, g): O(N)
     online = online_grads(_build(custom, batch), xs, ys, "d_rtrl", batch)
     assert_matches(online, bptt_grads(_build(custom, batch), xs, ys), RTOL_EXACT)
 
