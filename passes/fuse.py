@@ -338,6 +338,7 @@ def fused_step(
         by_group.setdefault(relations[index].group, []).append(index)
     new_traces = dict(traces)
     derivs = {}
+    cotangents = {}  # es_d_rtrl: relation index -> op-layout cotangent for ONE weight VJP at the end
     for name, indices in by_group.items():
         group = analysis.group_named(name)
         d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
@@ -346,7 +347,7 @@ def fused_step(
         for index in indices:
             relation = relations[index]
             update = _es_update if _factorised(plan, relation) else _per_weight_update
-            new_traces[plan.key(index)], grad = update(
+            new_traces[plan.key(index)], grad, cotangent = update(
                 analysis,
                 plan,
                 relation,
@@ -358,14 +359,27 @@ def fused_step(
                 _group_delta(group, delta_prev),
                 step,
             )
-            grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
+            if grad is not None:
+                grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
+            if cotangent is not None:
+                cotangents[index] = cotangent
     for index in plan.same_step:
         relation = relations[index]
         grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.same_step_grad(
             analysis, values, relation, delta_new
         )
     for credit in plan.credits:
-        new_traces, grads = _apply_credit(analysis, plan, credit, values, derivs, delta_new, new_traces, grads, step)
+        new_traces, grads, cotangent = _apply_credit(
+            analysis, plan, credit, values, derivs, delta_new, new_traces, grads, step
+        )
+        if cotangent is not None:
+            cotangents[credit.source] = cotangents[credit.source] + cotangent
+    for index, cotangent in cotangents.items():  # (∂y(ε^u, W)/∂W)ᵀ Σ cotangents: one product per weight
+        relation = relations[index]
+        pre = new_traces[plan.key(index)]["pre"]
+        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.weight_vjp(
+            analysis, relation.contraction, values, pre, cotangent
+        )
     return values.new_leaves, new_traces, values.outputs, loss, grads
 
 
@@ -427,9 +441,11 @@ def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, del
         used = tuple(plan.kappa * p + e for p, e in zip(used_prev, eps, strict=True))
         new["filtered"] = used
     total = _contract(layout, delta, used)
-    if prev_read:
-        total = total + _contract(layout, delta_prev, used_prev)
-    return new, layout.reduce(total)
+    assert total is not None, "a group has at least one state"
+    previous = _contract(layout, delta_prev, used_prev) if prev_read else None
+    if previous is not None:
+        total = total + previous
+    return new, layout.reduce(total), None
 
 
 def _es_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
@@ -439,12 +455,13 @@ def _es_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev,
     pre = alpha * trace["pre"] + pre_gain * u
     post = post_decay * jnp.einsum("...st,...t->...s", d, trace["post"]) + post_gain * f
     correction = 1 - alpha ** (step.astype(post.dtype) + 1)
-    prev_correction = jnp.where(step > 0, 1 - alpha ** step.astype(post.dtype), 1.0)
     cotangent = derive.to_op_layout(relation, jnp.sum(delta * post, axis=-1)) / correction
-    grad = derive.weight_vjp(analysis, relation.contraction, values, pre, cotangent)
-    cotangent_prev = derive.to_op_layout(relation, jnp.sum(delta_prev * trace["post"], axis=-1)) / prev_correction
-    grad = grad + derive.weight_vjp(analysis, relation.contraction, values, trace["pre"], cotangent_prev)
-    return {"pre": pre, "post": post}, grad
+    grad = None
+    if _structure(analysis, relation)[2]:  # the output reads the previous values: δ_prev·ε_{t-1}
+        prev_correction = jnp.where(step > 0, 1 - alpha ** step.astype(post.dtype), 1.0)
+        cotangent_prev = derive.to_op_layout(relation, jnp.sum(delta_prev * trace["post"], axis=-1)) / prev_correction
+        grad = derive.weight_vjp(analysis, relation.contraction, values, trace["pre"], cotangent_prev)
+    return {"pre": pre, "post": post}, grad, cotangent
 
 
 def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, grads, step):
@@ -462,14 +479,13 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
     key = credit.key
     traces = dict(traces)
-    if _factorised(plan, source):
+    cotangent = None
+    if _factorised(plan, source):  # its weight product is taken once, with the trace's own cotangent
         post = traces[plan.key(credit.source)]["post"]
         q = credit.decay * traces[key] + jnp.sum(sensitivity * post, axis=-1)
         correction = 1 - plan.decay ** (step.astype(q.dtype) + 1)
         cotangent = derive.to_op_layout(source, carried * q) / correction
-        grad = derive.weight_vjp(
-            analysis, source.contraction, values, traces[plan.key(credit.source)]["pre"], cotangent
-        )
+        grad = None
     else:
         trace = traces[plan.key(credit.source)]
         eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
@@ -481,5 +497,6 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
         grad = layout.reduce(layout.gather(carried) * q)
     traces[key] = q
     grads = dict(grads)
-    grads[source.weight_leaf] = grads[source.weight_leaf] + grad
-    return traces, grads
+    if grad is not None:
+        grads[source.weight_leaf] = grads[source.weight_leaf] + grad
+    return traces, grads, cotangent

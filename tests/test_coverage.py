@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 import fusetrace
 import zoo
@@ -67,22 +68,60 @@ def _sequence(name: str, batch_size):
     return case, spec.sequence(case.inputs, STEPS)
 
 
-def _step_input(xs: tuple, t: int):
-    inputs = tuple(x[t] for x in xs)
-    return inputs[0] if len(inputs) == 1 else inputs
+def _online_sums(learners: tuple, xs: tuple) -> list:
+    """Σ_t res.grads of each learner over the sequence `xs`, parameters fixed (one `lax.scan` each)."""
+
+    def summed(learner):
+        def body(state, x):
+            state, res = learner.step(learner.params, state, x[0] if len(x) == 1 else x, TARGET)
+            return state, res.grads
+
+        _, grads = lax.scan(body, learner.init(), xs)
+        return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+
+    return [summed(learner) for learner in learners]
+
+
+def _algorithms(name: str, batch_size) -> tuple[str, ...]:
+    """The algorithms the tests run `name` with at `batch_size`."""
+    listed = tuple(p.values[1] for p in _configurations() if p.values[0] == name and p.values[2] == batch_size)
+    return listed or ALGORITHMS
 
 
 @functools.cache
+def _trained_together(name: str, batch_size) -> dict:
+    """`{algorithm: Run or the exception it raised}` for every algorithm of `_algorithms`. The learners
+    that compile are run in ONE jitted program (less compile time than one program each); when that
+    fails, each is run alone so that a failure is charged to its own algorithm."""
+    results, learners = {}, {}
+    for algorithm in _algorithms(name, batch_size):
+        case, xs = _sequence(name, batch_size)
+        try:
+            learners[algorithm] = fusetrace.compile(
+                case.model, *case.inputs, loss=_loss, algorithm=algorithm, batch_size=batch_size
+            )
+        except Exception as error:
+            results[algorithm] = error
+    _, xs = _sequence(name, batch_size)
+    try:
+        sums = jax.jit(functools.partial(_online_sums, tuple(learners.values())))(xs)
+        results.update({a: Run(learner, g) for (a, learner), g in zip(learners.items(), sums, strict=True)})
+    except Exception:
+        for algorithm, learner in learners.items():
+            try:
+                (grads,) = jax.jit(functools.partial(_online_sums, (learner,)))(xs)
+                results[algorithm] = Run(learner, grads)
+            except Exception as error:
+                results[algorithm] = error
+    return results
+
+
 def trained(name: str, algorithm: str, batch_size) -> Run:
-    """Compile `name` and sum its online gradients over `STEPS` steps (cached per configuration)."""
-    case, xs = _sequence(name, batch_size)
-    learner = fusetrace.compile(case.model, *case.inputs, loss=_loss, algorithm=algorithm, batch_size=batch_size)
-    step = jax.jit(learner.step)
-    state, total = learner.init(), None
-    for t in range(STEPS):
-        state, res = step(learner.params, state, _step_input(xs, t), TARGET)
-        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
-    return Run(learner, total)
+    """The compiled learner of `name` and its online gradient summed over `STEPS` steps (cached)."""
+    result = _trained_together(name, batch_size)[algorithm]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 @functools.cache
@@ -97,9 +136,10 @@ def reference(name: str, batch_size) -> dict:
         return jnp.sum(losses)
 
     if COVERAGE[name].reference == "forward":
-        grads = brainstate.transform.jacfwd(sequence_loss, grad_states=weights)()
+        gradient = brainstate.transform.jacfwd(sequence_loss, grad_states=weights)
     else:
-        grads = brainstate.transform.grad(sequence_loss, weights)()
+        gradient = brainstate.transform.grad(sequence_loss, weights)
+    grads = brainstate.transform.jit(gradient)()  # one XLA program: faster than an eager gradient
     return {".".join(map(str, path)): value for path, value in grads.items()}
 
 

@@ -114,6 +114,8 @@ def csr_float(batch_size=None, n_in=8, n=12, seed=0) -> zoo.Case:
 
 
 class AlignPreSparse(brainstate.nn.Module):
+    """Hand-built AlignPre (as zoo.AlignPreNet) whose comm is a `SparseLinear` over a CSR matrix."""
+
     def __init__(self, n_pre, n_post, seed):
         super().__init__()
         self.pre_syn = bps.Expon(n_pre, tau=5.0 * u.ms, g_initializer=braintools.init.Constant(0.0))
@@ -166,8 +168,9 @@ def conv2d(batch_size=None, height=2, width=4, out_channels=2, seed=0) -> zoo.Ca
     return _case("conv2d", model, (_grid_spikes(shape),), batch_size, seed)
 
 
-def _grid_spikes(shape, seed=0):
-    return jnp.asarray(np.random.RandomState(seed).rand(*shape) < 0.5, dtype=brainstate.environ.dftype())
+def _grid_spikes(shape):
+    """The zoo's fixed spike pattern laid out on a grid (`shape` includes the batch axis if any)."""
+    return jnp.reshape(_spikes(int(np.prod(shape)), None), shape)
 
 
 # --------------------------------------------------------------------------- 3. control flow in update
@@ -237,7 +240,7 @@ class GatedInput(brainstate.nn.Module):
         def off():
             return jnp.zeros((*x.shape[:-1], self.n)) * u.mA
 
-        current = brainstate.transform.cond(jnp.sum(x) > 0.4 * x.size, on, off)
+        current = brainstate.transform.cond(jnp.sum(x) > 0.6 * x.size, on, off)
         return self.N(current)
 
 
@@ -298,7 +301,7 @@ class ActivityDecay(brainstate.nn.Module):
         self.inp(x)
         spikes = self.N()
         v = self.N.V.value
-        self.N.V.value = brainstate.transform.cond(jnp.mean(spikes) > 0.1, lambda v: 0.9 * v, lambda v: v, v)
+        self.N.V.value = brainstate.transform.cond(jnp.mean(spikes) > 0.05, lambda v: 0.9 * v, lambda v: v, v)
         return spikes
 
 
@@ -308,8 +311,8 @@ def cond_decay(batch_size=None, n_in=6, n=8, seed=0) -> zoo.Case:
 
 
 class WhileReset(brainstate.nn.Module):
-    """After the LIF step, a weight-free `while_loop` subtracts 0.5 mV from V until no V exceeds 1.2 mV
-    (a multi-spike soft reset written by the user)."""
+    """After the LIF step, a weight-free `while_loop` subtracts 0.15 mV from V until no V exceeds 0.8 mV
+    (a user-written clamp; on this input it runs 0 to 3 iterations per step)."""
 
     def __init__(self, n_in, n):
         super().__init__()
@@ -320,7 +323,7 @@ class WhileReset(brainstate.nn.Module):
         self.inp(x)
         spikes = self.N()
         v = self.N.V.value.to_decimal(u.mV)
-        v = brainstate.transform.while_loop(lambda v: jnp.any(v > 1.2), lambda v: jnp.where(v > 1.2, v - 0.5, v), v)
+        v = brainstate.transform.while_loop(lambda v: jnp.any(v > 0.8), lambda v: jnp.where(v > 0.8, v - 0.15, v), v)
         self.N.V.value = v * u.mV
         return spikes
 
