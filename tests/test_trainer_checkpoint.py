@@ -205,12 +205,26 @@ def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
     args = ["train", "--task", "copy", "--algorithm", "es_d_rtrl", "--iterations", "2", "--batch", "2"]
     args += ["--factorisation", "averaged", "--option", "lag=5", "--checkpoint-every", "2"]
     assert cli_main([*args, "--run-dir", str(tmp_path / "plain")]) == 0
-    assert cli_main([*args, "--rate-reg", "5", "--target-rate", "0", "--run-dir", str(tmp_path / "reg")]) == 0
+    reg = ["--rate-reg", "5", "--target-rate", "0", "--schedule", "cosine"]
+    assert cli_main([*args, *reg, "--run-dir", str(tmp_path / "reg")]) == 0
     capsys.readouterr()
     config = json.loads((tmp_path / "reg" / "config.json").read_text())
     assert config["factorisation"] == "averaged" and config["rate_reg"] == 5.0 and config["target_rate_hz"] == 0.0
+    assert config["schedule"] == "cosine"
     plain, reg = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "reg"))
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
+
+
+def test_cosine_schedule_spans_every_update_of_the_run():
+    from fusetrace.cli import RunConfig, _learning_rate
+
+    base = {"task": "copy", "algorithm": "es_d_rtrl", "iterations": 10, "batch": 2, "learning_rate": 0.1}
+    base |= {"seed": 0, "checkpoint_every": 5, "schedule": "cosine"}
+    once = _learning_rate(RunConfig(**base, update_every=0), steps=50)  # one update per sequence
+    every = _learning_rate(RunConfig(**base, update_every=5), steps=50)  # ten per sequence
+    assert float(once(0)) == pytest.approx(0.1) and float(once(10)) == pytest.approx(0.0)
+    assert float(every(50)) == pytest.approx(0.05) and float(every(100)) == pytest.approx(0.0)
+    assert _learning_rate(RunConfig(**{**base, "schedule": "constant"}, update_every=0), steps=50) == 0.1
 
 
 def test_old_checkpoints_are_pruned(tmp_path):

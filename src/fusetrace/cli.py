@@ -53,6 +53,7 @@ class RunConfig:
     factorisation: str = "filtered"
     rate_reg: float = 0.0  # firing-rate regularisation strength (0: none)
     target_rate_hz: float = 10.0
+    schedule: str = "constant"  # learning rate: "constant", or "cosine" decay to 0 over the run
     task_options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--factorisation", choices=FACTORISATIONS, default="filtered", help="es_d_rtrl's trace factors")
     train.add_argument("--rate-reg", type=float, default=0.0, help="firing-rate regularisation strength (0: none)")
     train.add_argument("--target-rate", type=float, default=10.0, help="the regularised firing rate in Hz")
+    train.add_argument(
+        "--schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule over the run"
+    )
     train.add_argument("--clip", type=_positive(float), default=None, help="global-norm gradient clipping")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument(
@@ -245,6 +249,7 @@ def _train(args) -> int:
         factorisation=args.factorisation,
         rate_reg=args.rate_reg,
         target_rate_hz=args.target_rate,
+        schedule=args.schedule,
         task_options=dict(args.option),
     )
     run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
@@ -275,13 +280,22 @@ def build(config: RunConfig):
     trainer = (BPTTTrainer if baseline else Trainer)(
         learner,
         lambda seed: spec.sample(batch=config.batch, seed=seed, **config.task_options),
-        optax.adam(config.learning_rate),
+        optax.adam(_learning_rate(config, steps=jax.tree.leaves(first.inputs)[0].shape[0])),
         update_every=config.update_every,
         clip_norm=config.clip_norm,
         seed=config.seed,
         metric=spec.metric,
     )
     return model, learner, trainer, spec
+
+
+def _learning_rate(config: RunConfig, steps: int):
+    """The learning rate, or its schedule over every optimizer update of the run (a sequence of `steps`
+    time steps gives one update, or one per `update_every` steps)."""
+    if config.schedule == "constant":
+        return config.learning_rate
+    per_sequence = 1 if config.update_every == 0 else max(1, steps // config.update_every)
+    return optax.cosine_decay_schedule(config.learning_rate, decay_steps=config.iterations * per_sequence)
 
 
 def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
