@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training runs reported in docs/results.md (CPU; about 45 minutes on 2 cores).
+# The training runs reported in docs/results.md (CPU; about 55 minutes on 2 cores).
 # Each writes runs/results/<name>/{metrics.json,curves.png,...}.
 #   bash benchmarks/results_runs.sh
 set -euo pipefail
@@ -11,4 +11,6 @@ $F train "${EVIDENCE[@]}" --algorithm es_d_rtrl --iterations 200 --run-dir runs/
 $F train "${EVIDENCE[@]}" --algorithm d_rtrl --iterations "${D_RTRL_ITER:-30}" --run-dir runs/results/evidence-d_rtrl
 $F train --task dms --algorithm es_d_rtrl --iterations "${DMS_ITER:-300}" --batch 32 --lr 2e-3 --clip 1.0 \
   --run-dir runs/results/dms-es_d_rtrl-300
+$F train --task dms --algorithm es_d_rtrl --iterations 300 --batch 32 --lr 2e-3 --clip 1.0 --schedule cosine \
+  --rate-reg 0.02 --target-rate 10 --run-dir runs/results/dms-es_d_rtrl-cosine-300
 $F train --task dms --algorithm bptt --iterations 100 --batch 32 --lr 2e-3 --clip 1.0 --run-dir runs/results/dms-bptt
