@@ -128,7 +128,13 @@ def make_plan(
             )
         if relation.status != "traced":
             continue
-        if algorithm != "es_d_rtrl" and layout_kind(analysis, relation) is None:
+        per_weight = algorithm != "es_d_rtrl" or not relation.input_linear
+        if algorithm == "es_d_rtrl" and not relation.input_linear and layout_kind(analysis, relation) is not None:
+            notes.setdefault(relation.weight, []).append(
+                f"es_d_rtrl keeps the exact per-synapse trace for this `{relation.op}`: the op reads its input as "
+                "spikes (0/1), so a filtered presynaptic factor cannot stand in for it (memory B·|W|·S)"
+            )
+        if per_weight and layout_kind(analysis, relation) is None:
             same_step.append(index)
             notes.setdefault(relation.weight, []).append(
                 f"{SAME_STEP}; no trace because {algorithm} has no per-weight trace layout for this "
@@ -303,9 +309,11 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
 
 
 def _factorised(plan: Plan, relation) -> bool:
-    """Whether the relation's trace is es_d_rtrl's pair of factors (element-wise parameters keep their
-    exact per-neuron trace under every algorithm: it is already O(N))."""
-    return plan.algorithm == "es_d_rtrl" and not relation.elementwise
+    """Whether the relation's trace is es_d_rtrl's pair of factors. Element-wise parameters keep their
+    exact per-neuron trace under every algorithm (it is already O(N)); so do binary event ops, which read
+    their input as spikes (0/1), so that a filtered presynaptic trace cannot stand in for it: they keep
+    the exact per-synapse trace."""
+    return plan.algorithm == "es_d_rtrl" and not relation.elementwise and relation.input_linear
 
 
 def _group_delta(group, delta: dict) -> jax.Array:

@@ -161,6 +161,20 @@ def test_event_and_sparse_weights_match_bptt(kind, batch, readout):
     assert_matches(online, bptt_grads(_build(kind, readout, batch), xs, ys), RTOL_EXACT)
 
 
+@pytest.mark.parametrize("batch", [None, BATCH])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear"])
+def test_es_d_rtrl_keeps_an_exact_trace_for_binary_event_ops(kind, batch):
+    """Binary event ops read their input as spikes (0/1): a filtered presynaptic trace fed to them would be
+    binarised and give a wrong gradient, so es_d_rtrl keeps their exact per-synapse trace (BPTT here)."""
+    xs, ys = _data(batch)
+    learner = fusetrace.compile(
+        _build(kind, "linear", batch), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=batch
+    )
+    assert "reads its input as spikes" in learner.explain("proj.comm.weight")
+    online = online_grads(_build(kind, "linear", batch), xs, ys, "es_d_rtrl", batch)
+    assert_matches(online, bptt_grads(_build(kind, "linear", batch), xs, ys), RTOL_EXACT)
+
+
 def test_exact_regime_unbatched():
     xs, ys = _data(None)
     online = online_grads(_build("cuba", "leaky", None), xs, ys, "d_rtrl", None)

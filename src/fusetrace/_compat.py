@@ -74,7 +74,8 @@ def _library_dirs() -> tuple[str, ...]:
     dirs = []
     for name in _LIBRARIES:
         spec = importlib.util.find_spec(name)
-        dirs.extend(os.path.realpath(d) + os.sep for d in (spec.submodule_search_locations or []) if spec)
+        locations = (spec.submodule_search_locations if spec is not None else None) or []
+        dirs.extend(os.path.realpath(d) + os.sep for d in locations)
     return tuple(dirs)
 
 
