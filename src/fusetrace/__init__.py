@@ -6,16 +6,19 @@ from .api import Learner, StepResult, analyze, compile, online
 from .passes.hidden import Group
 from .passes.relations import Relation
 from .regularize import firing_rate_regularizer
+from .shard import ShardedStep, shard_step
 
 __all__ = [
     "Analysis",
     "Group",
     "Learner",
     "Relation",
+    "ShardedStep",
     "StepResult",
     "analyze",
     "compile",
     "errors",
     "firing_rate_regularizer",
     "online",
+    "shard_step",
 ]
