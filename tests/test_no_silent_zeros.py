@@ -56,9 +56,8 @@ def _bptt(model, xs, target):
     return {".".join(k): v for k, v in brainstate.transform.grad(total, weights)().items()}
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("name", MODELS)
-def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
+def _online_and_bptt(name, algorithm):
+    """`(learner, Σ_t online grads, BPTT grads)` of a zoo model on one random sequence (params fixed)."""
     model, inputs, _ = zoo.ZOO[name](batch_size=2)
     xs, target = _sequence(inputs), 0.3
     learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=2)
@@ -69,6 +68,13 @@ def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
         total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
     twin, _, _ = zoo.ZOO[name](batch_size=2)
     reference = _bptt(twin, xs, target)
+    return learner, total, reference
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("name", MODELS)
+def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
+    learner, total, reference = _online_and_bptt(name, algorithm)
     for path, value in reference.items():
         for online_norm, bptt_norm in zip(_norms(total[path]), _norms(value), strict=True):
             assert np.isfinite(online_norm)
@@ -84,16 +90,7 @@ def test_every_moved_weight_gets_a_gradient_or_a_diagnostic(name, algorithm):
 def test_weights_reported_exact_match_bptt(name, algorithm):
     """`learner.report()` claims exactness only where it holds: every weight it calls exact gets the BPTT
     gradient (≤ 1e-6 relative); the recurrent and two-layer models must have approximate ones too."""
-    model, inputs, _ = zoo.ZOO[name](batch_size=2)
-    xs, target = _sequence(inputs), 0.3
-    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=2)
-    state, total = learner.init(), None
-    step = jax.jit(learner.step)
-    for x in xs:
-        state, res = step(learner.params, state, x, target)
-        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
-    twin, _, _ = zoo.ZOO[name](batch_size=2)
-    reference = _bptt(twin, xs, target)
+    learner, total, reference = _online_and_bptt(name, algorithm)
     reports = learner.report()
     leaves = {leaf.path: leaf for leaf in learner.analysis.captured.leaves if leaf.role == "weight"}
     assert {r.path for r in reports} == set(leaves)  # every weight leaf has a report
