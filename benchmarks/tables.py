@@ -1,0 +1,190 @@
+"""The markdown tables of docs/benchmarks.md, from the results files, so the page quotes the measured
+numbers exactly: printed, or (--update) written between the page's `<!-- bench:NAME -->` and
+`<!-- /bench:NAME -->` markers.
+
+    python benchmarks/tables.py [--results benchmarks/results] [--update docs/benchmarks.md]
+"""
+
+import argparse
+import json
+import pathlib
+import re
+
+import common
+
+MIB = 2**20
+
+
+def _load(folder: pathlib.Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mark(met) -> str:
+    return "—" if met is None else ("met" if met else "**missed**")
+
+
+def _ms(value: float) -> str:
+    """Three significant figures, without an exponent."""
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def speed(result: dict) -> str:
+    rows = result["rows"]
+    names = list(rows[0]["ms_per_step"])
+    lines = ["| method | " + " | ".join(f"N = {r['neurons']}" for r in rows) + " |"]
+    lines.append("|---|" + "---|" * len(rows))
+    for name in names:
+        cells = [_ms(r["ms_per_step"][name]["median_ms"]) if name in r["ms_per_step"] else "—" for r in rows]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| firing rate (fraction per step) | " + " | ".join(f"{r['firing_rate']:.3f}" for r in rows) + " |")
+    lines += ["", "| ratio | target | " + " | ".join(f"N = {r['neurons']}" for r in rows) + " |"]
+    lines.append("|---|---|" + "---|" * len(rows))
+    for ratio, entry in rows[0]["ratios"].items():
+        target = "—" if entry["target"] is None else f"≤ {entry['target']}"
+        cells = []
+        for row in rows:
+            value = row["ratios"][ratio]
+            cells.append("not installed" if value["value"] is None else _ms(value["value"]) + _suffix(value["met"]))
+        lines.append(f"| {ratio} | {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _suffix(met) -> str:
+    return "" if met is None else (" (met)" if met else " (**missed**)")
+
+
+def _memory_table(methods: dict) -> list[str]:
+    steps = list(next(iter(methods.values())))
+    lines = ["| method | " + " | ".join(f"T = {t}" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, per_steps in methods.items():
+        cells = [
+            f"{per_steps[t]['total_bytes'] / MIB:,.1f}" if "total_bytes" in per_steps[t] else "error" for t in steps
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _flat(entry: dict) -> list[str]:
+    lines = []
+    for name, value in entry["flatness"].items():
+        lines.append(f"| {name} | {100 * value['growth']:+.2f}% | {_mark(value['met'])} |")
+    for steps, value in entry.get("es_d_rtrl_vs_pp_prop", {}).items():
+        lines.append(f"| es_d_rtrl / pp_prop at T = {steps} | {value['ratio']:.3f} | {_mark(value['met'])} |")
+    return lines
+
+
+def memory(result: dict) -> str:
+    out = []
+    for entry in result["compiled"]:
+        out.append(f"Compiled memory (MiB), N = {entry['neurons']}, B = {result['batch']}:\n")
+        out += _memory_table(entry["methods"])
+        out += ["", "| check | measured | target |", "|---|---|---|"]
+        out += [*_flat(entry), ""]
+    if result.get("rss"):
+        neurons = result["rss_neurons"]
+        out.append(f"Peak RSS of a fresh process (MiB; in brackets: before compiling and running), N = {neurons}:\n")
+        steps = list(next(iter(result["rss"].values())))
+        out += ["| method | " + " | ".join(f"T = {t}" for t in steps) + " |", "|---|" + "---|" * len(steps)]
+        for name, runs in result["rss"].items():
+            cells = []
+            for t in steps:
+                run = runs[t]
+                cells.append(
+                    f"{run['peak_rss_bytes'] / MIB:,.0f} ({run['rss_before_bytes'] / MIB:,.0f})"
+                    if "peak_rss_bytes" in run
+                    else run["error"][:60]
+                )
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    deep = result.get("deep")
+    if deep:
+        out.append(f"braintrace's configuration, compiled memory (MiB), B = {deep['batch']}:\n")
+        out += _memory_table(deep["methods"])
+        out += ["", "| check | measured | target |", "|---|---|---|", *_flat(deep)]
+    return "\n".join(out)
+
+
+def fidelity(result: dict) -> str:
+    rows = [r for r in result["rows"] if "weight" in r]
+    labels = list(dict.fromkeys(f"{r['library']} {r['algorithm']}" for r in rows))
+    out = []
+    for library in ("fusetrace", "braintrace"):
+        chosen = [label for label in labels if label.startswith(library)]
+        if not chosen:
+            continue
+        heads = [label.split(" ", 1)[1] for label in chosen]
+        out += [f"{library} (cosine / norm ratio):", ""]
+        out += ["| model | weight | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(chosen)]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            for weight in dict.fromkeys(r["weight"] for r in rows if r["model"] == model):
+                cells = []
+                for label in chosen:
+                    match = [
+                        r
+                        for r in rows
+                        if r["model"] == model and r["weight"] == weight and f"{r['library']} {r['algorithm']}" == label
+                    ]
+                    cells.append(f"{match[0]['cosine']:.3f} / {match[0]['norm_ratio']:.3f}" if match else "—")
+                name = "readout" if weight == "out.weight" else weight.replace(".comm.weight", "")
+                lines = f"| {model} | {name} | " + " | ".join(cells) + " |"
+                out.append(lines)
+        out.append("")
+    return "\n".join(out)
+
+
+def _reason(error: str) -> str:
+    return "out of memory" if "RESOURCE_EXHAUSTED" in error or "MemoryError" in error else error[:60]
+
+
+def scale(result: dict) -> str:
+    out = ["| method | largest N that ran | first N that failed | peak RSS at the largest | call time there | commit |"]
+    out.append("|---|---|---|---|---|---|")
+    for method, entry in result["methods"].items():
+        ok = entry["largest_ok"]
+        run = entry["attempts"].get(str(ok), {}) if ok else {}
+        failed = entry["smallest_failed"]
+        reason = _reason(entry["attempts"][str(failed)]["error"]) if failed else "none: capped"
+        peak, seconds = run.get("peak_rss_bytes", 0) / 2**30, run.get("call_s", 0)
+        out.append(
+            f"| {method} | {ok:,} | {f'{failed:,}' if failed else '—'} ({reason}) | "
+            f"{peak:.2f} GiB | {seconds:.3g} s | {entry.get('commit', '')} |"
+        )
+    out.append(f"\nMemory budget per attempt: {result['budget_bytes'] / 2**30:.1f} GiB; batch {result['batch']}.")
+    return "\n".join(out)
+
+
+RENDERERS = {"speed": speed, "memory": memory, "fidelity": fidelity, "scale": scale}
+
+
+def update(page: pathlib.Path, tables: dict[str, str]) -> None:
+    """Replace each marked block of `page` with its table; a marker pair without a result stays as it is."""
+    text = page.read_text()
+    for name, table in tables.items():
+        block = re.compile(rf"(<!-- bench:{name} -->).*?(<!-- /bench:{name} -->)", re.S)
+        # blank lines around the table: markdown would read it as part of the HTML comment's block otherwise
+        text = block.sub(lambda match, table=table: f"{match.group(1)}\n\n{table}\n\n{match.group(2)}", text)
+    page.write_text(text)
+    print(f"updated {page}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(common.RESULTS))
+    parser.add_argument("--update", help="rewrite the marked tables of this markdown page")
+    args = parser.parse_args(argv)
+    folder = pathlib.Path(args.results)
+    tables = {}
+    for name, render in RENDERERS.items():
+        result = _load(folder, name)
+        if result is not None:
+            tables[name] = render(result).strip()
+    if args.update:
+        update(pathlib.Path(args.update), tables)
+    else:
+        for name, table in tables.items():
+            print(f"### {name}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

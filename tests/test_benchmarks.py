@@ -1,0 +1,69 @@
+"""`benchmarks/run_all --quick` keeps working: it runs every benchmark at tiny sizes, as CI would (without
+braintrace: its columns must read "not installed" instead of failing), and writes results with the
+expected keys and sane values. Times and ratios are not checked here: they belong to benchmarks/."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 600  # about a minute on 2 idle cores; the margin is for a loaded machine
+METHODS = ("forward", "bptt", "fusetrace d_rtrl", "fusetrace es_d_rtrl")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def _run_quick(out: pathlib.Path) -> dict:
+    env = {**os.environ, "PYTHON": sys.executable, "FUSETRACE_BENCH_NO_PEER": "1", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "run_all"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = ("speed", "memory", "fidelity", "scale", "run_all")
+    return {name: json.loads((out / "results" / f"{name}.json").read_text()) for name in names}
+
+
+def test_run_all_quick_writes_every_result(tmp_path):
+    results = _run_quick(tmp_path)
+
+    for name in ("speed", "memory", "fidelity", "scale"):
+        assert (tmp_path / "images" / f"bench-{name}.png").stat().st_size > 0
+        assert results[name]["machine"]["braintrace"] == "not installed"
+
+    (row,) = results["speed"]["rows"]
+    assert set(row["ms_per_step"]) == set(METHODS)  # the peer's programs are absent, not failed
+    assert all(_positive(v["median_ms"]) for v in row["ms_per_step"].values())
+    assert 0 < row["firing_rate"] < 1
+    assert row["ratios"]["fusetrace es_d_rtrl / braintrace pp_prop"]["value"] is None
+    assert _positive(row["ratios"]["fusetrace es_d_rtrl / forward"]["value"])
+
+    memory = results["memory"]
+    (table,) = memory["compiled"]
+    assert set(table["methods"]) == set(METHODS)
+    for per_steps in table["methods"].values():
+        assert all(_positive(entry["total_bytes"]) for entry in per_steps.values())
+    assert set(table["flatness"]) == {"fusetrace d_rtrl", "fusetrace es_d_rtrl"}
+    assert all(_positive(v["peak_rss_bytes"]) for runs in memory["rss"].values() for v in runs.values())
+    assert memory["deep"]["batch"] >= 1
+    assert all(_positive(e["total_bytes"]) for runs in memory["deep"]["methods"].values() for e in runs.values())
+
+    rows = results["fidelity"]["rows"]
+    assert rows and all("error" not in r for r in rows)
+    assert all(math.isfinite(r["cosine"]) and r["norm_ratio"] >= 0 for r in rows)
+    assert {r["library"] for r in rows} == {"fusetrace"}
+    assert "d_rtrl" in results["fidelity"]["norm_target"]
+
+    for method in ("es_d_rtrl", "bptt"):
+        assert _positive(results["scale"]["methods"][method]["largest_ok"])
+
+    assert set(results["run_all"]["seconds"]) == {"speed", "memory", "fidelity", "scale"}
