@@ -28,6 +28,7 @@ from jax import lax
 from fusetrace._compat import bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import evaluate
+from fusetrace.rules import reads_values
 
 
 @dataclasses.dataclass
@@ -266,12 +267,28 @@ def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: 
     return vjp(cotangent)[0]
 
 
-def op_output(analysis: Analysis, contraction: int, values: StepValues, pre, weight) -> jax.Array:
-    """The relation's op output `y(u, W)` with the presynaptic input and the weight leaf replaced."""
+def op_output(
+    analysis: Analysis, contraction: int, values: StepValues, pre, weight, *, float_input: bool = False
+) -> jax.Array:
+    """The relation's op output `y(u, W)` with the presynaptic input and the weight leaf replaced.
+
+    `float_input`: `pre` is a real-valued stand-in for the input (es_d_rtrl's presynaptic trace), so an
+    op that reads its input as spikes (a binary event product) is evaluated as its value-weighted twin
+    (`weighted=True`: the same sparsity and kernel family, each event multiplied by its value), which is
+    the op's linear extension from 0/1 inputs to real ones."""
     c = analysis.facts.contractions[contraction]
     leaves = list(values.leaves)
     leaves[c.weight_leaf] = weight
-    return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var])[0]
+    transform = None
+    if float_input and not reads_values(c.eqn):
+        transform = {c.out_var: lambda value, invals: bind_eqn(c.eqn, invals, weighted=True)[0]}
+    return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var], transform)[0]
+
+
+def op_input(eqn, u: jax.Array, dtype) -> jax.Array:
+    """What the op multiplies its weights by, as a real array: `u`, or for a binary event product the
+    activity mask of `u` (brainevent's contract: an event is active where it is non-zero)."""
+    return u.astype(dtype) if reads_values(eqn) else (u != 0).astype(dtype)
 
 
 def credit(
@@ -285,10 +302,16 @@ def credit(
     return vjp(cotangent)[0]
 
 
-def weight_vjp(analysis: Analysis, contraction: int, values: StepValues, pre, cotangent) -> jax.Array:
-    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation."""
+def weight_vjp(
+    analysis: Analysis, contraction: int, values: StepValues, pre, cotangent, *, float_input: bool = False
+) -> jax.Array:
+    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation
+    (`float_input`: see `op_output`)."""
     c = analysis.facts.contractions[contraction]
-    _, vjp = jax.vjp(lambda w: op_output(analysis, contraction, values, pre, w), values.leaves[c.weight_leaf])
+    _, vjp = jax.vjp(
+        lambda w: op_output(analysis, contraction, values, pre, w, float_input=float_input),
+        values.leaves[c.weight_leaf],
+    )
     return vjp(cotangent)[0]
 
 

@@ -128,13 +128,7 @@ def make_plan(
             )
         if relation.status != "traced":
             continue
-        per_weight = algorithm != "es_d_rtrl" or not relation.input_linear
-        if algorithm == "es_d_rtrl" and not relation.input_linear and layout_kind(analysis, relation) is not None:
-            notes.setdefault(relation.weight, []).append(
-                f"es_d_rtrl keeps the exact per-synapse trace for this `{relation.op}`: the op reads its input as "
-                "spikes (0/1), so a filtered presynaptic factor cannot stand in for it (memory B·|W|·S)"
-            )
-        if per_weight and layout_kind(analysis, relation) is None:
+        if algorithm != "es_d_rtrl" and layout_kind(analysis, relation) is None:
             same_step.append(index)
             notes.setdefault(relation.weight, []).append(
                 f"{SAME_STEP}; no trace because {algorithm} has no per-weight trace layout for this "
@@ -310,10 +304,10 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
 
 def _factorised(plan: Plan, relation) -> bool:
     """Whether the relation's trace is es_d_rtrl's pair of factors. Element-wise parameters keep their
-    exact per-neuron trace under every algorithm (it is already O(N)); so do binary event ops, which read
-    their input as spikes (0/1), so that a filtered presynaptic trace cannot stand in for it: they keep
-    the exact per-synapse trace."""
-    return plan.algorithm == "es_d_rtrl" and not relation.elementwise and relation.input_linear
+    exact per-neuron trace under every algorithm (it is already O(N)). A binary event op factorises too:
+    its presynaptic factor filters the op's activity mask, and its gradient is formed with the op's
+    value-weighted twin (`derive.op_output`)."""
+    return plan.algorithm == "es_d_rtrl" and not relation.elementwise
 
 
 def _group_delta(group, delta: dict) -> jax.Array:
@@ -329,48 +323,34 @@ def fused_step(
     traces: dict,
     step: jax.Array,
     inputs: list,
+    *,
+    gradient: bool = True,
 ):
-    """One fused step on mantissas: `(new_leaves, new_traces, outputs, loss, grads by weight leaf)`."""
+    """One fused step on mantissas: `(new_leaves, new_traces, outputs, loss, grads by weight leaf)`.
+
+    `gradient=False` advances states and traces only: no learning signal, no gradient (`grads` is None).
+    Exact where the step's loss is identically zero (between read-outs), since then every gradient term
+    of the step is zero."""
     relations = analysis.relations
     leaves = list(leaves)
     for leaf, value in weights.items():
         leaves[leaf] = value
     values = derive.forward(analysis, inputs, leaves)
+    if not gradient:  # only the traces move (the cross-group credit traces included)
+        new_traces, _, _, _ = _update_traces(analysis, plan, values, traces, step, None)
+        for credit in plan.credits:
+            new_traces = _advance_credit(analysis, plan, credit, values, new_traces)
+        return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
     weight_leaves = sorted(weights)
     loss, delta_new, delta_prev, direct = derive.learning_signals(
         analysis, values, loss_of_outputs, weight_leaves, plan.feedback
     )
     grads = {leaf: direct[leaf] for leaf in weight_leaves}
-    by_group: dict[str, list[int]] = {}
-    for index in plan.traced:
-        by_group.setdefault(relations[index].group, []).append(index)
-    new_traces = dict(traces)
-    derivs = {}
-    cotangents = {}  # es_d_rtrl: relation index -> op-layout cotangent for ONE weight VJP at the end
-    for name, indices in by_group.items():
-        group = analysis.group_named(name)
-        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
-        f = dict(zip(indices, f_list, strict=True))
-        derivs[name] = (d, f)
-        for index in indices:
-            relation = relations[index]
-            update = _es_update if _factorised(plan, relation) else _per_weight_update
-            new_traces[plan.key(index)], grad, cotangent = update(
-                analysis,
-                plan,
-                relation,
-                values,
-                d,
-                f[index],
-                traces[plan.key(index)],
-                _group_delta(group, delta_new),
-                _group_delta(group, delta_prev),
-                step,
-            )
-            if grad is not None:
-                grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
-            if cotangent is not None:
-                cotangents[index] = cotangent
+    new_traces, derivs, terms, cotangents = _update_traces(
+        analysis, plan, values, traces, step, (delta_new, delta_prev)
+    )
+    for leaf, grad in terms:
+        grads[leaf] = grads[leaf] + grad
     for index in plan.same_step:
         relation = relations[index]
         grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.same_step_grad(
@@ -386,9 +366,37 @@ def fused_step(
         relation = relations[index]
         pre = new_traces[plan.key(index)]["pre"]
         grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.weight_vjp(
-            analysis, relation.contraction, values, pre, cotangent
+            analysis, relation.contraction, values, pre, cotangent, float_input=True
         )
     return values.new_leaves, new_traces, values.outputs, loss, grads
+
+
+def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals):
+    """Every traced relation's new trace, group by group. Given `signals` = `(δ_new, δ_prev)` by hidden
+    leaf, also its gradient: `(new_traces, derivs by group, [(weight leaf, gradient term)], cotangents)`,
+    the cotangents being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end."""
+    relations = analysis.relations
+    by_group: dict[str, list[int]] = {}
+    for index in plan.traced:
+        by_group.setdefault(relations[index].group, []).append(index)
+    new_traces, derivs, terms, cotangents = dict(traces), {}, [], {}
+    for name, indices in by_group.items():
+        group = analysis.group_named(name)
+        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
+        f = dict(zip(indices, f_list, strict=True))
+        derivs[name] = (d, f)
+        group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
+        for index in indices:
+            relation = relations[index]
+            update = _es_update if _factorised(plan, relation) else _per_weight_update
+            new_traces[plan.key(index)], grad, cotangent = update(
+                analysis, plan, relation, values, d, f[index], traces[plan.key(index)], group_signals, step
+            )
+            if grad is not None:
+                terms.append((relation.weight_leaf, grad))
+            if cotangent is not None:
+                cotangents[index] = cotangent
+    return new_traces, derivs, terms, cotangents
 
 
 def _contract(layout, signal, trace, states=None) -> jax.Array | None:
@@ -431,7 +439,8 @@ def _structure(analysis: Analysis, relation) -> tuple[dict[int, tuple[int, ...]]
     )
 
 
-def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
+def _per_weight_update(analysis, plan, relation, values, d, f, trace, signals, step):
+    """d_rtrl / e_prop: the new per-weight trace and, given `signals` = `(δ, δ_prev)`, its gradient."""
     layout = make_layout(_kind(analysis, relation), analysis, relation, values)
     reads, injected, prev_read = _structure(analysis, relation)
     eps_prev = trace["eps"]
@@ -448,6 +457,9 @@ def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, del
         used_prev = trace["filtered"]
         used = tuple(plan.kappa * p + e for p, e in zip(used_prev, eps, strict=True))
         new["filtered"] = used
+    if signals is None:
+        return new, None, None
+    delta, delta_prev = signals
     total = _contract(layout, delta, used)
     assert total is not None, "a group has at least one state"
     previous = _contract(layout, delta_prev, used_prev) if prev_read else None
@@ -456,26 +468,52 @@ def _per_weight_update(analysis, plan, relation, values, d, f, trace, delta, del
     return new, layout.reduce(total), None
 
 
-def _es_update(analysis, plan, relation, values, d, f, trace, delta, delta_prev, step):
+def _es_update(analysis, plan, relation, values, d, f, trace, signals, step):
+    """es_d_rtrl: the new factors and, given `signals` = `(δ, δ_prev)`, the op-layout cotangent of this
+    step's gradient (plus the δ_prev term, formed here)."""
     alpha = plan.decay
     pre_gain, post_decay, post_gain = _factor_gains(plan.factorisation, alpha)
-    u = values.u[relation.contraction]
+    eqn = analysis.facts.contractions[relation.contraction].eqn
+    u = derive.op_input(eqn, values.u[relation.contraction], trace["pre"].dtype)
     pre = alpha * trace["pre"] + pre_gain * u
     post = post_decay * jnp.einsum("...st,...t->...s", d, trace["post"]) + post_gain * f
+    if signals is None:
+        return {"pre": pre, "post": post}, None, None
+    delta, delta_prev = signals
     correction = 1 - alpha ** (step.astype(post.dtype) + 1)
     cotangent = derive.to_op_layout(relation, jnp.sum(delta * post, axis=-1)) / correction
     grad = None
     if _structure(analysis, relation)[2]:  # the output reads the previous values: δ_prev·ε_{t-1}
         prev_correction = jnp.where(step > 0, 1 - alpha ** step.astype(post.dtype), 1.0)
         cotangent_prev = derive.to_op_layout(relation, jnp.sum(delta_prev * trace["post"], axis=-1)) / prev_correction
-        grad = derive.weight_vjp(analysis, relation.contraction, values, trace["pre"], cotangent_prev)
+        grad = derive.weight_vjp(analysis, relation.contraction, values, trace["pre"], cotangent_prev, float_input=True)
     return {"pre": pre, "post": post}, grad, cotangent
+
+
+def _credit_q(analysis, plan, credit, values, traces) -> jax.Array:
+    """The credit trace's new value: `q ← λ q + P·ε` (P the sensitivity of the readout's input to the
+    source group's new values), with ε the source's factor `ε^f` or its per-weight trace."""
+    source = analysis.relations[credit.source]
+    source_group = analysis.group_named(source.group)
+    sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
+    trace = traces[plan.key(credit.source)]
+    if _factorised(plan, source):
+        return credit.decay * traces[credit.key] + jnp.sum(sensitivity * trace["post"], axis=-1)
+    eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
+    layout = make_layout(_kind(analysis, source), analysis, source, values)
+    facts = analysis.facts.propagation.of(credit.link)
+    states = [s for s, leaf in enumerate(source_group.leaves) if ("new", leaf) in facts]  # others: ∂u/∂h ≡ 0
+    contracted = _contract(layout, sensitivity, eps, states)
+    return credit.decay * traces[credit.key] + (0.0 if contracted is None else contracted)
+
+
+def _advance_credit(analysis, plan, credit, values, traces) -> dict:
+    return {**traces, credit.key: _credit_q(analysis, plan, credit, values, traces)}
 
 
 def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, grads, step):
     relations = analysis.relations
     source, via = relations[credit.source], relations[credit.via]
-    source_group = analysis.group_named(source.group)
     readout_group = analysis.group_named(credit.group)
     _, f_readout = derivs[credit.group]
     signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[credit.via], axis=-1)
@@ -484,26 +522,16 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     )  # in the layout of the readout's presynaptic input
     pre_var = analysis.facts.contractions[via.contraction].pre_var
     carried = derive.pullback(analysis, values, credit.link, pre_var, carried)  # (..., neurons of the source)
-    sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
-    key = credit.key
-    traces = dict(traces)
+    q = _credit_q(analysis, plan, credit, values, traces)
+    traces = {**traces, credit.key: q}
     cotangent = None
     if _factorised(plan, source):  # its weight product is taken once, with the trace's own cotangent
-        post = traces[plan.key(credit.source)]["post"]
-        q = credit.decay * traces[key] + jnp.sum(sensitivity * post, axis=-1)
         correction = 1 - plan.decay ** (step.astype(q.dtype) + 1)
         cotangent = derive.to_op_layout(source, carried * q) / correction
         grad = None
     else:
-        trace = traces[plan.key(credit.source)]
-        eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
         layout = make_layout(_kind(analysis, source), analysis, source, values)
-        facts = analysis.facts.propagation.of(credit.link)
-        states = [s for s, leaf in enumerate(source_group.leaves) if ("new", leaf) in facts]  # others: ∂u/∂h ≡ 0
-        contracted = _contract(layout, sensitivity, eps, states)
-        q = credit.decay * traces[key] + (0.0 if contracted is None else contracted)
         grad = layout.reduce(layout.gather(carried) * q)
-    traces[key] = q
     grads = dict(grads)
     if grad is not None:
         grads[source.weight_leaf] = grads[source.weight_leaf] + grad

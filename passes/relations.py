@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from fusetrace._compat import Literal, aval_shape
-from fusetrace.rules import Dep, Fact, lookup
+from fusetrace.rules import Dep, Fact
 from fusetrace.stepfacts import StepFacts
 
 from .hidden import Group
@@ -47,7 +47,6 @@ class Relation:
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
     op_shape: tuple[int, ...] | None = None  # the op output's shape (the group's, up to tail_perm and unit axes)
     positions: int = 1  # output positions per batch entry that share each weight element (convolutions)
-    input_linear: bool = True  # the op is linear in its presynaptic input (binary event ops read it as 0/1)
 
     def __post_init__(self):
         if self.status not in ("traced", "instantaneous", "excluded"):
@@ -216,7 +215,6 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
         "op_shape": tuple(contraction.out_var.aval.shape),
         "positions": _positions(contraction, batch),
-        "input_linear": bool(getattr(lookup(contraction.eqn.primitive), "linear", True)),
     }
     downstream = _feeds(facts, ("relation", contraction.index))
     if downstream:

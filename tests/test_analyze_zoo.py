@@ -132,14 +132,14 @@ def _expected_bytes(case, algorithm: str) -> int:
     """The documented trace sizes, from the hand-written expectation and the model's weights."""
     expected, batch = case.expected, case.batch_size or 1
     total = 0
-    for weight, (group, op, status) in expected["relations"].items():
+    for weight, (group, _op, status) in expected["relations"].items():
         if status != "traced":
             continue
         n_states = expected["groups"][group]["n_states"]
         n_neurons = expected["groups"][group]["n_neurons"]
         size, dtype = zoo.weight_size(case.model, weight)
-        # a single shared weight's trace is per neuron; binary event ops keep it under es_d_rtrl too
-        if algorithm in ("d_rtrl", "e_prop") or "binary" in op:
+        # a single shared weight's trace is per neuron
+        if algorithm in ("d_rtrl", "e_prop"):
             total += batch * (n_neurons if size == 1 else size) * n_states * dtype.itemsize
         else:
             total += batch * (expected["n_pre"][weight] + n_neurons * n_states) * dtype.itemsize

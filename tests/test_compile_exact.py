@@ -163,16 +163,38 @@ def test_event_and_sparse_weights_match_bptt(kind, batch, readout):
 
 @pytest.mark.parametrize("batch", [None, BATCH])
 @pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear"])
-def test_es_d_rtrl_keeps_an_exact_trace_for_binary_event_ops(kind, batch):
-    """Binary event ops read their input as spikes (0/1): a filtered presynaptic trace fed to them would be
-    binarised and give a wrong gradient, so es_d_rtrl keeps their exact per-synapse trace (BPTT here)."""
+def test_es_d_rtrl_factorises_binary_event_ops_exactly_under_constant_input(kind, batch):
+    """Binary event ops read their input as spikes (0/1). es_d_rtrl keeps its O(N) factors for them: the
+    presynaptic factor averages the op's activity mask and the gradient goes through the op's
+    value-weighted twin. Under a constant spike pattern the "averaged" factorisation is exact, so it must
+    equal BPTT; feeding the filtered factor to the binary op itself (which reads it as 0/1) would be off
+    by 1/(1 − α^{t+1}) at step t."""
     xs, ys = _data(batch)
-    learner = fusetrace.compile(
-        _build(kind, "linear", batch), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=batch
-    )
-    assert "reads its input as spikes" in learner.explain("proj.comm.weight")
-    online = online_grads(_build(kind, "linear", batch), xs, ys, "es_d_rtrl", batch)
+    xs = jnp.broadcast_to(xs[0], xs.shape)  # one fixed 0/1 pattern at every step
+    options = {"decay": 0.9, "factorisation": "averaged"}
+    learner = fusetrace.compile(_build(kind, "linear", batch), xs[0], loss=_loss, algorithm="es_d_rtrl", **options)
+    factors = [trace for trace in learner.init()["traces"].values() if isinstance(trace, dict)]
+    assert factors and all(set(trace) == {"pre", "post"} for trace in factors)
+    online = online_grads(_build(kind, "linear", batch), xs, ys, "es_d_rtrl", batch, **options)
     assert_matches(online, bptt_grads(_build(kind, "linear", batch), xs, ys), RTOL_EXACT)
+
+
+@pytest.mark.parametrize("factorisation", ["filtered", "averaged"])
+@pytest.mark.parametrize("batch", [None, BATCH])
+def test_es_d_rtrl_on_a_binary_op_equals_es_d_rtrl_on_its_float_product(batch, factorisation):
+    """On spike inputs that change every step, an `EventLinear` (binary event product) and a `Linear`
+    (float dot) with the same weights compute the same outputs, so es_d_rtrl must give both the same
+    gradient: the binary op's factorised gradient goes through its value-weighted twin."""
+    xs, ys = _data(batch)
+    event, dense = _build("eventlinear", "leaky", batch), _build("cuba", "leaky", batch)
+    dense.proj.comm.weight.value = {"weight": event.proj.comm.weight.value}
+    options = {"decay": 0.8, "factorisation": factorisation}
+    got = online_grads(event, xs, ys, "es_d_rtrl", batch, **options)
+    want = online_grads(dense, xs, ys, "es_d_rtrl", batch, **options)
+    assert np.linalg.norm(_flat(want["proj.comm.weight"])[0]) > 0
+    for path in want:
+        for a, b in zip(_flat(got[path]), _flat(want[path]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=path)
 
 
 def test_exact_regime_unbatched():

@@ -150,7 +150,7 @@ def test_network_compiles_to_one_group_and_a_traced_sparse_weight(float32_jax_ra
     (group,) = learner.analysis.groups
     assert group.n_states == 3 and group.n_neurons == small.n_neurons  # V, the merged synapse, the rate
     (relation,) = [r for r in learner.analysis.relations if r.status == "traced"]
-    assert relation.weight == "rec.comm.weight.weight" and relation.op == "csrmm"
+    assert relation.weight == "rec.comm.weight.weight" and relation.op == "binary_csrmm"
     assert learner.params["rec.comm.weight"]["weight"].shape == (small.n_edges,)
 
 

@@ -166,3 +166,41 @@ def test_bad_options_fail_clearly():
         fusetrace.compile(model, xs[0], loss=_loss, algorithm="es_d_rtrl", decay=1.5, batch_size=BATCH)
     with pytest.raises(fusetrace.errors.CompileError, match="kappa"):
         fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", kappa=0.5, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl", "e_prop"])
+def test_gradient_false_between_read_outs_changes_nothing(algorithm):
+    """A loss read only at some steps: stepping with `gradient=False` elsewhere gives the same states,
+    traces, losses and summed gradient as forming the (zero) gradient at every step."""
+    xs, ys = _data(BATCH)
+    read = np.zeros(len(xs), bool)
+    read[[3, 6, len(xs) - 1]] = True
+
+    def loss(output, target):
+        y, mask = target
+        return mask * _loss(output, y)
+
+    learner = fusetrace.compile(
+        _build("alif", "leaky", BATCH),
+        xs[0],
+        loss=loss,
+        algorithm=algorithm,
+        batch_size=BATCH,
+        example_target=(ys[0], 1.0),
+    )
+    every = jax.jit(learner.step)
+    sparse = jax.jit(learner.step, static_argnames="gradient")
+    state_a = state_b = learner.init()
+    total_a = total_b = None
+    for x, y, r in zip(xs, ys, read, strict=True):
+        target = (y, jnp.float64(r))
+        state_a, res_a = every(learner.params, state_a, x, target)
+        state_b, res_b = sparse(learner.params, state_b, x, target, gradient=bool(r))
+        assert (res_b.grads is None) != bool(r)
+        np.testing.assert_allclose(res_a.loss, res_b.loss, rtol=RTOL_F64)
+        _allclose(state_a, state_b)
+        total_a = res_a.grads if total_a is None else jax.tree.map(jnp.add, total_a, res_a.grads)
+        if res_b.grads is not None:
+            total_b = res_b.grads if total_b is None else jax.tree.map(jnp.add, total_b, res_b.grads)
+    assert all(np.linalg.norm(np.asarray(u.get_mantissa(g))) > 0 for g in jax.tree.leaves(total_a))
+    _allclose(total_a, total_b)

@@ -93,9 +93,10 @@ def source_line(eqn: JaxprEqn) -> str:
     return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 
-def bind_eqn(eqn: JaxprEqn, invals):
-    """Bind `eqn`'s primitive on `invals` as `jax.core.eval_jaxpr` does, keeping its source line."""
-    bind_params = eqn.primitive.get_bind_params(eqn.params)
+def bind_eqn(eqn: JaxprEqn, invals, **overrides):
+    """Bind `eqn`'s primitive on `invals` as `jax.core.eval_jaxpr` does, keeping its source line
+    (`overrides` replace some of its params)."""
+    bind_params = eqn.primitive.get_bind_params({**eqn.params, **overrides} if overrides else eqn.params)
     name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
     with _source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind_params)

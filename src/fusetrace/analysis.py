@@ -55,7 +55,7 @@ class Analysis:
 
         `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S (B·N·S for a single shared weight or a
         per-neuron parameter: the trace is per neuron; B·P·|W|·S for a convolution with P output positions);
-        `es_d_rtrl` (the d_rtrl size for binary event ops, whose input cannot be factorised): Σ of B·(n_pre + N·S),
+        `es_d_rtrl`: Σ of B·(n_pre + N·S),
         with B the batch size (1 when unbatched), S the receiving group's states per neuron, N its
         neurons, and the weight's item size.
         """
@@ -70,7 +70,7 @@ class Analysis:
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
             size = int(np.prod(leaf.shape, dtype=int))
-            if algorithm == "es_d_rtrl" and relation.input_linear:  # element-wise parameters: n_pre 0, per neuron
+            if algorithm == "es_d_rtrl":  # element-wise parameters: n_pre 0, per neuron
                 total += batch * (relation.n_pre + group.n_neurons * group.n_states) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
                 total += batch * group.n_neurons * group.n_states * itemsize

@@ -80,12 +80,13 @@ class StepResult(eqx.Module):
     Attributes:
         output: the step's output, with units, as `model.update` returns it.
         loss: the step's scalar loss.
-        grads: this step's gradient estimate, with the structure and units of `Learner.params`.
+        grads: this step's gradient estimate, with the structure and units of `Learner.params`; None
+            for a step taken with `gradient=False`.
     """
 
     output: Any
     loss: jax.Array
-    grads: dict
+    grads: dict | None
 
 
 class Learner(eqx.Module):
@@ -117,7 +118,7 @@ class Learner(eqx.Module):
         traces = init_traces(self.analysis, self.plan)
         return {"model": dict(self.snapshot.model), "traces": traces, "step": jnp.zeros((), jnp.int32)}
 
-    def step(self, params: dict, state: dict, x_t, target_t) -> tuple[dict, StepResult]:
+    def step(self, params: dict, state: dict, x_t, target_t, *, gradient: bool = True) -> tuple[dict, StepResult]:
         """Advance the network and its traces one step; return the new state and this step's result.
 
         Arguments:
@@ -125,6 +126,11 @@ class Learner(eqx.Module):
             state: as returned by `init()` or a previous `step`.
             x_t: this step's input (a tuple when `model.update` takes several arguments).
             target_t: whatever `loss` takes as its second argument.
+            gradient: False advances the states and traces without forming a gradient (`grads` is None):
+                for steps whose loss is identically zero, such as those between the read-outs of a
+                sparse loss, where the result is the same and the step costs about a forward step plus
+                the O(N) trace update. A Python bool: under `jax.jit` mark it static
+                (`jax.jit(learner.step, static_argnames="gradient")`).
 
         Returns:
             The new state (the structure of `init()`) and a `StepResult` with this step's output, loss and
@@ -144,13 +150,15 @@ class Learner(eqx.Module):
             state["traces"],
             state["step"],
             inputs,
+            gradient=gradient,
         )
         new_state = {
             "model": _states_from(captured, new_leaves, state["model"]),
             "traces": traces,
             "step": state["step"] + 1,
         }
-        return new_state, StepResult(captured.wrap_outputs(outputs), loss, _grads_like(captured, params, grads))
+        grads = None if grads is None else _grads_like(captured, params, grads)
+        return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads)
 
     def step_loss(self, out_leaves, target_t) -> jax.Array:
         """One step's loss from the captured step's output leaves: `loss(output, target_t)`, plus the

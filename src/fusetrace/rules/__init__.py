@@ -2,5 +2,18 @@
 
 from . import contracting, control, elementwise, neuro, structural  # noqa: F401  (registration)
 from .base import ALIGNED_AFFINE, MIXED, RULES, Dep, Fact, Operand, Rule, Source, lookup, register
+from .contracting import reads_values
 
-__all__ = ["ALIGNED_AFFINE", "MIXED", "RULES", "Dep", "Fact", "Operand", "Rule", "Source", "lookup", "register"]
+__all__ = [
+    "ALIGNED_AFFINE",
+    "MIXED",
+    "RULES",
+    "Dep",
+    "Fact",
+    "Operand",
+    "Rule",
+    "Source",
+    "lookup",
+    "reads_values",
+    "register",
+]

@@ -5,7 +5,7 @@ analysis cuts the path there and its output becomes a fresh source. Otherwise th
 import brainevent
 from jax import lax
 
-from .base import Operand, Rule, mixed, register
+from .base import Operand, Rule, lookup, mixed, register
 
 
 def _contracting(linear: bool):
@@ -56,3 +56,10 @@ register_contracting(
     weight_operands=(0,),
     per_synapse=True,
 )
+
+
+def reads_values(eqn) -> bool:
+    """Whether a contracting op reads its presynaptic input's values, not only which entries are non-zero:
+    binary event products read spikes (active where non-zero) unless bound with `weighted=True`
+    (brainevent's value-weighted events)."""
+    return bool(getattr(lookup(eqn.primitive), "linear", True) or eqn.params.get("weighted", False))

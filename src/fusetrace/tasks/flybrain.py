@@ -18,6 +18,7 @@ same drive, read every 10 ms, so the perturbed weights are a known optimum.
 import dataclasses
 import math
 
+import brainevent
 import brainpy.state as bps
 import brainstate
 import braintools
@@ -121,7 +122,7 @@ class ConnectomeNetwork(brainstate.nn.Module):
 
     def update(self, x, t):
         with brainstate.environ.context(t=t):
-            self.rec(self.neurons.get_spike())
+            self.rec(brainevent.BinaryArray(self.neurons.get_spike()))  # event-driven: only spikes cost
             self.drive(x)
             return self.rates(self.neurons())
 
