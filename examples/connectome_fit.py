@@ -53,7 +53,9 @@ def main(argv=None):
     )
     print(learner.summary())
     every = round(10.0 / fit.dt_ms)  # one optimizer step per read-out
-    trainer = fusetrace.trainer.Trainer(learner, fit.sample, optax.adam(args.learning_rate), update_every=every)
+    trainer = fusetrace.trainer.Trainer(
+        learner, fit.sample, optax.adam(args.learning_rate), update_every=every, gradient_every=every
+    )
     state = trainer.init()
     with tqdm(range(args.iterations), desc="training", unit="trial batch") as bar:
         for _ in bar:

@@ -169,7 +169,9 @@ def test_scaled_down_connectome_fits_neuropil_rates_online(graph, float32_jax_ra
         decay=0.99,
     )
     every = round(10.0 / fit.dt_ms)
-    trainer = fusetrace.trainer.Trainer(learner, lambda seed: batch, optax.adam(0.05), update_every=every)
+    trainer = fusetrace.trainer.Trainer(
+        learner, lambda seed: batch, optax.adam(0.05), update_every=every, gradient_every=every
+    )
     state = trainer.init()
     losses, distances = [], []
     for _ in range(3):

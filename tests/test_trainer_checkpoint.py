@@ -17,6 +17,7 @@ import pytest
 import fusetrace
 from fusetrace import checkpoint
 from fusetrace.cli import main as cli_main
+from fusetrace.errors import CompileError
 from fusetrace.trainer import Trainer
 from test_compile_exact import BATCH, N_IN, N_OUT, STEPS, _build, _loss
 
@@ -278,3 +279,59 @@ def test_cli_train_killed_mid_run_resumes_exactly(tmp_path):
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def _masked_trainer(gradient_every, update_every, read_every=5, algorithm="es_d_rtrl"):
+    """STEPS = 10 steps whose loss is read at steps 4 and 9 only (mask in the target)."""
+
+    def sample(seed):
+        batch = _sample(seed)
+        mask = (jnp.arange(STEPS) % read_every == read_every - 1).astype(jnp.float64)
+        return Batch(batch.inputs, (batch.targets, jnp.broadcast_to(mask[:, None], (STEPS, BATCH))))
+
+    def loss(output, target):
+        y, mask = target
+        return jnp.sum(mask * jnp.sum((output - y) ** 2, axis=-1))
+
+    first = sample(0)
+    learner = fusetrace.compile(
+        _build("alif", "leaky", BATCH),
+        first.inputs[0],
+        loss=loss,
+        algorithm=algorithm,
+        batch_size=BATCH,
+        example_target=jax.tree.map(lambda a: a[0], first.targets),
+    )
+    return Trainer(learner, sample, optax.adam(1e-2), update_every=update_every, gradient_every=gradient_every, seed=3)
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl"])
+@pytest.mark.parametrize("update_every", [0, 5])
+def test_gradient_every_k_equals_every_step_when_the_loss_is_read_every_k(update_every, algorithm):
+    sparse, dense = (
+        _masked_trainer(5, update_every, algorithm=algorithm),
+        _masked_trainer(1, update_every, algorithm=algorithm),
+    )
+    state_s, state_d = sparse.init(), dense.init()
+    for _ in range(2):
+        state_s, result_s = sparse.iteration(state_s)
+        state_d, result_d = dense.iteration(state_d)
+        np.testing.assert_allclose(result_s.loss, result_d.loss, rtol=1e-12)
+        assert result_s.outputs.shape == result_d.outputs.shape
+    assert not np.array_equal(
+        np.asarray(jax.tree.leaves(state_d["params"])[0]), np.asarray(jax.tree.leaves(dense.init()["params"])[0])
+    )
+    for a, b in zip(jax.tree.leaves(state_s["params"]), jax.tree.leaves(state_d["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13)
+
+
+def test_gradient_every_refuses_a_loss_it_would_drop():
+    trainer = _masked_trainer(5, 5, read_every=2)  # read at odd steps too: skipped steps carry loss
+    with pytest.raises(CompileError, match="non-zero loss"):
+        trainer.iteration(trainer.init())
+    with pytest.raises(CompileError, match="gradient_every=3 with update_every=5"):
+        Trainer(trainer.learner, trainer.sample, optax.adam(1e-2), update_every=5, gradient_every=3)
+    with pytest.raises(CompileError, match="multiple of gradient_every"):
+        Trainer(trainer.learner, trainer.sample, optax.adam(1e-2), update_every=0, gradient_every=3).iteration(
+            trainer.init()
+        )

@@ -3,8 +3,11 @@
 One iteration draws a batch of sequences (deterministically from `seed` and the iteration number),
 runs the fused learner over it inside ONE jit-compiled `lax.scan`, and applies the optimizer every
 `update_every` steps (1: fully online; 0: once at the end of the sequence), with optional global-norm
-clipping. The state that must survive a crash — params, optimizer state, iteration counter — is one
-pytree, saved atomically by `fusetrace.checkpoint`; resuming from it continues bit for bit.
+clipping. A loss read only every k-th step (`gradient_every=k`) forms the gradient only there: the other
+steps advance states and traces alone (`Learner.step(..., gradient=False)`), which is exact because their
+loss is zero (the trainer checks that it is). The state that must survive a crash (params, optimizer
+state, iteration counter) is one pytree, saved atomically by `fusetrace.checkpoint`; resuming from it
+continues bit for bit.
 """
 
 import dataclasses
@@ -43,6 +46,10 @@ class Trainer:
         sample: `sample(seed)` returns a `Batch` (deterministic in its seed).
         optimizer: an optax `GradientTransformation`.
         update_every: apply the optimizer every k steps (1: fully online); 0: at the sequence end.
+        gradient_every: form the gradient only at steps t with (t + 1) % gradient_every == 0, for a loss
+            that is zero at every other step (read-outs every k steps); the sequence length and
+            `update_every` must be multiples of it. An iteration whose skipped steps had a non-zero
+            loss raises `CompileError` (their gradient would have been dropped).
         clip_norm: optional global-norm clipping of each update's accumulated gradient.
         seed: base seed of the batches (iteration i uses `seed + i`).
         metric: optional `metric(outputs, batch) -> dict` of extra numbers per iteration.
@@ -60,6 +67,7 @@ class Trainer:
         optimizer: optax.GradientTransformation,
         *,
         update_every: int = 1,
+        gradient_every: int = 1,
         clip_norm: float | None = None,
         seed: int = 0,
         metric: Callable[[Any, Batch], dict] | None = None,
@@ -73,8 +81,17 @@ class Trainer:
                     fix="use 1 for fully online learning, k > 1 for every k steps, or 0",
                 )
             )
+        if gradient_every < 1 or (update_every > 0 and update_every % gradient_every):
+            raise CompileError(
+                four_part(
+                    what=f"gradient_every={gradient_every} with update_every={update_every}",
+                    where="fusetrace.Trainer(...)",
+                    why="the gradient is formed every gradient_every steps, so updates can only fall on those steps",
+                    fix="use gradient_every >= 1 that divides update_every (or update_every=0)",
+                )
+            )
         self.learner, self.sample, self.seed, self.metric = learner, sample, seed, metric
-        self.update_every = update_every
+        self.update_every, self.gradient_every = update_every, gradient_every
         self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
         self._sequence = jax.jit(self._run_sequence)
 
@@ -89,9 +106,29 @@ class Trainer:
     def iteration(self, state: dict) -> tuple[dict, IterationResult]:
         """Run one batch of sequences, learning online; returns the new state and what happened."""
         batch = self.batch(int(state["iteration"]))
-        params, opt_state, losses, outputs = self._sequence(
+        n_steps = jax.tree.leaves(batch.inputs)[0].shape[0]
+        if n_steps % self.gradient_every:
+            raise CompileError(
+                four_part(
+                    what=f"a sequence of {n_steps} steps with gradient_every={self.gradient_every}",
+                    where="fusetrace.Trainer.iteration",
+                    why="the gradient is formed at the last step of every gradient_every steps",
+                    fix="make the sequence length a multiple of gradient_every",
+                )
+            )
+        params, opt_state, losses, outputs, skipped = self._sequence(
             state["params"], state["opt_state"], batch.inputs, batch.targets
         )
+        if float(skipped) != 0.0:
+            raise CompileError(
+                four_part(
+                    what=f"steps skipped by gradient_every={self.gradient_every} had a non-zero loss "
+                    f"({float(skipped):.3g})",
+                    where=f"fusetrace.Trainer.iteration, iteration {int(state['iteration'])}",
+                    why="only steps t with (t + 1) % gradient_every == 0 form a gradient; the others' would be lost",
+                    fix="read the loss only at those steps (mask the others) or use gradient_every=1",
+                )
+            )
         new_state = {"params": params, "opt_state": opt_state, "iteration": state["iteration"] + 1}
         metrics = {"loss": float(jnp.mean(losses))}
         if self.metric is not None:
@@ -103,31 +140,43 @@ class Trainer:
         return optax.apply_updates(params, updates), opt_state
 
     def _run_sequence(self, params, opt_state, inputs, targets):
-        learner, every = self.learner, self.update_every
+        learner, every, k = self.learner, self.update_every, self.gradient_every
         zeros = jax.tree.map(jnp.zeros_like, params)
 
-        def body(carry, step_inputs):
-            params, opt_state, state, accumulated, t = carry
-            x, target = step_inputs
-            state, res = learner.step(params, state, x, target)
+        def body(carry, chunk):  # k steps: k - 1 without a gradient, then one with it
+            params, opt_state, state, accumulated, skipped, t = carry
+
+            def advance(carry, step_inputs):
+                state, skipped = carry
+                state, res = learner.step(params, state, *step_inputs, gradient=False)
+                return (state, skipped + jnp.abs(res.loss)), (res.loss, res.output)
+
+            first = jax.tree.map(lambda a: a[:-1], chunk)
+            (state, skipped), (losses, outputs) = jax.lax.scan(advance, (state, skipped), first)
+            state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk))
             accumulated = jax.tree.map(jnp.add, accumulated, res.grads)
+            t = t + k
             if every > 0:
-                due = (t + 1) % every == 0
                 params, opt_state, accumulated = jax.lax.cond(
-                    due,
+                    t % every == 0,
                     lambda p, o, a: (*self._apply(p, o, a), zeros),
                     lambda p, o, a: (p, o, a),
                     params,
                     opt_state,
                     accumulated,
                 )
-            return (params, opt_state, state, accumulated, t + 1), (res.loss, res.output)
+            losses, outputs = jax.tree.map(
+                lambda a, b: jnp.concatenate([a, b[None]]), (losses, outputs), (res.loss, res.output)
+            )
+            return (params, opt_state, state, accumulated, skipped, t), (losses, outputs)
 
-        carry = (params, opt_state, learner.init(), zeros, jnp.zeros((), jnp.int32))
-        (params, opt_state, _, accumulated, _), (losses, outputs) = jax.lax.scan(body, carry, (inputs, targets))
+        chunks = jax.tree.map(lambda a: a.reshape(-1, k, *a.shape[1:]), (inputs, targets))
+        carry = (params, opt_state, learner.init(), zeros, jnp.zeros(()), jnp.zeros((), jnp.int32))
+        (params, opt_state, _, accumulated, skipped, _), (losses, outputs) = jax.lax.scan(body, carry, chunks)
+        losses, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (losses, outputs))
         if every == 0:
             params, opt_state = self._apply(params, opt_state, accumulated)
-        return params, opt_state, losses, outputs
+        return params, opt_state, losses, outputs, skipped
 
 
 class BPTTTrainer(Trainer):
@@ -167,4 +216,4 @@ class BPTTTrainer(Trainer):
 
         grads, (losses, outputs) = jax.grad(total_loss, has_aux=True)(params)
         params, opt_state = self._apply(params, opt_state, grads)
-        return params, opt_state, losses, outputs
+        return params, opt_state, losses, outputs, jnp.zeros(())
