@@ -254,9 +254,11 @@ def fusetrace_learner(model: Network, batch: int, algorithm: str, **options) -> 
 
 
 def fusetrace_step(learner: fusetrace.Learner, bank) -> Program:
-    """fusetrace's fused step, `jax.jit(learner.step)`, with its state carried from call to call."""
-    step = jax.jit(learner.step)
-    params, carried = learner.params, {"state": learner.init()}
+    """fusetrace's fused step, `jax.jit(learner.step)`, with its state carried from call to call. The state is
+    donated (each call's old state is dropped), so XLA updates the traces in place instead of writing fresh
+    buffers every step. It starts from a copy, as the initial state shares its arrays with the model."""
+    step = jax.jit(learner.step, donate_argnums=1)
+    params, carried = learner.params, {"state": jax.tree.map(jnp.copy, learner.init())}
     nxt = _cycle(bank)
 
     def run():

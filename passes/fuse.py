@@ -26,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
@@ -58,10 +59,16 @@ class Credit:
     group: str
     decay: float
     link: object = dataclasses.field(compare=False, repr=False)  # the var aligned with the source's group
+    shares: int | None = None  # es_d_rtrl: the source whose q this credit's equals (same postsynaptic factor)
 
     @property
     def key(self) -> str:
         return f"q{self.source}_{self.via}"
+
+    @property
+    def q_key(self) -> str:
+        """Where its credit trace q lives (another credit's, when it shares it)."""
+        return self.key if self.shares is None else f"q{self.shares}_{self.via}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (a static jit field)
@@ -137,7 +144,7 @@ def make_plan(
             )
             continue
         traced.append(index)
-    credits = _credits(analysis, traced, values, notes)
+    credits = _credits(analysis, algorithm, traced, values, notes)
     _note_unreachable(analysis, traced, credits, notes)
     matrices = _feedback_matrices(analysis, algorithm, credits, values, feedback, feedback_seed)
     notes_by_weight = {k: tuple(v) for k, v in notes.items()}
@@ -206,7 +213,7 @@ def _feedback_matrices(analysis, algorithm, credits, values, feedback, seed) -> 
     return matrices
 
 
-def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
+def _credits(analysis: Analysis, algorithm: str, traced, values, notes) -> tuple[Credit, ...]:
     relations = analysis.relations
     credits = []
     for via in traced:
@@ -217,7 +224,9 @@ def _credits(analysis: Analysis, traced, values, notes) -> tuple[Credit, ...]:
             decay, reason = _single_decay(analysis, group, values)
             for k in sources:
                 if reason is None:
-                    credits.append(Credit(source=k, via=via, group=group.name, decay=decay, link=link))
+                    owner = post_owner(algorithm, relations, k)
+                    shares = owner if owner != k and owner in sources else None
+                    credits.append(Credit(k, via, group.name, decay, link, shares))
                 else:
                     notes.setdefault(relations[k].weight, []).append(
                         f"credit reaching the loss through `{readout.weight}` into {reason}: that path is "
@@ -271,6 +280,15 @@ def _kind(analysis, relation) -> str:
     return kind
 
 
+def post_owner(algorithm: str, relations, index: int) -> int:
+    """The relation whose es_d_rtrl postsynaptic factor this one uses: its own, or that of the relation
+    whose op output enters the group summed with its own (`Relation.same_injection`: the same F)."""
+    relation = relations[index]
+    if algorithm != "es_d_rtrl" or relation.elementwise or relation.same_injection is None:
+        return index
+    return relation.same_injection
+
+
 def init_traces(analysis: Analysis, plan: Plan) -> dict:
     traces = {}
     for index in plan.traced:
@@ -280,10 +298,9 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
         dtype = leaf.dtype
         if _factorised(plan, relation):
             contraction = analysis.facts.contractions[relation.contraction]
-            traces[plan.key(index)] = {
-                "pre": jnp.zeros(contraction.pre_var.aval.shape, dtype),
-                "post": jnp.zeros((*group.shape, group.n_states), dtype),
-            }
+            traces[plan.key(index)] = {"pre": jnp.zeros(contraction.pre_var.aval.shape, dtype)}
+            if post_owner(plan.algorithm, analysis.relations, index) == index:
+                traces[plan.key(index)]["post"] = jnp.zeros((*group.shape, group.n_states), dtype)
         else:
             # one array per state (not a stacked state axis): XLA's CPU fusions run several times faster
             shape = trace_shape(analysis, relation, _kind(analysis, relation))
@@ -298,7 +315,7 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
             shape = analysis.group_named(source.group).shape
         else:
             shape = trace_shape(analysis, source, _kind(analysis, source))
-        traces[credit.key] = jnp.zeros(shape, dtype)
+        traces[credit.q_key] = jnp.zeros(shape, dtype)
     return traces
 
 
@@ -382,16 +399,38 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
     new_traces, derivs, terms, cotangents = dict(traces), {}, [], {}
     for name, indices in by_group.items():
         group = analysis.group_named(name)
-        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in indices], values)
-        f = dict(zip(indices, f_list, strict=True))
+        owners = {i: post_owner(plan.algorithm, relations, i) for i in indices}
+        needs_f = [i for i in indices if owners[i] == i]  # a shared postsynaptic factor needs one F
+        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
+        f = dict(zip(needs_f, f_list, strict=True))
         derivs[name] = (d, f)
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
+        posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
             relation = relations[index]
-            update = _es_update if _factorised(plan, relation) else _per_weight_update
-            new_traces[plan.key(index)], grad, cotangent = update(
-                analysis, plan, relation, values, d, f[index], traces[plan.key(index)], group_signals, step
-            )
+            if not _factorised(plan, relation):
+                new_traces[plan.key(index)], grad, cotangent = _per_weight_update(
+                    analysis, plan, relation, values, d, f[index], traces[plan.key(index)], group_signals, step
+                )
+            else:
+                owner = owners[index]
+                if owner == index:
+                    previous = traces[plan.key(index)]["post"]
+                    posts[index] = (previous, _es_post(plan, d, f[index], previous))
+                post_prev, post = posts[owner]
+                new_traces[plan.key(index)], grad, cotangent = _es_update(
+                    analysis,
+                    plan,
+                    relation,
+                    values,
+                    traces[plan.key(index)]["pre"],
+                    post_prev,
+                    post,
+                    group_signals,
+                    step,
+                )
+                if owner == index:
+                    new_traces[plan.key(index)]["post"] = posts[index][1]
             if grad is not None:
                 terms.append((relation.weight_leaf, grad))
             if cotangent is not None:
@@ -399,14 +438,20 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
     return new_traces, derivs, terms, cotangents
 
 
-def _contract(layout, signal, trace, states=None) -> jax.Array | None:
-    """`Σ_s gather(signal_s) · trace_s` over `states` (default all), per batch entry, in the trace's
-    layout; None when `states` is empty. `trace` holds one array per state."""
+def _contract(layout, signal, trace, states) -> jax.Array | None:
+    """`Σ_s gather(signal_s) · trace_s` over `states`, per batch entry, in the trace's layout; None when
+    `states` is empty. `signal` and `trace` hold one array per state."""
     total = None
-    for s in range(signal.shape[-1]) if states is None else states:
-        term = layout.gather(signal[..., s]) * trace[s]
+    for s in states:
+        term = layout.gather(signal[s]) * trace[s]
         total = term if total is None else total + term
     return total
+
+
+def _per_state(x: jax.Array) -> tuple[jax.Array, ...]:
+    """`x (..., S)` as S arrays `(...)`. Passed through a barrier, each becomes a contiguous array for the
+    trace arithmetic to read at every weight element; a strided slice of `x` there was not vectorised."""
+    return tuple(x[..., s] for s in range(x.shape[-1]))
 
 
 def _structure(analysis: Analysis, relation) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...], bool]:
@@ -430,8 +475,8 @@ def _structure(analysis: Analysis, relation) -> tuple[dict[int, tuple[int, ...]]
                     reads[s] |= reads[r]
                     injected[s] = injected[s] or injected[r]
                     changed = changed or before != (len(reads[s]), injected[s])
-    outputs = analysis.captured.jaxpr.jaxpr.outvars[: analysis.captured.n_outputs]
-    prev_read = any(("hidden", leaf) in facts.propagation.of(v) for v in outputs for leaf in leaves)
+    read = _output_sources(analysis)
+    prev_read = any(("hidden", leaf) in read for leaf in leaves)
     return (
         {s: tuple(sorted(reads[s])) for s in range(len(leaves))},
         tuple(s for s in range(len(leaves)) if injected[s]),
@@ -440,74 +485,149 @@ def _structure(analysis: Analysis, relation) -> tuple[dict[int, tuple[int, ...]]
 
 
 def _per_weight_update(analysis, plan, relation, values, d, f, trace, signals, step):
-    """d_rtrl / e_prop: the new per-weight trace and, given `signals` = `(δ, δ_prev)`, its gradient."""
+    """d_rtrl / e_prop: the new per-weight trace and, given `signals` = `(δ, δ_prev)`, its gradient.
+
+    The trace is memory-bound (a dense one is `B · n_pre · n_post` per state), so each array should be
+    overwritten in place (with the state donated), not copied: the states are updated one at a time, each
+    after every state whose update reads its old array (`_update_order`), and optimisation barriers hold
+    XLA to that order and keep it from recomputing a new array from an overwritten old one inside the
+    gradient. The per-neuron factors are settled first (one contiguous array per state, `_per_state`): else
+    XLA recomputes them, or reads them strided, at every weight element."""
     layout = make_layout(_kind(analysis, relation), analysis, relation, values)
     reads, injected, prev_read = _structure(analysis, relation)
-    eps_prev = trace["eps"]
-    eps = []
-    for s in range(d.shape[-1]):
-        value = _contract(layout, d[..., s, :], eps_prev, reads[s])
+    d = tuple(_per_state(d[..., s, :]) for s in range(d.shape[-1]))  # d[s][t] = D_st
+    f, signals = _per_state(f), None if signals is None else tuple(map(_per_state, signals))
+    d, f, signals = lax.optimization_barrier((d, f, signals))
+    old = dict(enumerate(trace["eps"]))  # the old arrays still to be read
+    filtered = trace.get("filtered")
+    previous = None
+    if signals is not None and prev_read:  # δ_prev·ε_{t-1}, formed before the old arrays are overwritten
+        used_prev = old if filtered is None else dict(enumerate(filtered))
+        previous = layout.reduce([(signals[1][s], used) for s, used in used_prev.items()])
+        previous, old, filtered = lax.optimization_barrier((previous, old, filtered))
+    order = _update_order(reads)
+    eps = {}
+    for k, s in enumerate(order):
+        value = _contract(layout, d[s], old, reads[s])
         if s in injected:
-            value = layout.inject(f[..., s]) if value is None else value + layout.inject(f[..., s])
-        eps.append(jnp.zeros_like(eps_prev[s]) if value is None else value)
-    eps = tuple(eps)
-    new = {"eps": eps}
-    used, used_prev = eps, eps_prev
+            value = layout.inject(f[s]) if value is None else value + layout.inject(f[s])
+        if not any(s in reads[r] for r in order[k + 1 :]):
+            del old[s]
+        value = jnp.zeros_like(trace["eps"][s]) if value is None else value
+        eps[s], old = lax.optimization_barrier((value, old))
+    new = {"eps": tuple(eps[s] for s in range(len(order)))}
+    used = new["eps"]
     if plan.kappa is not None:
-        used_prev = trace["filtered"]
-        used = tuple(plan.kappa * p + e for p, e in zip(used_prev, eps, strict=True))
+        used = tuple(plan.kappa * p + e for p, e in zip(filtered, used, strict=True))
         new["filtered"] = used
-    if signals is None:
-        return new, None, None
-    delta, delta_prev = signals
-    total = _contract(layout, delta, used)
-    assert total is not None, "a group has at least one state"
-    previous = _contract(layout, delta_prev, used_prev) if prev_read else None
-    if previous is not None:
-        total = total + previous
-    return new, layout.reduce(total), None
+    read = _read_states(analysis, relation)
+    if signals is None or not read:
+        return new, previous, None
+    settled = lax.optimization_barrier([used[s] for s in read])
+    grad = layout.reduce([(signals[0][s], e) for s, e in zip(read, settled, strict=True)])
+    return new, grad if previous is None else grad + previous, None
 
 
-def _es_update(analysis, plan, relation, values, d, f, trace, signals, step):
-    """es_d_rtrl: the new factors and, given `signals` = `(δ, δ_prev)`, the op-layout cotangent of this
-    step's gradient (plus the δ_prev term, formed here)."""
+def _read_states(analysis: Analysis, relation) -> tuple[int, ...]:
+    """The states of the relation's group whose new values the outputs read, directly or through a
+    contraction's input (an instantaneous readout): `δ_new ≡ 0` for the others, whose credit reaches the
+    loss only through other groups' states (the cross-group credit)."""
+    read = _output_sources(analysis)
+    return tuple(s for s, leaf in enumerate(analysis.group_named(relation.group).leaves) if ("new", leaf) in read)
+
+
+def _output_sources(analysis: Analysis) -> set:
+    """The sources the step's outputs read, directly or through a contraction's input (a readout of this
+    step's or of the previous step's values)."""
+    facts = analysis.facts
+    outputs = analysis.captured.jaxpr.jaxpr.outvars[: analysis.captured.n_outputs]
+    pending = [source for v in outputs for source in facts.propagation.of(v)]
+    seen = set()
+    while pending:
+        source = pending.pop()
+        if source in seen:
+            continue
+        seen.add(source)
+        if source[0] == "relation":  # a contraction's output: its input's sources
+            pending.extend(facts.contractions[source[1]].pre_fact)
+    return seen
+
+
+def _update_order(reads: dict[int, tuple[int, ...]]) -> list[int]:
+    """The states in an order where each comes after every other state whose update reads its old trace,
+    so that its new trace can overwrite the old one in place. States that read each other in a cycle
+    keep their index order (XLA then copies an array)."""
+    order, left = [], sorted(reads)
+    while left:
+        ready = [s for s in left if not any(s in reads[r] for r in left if r != s)]
+        order.append((ready or left)[0])
+        left.remove(order[-1])
+    return order
+
+
+def _es_post(plan: Plan, d, f, previous) -> jax.Array:
+    """es_d_rtrl's new postsynaptic factor `ε^f ← β D ε^f + b F`."""
+    _, post_decay, post_gain = _factor_gains(plan.factorisation, plan.decay)
+    return post_decay * jnp.einsum("...st,...t->...s", d, previous) + post_gain * f
+
+
+def _es_update(analysis, plan, relation, values, pre_prev, post_prev, post, signals, step):
+    """es_d_rtrl: the new presynaptic factor (`{"pre": ...}`) and, given `signals` = `(δ, δ_prev)`, the
+    op-layout cotangent of this step's gradient (plus the δ_prev term, formed here), from the
+    postsynaptic factor's previous and new values."""
     alpha = plan.decay
-    pre_gain, post_decay, post_gain = _factor_gains(plan.factorisation, alpha)
+    pre_gain, _, _ = _factor_gains(plan.factorisation, alpha)
     eqn = analysis.facts.contractions[relation.contraction].eqn
-    u = derive.op_input(eqn, values.u[relation.contraction], trace["pre"].dtype)
-    pre = alpha * trace["pre"] + pre_gain * u
-    post = post_decay * jnp.einsum("...st,...t->...s", d, trace["post"]) + post_gain * f
+    u = derive.op_input(eqn, values.u[relation.contraction], pre_prev.dtype)
+    pre = alpha * pre_prev + pre_gain * u
     if signals is None:
-        return {"pre": pre, "post": post}, None, None
+        return {"pre": pre}, None, None
     delta, delta_prev = signals
     correction = 1 - alpha ** (step.astype(post.dtype) + 1)
     cotangent = derive.to_op_layout(relation, jnp.sum(delta * post, axis=-1)) / correction
     grad = None
     if _structure(analysis, relation)[2]:  # the output reads the previous values: δ_prev·ε_{t-1}
         prev_correction = jnp.where(step > 0, 1 - alpha ** step.astype(post.dtype), 1.0)
-        cotangent_prev = derive.to_op_layout(relation, jnp.sum(delta_prev * trace["post"], axis=-1)) / prev_correction
-        grad = derive.weight_vjp(analysis, relation.contraction, values, trace["pre"], cotangent_prev, float_input=True)
-    return {"pre": pre, "post": post}, grad, cotangent
+        cotangent_prev = derive.to_op_layout(relation, jnp.sum(delta_prev * post_prev, axis=-1)) / prev_correction
+        grad = derive.weight_vjp(analysis, relation.contraction, values, pre_prev, cotangent_prev, float_input=True)
+    return {"pre": pre}, grad, cotangent
 
 
 def _credit_q(analysis, plan, credit, values, traces) -> jax.Array:
     """The credit trace's new value: `q ← λ q + P·ε` (P the sensitivity of the readout's input to the
     source group's new values), with ε the source's factor `ε^f` or its per-weight trace."""
     source = analysis.relations[credit.source]
+    if not _factorised(plan, source):
+        return _per_weight_credit(analysis, plan, credit, values, traces, None)[0]
+    sensitivity = derive.pre_sensitivity(analysis, credit.link, analysis.group_named(source.group), values)
+    post = traces[plan.key(post_owner(plan.algorithm, analysis.relations, credit.source))]["post"]
+    return credit.decay * traces[credit.q_key] + jnp.sum(sensitivity * post, axis=-1)
+
+
+def _per_weight_credit(analysis, plan, credit, values, traces, carried) -> tuple[jax.Array, jax.Array | None]:
+    """A per-weight credit trace's new value `q ← λ q + P·ε` and, given the `carried` credit (neuron layout),
+    its gradient `Σ_b gather(carried)·q`, with the barriers of `_per_weight_update` (q is overwritten in
+    place; the gradient reads it once it is settled)."""
+    source = analysis.relations[credit.source]
     source_group = analysis.group_named(source.group)
     sensitivity = derive.pre_sensitivity(analysis, credit.link, source_group, values)  # (..., N, S)
     trace = traces[plan.key(credit.source)]
-    if _factorised(plan, source):
-        return credit.decay * traces[credit.key] + jnp.sum(sensitivity * trace["post"], axis=-1)
     eps = trace["filtered"] if plan.kappa is not None else trace["eps"]
     layout = make_layout(_kind(analysis, source), analysis, source, values)
     facts = analysis.facts.propagation.of(credit.link)
     states = [s for s, leaf in enumerate(source_group.leaves) if ("new", leaf) in facts]  # others: ∂u/∂h ≡ 0
+    sensitivity, carried = lax.optimization_barrier((_per_state(sensitivity), carried))  # computed once
     contracted = _contract(layout, sensitivity, eps, states)
-    return credit.decay * traces[credit.key] + (0.0 if contracted is None else contracted)
+    q = credit.decay * traces[credit.key] + (0.0 if contracted is None else contracted)
+    if carried is None:
+        return q, None
+    q = lax.optimization_barrier(q)
+    return q, layout.reduce([(carried, q)])
 
 
 def _advance_credit(analysis, plan, credit, values, traces) -> dict:
+    if credit.shares is not None:  # its q is another credit's, advanced already
+        return traces
     return {**traces, credit.key: _credit_q(analysis, plan, credit, values, traces)}
 
 
@@ -516,22 +636,24 @@ def _apply_credit(analysis, plan, credit, values, derivs, delta_new, traces, gra
     source, via = relations[credit.source], relations[credit.via]
     readout_group = analysis.group_named(credit.group)
     _, f_readout = derivs[credit.group]
-    signal = jnp.sum(_group_delta(readout_group, delta_new) * f_readout[credit.via], axis=-1)
+    signal = jnp.sum(
+        _group_delta(readout_group, delta_new) * f_readout[post_owner(plan.algorithm, relations, credit.via)], axis=-1
+    )
     carried = derive.credit(
         analysis, via.contraction, values, derive.to_op_layout(via, signal), plan.feedback.get(via.contraction)
     )  # in the layout of the readout's presynaptic input
     pre_var = analysis.facts.contractions[via.contraction].pre_var
     carried = derive.pullback(analysis, values, credit.link, pre_var, carried)  # (..., neurons of the source)
-    q = _credit_q(analysis, plan, credit, values, traces)
-    traces = {**traces, credit.key: q}
     cotangent = None
     if _factorised(plan, source):  # its weight product is taken once, with the trace's own cotangent
+        # a shared q was advanced by the credit that owns it (credits run in source order)
+        q = traces[credit.q_key] if credit.shares is not None else _credit_q(analysis, plan, credit, values, traces)
         correction = 1 - plan.decay ** (step.astype(q.dtype) + 1)
         cotangent = derive.to_op_layout(source, carried * q) / correction
         grad = None
     else:
-        layout = make_layout(_kind(analysis, source), analysis, source, values)
-        grad = layout.reduce(layout.gather(carried) * q)
+        q, grad = _per_weight_credit(analysis, plan, credit, values, traces, carried)
+    traces = {**traces, credit.q_key: q}
     grads = dict(grads)
     if grad is not None:
         grads[source.weight_leaf] = grads[source.weight_leaf] + grad

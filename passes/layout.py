@@ -5,9 +5,11 @@ three maps that are all the trace recursion needs,
 
 * `gather(c)`: a neuron-layout array `c (..., n_post)` seen at each weight element (`c[post(p)]`);
 * `inject(f)`: the immediate sensitivity `f[post(p)] · ∂y[post(p)]/∂W[p]` of each weight element;
-* `reduce(x)`: a per-batch-entry weight-layout array summed into the weight's own shape,
+* `reduce(pairs)`: `Σ_k gather(c_k)·x_k` for `(c_k, x_k)` in `pairs`, summed over the batch into the
+  weight's own shape (each product formed per batch entry inside the sum: no batch-sized product is
+  materialised),
 
-so that `ε_s ← Σ_t gather(D_st)·ε_t + inject(F_s)` and `∂L/∂W = reduce(Σ_s gather(δ_s)·ε_s)`.
+so that `ε_s ← Σ_t gather(D_st)·ε_t + inject(F_s)` and `∂L/∂W = reduce([(δ_s, ε_s) for each state s])`.
 
 Kinds:
 * "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting.
@@ -93,18 +95,24 @@ def _position_masks(analysis, relation) -> np.ndarray:
 
 
 UNROLLED_SUM_MAX = 64
+Pairs = list[tuple[jax.Array, jax.Array]]
 
 
-def sum_leading(x: jax.Array) -> jax.Array:
-    """`Σ_b x[b]` over the leading (batch) axis. Up to `UNROLLED_SUM_MAX` entries it is written as a chain
-    of element-wise adds, which XLA's CPU backend fuses with the trace arithmetic into one loop; as a
-    `reduce` it went to a library reduction fusion that took ~25x longer on the d_rtrl gradient (measured
-    on a 16 x 512 x 512 trace: 95 ms against ~3 ms)."""
-    if x.shape[0] > UNROLLED_SUM_MAX:
-        return jnp.sum(x, axis=0)
-    total = x[0]
-    for b in range(1, x.shape[0]):
-        total = total + x[b]
+def sum_products(pairs: Pairs) -> jax.Array:
+    """`Σ_b Σ_k a_k[b]·x_k[b]` over the leading (batch) axis, each product formed per batch entry inside the
+    sum. Up to `UNROLLED_SUM_MAX` entries the batch sum is a chain of element-wise adds, which XLA's CPU
+    backend fuses with the products into one loop; as a `reduce` it went to a library reduction fusion that
+    took ~25x longer on the d_rtrl gradient (measured on a 16 x 512 x 512 trace: 95 ms against ~3 ms).
+    Forming the products per entry keeps XLA from materialising the batch-sized `Σ_k a_k·x_k` first."""
+    batch = pairs[0][1].shape[0]
+    if batch > UNROLLED_SUM_MAX:
+        return jnp.sum(sum(a * x for a, x in pairs), axis=0)
+    total = None
+    for b in range(batch):
+        for a, x in pairs:
+            term = a[b] * x[b]
+            total = term if total is None else total + term
+    assert total is not None, "a reduction has at least one pair"
     return total
 
 
@@ -112,22 +120,35 @@ def sum_leading(x: jax.Array) -> jax.Array:
 class Layout:
     gather: Callable[[jax.Array], jax.Array]
     inject: Callable[[jax.Array], jax.Array]
-    reduce: Callable[[jax.Array], jax.Array]
+    reduce: Callable[[Pairs], jax.Array]
+
+
+def _same(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _reducer(gather, batched: bool, finish=_same) -> Callable[[Pairs], jax.Array]:
+    """`reduce(pairs)`: per batch entry when `batched` (the leading axis is the batch), then `finish`."""
+    if batched:
+        return lambda pairs: finish(sum_products([(gather(c), x) for c, x in pairs]))
+    return lambda pairs: finish(sum(gather(c) * x for c, x in pairs))
 
 
 def make_layout(kind: str, analysis, relation, values) -> Layout:
     batched = analysis.batch_size is not None
-    sum_batch = sum_leading if batched else (lambda x: x)
     if kind == "neuron":
         shape = analysis.captured.leaves[relation.weight_leaf].shape
         if int(np.prod(shape, dtype=int)) == 1:
-            return Layout(gather=lambda c: c, inject=lambda f: f, reduce=lambda x: jnp.reshape(jnp.sum(x), shape))
-        return Layout(gather=lambda c: c, inject=lambda f: f, reduce=lambda x: jnp.reshape(sum_batch(x), shape))
+            return Layout(_same, _same, _reducer(_same, False, lambda x: jnp.reshape(jnp.sum(x), shape)))
+        return Layout(_same, _same, _reducer(_same, batched, lambda x: jnp.reshape(x, shape)))
     u = values.u[relation.contraction]
     if kind == "dense":
-        return Layout(
-            gather=lambda c: c[..., None, :], inject=lambda f: u[..., :, None] * f[..., None, :], reduce=sum_batch
-        )
+        u = jax.lax.optimization_barrier(u)  # computed once, not at every weight element of `inject`
+
+        def gather(c):
+            return c[..., None, :]
+
+        return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched))
     weight = values.leaves[relation.weight_leaf]
 
     def op(pre, w):
@@ -136,9 +157,8 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
     if kind == "shared":
         _, dy_dw = jax.jvp(lambda w: op(u, w), (weight,), (jnp.ones_like(weight),))
         dy_dw = derive.from_op_layout(relation, dy_dw, analysis.group_named(relation.group).shape)
-        return Layout(
-            gather=lambda c: c, inject=lambda f: f * dy_dw, reduce=lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight))
-        )
+        total = _reducer(_same, False, lambda x: jnp.reshape(jnp.sum(x), jnp.shape(weight)))
+        return Layout(_same, lambda f: f * dy_dw, total)
     _, vjp_ones = jax.vjp(lambda w: op(jnp.ones_like(u), w), weight)
     _, vjp_u = jax.vjp(lambda w: op(u, w), weight)
     if kind == "conv":
@@ -147,7 +167,8 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
         def per_position(vjp):
             return lambda c: jax.vmap(lambda mask: vjp(derive.to_op_layout(relation, c) * mask)[0])(masks)
 
-        return Layout(gather=per_position(vjp_ones), inject=per_position(vjp_u), reduce=lambda x: jnp.sum(x, axis=0))
+        gather = per_position(vjp_ones)
+        return Layout(gather, per_position(vjp_u), _reducer(gather, False, lambda x: jnp.sum(x, axis=0)))
 
     def per_entry(vjp):
         def apply(c):
@@ -160,4 +181,5 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
 
         return apply
 
-    return Layout(gather=per_entry(vjp_ones), inject=per_entry(vjp_u), reduce=sum_batch)
+    gather = per_entry(vjp_ones)
+    return Layout(gather, per_entry(vjp_u), _reducer(gather, batched))

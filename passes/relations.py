@@ -47,6 +47,9 @@ class Relation:
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
     op_shape: tuple[int, ...] | None = None  # the op output's shape (the group's, up to tail_perm and unit axes)
     positions: int = 1  # output positions per batch entry that share each weight element (convolutions)
+    same_injection: int | None = (
+        None  # index of an earlier relation whose op output enters the group summed with this one's
+    )
 
     def __post_init__(self):
         if self.status not in ("traced", "instantaneous", "excluded"):
@@ -181,7 +184,63 @@ def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relatio
             relations.append(_without_contraction(facts, groups, leaf_index))
         else:
             relations.extend(_beside_contractions(facts, groups, leaf_index))
-    return tuple(relations)
+    return _with_same_injections(facts, relations)
+
+
+_SUMS = ("add", "add_any")
+
+
+def _first(relation: Relation, index: int) -> int:
+    return index if relation.same_injection is None else relation.same_injection
+
+
+def _with_same_injections(facts: StepFacts, relations: list[Relation]) -> tuple[Relation, ...]:
+    """Mark traced relations whose op outputs reach their group only through one sum: from each op output,
+    follow the chain of same-shape `add`s while the value has no other use; two chains that meet make the
+    outputs enter through the same value, so `∂h/∂y` (the F of DESIGN.md §2) is the same array for both —
+    es_d_rtrl then keeps one postsynaptic factor for them. Each relation points at the first such one."""
+    jaxpr = facts.captured.jaxpr.jaxpr
+    uses: dict = {}
+    for eqn in jaxpr.eqns:
+        for atom in eqn.invars:
+            if not isinstance(atom, Literal):
+                uses.setdefault(atom, []).append(eqn)
+    for atom in jaxpr.outvars:
+        if not isinstance(atom, Literal):
+            uses.setdefault(atom, []).append(None)
+
+    def chain(var) -> set:
+        seen = {var}
+        while len(consumers := uses.get(var, [])) == 1 and consumers[0] is not None:
+            eqn = consumers[0]
+            out = eqn.outvars[0]
+            if (
+                eqn.primitive.name not in _SUMS
+                or aval_shape(out) != aval_shape(var)
+                or out.aval.dtype != var.aval.dtype
+            ):
+                break
+            var = out
+            seen.add(var)
+        return seen
+
+    chains: dict[int, set] = {}
+    result = list(relations)
+    for index, relation in enumerate(relations):
+        if relation.status != "traced" or relation.contraction is None:
+            continue
+        mine = chains[index] = chain(facts.contractions[relation.contraction].out_var)
+        for earlier, theirs in chains.items():
+            other = result[earlier]
+            same_place = (other.group, other.op_shape, other.tail_perm) == (
+                relation.group,
+                relation.op_shape,
+                relation.tail_perm,
+            )
+            if earlier != index and same_place and mine & theirs:
+                result[index] = dataclasses.replace(relation, same_injection=_first(result[earlier], earlier))
+                break
+    return tuple(result)
 
 
 def _positions(contraction, batch: int | None) -> int:

@@ -18,7 +18,7 @@ import dataclasses
 import networkx as nx
 import numpy as np
 
-from .fuse import Plan, _factorised
+from .fuse import Plan, _factorised, post_owner
 from .layout import layout_kind, trace_shape
 
 
@@ -64,6 +64,8 @@ def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
     group = analysis.group_named(relation.group)
     if _factorised(plan, relation):
         pre = tuple(analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
+        if post_owner(plan.algorithm, analysis.relations, index) != index:  # its postsynaptic factor is shared
+            return (pre,)
         return pre, (*group.shape, group.n_states)
     kind = layout_kind(analysis, relation)
     assert kind is not None, "the plan traces only relations with a layout"
@@ -89,6 +91,12 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
                 continue
             if _factorised(plan, relation):
                 reasons.append(f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})")
+                owner = post_owner(plan.algorithm, analysis.relations, i)
+                if owner != i:
+                    reasons.append(
+                        f"its postsynaptic factor is `{analysis.relations[owner].weight}`'s (both op outputs enter "
+                        "the group through one sum)"
+                    )
             if relation.group in looping:
                 reasons.append(
                     f"group `{relation.group}` lies on a loop through weights (its values come back to it through "

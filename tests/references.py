@@ -443,7 +443,8 @@ class RecurrentLIF(brainstate.nn.Module):
     """One LIF layer with AlignPost Expon/CUBA input (and optional recurrent) projections and a readout.
 
     Hidden states (paths of `model.states()`): the LIF `N.V`, one Expon `g` per projection (input tau 5 ms,
-    recurrent tau 8 ms, so they are not merged), and `out.r` for the leaky readout. Units: mV and mA.
+    recurrent tau `rec_tau`, 8 ms by default, so they are not merged; brainpy merges them into one `g` at
+    5 ms), and `out.r` for the leaky readout. Units: mV and mA.
 
     Arguments:
         n_in, n_rec, n_out: sizes.
@@ -454,6 +455,7 @@ class RecurrentLIF(brainstate.nn.Module):
         dt, tau_mem: step and membrane time constant; `spk_fun` the LIF spike function (default
             `braintools.surrogate.ReluGrad()`, built here so it takes the dtype current at construction).
         w_in_scale, w_rec_scale: KaimingNormal scales of input and recurrent weights (mA).
+        rec_tau: the recurrent synapse's time constant.
 
     The step is split for `rtrl_reference`: `update(x) == update_hidden(x); update_lti(); return output()`.
     `groups()` returns `(groups, lti_groups)` for `rtrl_reference`; `relations()` and `presynaptic(x)`
@@ -473,6 +475,7 @@ class RecurrentLIF(brainstate.nn.Module):
         spk_fun: Callable | None = None,
         w_in_scale: float = 3.0,
         w_rec_scale: float = 1.0,
+        rec_tau=8.0 * u.ms,
     ):
         super().__init__()
         if readout not in ("leaky", "linear"):
@@ -494,7 +497,7 @@ class RecurrentLIF(brainstate.nn.Module):
                 V_initializer=braintools.init.Uniform(0.0 * u.mV, 1.0 * u.mV),
             )
             self.inp = self._projection(n_in, w_in_scale, 5.0 * u.ms)
-            self.rec = self._projection(n_rec, w_rec_scale, 8.0 * u.ms) if recurrent else None
+            self.rec = self._projection(n_rec, w_rec_scale, rec_tau) if recurrent else None
             if readout == "leaky":
                 self.out = bps.LeakyRateReadout(n_rec, n_out, tau=10.0 * u.ms)
             else:
@@ -561,7 +564,8 @@ class RecurrentLIF(brainstate.nn.Module):
         """`(groups, lti_groups)` of hidden paths for `rtrl_reference`."""
         spiking = [self.N.V, self.inp.syn.g] + ([self.rec.syn.g] if self.rec is not None else [])
         lti = [[path_of(self, self.out.r)]] if self.readout == "leaky" else []
-        return [[path_of(self, state) for state in spiking]], lti
+        paths = list(dict.fromkeys(path_of(self, state) for state in spiking))  # a merged synapse once
+        return [paths], lti
 
 
 def build_recurrent_lif(n_in=3, n_rec=4, n_out=2, batch_size=None, seed=0, **kw) -> RecurrentLIF:

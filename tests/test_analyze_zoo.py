@@ -107,6 +107,11 @@ def test_relations(name, batch_size):
     weights = [rel.weight for rel in analysis.relations]
     assert len(weights) == len(set(weights)), f"a weight has several relations: {weights}"
     assert _relation_table(analysis, case.expected) == case.expected["relations"]
+    relations = analysis.relations
+    pairs = {
+        frozenset((r.weight, relations[r.same_injection].weight)) for r in relations if r.same_injection is not None
+    }
+    assert pairs == case.expected["same_injection"]  # op outputs that enter their group through one sum
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -141,8 +146,10 @@ def _expected_bytes(case, algorithm: str) -> int:
         # a single shared weight's trace is per neuron
         if algorithm in ("d_rtrl", "e_prop"):
             total += batch * (n_neurons if size == 1 else size) * n_states * dtype.itemsize
-        else:
-            total += batch * (expected["n_pre"][weight] + n_neurons * n_states) * dtype.itemsize
+        else:  # one postsynaptic factor for op outputs summed into the group
+            order = zoo.weight_leaf_paths(case.model).index  # the earlier weight keeps the factor
+            shared = any(weight in pair and min(pair, key=order) != weight for pair in expected["same_injection"])
+            total += batch * (expected["n_pre"][weight] + (0 if shared else n_neurons * n_states)) * dtype.itemsize
     return total
 
 

@@ -197,6 +197,36 @@ def test_es_d_rtrl_on_a_binary_op_equals_es_d_rtrl_on_its_float_product(batch, f
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=path)
 
 
+class PreviousSpikesReadout(brainstate.nn.Module):
+    """The readout reads LAST step's spikes through a weight op, then the layer advances: the loss reaches
+    the input weight only through the previous values (δ_prev · ε_{t-1})."""
+
+    def __init__(self):
+        super().__init__()
+        self.neuron = NEURONS["cuba"]()
+        self.proj = _current_proj(self.neuron, N_IN)
+        self.out = brainstate.nn.Linear(N, N_OUT)
+
+    def update(self, x):
+        output = self.out(self.neuron.get_spike())
+        self.proj(x)
+        self.neuron(0.0 * u.mA)
+        return output
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "e_prop"])
+@pytest.mark.parametrize("batch", [None, BATCH])
+def test_a_readout_of_the_previous_spikes_matches_bptt(batch, algorithm):
+    def build():
+        brainstate.random.seed(0)
+        model = PreviousSpikesReadout()
+        brainstate.nn.init_all_states(model, batch_size=batch)
+        return model
+
+    xs, ys = _data(batch)
+    assert_matches(online_grads(build(), xs, ys, algorithm, batch), bptt_grads(build(), xs, ys), RTOL_EXACT)
+
+
 def test_exact_regime_unbatched():
     xs, ys = _data(None)
     online = online_grads(_build("cuba", "leaky", None), xs, ys, "d_rtrl", None)

@@ -13,11 +13,14 @@ not import fusetrace):
 
 import brainstate
 import brainunit as u
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fusetrace
 import references as ref
+from fusetrace.passes import fuse, report
 from test_compile_exact import assert_matches, online_grads
 
 RTOL_RTRL = 1e-8  # acceptance bound for d_rtrl vs brute-force RTRL (float64; observed ~1e-14)
@@ -87,3 +90,40 @@ def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent, factorisation):
         factorisation=factorisation,
     )
     assert_matches(online, reference, RTOL_ES)
+
+
+@pytest.mark.parametrize("factorisation", ["filtered", "averaged"])
+def test_es_d_rtrl_shares_one_postsynaptic_factor_between_summed_inputs(factorisation):
+    """With both synapses at 5 ms brainpy merges them: the input and recurrent currents enter the group
+    through one sum, so their F is one array and es_d_rtrl keeps one postsynaptic factor for both (and
+    one credit trace behind the leaky readout). Exact: equal to the naive formulas, which take F for each
+    weight separately, and to the same learner with the sharing switched off."""
+    batch, alpha = 2, 0.8
+    xs, ys = _data(batch, seed=4)
+    merged = _model(batch, "linear", rec_tau=5.0 * u.ms)
+    learner = fusetrace.compile(merged, xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=batch)
+    (owner,) = [r for r in learner.analysis.relations if r.same_injection is not None]
+    assert {owner.weight, learner.analysis.relations[owner.same_injection].weight} == {
+        "inp.comm.weight.weight",
+        "rec.comm.weight.weight",
+    }
+    # two presynaptic factors (N_IN, N_REC) and ONE postsynaptic factor (N_REC neurons × V, g), float64
+    assert learner.analysis.trace_bytes("es_d_rtrl") == batch * (N_IN + N_REC + N_REC * 2) * 8
+    assert sum(x.size for x in jax.tree.leaves(learner.init()["traces"])) == batch * (N_IN + N_REC + N_REC * 2)
+    options = {"decay": alpha, "factorisation": factorisation}
+    online = online_grads(merged, xs, ys, "es_d_rtrl", batch, **options)
+    reference = ref.es_d_rtrl_naive(
+        _model(batch, "linear", rec_tau=5.0 * u.ms), xs, ys, _loss, alpha, batch_size=batch, factorisation=factorisation
+    )
+    assert_matches(online, reference, RTOL_ES)
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_sharing_the_postsynaptic_factor_changes_no_gradient(batch, monkeypatch):
+    """Behind a leaky readout (cross-group credit), with and without the shared factor and credit trace."""
+    xs, ys = _data(batch, seed=5)
+    shared = online_grads(_model(batch, "leaky", rec_tau=5.0 * u.ms), xs, ys, "es_d_rtrl", batch)
+    monkeypatch.setattr(fuse, "post_owner", lambda algorithm, relations, index: index)
+    monkeypatch.setattr(report, "post_owner", lambda algorithm, relations, index: index)
+    apart = online_grads(_model(batch, "leaky", rec_tau=5.0 * u.ms), xs, ys, "es_d_rtrl", batch)
+    assert_matches(shared, apart, 1e-12)

@@ -112,6 +112,7 @@ class Rel:
     op: str | None
     status: str
     n_pre: int | None = None
+    same_injection_as: str | None = None  # the weight whose op output enters the group summed with this one's
 
 
 def expect(
@@ -129,14 +130,16 @@ def expect(
         name = next(p for p in order if p in members)
         out_groups[name] = {"states": frozenset(members), "n_states": len(members), "n_neurons": n_neurons}
         group_of.update(dict.fromkeys(members, name))
-    out_relations, n_pre = {}, {}
+    out_relations, n_pre, same_injection = {}, {}, set()
     for rel in relations:
+        if rel.same_injection_as is not None:
+            same_injection.add(frozenset((rel.weight, rel.same_injection_as)))
         group = None if rel.into is None else group_of[path_of(model, rel.into)]
         out_relations[rel.weight] = (group, rel.op, rel.status)
         if rel.status == TRACED:
             assert rel.n_pre is not None, f"{rel.weight}: a traced relation needs n_pre"
             n_pre[rel.weight] = rel.n_pre
-    return {"groups": out_groups, "relations": out_relations, "n_pre": n_pre}
+    return {"groups": out_groups, "relations": out_relations, "n_pre": n_pre, "same_injection": same_injection}
 
 
 @dataclasses.dataclass
@@ -457,7 +460,14 @@ def ei_merged(batch_size=None, n_in=6, n_exc=8, n_inh=4, seed=0, init=True) -> C
             [([m.N.V, m.E.syn.g, m.I.syn.g], num)],
             [
                 Rel(leaf_of(m, m.E.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_exc),
-                Rel(leaf_of(m, m.inp.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_in),
+                Rel(
+                    leaf_of(m, m.inp.comm.weight, "weight"),
+                    m.N.V,
+                    DOT,
+                    TRACED,
+                    n_pre=n_in,
+                    same_injection_as=leaf_of(m, m.E.comm.weight, "weight"),
+                ),
                 Rel(leaf_of(m, m.I.comm.weight, "weight"), m.N.V, DOT, TRACED, n_pre=n_inh),
             ],
         )

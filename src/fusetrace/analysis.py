@@ -55,7 +55,8 @@ class Analysis:
 
         `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S (B·N·S for a single shared weight or a
         per-neuron parameter: the trace is per neuron; B·P·|W|·S for a convolution with P output positions);
-        `es_d_rtrl`: Σ of B·(n_pre + N·S),
+        `es_d_rtrl`: Σ of B·(n_pre + N·S) (without the N·S of a relation whose op output enters its
+        group summed with an earlier one's: they share that postsynaptic factor),
         with B the batch size (1 when unbatched), S the receiving group's states per neuron, N its
         neurons, and the weight's item size.
         """
@@ -71,7 +72,8 @@ class Analysis:
             itemsize = np.dtype(leaf.dtype).itemsize
             size = int(np.prod(leaf.shape, dtype=int))
             if algorithm == "es_d_rtrl":  # element-wise parameters: n_pre 0, per neuron
-                total += batch * (relation.n_pre + group.n_neurons * group.n_states) * itemsize
+                post = 0 if relation.same_injection is not None else group.n_neurons * group.n_states
+                total += batch * (relation.n_pre + post) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
                 total += batch * group.n_neurons * group.n_states * itemsize
             elif relation.positions > 1:  # a convolution: one kernel copy per output position

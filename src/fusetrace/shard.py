@@ -261,7 +261,7 @@ class _Rules:
         for credit in plan.credits:
             relation = relations[credit.source]
             part = "post" if plan.algorithm == "es_d_rtrl" and not relation.elementwise else "eps"
-            out[credit.key] = self._trace(credit.key, values[credit.key].shape, relation, part)
+            out[credit.q_key] = self._trace(credit.q_key, values[credit.q_key].shape, relation, part)
         return out
 
     def _trace_tree(self, what: str, value, relation, part: str):
