@@ -281,8 +281,46 @@ def op_output(
     leaves[c.weight_leaf] = weight
     transform = None
     if float_input and not reads_values(c.eqn):
-        transform = {c.out_var: lambda value, invals: bind_eqn(c.eqn, invals, weighted=True)[0]}
+        transform = {c.out_var: _weighted_twin(c.eqn)}
     return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var], transform)[0]
+
+
+def _csr_rows(indptr, n_rows: int, n_entries: int):
+    """The row of every stored entry of a CSR matrix, computed in the program. (On the host it would be
+    embedded as a constant of the compiled step: measured faster, 16.3 against 17.5 ms per step on the
+    whole-brain graph, but 130 MB more peak memory.)"""
+    return jnp.repeat(jnp.arange(n_rows, dtype=indptr.dtype), jnp.diff(indptr), total_repeat_length=n_entries)
+
+
+def _weighted_twin(eqn):
+    """The transform that replaces a binary event product's output by its value-weighted twin's. A CSR
+    matrix times a vector with one weight per connection gets its weight cotangent in one pass,
+    `x[pre(k)] · ct[post(k)]` (brainevent's own also selects on `x != 0`, which costs a second pass over
+    the connections; for a real-valued `x` the product is already 0 there)."""
+    weighted = eqn.params.get("weighted", False)
+    if eqn.primitive.name != "binary_csrmv" or weighted or eqn.invars[0].aval.shape[0] == 1:
+        return lambda value, invals: bind_eqn(eqn, invals, weighted=True)[0]
+    n_rows, transpose = eqn.params["shape"][0], eqn.params["transpose"]
+
+    def transform(value, invals):
+        weights, indices, indptr, x, *workspace = invals
+        rows = _csr_rows(indptr, n_rows, indices.shape[0])
+
+        @jax.custom_vjp
+        def product(w, x):
+            return bind_eqn(eqn, [w, indices, indptr, x, *workspace], weighted=True)[0]
+
+        def forward(w, x):
+            return product(w, x), x
+
+        def backward(x, ct):
+            pre, post = (rows, indices) if transpose else (indices, rows)
+            return (x[pre] * ct[post]).astype(weights.dtype), jnp.zeros_like(x)
+
+        product.defvjp(forward, backward)
+        return product(weights, x)
+
+    return transform
 
 
 def op_input(eqn, u: jax.Array, dtype) -> jax.Array:

@@ -8,6 +8,7 @@ the reference is `brainstate.transform.grad` of Σ_t loss through `for_loop` on 
 the same seed (no fusetrace code involved).
 """
 
+import brainevent
 import brainpy.state as bps
 import brainstate
 import braintools
@@ -54,6 +55,20 @@ NEURONS = {
 }
 
 
+class BinaryCSR(brainstate.nn.Module):
+    """`brainstate.nn.SparseLinear` on a random CSR matrix, fed spikes as a `brainevent.BinaryArray`."""
+
+    def __init__(self, n_in):
+        super().__init__()
+        mask = np.random.default_rng(3).random((n_in, N)) < 0.6
+        weights = np.random.default_rng(4).uniform(1.0, 4.0, (n_in, N)) * mask
+        csr = brainevent.CSR.fromdense(jnp.asarray(weights))
+        self.comm = brainstate.nn.SparseLinear(csr, in_size=(n_in,))
+
+    def update(self, x):
+        return self.comm(brainevent.BinaryArray(x)) * u.mA
+
+
 def _event_proj(neuron, n_in, comm):
     zero = braintools.init.Constant(0.0 * u.mA)
     if comm == "sparse":  # per-synapse weights on a fixed-probability graph
@@ -62,6 +77,8 @@ def _event_proj(neuron, n_in, comm):
         )
     elif comm == "sparse_scalar":  # one shared weight
         layer = brainstate.nn.EventFixedProb(n_in, N, conn_num=0.6, seed=3, conn_weight=2.5 * u.mA)
+    elif comm == "csr":  # a CSR matrix applied to event-driven spikes (brainevent's binary CSR product)
+        layer = BinaryCSR(n_in)
     else:
         layer = brainstate.nn.EventLinear(n_in, N, weight=braintools.init.Uniform(1.0 * u.mA, 4.0 * u.mA))
     return bps.AlignPostProj(
@@ -73,7 +90,7 @@ class Layer(brainstate.nn.Module):
     def __init__(self, kind: str, readout: str):
         super().__init__()
         self.neuron = NEURONS.get(kind, NEURONS["cuba"])()
-        if kind in ("sparse", "sparse_scalar", "eventlinear"):
+        if kind in ("sparse", "sparse_scalar", "eventlinear", "csr"):
             self.proj = _event_proj(self.neuron, N_IN, kind)
         elif kind == "coba":
             self.proj = _coba_proj(self.neuron, N_IN)
@@ -162,7 +179,7 @@ def test_event_and_sparse_weights_match_bptt(kind, batch, readout):
 
 
 @pytest.mark.parametrize("batch", [None, BATCH])
-@pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear"])
+@pytest.mark.parametrize("kind", ["sparse", "sparse_scalar", "eventlinear", "csr"])
 def test_es_d_rtrl_factorises_binary_event_ops_exactly_under_constant_input(kind, batch):
     """Binary event ops read their input as spikes (0/1). es_d_rtrl keeps its O(N) factors for them: the
     presynaptic factor averages the op's activity mask and the gradient goes through the op's
