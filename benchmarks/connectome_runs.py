@@ -154,7 +154,7 @@ def free_step(learner: fusetrace.Learner) -> Callable:
     """A step that forms no gradient: `gradient=False` when the learner has it, else the full step (whose
     unused gradient XLA removes as dead code)."""
     if has_gradient_keyword():
-        return lambda *args: learner.step(*args, gradient=False)
+        return lambda *args, **options: learner.step(*args, gradient=False, **options)
     return learner.step
 
 
@@ -164,23 +164,23 @@ def fusetrace_learner(model, config: Setup) -> fusetrace.Learner:
     )
 
 
-def _advance(learner, params, state, xs, ts, config: Setup):
+def _advance(learner, params, state, xs, ts, config: Setup, constants):
     """Steps without a gradient (and with zero loss) over `xs`, `ts`."""
     step = free_step(learner)
 
     def body(state, x):
-        state, _ = step(params, state, x, config.target(0.0))
+        state, _ = step(params, state, x, config.target(0.0), constants=constants)
         return state, None
 
     return jax.lax.scan(body, state, (xs, ts))[0]
 
 
-def _with_gradients(learner, params, state, xs, ts, config: Setup):
+def _with_gradients(learner, params, state, xs, ts, config: Setup, constants):
     """Steps with a gradient each over `xs`, `ts`: the new state and the summed gradients."""
 
     def body(carry, x):
         state, total = carry
-        state, result = learner.step(params, state, x, config.target(1.0))
+        state, result = learner.step(params, state, x, config.target(1.0), constants=constants)
         return (state, jax.tree.map(jnp.add, total, result.grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -188,24 +188,27 @@ def _with_gradients(learner, params, state, xs, ts, config: Setup):
 
 
 def fusetrace_program(learner: fusetrace.Learner, config: Setup, mode: str) -> Callable[[int], Any]:
-    """`run(k)`: chunk `k` of fusetrace's online learner in `mode`, its state carried from call to call."""
+    """`run(k)`: chunk `k` of fusetrace's online learner in `mode`, its state carried from call to call.
+    The graph's index arrays (`learner.constants`) are arguments of the compiled chunk, not constants
+    XLA would embed (and fold) in it."""
 
-    def sbs_chunk(params, state, k):
+    def sbs_chunk(params, state, constants, k):
         xs, ts = config.inputs(k)
         if mode == "every_step":
-            return _with_gradients(learner, params, state, xs, ts, config)
+            return _with_gradients(learner, params, state, xs, ts, config, constants)
         if mode == "trace_only":
-            state = _advance(learner, params, state, xs, ts, config)
+            state = _advance(learner, params, state, xs, ts, config, constants)
             return state, state["traces"]
-        state = _advance(learner, params, state, xs[:-1], ts[:-1], config)
-        return _with_gradients(learner, params, state, xs[-1:], ts[-1:], config)
+        state = _advance(learner, params, state, xs[:-1], ts[:-1], config, constants)
+        return _with_gradients(learner, params, state, xs[-1:], ts[-1:], config, constants)
 
     program = jax.jit(sbs_chunk, donate_argnums=1)
     # a copy: init() hands out the learner's own initial arrays, which donation would delete
     params, carried = learner.params, {"state": jax.tree.map(jnp.copy, learner.init())}
+    constants = learner.constants
 
     def run(k):
-        carried["state"], result = program(params, carried["state"], jnp.asarray(k, jnp.int32))
+        carried["state"], result = program(params, carried["state"], constants, jnp.asarray(k, jnp.int32))
         return result
 
     return run
@@ -297,9 +300,10 @@ def fit(config: Setup, *, duration_ms: float, iterations: int, learning_rate: fl
     every = config.chunk
 
     @jax.jit
-    def window(params, opt_state, state, xs, ts, target):
-        state = _advance(learner, params, state, xs[:-1], ts[:-1], config)
-        state, result = learner.step(params, state, (xs[-1], ts[-1]), (target, jnp.float32(1.0)))
+    def window(params, opt_state, state, constants, xs, ts, target):
+        state = _advance(learner, params, state, xs[:-1], ts[:-1], config, constants)
+        target = (target, jnp.float32(1.0))
+        state, result = learner.step(params, state, (xs[-1], ts[-1]), target, constants=constants)
         updates, opt_state = optimizer.update(result.grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, state, result.loss
 
@@ -311,7 +315,13 @@ def fit(config: Setup, *, duration_ms: float, iterations: int, learning_rate: fl
         for w in range(spikes.shape[0] // every):
             window_slice = slice(w * every, (w + 1) * every)
             params, opt_state, state, loss = window(
-                params, opt_state, state, spikes[window_slice], times[window_slice], targets[(w + 1) * every - 1]
+                params,
+                opt_state,
+                state,
+                learner.constants,
+                spikes[window_slice],
+                times[window_slice],
+                targets[(w + 1) * every - 1],
             )
             trial.append(float(loss))
         losses.append(trial)

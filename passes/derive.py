@@ -281,30 +281,51 @@ def op_output(
     leaves[c.weight_leaf] = weight
     transform = None
     if float_input and not reads_values(c.eqn):
-        transform = {c.out_var: _weighted_twin(c.eqn)}
+        transform = {c.out_var: _weighted_twin(c.eqn, analysis)}
     return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var], transform)[0]
 
 
-def _csr_rows(indptr, n_rows: int, n_entries: int):
-    """The row of every stored entry of a CSR matrix, computed in the program. (On the host it would be
-    embedded as a constant of the compiled step: measured faster, 16.3 against 17.5 ms per step on the
-    whole-brain graph, but 130 MB more peak memory.)"""
-    return jnp.repeat(jnp.arange(n_rows, dtype=indptr.dtype), jnp.diff(indptr), total_repeat_length=n_entries)
+def csr_rows(indptr) -> np.ndarray:
+    """The row of every stored entry of a CSR matrix (on the host: `compile` computes it once)."""
+    indptr = np.asarray(indptr)
+    return np.repeat(np.arange(indptr.shape[0] - 1, dtype=indptr.dtype), np.diff(indptr))
 
 
-def _weighted_twin(eqn):
+def twin_row_indptrs(analysis: Analysis) -> list:
+    """The indptr constvars of the binary CSR x vector ops whose weight cotangent the value-weighted twin
+    forms in one pass (`_weighted_twin`): their row indices are worth computing once, at compile time."""
+    constvars = set(analysis.captured.jaxpr.jaxpr.constvars)
+    found = []
+    for c in analysis.facts.contractions:
+        indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
+        if _one_pass_csr(c.eqn) and indptr in constvars and indptr not in found:
+            found.append(indptr)
+    return found
+
+
+def _one_pass_csr(eqn) -> bool:
+    """A binary CSR x vector op with one weight per connection (its twin's gradient is one pass)."""
+    return (
+        eqn.primitive.name == "binary_csrmv"
+        and not eqn.params.get("weighted", False)
+        and eqn.invars[0].aval.shape[0] != 1
+    )
+
+
+def _weighted_twin(eqn, analysis: Analysis):
     """The transform that replaces a binary event product's output by its value-weighted twin's. A CSR
     matrix times a vector with one weight per connection gets its weight cotangent in one pass,
     `x[pre(k)] · ct[post(k)]` (brainevent's own also selects on `x != 0`, which costs a second pass over
-    the connections; for a real-valued `x` the product is already 0 there)."""
-    weighted = eqn.params.get("weighted", False)
-    if eqn.primitive.name != "binary_csrmv" or weighted or eqn.invars[0].aval.shape[0] == 1:
+    the connections; for a real-valued `x` the product is already 0 there). The row of every connection
+    is `analysis.rows_of(indptr)`, computed once by `compile`, else in the program."""
+    if not _one_pass_csr(eqn):
         return lambda value, invals: bind_eqn(eqn, invals, weighted=True)[0]
     n_rows, transpose = eqn.params["shape"][0], eqn.params["transpose"]
+    precomputed = analysis.rows_of(eqn.invars[2])
 
     def transform(value, invals):
         weights, indices, indptr, x, *workspace = invals
-        rows = _csr_rows(indptr, n_rows, indices.shape[0])
+        rows = _rows_in_program(indptr, n_rows, indices.shape[0]) if precomputed is None else precomputed
 
         @jax.custom_vjp
         def product(w, x):
@@ -321,6 +342,10 @@ def _weighted_twin(eqn):
         return product(weights, x)
 
     return transform
+
+
+def _rows_in_program(indptr, n_rows: int, n_entries: int):
+    return jnp.repeat(jnp.arange(n_rows, dtype=indptr.dtype), jnp.diff(indptr), total_repeat_length=n_entries)
 
 
 def op_input(eqn, u: jax.Array, dtype) -> jax.Array:

@@ -6,6 +6,7 @@ Sizes here are at most 5,000 neurons; the full 138,639-neuron graph is exercised
 """
 
 import dataclasses
+import re
 
 import brainevent
 import brainstate
@@ -181,3 +182,92 @@ def test_scaled_down_connectome_fits_neuropil_rates_online(graph, float32_jax_ra
     assert np.all(np.isfinite(losses)) and losses[0] > 0
     assert losses[-1] < 0.5 * losses[0], losses
     assert distances[-1] < distances[0] < 1.0, distances
+
+
+def _hlo_constant_sizes(lowered) -> list[int]:
+    """Element counts of the array constants embedded in a lowered program (StableHLO text)."""
+    sizes = []
+    for line in lowered.as_text().splitlines():
+        if "stablehlo.constant" in line or "arith.constant" in line:
+            for dims in re.findall(r"tensor<((?:\d+x)+)\w+>", line):
+                sizes.append(int(np.prod([int(d) for d in dims.rstrip("x").split("x")])))
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def graph_learner(graph):
+    """An unbatched es_d_rtrl learner on the 5,000-neuron graph, its drive and a 30-step input."""
+    backend = brainevent.config.get_backend("cpu")
+    brainstate.environ.set(precision=32)
+    brainevent.config.set_backend("cpu", "jax_raw")
+    drive = drive_neurons(graph, 250)
+    net = connectome_network(graph, drive=drive, batch_size=None)
+    x0 = np.zeros((drive.shape[0],), np.float32)
+    learner = fusetrace.compile(net, x0, clock(1)[0], loss=mse_loss, algorithm="es_d_rtrl", decay=0.99)
+    rng = np.random.default_rng(0)
+    xs = (rng.random((30, drive.shape[0])) < 0.1).astype(np.float32)
+    target = (np.full((graph.n_neuropils,), 20.0, np.float32), np.float32(1.0))
+    yield learner, xs, clock(30), target, net
+    brainevent.config.set_backend("cpu", backend)
+    brainstate.environ.set(precision=64)
+
+
+def _run_steps(learner, xs, times, target, *, pass_constants: bool):
+    """30 steps under one jit; the graph's arrays passed as an argument or left to be embedded."""
+
+    @jax.jit
+    def run(params, constants):
+        def body(state, step_inputs):
+            options = {"constants": constants} if pass_constants else {}
+            state, result = learner.step(params, state, step_inputs, target, **options)
+            return state, result.grads
+
+        return jax.lax.scan(body, learner.init(), (xs, times))
+
+    return run, (learner.params, learner.constants)
+
+
+def test_constants_hold_the_graph_and_its_row_index(graph, graph_learner):
+    learner = graph_learner[0]
+    (indices,) = learner.constants["step"]
+    (rows,) = learner.constants["csr_rows"]
+    np.testing.assert_array_equal(indices, graph.indices)
+    np.testing.assert_array_equal(rows, graph.pre())  # row of every connection, computed once at compile
+
+
+def test_constants_passed_as_arguments_give_the_same_steps_and_stay_out_of_the_program(graph, graph_learner):
+    """The same states and gradients over 30 steps; the passed graph is an argument of the compiled
+    program, the closed-over one an embedded constant of its size."""
+    learner, xs, times, target, _ = graph_learner
+    results, sizes = [], []
+    for pass_constants in (True, False):
+        run, args = _run_steps(learner, xs, times, target, pass_constants=pass_constants)
+        results.append(run(*args))
+        sizes.append(max(_hlo_constant_sizes(run.lower(*args)), default=0))
+    passed, embedded = results
+    spikes = float(np.sum(np.asarray(passed[0]["traces"]["r0"]["pre"]) != 0))
+    assert spikes > 0, "the drive makes neurons fire: the trace is not trivially zero"
+    for a, b in zip(jax.tree.leaves(passed), jax.tree.leaves(embedded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert sizes[0] < graph.n_edges <= sizes[1], sizes
+
+
+def test_row_index_computed_in_the_program_when_not_precomputed(graph_learner, monkeypatch):
+    """Without the compile-time row index (an indptr that is not a constant of the step), the program
+    computes it: the same gradients."""
+    learner, xs, times, target, net = graph_learner
+    run, args = _run_steps(learner, xs, times, target, pass_constants=False)
+    expected = run(*args)
+    monkeypatch.setattr(fusetrace.api.derive, "twin_row_indptrs", lambda analysis: [])
+    again = fusetrace.compile(net, *learner.snapshot.inputs, loss=mse_loss, algorithm="es_d_rtrl", decay=0.99)
+    assert again.constants["csr_rows"] == ()
+    run, args = _run_steps(again, xs, times, target, pass_constants=True)
+    for a, b in zip(jax.tree.leaves(run(*args)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_constants_of_another_shape_are_refused(graph_learner):
+    learner, xs, times, target, _ = graph_learner
+    wrong = {"step": (np.zeros(3, np.int32),), "csr_rows": learner.constants["csr_rows"]}
+    with pytest.raises(fusetrace.errors.CaptureError, match="`constants` are not the learner's"):
+        learner.step(learner.params, learner.init(), (xs[0], times[0]), target, constants=wrong)

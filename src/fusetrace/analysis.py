@@ -1,17 +1,30 @@
 """`Analysis`: what fusetrace found in one step (groups, relations, graph) and how to look at it."""
 
 import dataclasses
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import networkx as nx
 import numpy as np
 
 from . import display
 from .capture import Captured
+from .errors import CaptureError, four_part
 from .passes.hidden import Group
 from .passes.relations import Relation
 from .stepfacts import StepFacts
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+LARGE_CONSTANT_BYTES = 1 << 16  # constants from this size on can be passed to the step as arguments
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(np.shape(x), dtype=int)) * np.dtype(jnp.result_type(x)).itemsize
+
+
+def _spec(x) -> str:
+    return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity (a static jit field)
@@ -29,6 +42,50 @@ class Analysis:
     groups: tuple[Group, ...]
     relations: tuple[Relation, ...]
     graph: nx.DiGraph
+    csr_rows: tuple = dataclasses.field(default=(), repr=False)  # ((indptr constvar, row of each entry), ...)
+
+    def rows_of(self, indptr) -> Any:
+        """The precomputed row of every stored entry of the CSR matrix whose `indptr` is the captured
+        step's constvar `indptr`, or None (then the program computes it)."""
+        return next((rows for var, rows in self.csr_rows if var is indptr), None)
+
+    def constants(self) -> dict:
+        """The large arrays the step closes over: `{"step": (...), "csr_rows": (...)}` — the captured
+        step's constants of at least `LARGE_CONSTANT_BYTES` (a connectome's CSR indices, ...) and the
+        precomputed CSR row indices (see `Learner.constants`)."""
+        consts = self.captured.jaxpr.consts
+        return {
+            "step": tuple(consts[i] for i in self.large_constant_indices()),
+            "csr_rows": tuple(rows for _, rows in self.csr_rows),
+        }
+
+    def with_constants(self, constants: dict) -> "Analysis":
+        """This analysis with `constants` (the structure, shapes and dtypes of `constants()`; arrays or
+        tracers) in place of its own."""
+        own = self.constants()
+        expected, got = jax.tree.structure(own), jax.tree.structure(constants)
+        mismatch = expected != got or any(
+            jnp.shape(a) != jnp.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+            for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(constants), strict=True)
+        )
+        if mismatch:
+            raise CaptureError(
+                four_part(
+                    what="`constants` are not the learner's",
+                    where=f"got {jax.tree.map(_spec, constants)}",
+                    why=f"the compiled step closes over {jax.tree.map(_spec, own)}",
+                    fix="pass `learner.constants` (or arrays of the same structure, shapes and dtypes)",
+                )
+            )
+        consts = list(self.captured.jaxpr.consts)
+        for i, value in zip(self.large_constant_indices(), constants["step"], strict=True):
+            consts[i] = value
+        csr_rows = tuple((var, rows) for (var, _), rows in zip(self.csr_rows, constants["csr_rows"], strict=True))
+        return dataclasses.replace(self, captured=self.captured.with_consts(consts), csr_rows=csr_rows)
+
+    def large_constant_indices(self) -> list[int]:
+        consts = self.captured.jaxpr.consts
+        return [i for i, c in enumerate(consts) if np.ndim(c) > 0 and _nbytes(c) >= LARGE_CONSTANT_BYTES]
 
     @property
     def batch_size(self) -> int | None:

@@ -118,7 +118,25 @@ class Learner(eqx.Module):
         traces = init_traces(self.analysis, self.plan)
         return {"model": dict(self.snapshot.model), "traces": traces, "step": jnp.zeros((), jnp.int32)}
 
-    def step(self, params: dict, state: dict, x_t, target_t, *, gradient: bool = True) -> tuple[dict, StepResult]:
+    @property
+    def constants(self) -> dict:
+        """The large arrays the compiled step closes over (a connectome's CSR indices and, for
+        es_d_rtrl, their row index; those of at least 64 KiB), as `{"step": (...), "csr_rows": (...)}`.
+
+        `jax.jit` embeds what a function closes over in the program it compiles, and XLA may copy and
+        fold it while compiling: a 15-million-connection graph then costs its size several times over.
+        Pass them as an argument instead and hand them to `step(..., constants=...)`:
+
+        ```python
+        run = jax.jit(lambda params, state, consts, x, y: learner.step(params, state, x, y, constants=consts))
+        state, res = run(learner.params, state, learner.constants, x, y)
+        ```
+        """
+        return self.analysis.constants()
+
+    def step(
+        self, params: dict, state: dict, x_t, target_t, *, gradient: bool = True, constants: dict | None = None
+    ) -> tuple[dict, StepResult]:
         """Advance the network and its traces one step; return the new state and this step's result.
 
         Arguments:
@@ -131,18 +149,22 @@ class Learner(eqx.Module):
                 sparse loss, where the result is the same and the step costs about a forward step plus
                 the O(N) trace update. A Python bool: under `jax.jit` mark it static
                 (`jax.jit(learner.step, static_argnames="gradient")`).
+            constants: `Learner.constants` (or arrays of its structure, shapes and dtypes), typically
+                an argument of the caller's `jax.jit`, used in place of the step's own; None: the
+                step's own, which `jax.jit` embeds in the compiled program.
 
         Returns:
             The new state (the structure of `init()`) and a `StepResult` with this step's output, loss and
                 gradient.
         """
-        captured = self.analysis.captured
+        analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
+        captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
         leaves = _leaves_from(captured, params, state["model"])
         weights = {leaf: leaves[leaf] for leaf in _weight_leaves(captured)}
 
         new_leaves, traces, outputs, loss, grads = fused_step(
-            self.analysis,
+            analysis,
             self.plan,
             lambda out_leaves: self.step_loss(out_leaves, target_t),
             weights,
@@ -370,6 +392,7 @@ def compile(
         feedback=feedback,
         feedback_seed=feedback_seed,
     )
+    analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]
     params = {path: _strong(state.value) for path, state in param_items}
     model_states = {}
@@ -385,6 +408,21 @@ def compile(
         param_paths=tuple(params),
         snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target),
     )
+
+
+def _on_device(analysis: Analysis, *, with_rows: bool) -> Analysis:
+    """`analysis` with its large constants as device arrays (so that passing `Learner.constants` to a
+    compiled step moves nothing) and, `with_rows`, the row index of every CSR matrix whose weight
+    cotangent es_d_rtrl forms in one pass, computed once here rather than in every step."""
+    consts = list(analysis.captured.jaxpr.consts)
+    for i in analysis.large_constant_indices():
+        consts[i] = jnp.asarray(consts[i])
+    analysis = dataclasses.replace(analysis, captured=analysis.captured.with_consts(consts))
+    if not with_rows:
+        return analysis
+    by_var = dict(zip(analysis.captured.jaxpr.jaxpr.constvars, consts, strict=True))
+    rows = tuple((var, jnp.asarray(derive.csr_rows(by_var[var]))) for var in derive.twin_row_indptrs(analysis))
+    return dataclasses.replace(analysis, csr_rows=rows)
 
 
 def _strong(tree):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._compat import ClosedJaxpr
+from ._compat import ClosedJaxpr, new_closed_jaxpr
 from .errors import CaptureError, FusetraceError, four_part
 from .interpret import evaluate
 
@@ -121,6 +121,10 @@ class Captured:
         return jax.tree.unflatten(
             self.out_tree, [_wrap(x, unit) for x, unit in zip(model_leaves, self.out_units, strict=True)]
         )
+
+    def with_consts(self, consts: Sequence[Any]) -> "Captured":
+        """The same step closing over `consts` (one per constvar of `jaxpr`; arrays or tracers) instead."""
+        return dataclasses.replace(self, jaxpr=new_closed_jaxpr(self.jaxpr.jaxpr, consts))
 
     def step(self, input_leaves: Sequence[jax.Array], state_leaves: Sequence[jax.Array]):
         """The pure step on mantissas: `(output_leaves, new_state_leaves)`."""

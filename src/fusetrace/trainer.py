@@ -117,7 +117,7 @@ class Trainer:
                 )
             )
         params, opt_state, losses, outputs, skipped = self._sequence(
-            state["params"], state["opt_state"], batch.inputs, batch.targets
+            state["params"], state["opt_state"], batch.inputs, batch.targets, self.learner.constants
         )
         if float(skipped) != 0.0:
             raise CompileError(
@@ -139,7 +139,8 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def _run_sequence(self, params, opt_state, inputs, targets):
+    def _run_sequence(self, params, opt_state, inputs, targets, constants):
+        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded."""
         learner, every, k = self.learner, self.update_every, self.gradient_every
         zeros = jax.tree.map(jnp.zeros_like, params)
 
@@ -148,12 +149,12 @@ class Trainer:
 
             def advance(carry, step_inputs):
                 state, skipped = carry
-                state, res = learner.step(params, state, *step_inputs, gradient=False)
+                state, res = learner.step(params, state, *step_inputs, gradient=False, constants=constants)
                 return (state, skipped + jnp.abs(res.loss)), (res.loss, res.output)
 
             first = jax.tree.map(lambda a: a[:-1], chunk)
             (state, skipped), (losses, outputs) = jax.lax.scan(advance, (state, skipped), first)
-            state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk))
+            state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk), constants=constants)
             accumulated = jax.tree.map(jnp.add, accumulated, res.grads)
             t = t + k
             if every > 0:
@@ -197,9 +198,9 @@ class BPTTTrainer(Trainer):
             )
         super().__init__(learner, sample, optimizer, **{**options, "update_every": 0})
 
-    def _run_sequence(self, params, opt_state, inputs, targets):
+    def _run_sequence(self, params, opt_state, inputs, targets, constants):
         learner = self.learner
-        captured = learner.analysis.captured
+        captured = learner.analysis.with_constants(constants).captured
         model_state = learner.init()["model"]
 
         def total_loss(params):
