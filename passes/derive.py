@@ -294,13 +294,18 @@ def csr_rows(indptr) -> np.ndarray:
 def twin_row_indptrs(analysis: Analysis) -> list:
     """The indptr constvars of the binary CSR x vector ops whose weight cotangent the value-weighted twin
     forms in one pass (`_weighted_twin`): their row indices are worth computing once, at compile time."""
-    constvars = set(analysis.captured.jaxpr.jaxpr.constvars)
+    constvars = analysis.captured.jaxpr.jaxpr.constvars
     found = []
     for c in analysis.facts.contractions:
         indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
-        if _one_pass_csr(c.eqn) and indptr in constvars and indptr not in found:
+        # identity, not hashing: with JAX's simplified constants an operand may be an (unhashable) Literal
+        if _one_pass_csr(c.eqn) and _among(indptr, constvars) and not _among(indptr, found):
             found.append(indptr)
     return found
+
+
+def _among(var, variables) -> bool:
+    return any(var is v for v in variables)
 
 
 def _one_pass_csr(eqn) -> bool:

@@ -271,3 +271,21 @@ def test_constants_of_another_shape_are_refused(graph_learner):
     wrong = {"step": (np.zeros(3, np.int32),), "csr_rows": learner.constants["csr_rows"]}
     with pytest.raises(fusetrace.errors.CaptureError, match="`constants` are not the learner's"):
         learner.step(learner.params, learner.init(), (xs[0], times[0]), target, constants=wrong)
+
+
+def test_jax_simplified_constants_give_the_same_steps(graph_learner):
+    """Under JAX's transitional `jax_use_simplified_jaxpr_constants` (closed-over arrays become literals
+    of the jaxpr, hoisted into arguments by jit; JAX means to make it the default) the learner compiles
+    and steps as without it."""
+    learner, xs, times, target, net = graph_learner
+    run, args = _run_steps(learner, xs, times, target, pass_constants=False)
+    expected = run(*args)
+    jax.config.update("jax_use_simplified_jaxpr_constants", True)
+    try:
+        again = fusetrace.compile(net, *learner.snapshot.inputs, loss=mse_loss, algorithm="es_d_rtrl", decay=0.99)
+        run, args = _run_steps(again, xs, times, target, pass_constants=True)
+        result = run(*args)
+    finally:
+        jax.config.update("jax_use_simplified_jaxpr_constants", False)
+    for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
