@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fusetrace._compat import bind_eqn, custom_vjp_call_p
+from fusetrace._compat import Literal, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import evaluate
 from fusetrace.rules import reads_values
@@ -292,20 +292,22 @@ def csr_rows(indptr) -> np.ndarray:
 
 
 def twin_row_indptrs(analysis: Analysis) -> list:
-    """The indptr constvars of the binary CSR x vector ops whose weight cotangent the value-weighted twin
-    forms in one pass (`_weighted_twin`): their row indices are worth computing once, at compile time."""
-    constvars = analysis.captured.jaxpr.jaxpr.constvars
+    """`(operand, value)` for the indptr of every binary CSR x vector op whose weight cotangent the
+    value-weighted twin forms in one pass (`_weighted_twin`) and whose value is known at compile time (a
+    constvar of the step, or a literal under JAX's simplified constants): their row indices are worth
+    computing once, at compile time."""
+    jaxpr = analysis.captured.jaxpr
+    known = list(zip(jaxpr.jaxpr.constvars, jaxpr.consts, strict=True))
     found = []
     for c in analysis.facts.contractions:
         indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
-        # identity, not hashing: with JAX's simplified constants an operand may be an (unhashable) Literal
-        if _one_pass_csr(c.eqn) and _among(indptr, constvars) and not _among(indptr, found):
-            found.append(indptr)
+        if not _one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
+            continue
+        # identity, not hashing: a Literal operand is unhashable
+        value = indptr.val if isinstance(indptr, Literal) else next((v for var, v in known if var is indptr), None)
+        if value is not None:
+            found.append((indptr, value))
     return found
-
-
-def _among(var, variables) -> bool:
-    return any(var is v for v in variables)
 
 
 def _one_pass_csr(eqn) -> bool:

@@ -42,11 +42,11 @@ class Analysis:
     groups: tuple[Group, ...]
     relations: tuple[Relation, ...]
     graph: nx.DiGraph
-    csr_rows: tuple = dataclasses.field(default=(), repr=False)  # ((indptr constvar, row of each entry), ...)
+    csr_rows: tuple = dataclasses.field(default=(), repr=False)  # ((indptr operand, row of each entry), ...)
 
     def rows_of(self, indptr) -> Any:
         """The precomputed row of every stored entry of the CSR matrix whose `indptr` is the captured
-        step's constvar `indptr`, or None (then the program computes it)."""
+        step's operand `indptr` (a constvar, or a literal), or None (then the program computes it)."""
         return next((rows for var, rows in self.csr_rows if var is indptr), None)
 
     def constants(self) -> dict:

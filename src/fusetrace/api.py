@@ -420,8 +420,7 @@ def _on_device(analysis: Analysis, *, with_rows: bool) -> Analysis:
     analysis = dataclasses.replace(analysis, captured=analysis.captured.with_consts(consts))
     if not with_rows:
         return analysis
-    by_var = dict(zip(analysis.captured.jaxpr.jaxpr.constvars, consts, strict=True))
-    rows = tuple((var, jnp.asarray(derive.csr_rows(by_var[var]))) for var in derive.twin_row_indptrs(analysis))
+    rows = tuple((operand, jnp.asarray(derive.csr_rows(value))) for operand, value in derive.twin_row_indptrs(analysis))
     return dataclasses.replace(analysis, csr_rows=rows)
 
 
