@@ -291,3 +291,19 @@ def test_jax_simplified_constants_give_the_same_steps(graph_learner):
         jax.config.update("jax_use_simplified_jaxpr_constants", False)
     for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_shard_step_passes_the_graph_as_an_argument(graph, graph_learner):
+    """`shard_step` binds `learner.constants` as a replicated argument: the lowered program holds no
+    constant of the graph's size, and its steps equal the learner's."""
+    learner, xs, times, target, _ = graph_learner
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("neurons",))
+    sharded = fusetrace.shard_step(learner, mesh, neuron_axis="neurons", example_target=target)
+    params, state = sharded.place(learner.params, learner.init())
+    assert max(_hlo_constant_sizes(sharded.lower(params, state, (xs[0], times[0]), target)), default=0) < graph.n_edges
+    reference, step = learner.init(), jax.jit(learner.step)
+    for k in range(5):
+        state, result = sharded.step(params, state, (xs[k], times[k]), target)
+        reference, expected = step(learner.params, reference, (xs[k], times[k]), target)
+    for a, b in zip(jax.tree.leaves((state, result.grads)), jax.tree.leaves((reference, expected.grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

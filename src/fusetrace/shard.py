@@ -53,7 +53,9 @@ class ShardedStep:
         inputs: shardings of one step's input `x_t`.
         target: shardings of one step's target.
         result: shardings of the `StepResult`.
-        step: `step(params, state, x_t, target_t) -> (state, StepResult)`, jit-compiled with these shardings.
+        step: `step(params, state, x_t, target_t) -> (state, StepResult)`, jit-compiled with these shardings;
+            the learner's `constants` (a graph's index arrays) are a replicated argument of that program,
+            placed once, not constants embedded in it.
         replicated: `(what, why)` for each array left whole on an axis it could have been split on.
     """
 
@@ -64,7 +66,7 @@ class ShardedStep:
     inputs: Any
     target: Any
     result: Any
-    step: Any  # a jax.jit-wrapped function (has .lower)
+    step: Any  # a jax.jit-wrapped function with the constants bound (has .lower)
     replicated: tuple[tuple[str, str], ...]
 
     def place(self, params, state) -> tuple[Any, Any]:
@@ -92,7 +94,8 @@ class ShardedStep:
         return jax.tree.map(build, tree, shardings, global_tree, is_leaf=u.math.is_quantity)
 
     def lower(self, params, state, x_t, target_t):
-        """The jax `Lowered` of one step (`.compile().as_text()` shows the partitioned HLO)."""
+        """The jax `Lowered` of one step, its constants bound (`.compile()` runs on the same four arguments;
+        `.compile().as_text()` shows the partitioned HLO)."""
         return self.step.lower(params, state, x_t, target_t)
 
 
@@ -124,7 +127,7 @@ def shard_step(
 
     Example:
         ```python
-        mesh = jax.make_mesh((4,), ("data",))
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
         sharded = fusetrace.shard_step(learner, mesh, batch_axis="data")
         params, state = sharded.place(learner.params, learner.init())
         state, result = sharded.step(params, state, *sharded.place_inputs(x_t, y_t))
@@ -141,13 +144,40 @@ def shard_step(
     output = jax.eval_shape(learner.step, learner.params, learner.init(), x_t, target)[1].output
     # a StepResult whose leaves are shardings (the pytree shape out_shardings needs)
     result = StepResult(output=rules.batched(output, "output"), loss=rules.sharding(P()), grads=params)  # pyright: ignore[reportArgumentType]
-    step = jax.jit(
-        learner.step,
-        in_shardings=(params, state, x_sharding, target_sharding),
+    constants = jax.tree.map(lambda _: rules.sharding(P()), learner.constants)
+
+    def step_with(params, state, x_t, target_t, constants):
+        return learner.step(params, state, x_t, target_t, constants=constants)
+
+    jitted = jax.jit(
+        step_with,
+        in_shardings=(params, state, x_sharding, target_sharding, constants),
         out_shardings=(state, result),
         donate_argnums=(1,) if donate_state else (),
     )
+    step = _Bound(jitted, jax.device_put(learner.constants, constants))
     return ShardedStep(learner, mesh, params, state, x_sharding, target_sharding, result, step, tuple(rules.left))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bound:
+    """`function(*args, constants)` called, lowered or compiled on `*args` alone (a jitted step, its
+    `Lowered` or its `Compiled`); any other attribute is the function's."""
+
+    function: Any
+    constants: Any
+
+    def __call__(self, *args):
+        return self.function(*args, self.constants)
+
+    def lower(self, *args) -> "_Bound":
+        return _Bound(self.function.lower(*args, self.constants), self.constants)
+
+    def compile(self) -> "_Bound":
+        return _Bound(self.function.compile(), self.constants)
+
+    def __getattr__(self, name: str):
+        return getattr(self.function, name)
 
 
 def _check_axes(learner: Learner, mesh: Mesh, batch_axis, neuron_axis) -> None:
