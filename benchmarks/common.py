@@ -524,9 +524,16 @@ def pyplot():
     return plt
 
 
-def save_figure(figure, path: pathlib.Path) -> None:
+def save_figure(figure, path: pathlib.Path, title: str | None = None) -> None:
+    """Title, lay out, write and close `figure`."""
+    import matplotlib.pyplot as plt
+
+    if title is not None:
+        figure.suptitle(title)
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
     print(f"wrote {path}")
 
 

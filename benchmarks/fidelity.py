@@ -161,13 +161,11 @@ def plot(rows: list[dict], path) -> None:
     figure.legend(
         handles, names, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.01 * len(labels))
     )
-    figure.suptitle(
+    title = (
         "Summed online gradient against BPTT (float64). Green band: norm-ratio target [0.8, 1.25]; "
         f"bars at {RATIO_FLOOR:g} are zero gradients"
     )
-    figure.tight_layout()
-    common.save_figure(figure, path)
-    plt.close(figure)
+    common.save_figure(figure, path, title)
 
 
 def main(argv=None):

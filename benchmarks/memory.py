@@ -143,10 +143,7 @@ def plot(result: dict, path) -> None:
         axis.set_ylabel("MiB")
         axis.set_title(title, fontsize=10)
         axis.legend(fontsize=7)
-    figure.suptitle("Memory against sequence length (float32, CPU)")
-    figure.tight_layout()
-    common.save_figure(figure, path)
-    plt.close(figure)
+    common.save_figure(figure, path, "Memory against sequence length (float32, CPU)")
 
 
 def main(argv=None):

@@ -126,7 +126,6 @@ def plot(result: dict, path) -> None:
     axis.set_title(f"Largest network per method, B = {result['batch']} (float32, CPU)", fontsize=10)
     axis.legend(fontsize=8)
     common.save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv=None):

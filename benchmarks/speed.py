@@ -87,10 +87,7 @@ def plot(rows: list[dict], path) -> None:
         axis.set_title(f"N = {row['neurons']}, B = {row['batch']}")
         for y, value in enumerate(values):
             axis.text(value, y, f" {value:,.3g}" if value < 1000 else f" {value:,.0f}", va="center", fontsize=8)
-    figure.suptitle("Per-step wall time: recurrent LIF + leaky readout (float32, CPU)")
-    figure.tight_layout()
-    common.save_figure(figure, path)
-    plt.close(figure)
+    common.save_figure(figure, path, "Per-step wall time: recurrent LIF + leaky readout (float32, CPU)")
 
 
 def main(argv=None):
