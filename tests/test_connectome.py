@@ -280,6 +280,7 @@ def test_jax_simplified_constants_give_the_same_steps(graph_learner):
     learner, xs, times, target, net = graph_learner
     run, args = _run_steps(learner, xs, times, target, pass_constants=False)
     expected = run(*args)
+    before = jax.config.jax_use_simplified_jaxpr_constants
     jax.config.update("jax_use_simplified_jaxpr_constants", True)
     try:
         again = fusetrace.compile(net, *learner.snapshot.inputs, loss=mse_loss, algorithm="es_d_rtrl", decay=0.99)
@@ -288,7 +289,7 @@ def test_jax_simplified_constants_give_the_same_steps(graph_learner):
         run, args = _run_steps(again, xs, times, target, pass_constants=True)
         result = run(*args)
     finally:
-        jax.config.update("jax_use_simplified_jaxpr_constants", False)
+        jax.config.update("jax_use_simplified_jaxpr_constants", before)
     for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
