@@ -22,7 +22,6 @@ fusetrace runs `es_d_rtrl`, braintrace `pp_prop` (its ES-D-RTRL), both with the 
 """
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -145,19 +144,6 @@ def forward_program(model: flybrain.ConnectomeNetwork, config: Setup) -> Callabl
 # --------------------------------------------------------------------------- fusetrace
 
 
-def has_gradient_keyword() -> bool:
-    """Whether `Learner.step` takes `gradient=` (False: advance states and traces, form no gradient)."""
-    return "gradient" in inspect.signature(fusetrace.Learner.step).parameters
-
-
-def free_step(learner: fusetrace.Learner) -> Callable:
-    """A step that forms no gradient: `gradient=False` when the learner has it, else the full step (whose
-    unused gradient XLA removes as dead code)."""
-    if has_gradient_keyword():
-        return lambda *args, **options: learner.step(*args, gradient=False, **options)
-    return learner.step
-
-
 def fusetrace_learner(model, config: Setup) -> fusetrace.Learner:
     return fusetrace.compile(
         model, *first_inputs(config), loss=mse_loss, algorithm="es_d_rtrl", batch_size=None, decay=config.decay
@@ -166,10 +152,9 @@ def fusetrace_learner(model, config: Setup) -> fusetrace.Learner:
 
 def _advance(learner, params, state, xs, ts, config: Setup, constants):
     """Steps without a gradient (and with zero loss) over `xs`, `ts`."""
-    step = free_step(learner)
 
     def body(state, x):
-        state, _ = step(params, state, x, config.target(0.0), constants=constants)
+        state, _ = learner.step(params, state, x, config.target(0.0), gradient=False, constants=constants)
         return state, None
 
     return jax.lax.scan(body, state, (xs, ts))[0]
@@ -264,7 +249,7 @@ def program(library: str, mode: str, config: Setup) -> tuple[Callable[[int], Any
         return forward_program(model, config), {}
     if library == "fusetrace":
         learner = fusetrace_learner(model, config)
-        info = {"trace_bytes": fusetrace_trace_bytes(learner), "gradient_keyword": has_gradient_keyword()}
+        info = {"trace_bytes": fusetrace_trace_bytes(learner)}
         return fusetrace_program(learner, config, mode), info
     learner = braintrace_learner(model, config)
     return braintrace_program(learner, config, mode), {"trace_bytes": braintrace_trace_bytes(learner)}
