@@ -55,6 +55,14 @@ class RunConfig:
     target_rate_hz: float = 10.0
     schedule: str = "constant"  # learning rate: "constant", or "cosine" decay to 0 over the run
     task_options: dict = dataclasses.field(default_factory=dict)
+    validate_every: int = 0  # evaluate on the validation set every k iterations (0: never)
+    validation_batches: int = 8  # its size, in batches of `batch` trials
+    test_batches: int = 0  # after training, evaluate final and best-validation params on this many (0: no test)
+
+
+# Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
+# from seed + VALIDATION_SEEDS + j, the test set from seed + TEST_SEEDS + j, j counting its batches.
+VALIDATION_SEEDS, TEST_SEEDS = 1_000_000_000, 2_000_000_000
 
 
 def _task_registry() -> dict[str, Any]:
@@ -149,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_task_option,
         metavar="KEY=VALUE",
         help="a task generator option, e.g. --option shorten=0.2 (repeatable)",
+    )
+    train.add_argument(
+        "--validate-every",
+        type=_nonnegative_int,
+        default=0,
+        help="evaluate on held-out validation trials every k iterations and keep the best params (0: never)",
+    )
+    train.add_argument(
+        "--validation-batches", type=_positive(int), default=8, help="validation set size, in batches of --batch"
+    )
+    train.add_argument(
+        "--test-batches",
+        type=_nonnegative_int,
+        default=0,
+        help="after training, test the final (and best-validation) params on this many fresh batches (0: no test)",
     )
     train.add_argument("--checkpoint-every", type=_positive(int), default=10)
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
@@ -251,8 +274,15 @@ def _train(args) -> int:
         target_rate_hz=args.target_rate,
         schedule=args.schedule,
         task_options=dict(args.option),
+        validate_every=args.validate_every,
+        validation_batches=args.validation_batches,
+        test_batches=args.test_batches,
     )
-    run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
+    summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
+    for which, metrics in summary.get("test", {}).items():
+        if which != "trials":
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"test ({summary['test']['trials']} trials), {which} params: {shown}")
     return 0
 
 
@@ -314,18 +344,57 @@ def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress
     else:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     start, done = time.perf_counter(), int(state["iteration"])
+    validation = held_out(trainer, config, VALIDATION_SEEDS, config.validation_batches) if config.validate_every else []
     bar = tqdm(total=config.iterations, initial=done, disable=not progress, unit="it", dynamic_ncols=True)
     while int(state["iteration"]) < config.iterations:
         state, result = trainer.iteration(state)
         history.append({k: float(v) for k, v in result.metrics.items()})
+        iteration = int(state["iteration"])
+        if validation and iteration % config.validate_every == 0:
+            _validate(trainer, validation, state, history, run_dir)
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
         bar.update(1)
-        iteration = int(state["iteration"])
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             checkpoint.save(run_dir, iteration, state, {"history": history})
     bar.close()
     summary = _finish(config, run_dir, model, learner, trainer, spec, state, history, time.perf_counter() - start)
     return summary
+
+
+def held_out(trainer: Trainer, config: RunConfig, offset: int, count: int) -> list:
+    """`count` batches of held-out trials (seeds config.seed + offset + j), never used for training."""
+    return [trainer.sample(config.seed + offset + j) for j in range(count)]
+
+
+def _validate(trainer: Trainer, validation: list, state: dict, history: list[dict], run_dir: pathlib.Path) -> None:
+    """Record the validation metrics in the last history entry (prefixed `validation_`); when the
+    accuracy (or, without one, the loss) is the best so far, keep these params in `run_dir/best`."""
+    metrics = trainer.evaluate(state["params"], validation)
+    score = _score(metrics)
+    earlier = [_score(h, "validation_") for h in history[:-1] if "validation_loss" in h]
+    history[-1].update({f"validation_{k}": v for k, v in metrics.items()})
+    if not earlier or score > max(earlier):
+        checkpoint.save(run_dir / "best", int(state["iteration"]), state, {"validation": metrics}, keep=1)
+
+
+def _score(metrics: dict, prefix: str = "") -> float:
+    """Higher is better: the accuracy where the task has one, else minus the loss."""
+    return metrics[f"{prefix}accuracy"] if f"{prefix}accuracy" in metrics else -metrics[f"{prefix}loss"]
+
+
+def _test(trainer: Trainer, config: RunConfig, run_dir: pathlib.Path, state: dict) -> dict:
+    """Metrics on the test set of the final params and, when validated, of the best-validation params."""
+    batches = held_out(trainer, config, TEST_SEEDS, config.test_batches)
+    report = {"trials": config.test_batches * config.batch, "final": trainer.evaluate(state["params"], batches)}
+    best = checkpoint.latest(run_dir / "best")
+    if best is not None:
+        best_state, meta = checkpoint.restore(best, state)
+        report["best"] = {
+            "iteration": meta["step"],
+            "validation": meta["validation"],
+            **trainer.evaluate(best_state["params"], batches),
+        }
+    return report
 
 
 def _finish(config, run_dir, model, learner, trainer, spec, state, history, seconds) -> dict:
@@ -341,6 +410,8 @@ def _finish(config, run_dir, model, learner, trainer, spec, state, history, seco
         "history": history,
         "trace_bytes": None if config.algorithm in BASELINES else learner.analysis.trace_bytes(config.algorithm),
     }
+    if config.test_batches:
+        summary["test"] = _test(trainer, config, run_dir, state)
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     plots.curves(history, run_dir / "curves.png")
     plots.graph(learner.graph, run_dir / "graph.png", title=f"{config.task}: {config.algorithm}")

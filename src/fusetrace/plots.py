@@ -14,15 +14,21 @@ _COLORS = {"hidden": "#4c72b0", "weight": "#dd8452", "relation": "#55a868", "inp
 
 
 def curves(history: list[dict], path: str | os.PathLike) -> None:
-    """Loss (and accuracy, when recorded) per iteration."""
+    """Loss (and accuracy, when recorded) per iteration, with the held-out validation points where
+    the run recorded them (`validation_loss`, `validation_accuracy`)."""
     keys = [k for k in ("loss", "accuracy") if any(k in h for h in history)]
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
     for axis, key in zip(axes[0], keys, strict=True):
-        values = [h[key] for h in history if key in h]
-        axis.plot(np.arange(1, len(values) + 1), values, lw=1.5)
+        for name, style in ((key, {"lw": 1.5}), (f"validation_{key}", {"marker": "o", "ms": 3, "lw": 1})):
+            iterations = [i + 1 for i, h in enumerate(history) if name in h]
+            if iterations:
+                values = [h[name] for h in history if name in h]
+                axis.plot(iterations, values, label=name.replace("_", " "), **style)
         axis.set_xlabel("iteration")
         axis.set_ylabel(key)
         axis.grid(alpha=0.3)
+        if any(f"validation_{key}" in h for h in history):
+            axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

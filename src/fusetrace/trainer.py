@@ -11,11 +11,12 @@ continues bit for bit.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .api import Learner
@@ -94,6 +95,7 @@ class Trainer:
         self.update_every, self.gradient_every = update_every, gradient_every
         self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
         self._sequence = jax.jit(self._run_sequence)
+        self._evaluate = jax.jit(self._evaluate_batches)
 
     def init(self) -> dict:
         """The training state: params (as compiled), optimizer state, iteration counter."""
@@ -134,6 +136,45 @@ class Trainer:
         if self.metric is not None:
             metrics.update(self.metric(outputs, batch))
         return new_state, IterationResult(metrics["loss"], outputs, metrics)
+
+    def evaluate(self, params, batches: Sequence[Batch]) -> dict:
+        """Mean loss and metrics of `params` over held-out `batches` (each of the compiled batch size),
+        run forward only: no learning, no traces. Each batch weighs the same."""
+        if not batches:
+            raise CompileError(
+                four_part(
+                    what="evaluate(params, []) without batches",
+                    where="fusetrace.Trainer.evaluate",
+                    why="the metrics are means over the batches",
+                    fix="pass at least one batch",
+                )
+            )
+        inputs, targets = jax.tree.map(lambda *a: jnp.stack(a), *[(b.inputs, b.targets) for b in batches])
+        losses, outputs = self._evaluate(params, inputs, targets, self.learner.constants)
+        per_batch = [{"loss": float(jnp.mean(loss))} for loss in losses]
+        if self.metric is not None:
+            for entry, output, batch in zip(per_batch, outputs, batches, strict=True):
+                entry.update(self.metric(output, batch))
+        return {key: float(np.mean([entry[key] for entry in per_batch])) for key in per_batch[0]}
+
+    def _evaluate_batches(self, params, inputs, targets, constants):
+        return jax.lax.map(lambda batch: self._forward(params, batch[0], batch[1], constants), (inputs, targets))
+
+    def _forward(self, params, inputs, targets, constants):
+        """The captured dynamics over one sequence from the initial state: per-step losses and outputs."""
+        learner = self.learner
+        captured = learner.analysis.with_constants(constants).captured
+
+        def body(leaves, step_inputs):
+            x, target = step_inputs
+            x_leaves = captured.strip_inputs(*(x if len(learner.snapshot.inputs) > 1 else (x,)))
+            outputs, new_leaves = captured.step(x_leaves, leaves)
+            loss = learner.step_loss(outputs, target)
+            return new_leaves, (loss, captured.wrap_outputs(outputs))
+
+        initial = api_leaves(captured, params, learner.init()["model"])
+        _, (losses, outputs) = jax.lax.scan(body, initial, (inputs, targets))
+        return losses, outputs
 
     def _apply(self, params, opt_state, grads):
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -199,20 +240,8 @@ class BPTTTrainer(Trainer):
         super().__init__(learner, sample, optimizer, **{**options, "update_every": 0})
 
     def _run_sequence(self, params, opt_state, inputs, targets, constants):
-        learner = self.learner
-        captured = learner.analysis.with_constants(constants).captured
-        model_state = learner.init()["model"]
-
         def total_loss(params):
-            def body(leaves, step_inputs):
-                x, target = step_inputs
-                x_leaves = captured.strip_inputs(*(x if len(learner.snapshot.inputs) > 1 else (x,)))
-                outputs, new_leaves = captured.step(x_leaves, leaves)
-                loss = learner.step_loss(outputs, target)
-                return new_leaves, (loss, captured.wrap_outputs(outputs))
-
-            initial = api_leaves(captured, params, model_state)
-            _, (losses, outputs) = jax.lax.scan(body, initial, (inputs, targets))
+            losses, outputs = self._forward(params, inputs, targets, constants)
             return jnp.sum(losses), (losses, outputs)
 
         grads, (losses, outputs) = jax.grad(total_loss, has_aux=True)(params)
