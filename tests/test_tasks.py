@@ -377,3 +377,59 @@ def test_evidence_readout_reads_both_populations():
     (readout,) = analysis.relations_of("out.weight")
     assert readout.status == "traced" and readout.n_pre == 100
     assert len(analysis.groups) == 3  # LIF {V, g}, ALIF {V, a, g}, readout {r}
+
+
+def _lively_dms_network(stop_recurrent_gradient: bool):
+    """A small DMS reference network with weights scaled up so that its neurons spike and adapt."""
+    net = tasks.dms_network(seed=0, n_rec=12, stop_recurrent_gradient=stop_recurrent_gradient)
+    for weight in net.states(brainstate.ParamState).values():
+        weight.value = jax.tree.map(lambda w: 3.0 * w, weight.value)
+    brainstate.nn.init_all_states(net, batch_size=BATCH)
+    return net
+
+
+def _brainstate_bptt(net, task) -> dict:
+    """{path: weight gradient} of the summed masked cross-entropy, by BPTT through the brainstate model."""
+
+    def sequence_loss():
+        step = lambda x, y: tasks.cross_entropy_loss(net.update(x), y)
+        return jnp.sum(brainstate.transform.for_loop(step, task.inputs, task.step_targets()))
+
+    grads = brainstate.transform.grad(sequence_loss, net.states(brainstate.ParamState))()
+    return {".".join(map(str, path)): _np(u.get_mantissa(jax.tree.leaves(g)[0])) for path, g in grads.items()}
+
+
+def test_dms_d_rtrl_equals_bptt_with_recurrent_spike_gradients_stopped():
+    """On the DMS reference network (adaptive neurons, recurrent exponential synapses), d_rtrl's
+    summed online gradient is BPTT's through the same network with its recurrent spikes detached
+    (each neuron's own sensitivities exact, the paths through other neurons dropped), and differs
+    from full BPTT's. The BPTT references run the brainstate model itself."""
+    brainstate.environ.set(dt=1.0 * u.ms)
+    task = tasks.delayed_match_to_sample(batch=BATCH, seed=3, fixation_ms=(10, 20), delay_ms=60)
+    targets = task.step_targets()
+    counter = _lively_dms_network(False)
+    spikes = brainstate.transform.for_loop(lambda x: (counter.update(x), counter.neurons.get_spike())[1], task.inputs)
+    assert float(jnp.mean(spikes)) > 0.01, "too few spikes: the recurrent paths would be empty"
+
+    learner = fusetrace.compile(
+        _lively_dms_network(False),
+        task.inputs[0],
+        loss=tasks.cross_entropy_loss,
+        algorithm="d_rtrl",
+        batch_size=BATCH,
+        example_target=jax.tree.map(lambda a: a[0], targets),
+    )
+    step, state, online = jax.jit(learner.step), learner.init(), None
+    for x, target in zip(task.inputs, zip(*targets, strict=True), strict=True):
+        state, result = step(learner.params, state, x, target)
+        online = result.grads if online is None else jax.tree.map(jnp.add, online, result.grads)
+
+    truncated = _brainstate_bptt(_lively_dms_network(True), task)
+    full = _brainstate_bptt(_lively_dms_network(False), task)
+    assert set(online) == set(truncated)
+    for path, want in truncated.items():
+        got = _np(u.get_mantissa(jax.tree.leaves(online[path])[0]))
+        assert np.linalg.norm(want) > 0, path
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), path
+    gap = np.linalg.norm(full["rec.comm.weight"] - truncated["rec.comm.weight"])
+    assert gap > 1e-2 * np.linalg.norm(truncated["rec.comm.weight"]), "the truncation dropped nothing"

@@ -147,3 +147,29 @@ def test_cli_rejects_bad_validation_options(argv, message, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def small_dms_network():
+    """A 7-neuron DMS network, for `--network test_validation:small_dms_network`."""
+    from fusetrace.tasks import dms_network
+
+    return dms_network(n_rec=7)
+
+
+def test_cli_trains_a_network_given_as_module_factory(tmp_path, capsys):
+    """`--network MODULE:FACTORY` replaces the task's reference network, is saved in config.json and
+    used again on resume; a factory that does not return a module is one clear error line."""
+    args = ["train", "--task", "dms", "--algorithm", "d_rtrl", "--iterations", "2", "--batch", "2"]
+    args += ["--option", "fixation_ms=[10,20]", "--option", "delay_ms=10", "--checkpoint-every", "1"]
+    assert cli_main([*args, "--network", "test_validation:small_dms_network", "--run-dir", str(tmp_path)]) == 0
+    config = RunConfig(**json.loads((tmp_path / "config.json").read_text()))
+    assert config.network == "test_validation:small_dms_network"
+    model, _, trainer, _ = build(config)
+    assert model.neurons.varshape == (7,)
+    state, _ = checkpoint.restore(checkpoint.latest(tmp_path), trainer.init())
+    assert np.shape(u.get_mantissa(state["params"]["rec.comm.weight"]["weight"])) == (7, 7)
+    capsys.readouterr()
+    assert cli_main([*args, "--network", "builtins:dict", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "not a brainstate module" in capsys.readouterr().err
+    assert cli_main([*args, "--network", "no_colon", "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "MODULE:FACTORY" in capsys.readouterr().err

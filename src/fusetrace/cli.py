@@ -58,6 +58,7 @@ class RunConfig:
     validate_every: int = 0  # evaluate on the validation set every k iterations (0: never)
     validation_batches: int = 8  # its size, in batches of `batch` trials
     test_batches: int = 0  # after training, evaluate final and best-validation params on this many (0: no test)
+    network: str | None = None  # "MODULE:FACTORY" of a network to train instead of the task's reference one
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="after training, test the final (and best-validation) params on this many fresh batches (0: no test)",
     )
+    train.add_argument(
+        "--network",
+        default=None,
+        metavar="MODULE:FACTORY",
+        help="train this network (a function returning a brainstate module) instead of the task's reference one",
+    )
     train.add_argument("--checkpoint-every", type=_positive(int), default=10)
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
@@ -203,13 +210,18 @@ def main(argv=None) -> int:
         return 2
 
 
-def _inspect(args) -> int:
-    module_name, _, factory_name = args.target.partition(":")
+def _factory(target: str):
+    """The function named by "MODULE:FACTORY" (the current directory is importable)."""
+    module_name, _, factory_name = target.partition(":")
     if not module_name or not factory_name:
-        raise CliError(f"expected MODULE:FACTORY, got {args.target!r}")
-    sys.path.insert(0, str(pathlib.Path.cwd()))
-    factory = getattr(importlib.import_module(module_name), factory_name)
-    made = factory()
+        raise CliError(f"expected MODULE:FACTORY, got {target!r}")
+    if str(pathlib.Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(pathlib.Path.cwd()))
+    return getattr(importlib.import_module(module_name), factory_name)
+
+
+def _inspect(args) -> int:
+    made = _factory(args.target)()
     model, example = made if isinstance(made, tuple) else (made, None)
     if example is None:
         raise CliError(f"{args.target} must return (model, example_input) so one step can be traced")
@@ -277,6 +289,7 @@ def _train(args) -> int:
         validate_every=args.validate_every,
         validation_batches=args.validation_batches,
         test_batches=args.test_batches,
+        network=args.network,
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -291,7 +304,9 @@ def build(config: RunConfig):
     spec = _spec(config.task)
     brainstate.environ.set(dt=spec.dt_ms * u.ms)
     brainstate.random.seed(config.seed)
-    model = spec.network()
+    model = _factory(config.network)() if config.network else spec.network()
+    if not isinstance(model, brainstate.nn.Module):
+        raise CliError(f"--network {config.network}: returned {type(model).__name__}, not a brainstate module")
     first = spec.sample(batch=config.batch, seed=config.seed, **config.task_options)
     baseline = config.algorithm in BASELINES
     learner = compile(

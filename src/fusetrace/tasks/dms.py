@@ -12,6 +12,7 @@ fixation (fixation carries only background input) and so fix every trial's timin
 
 import brainpy.state as bps
 import brainstate
+import jax
 import numpy as np
 
 from .base import (
@@ -123,10 +124,17 @@ class DMSNetwork(brainstate.nn.Module):
     `eprop_beta`: 0.114 mV per spike at dt = 1 ms; not fixed by the definition), input and
     recurrent currents through exponential synapses with τ_syn = 100 ms, and a `LeakyRateReadout`
     (τ = 20 ms; not fixed by the definition) of the new spikes. `update(x_t)` returns the readout.
+
+    With `stop_recurrent_gradient=True` the recurrent spikes reach the synapses through
+    `jax.lax.stop_gradient`: the dynamics are unchanged, and BPTT on this network computes exactly the
+    gradient of `d_rtrl` on the plain one (tested), which keeps each neuron's own sensitivities and drops
+    the paths through other neurons. Training it with BPTT shows what that truncation costs, at BPTT's
+    speed.
     """
 
-    def __init__(self, n_in: int = N_INPUTS, n_rec: int = 200, n_out: int = 2):
+    def __init__(self, n_in: int = N_INPUTS, n_rec: int = 200, n_out: int = 2, stop_recurrent_gradient: bool = False):
         super().__init__()
+        self.stop_recurrent_gradient = stop_recurrent_gradient
         beta = eprop_beta(1500.0, 100.0)
         self.neurons = bps.ALIF(n_rec, tau=ms(100.0), tau_a=ms(1500.0), V_th=mv(1.0), beta=beta)
         self.rec = current_projection(n_rec, self.neurons, n_rec, ms(100.0), scale=REC_SCALE)
@@ -134,17 +142,22 @@ class DMSNetwork(brainstate.nn.Module):
         self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(20.0))
 
     def update(self, x):
-        self.rec(self.neurons.get_spike())
+        recurrent = self.neurons.get_spike()
+        self.rec(jax.lax.stop_gradient(recurrent) if self.stop_recurrent_gradient else recurrent)
         self.inp(x)
         return self.out(self.neurons())
 
 
-def dms_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> DMSNetwork:
+def dms_network(
+    *, seed: int | None = None, dt_ms: float = DT_MS, n_rec: int = 200, stop_recurrent_gradient: bool = False
+) -> DMSNetwork:
     """Build the reference network for `delayed_match_to_sample` (100 inputs, 200 ALIF, 2 outputs).
 
     Arguments:
         seed: reseeds `brainstate.random` before the weights are drawn (None: keep its state).
         dt_ms: the step; set globally in brainstate before the model is built.
+        n_rec: number of recurrent neurons (200 in the definition).
+        stop_recurrent_gradient: see `DMSNetwork` (BPTT on it equals d_rtrl on the plain network).
     """
     begin_network(dt_ms, seed)
-    return DMSNetwork()
+    return DMSNetwork(n_rec=n_rec, stop_recurrent_gradient=stop_recurrent_gradient)
