@@ -1,7 +1,6 @@
 """Held-out evaluation: `Trainer.evaluate` against a direct brainstate simulation, and the CLI's
 validation set, best-validation checkpoint and test report."""
 
-import dataclasses
 import json
 
 import brainstate
@@ -18,19 +17,8 @@ from fusetrace.cli import TEST_SEEDS, VALIDATION_SEEDS, RunConfig, build
 from fusetrace.cli import main as cli_main
 from fusetrace.errors import CompileError
 from fusetrace.trainer import BPTTTrainer, Trainer
-from test_compile_exact import BATCH, N_IN, N_OUT, STEPS, _build, _loss
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    inputs: jax.Array
-    targets: jax.Array
-
-
-def _sample(seed):
-    key = jax.random.PRNGKey(seed)
-    xs = (jax.random.uniform(key, (STEPS, BATCH, N_IN)) < 0.6).astype(jnp.float64)
-    return Batch(xs, jax.random.normal(jax.random.fold_in(key, 1), (STEPS, BATCH, N_OUT)))
+from test_compile_exact import BATCH, _build, _loss
+from test_trainer_checkpoint import Batch, _sample
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +119,20 @@ def test_cli_resume_with_validation_equals_an_uninterrupted_run(tmp_path):
     resumed = json.loads((cut / "metrics.json").read_text())
     assert config["validate_every"] == 2
     assert resumed["history"] == whole["history"] and resumed["test"] == whole["test"]
+
+
+def test_a_new_run_in_an_old_folder_drops_its_best_weights(tmp_path, capsys):
+    """Best weights belong to the run that validated them: a new run in the same folder, without
+    validation, neither tests nor keeps them."""
+    _dms_run(tmp_path)
+    assert checkpoint.latest(tmp_path / "best") is not None
+    capsys.readouterr()
+    args = ["train", "--task", "dms", "--algorithm", "es_d_rtrl", "--iterations", "1", "--batch", "2"]
+    args += ["--option", "fixation_ms=[10,20]", "--option", "delay_ms=30", "--test-batches", "1"]
+    assert cli_main([*args, "--run-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "metrics.json").read_text())["test"]
+    assert set(report) == {"trials", "final"} and checkpoint.latest(tmp_path / "best") is None
+    assert "best params" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import json
 import pathlib
+import shutil
 import sys
 import time
 from typing import Any
@@ -358,6 +359,7 @@ def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress
         history = meta.get("history", [])
     else:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+        shutil.rmtree(run_dir / "best", ignore_errors=True)  # an earlier run's best weights
     start, done = time.perf_counter(), int(state["iteration"])
     validation = held_out(trainer, config, VALIDATION_SEEDS, config.validation_batches) if config.validate_every else []
     bar = tqdm(total=config.iterations, initial=done, disable=not progress, unit="it", dynamic_ncols=True)
@@ -401,7 +403,7 @@ def _test(trainer: Trainer, config: RunConfig, run_dir: pathlib.Path, state: dic
     """Metrics on the test set of the final params and, when validated, of the best-validation params."""
     batches = held_out(trainer, config, TEST_SEEDS, config.test_batches)
     report = {"trials": config.test_batches * config.batch, "final": trainer.evaluate(state["params"], batches)}
-    best = checkpoint.latest(run_dir / "best")
+    best = checkpoint.latest(run_dir / "best") if config.validate_every else None
     if best is not None:
         best_state, meta = checkpoint.restore(best, state)
         report["best"] = {
