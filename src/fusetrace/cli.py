@@ -361,13 +361,13 @@ def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
         shutil.rmtree(run_dir / "best", ignore_errors=True)  # an earlier run's best weights
     start, done = time.perf_counter(), int(state["iteration"])
-    validation = held_out(trainer, config, VALIDATION_SEEDS, config.validation_batches) if config.validate_every else []
+    validation = _held_out_seeds(config, VALIDATION_SEEDS, config.validation_batches) if config.validate_every else None
     bar = tqdm(total=config.iterations, initial=done, disable=not progress, unit="it", dynamic_ncols=True)
     while int(state["iteration"]) < config.iterations:
         state, result = trainer.iteration(state)
         history.append({k: float(v) for k, v in result.metrics.items()})
         iteration = int(state["iteration"])
-        if validation and iteration % config.validate_every == 0:
+        if validation is not None and iteration % config.validate_every == 0:
             _validate(trainer, validation, state, history, run_dir)
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
         bar.update(1)
@@ -378,15 +378,20 @@ def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress
     return summary
 
 
-def held_out(trainer: Trainer, config: RunConfig, offset: int, count: int) -> list:
-    """`count` batches of held-out trials (seeds config.seed + offset + j), never used for training."""
-    return [trainer.sample(config.seed + offset + j) for j in range(count)]
+def _held_out_seeds(config: RunConfig, offset: int, count: int) -> range:
+    """The seeds of `count` batches of held-out trials, never used for training (those are config.seed + i)."""
+    return range(config.seed + offset, config.seed + offset + count)
 
 
-def _validate(trainer: Trainer, validation: list, state: dict, history: list[dict], run_dir: pathlib.Path) -> None:
+def _batches(trainer: Trainer, seeds: range):
+    """The batches of `seeds`, generated one at a time."""
+    return (trainer.sample(seed) for seed in seeds)
+
+
+def _validate(trainer: Trainer, seeds: range, state: dict, history: list[dict], run_dir: pathlib.Path) -> None:
     """Record the validation metrics in the last history entry (prefixed `validation_`); when the
     accuracy (or, without one, the loss) is the best so far, keep these params in `run_dir/best`."""
-    metrics = trainer.evaluate(state["params"], validation)
+    metrics = trainer.evaluate(state["params"], _batches(trainer, seeds))
     score = _score(metrics)
     earlier = [_score(h, "validation_") for h in history[:-1] if "validation_loss" in h]
     history[-1].update({f"validation_{k}": v for k, v in metrics.items()})
@@ -401,15 +406,16 @@ def _score(metrics: dict, prefix: str = "") -> float:
 
 def _test(trainer: Trainer, config: RunConfig, run_dir: pathlib.Path, state: dict) -> dict:
     """Metrics on the test set of the final params and, when validated, of the best-validation params."""
-    batches = held_out(trainer, config, TEST_SEEDS, config.test_batches)
-    report = {"trials": config.test_batches * config.batch, "final": trainer.evaluate(state["params"], batches)}
+    seeds = _held_out_seeds(config, TEST_SEEDS, config.test_batches)
+    final = trainer.evaluate(state["params"], _batches(trainer, seeds))
+    report = {"trials": config.test_batches * config.batch, "final": final}
     best = checkpoint.latest(run_dir / "best") if config.validate_every else None
     if best is not None:
         best_state, meta = checkpoint.restore(best, state)
         report["best"] = {
             "iteration": meta["step"],
             "validation": meta["validation"],
-            **trainer.evaluate(best_state["params"], batches),
+            **trainer.evaluate(best_state["params"], _batches(trainer, seeds)),
         }
     return report
 

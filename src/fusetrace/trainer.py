@@ -11,7 +11,7 @@ continues bit for bit.
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import jax
@@ -95,7 +95,7 @@ class Trainer:
         self.update_every, self.gradient_every = update_every, gradient_every
         self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
         self._sequence = jax.jit(self._run_sequence)
-        self._evaluate = jax.jit(self._evaluate_batches)
+        self._evaluate = jax.jit(self._forward)
 
     def init(self) -> dict:
         """The training state: params (as compiled), optimizer state, iteration counter."""
@@ -137,28 +137,24 @@ class Trainer:
             metrics.update(self.metric(outputs, batch))
         return new_state, IterationResult(metrics["loss"], outputs, metrics)
 
-    def evaluate(self, params, batches: Sequence[Batch]) -> dict:
+    def evaluate(self, params, batches: Iterable[Batch]) -> dict:
         """Mean loss and metrics of `params` over held-out `batches` (each of the compiled batch size),
-        run forward only: no learning, no traces. Each batch weighs the same."""
-        if not batches:
+        run forward only: no learning, no traces. Each batch weighs the same; they are read one at a
+        time, so a generator keeps only one in memory."""
+        per_batch = []
+        for batch in batches:
+            losses, outputs = self._evaluate(params, batch.inputs, batch.targets, self.learner.constants)
+            per_batch.append({"loss": float(jnp.mean(losses)), **(self.metric(outputs, batch) if self.metric else {})})
+        if not per_batch:
             raise CompileError(
                 four_part(
-                    what="evaluate(params, []) without batches",
+                    what="evaluate(params, batches) without batches",
                     where="fusetrace.Trainer.evaluate",
                     why="the metrics are means over the batches",
                     fix="pass at least one batch",
                 )
             )
-        inputs, targets = jax.tree.map(lambda *a: jnp.stack(a), *[(b.inputs, b.targets) for b in batches])
-        losses, outputs = self._evaluate(params, inputs, targets, self.learner.constants)
-        per_batch = [{"loss": float(jnp.mean(loss))} for loss in losses]
-        if self.metric is not None:
-            for entry, output, batch in zip(per_batch, outputs, batches, strict=True):
-                entry.update(self.metric(output, batch))
         return {key: float(np.mean([entry[key] for entry in per_batch])) for key in per_batch[0]}
-
-    def _evaluate_batches(self, params, inputs, targets, constants):
-        return jax.lax.map(lambda batch: self._forward(params, batch[0], batch[1], constants), (inputs, targets))
 
     def _forward(self, params, inputs, targets, constants):
         """The captured dynamics over one sequence from the initial state: per-step losses and outputs."""
