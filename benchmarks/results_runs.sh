@@ -41,3 +41,6 @@ $F train "${DMS[@]}" --algorithm d_rtrl "${BEST[@]}" --run-dir runs/results/dms-
 $F train "${DMS[@]}" --algorithm es_d_rtrl "${BEST[@]}" --run-dir runs/results/dms-es_d_rtrl-validated-cosine-300
 $F train --task dms --algorithm es_d_rtrl --iterations 300 --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine \
   --rate-reg 0.02 --target-rate 10 "${HELD_OUT[@]}" --test-batches 16 --run-dir runs/results/dms-es_d_rtrl-validated-b64-300
+for seed in 1 2; do
+  $F train "${DMS[@]}" "${TRUNCATED[@]}" "${BEST[@]}" --seed $seed --run-dir runs/results/dms-truncated-cosine-300-seed$seed
+done
