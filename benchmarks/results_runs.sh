@@ -44,3 +44,21 @@ $F train --task dms --algorithm es_d_rtrl --iterations 300 --batch 64 --lr 2e-3 
 for seed in 1 2; do
   $F train "${DMS[@]}" "${TRUNCATED[@]}" "${BEST[@]}" --seed $seed --run-dir runs/results/dms-truncated-cosine-300-seed$seed
 done
+# Full-length evidence accumulation with held-out validation (every 10 iterations, 4 batches) and test.
+EVIDENCE_HELD_OUT=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --validate-every 10 --validation-batches 4 \
+  --test-batches 16)
+COSINE=(--iterations 300 --schedule cosine)
+$F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --algorithm bptt --run-dir runs/results/evidence-full-bptt-validated
+$F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --algorithm d_rtrl --run-dir runs/results/evidence-full-d_rtrl-validated
+$F train "${EVIDENCE_HELD_OUT[@]}" "${COSINE[@]}" --algorithm d_rtrl \
+  --run-dir runs/results/evidence-full-d_rtrl-validated-cosine-300
+$F train "${EVIDENCE_HELD_OUT[@]}" "${COSINE[@]}" --algorithm d_rtrl --rate-reg 0.02 --target-rate 10 \
+  --run-dir runs/results/evidence-full-d_rtrl-validated-cosine-reg-300
+$F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --algorithm es_d_rtrl \
+  --run-dir runs/results/evidence-full-es_d_rtrl-validated
+$F train "${EVIDENCE_HELD_OUT[@]}" "${COSINE[@]}" --algorithm es_d_rtrl \
+  --run-dir runs/results/evidence-full-es_d_rtrl-validated-cosine-300
+$F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --schedule cosine --algorithm es_d_rtrl --rate-reg 0.02 \
+  --target-rate 10 --run-dir runs/results/evidence-full-es_d_rtrl-validated-cosine
+$F train "${EVIDENCE_HELD_OUT[@]}" --iterations 600 --schedule cosine --algorithm d_rtrl \
+  --run-dir runs/results/evidence-full-d_rtrl-validated-cosine-600
