@@ -430,6 +430,6 @@ def test_dms_d_rtrl_equals_bptt_with_recurrent_spike_gradients_stopped():
     for path, want in truncated.items():
         got = _np(u.get_mantissa(jax.tree.leaves(online[path])[0]))
         assert np.linalg.norm(want) > 0, path
-        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), path
+        assert np.linalg.norm(got - want) <= 1e-10 * np.linalg.norm(want), path  # float64: ~1e-14 measured
     gap = np.linalg.norm(full["rec.comm.weight"] - truncated["rec.comm.weight"])
     assert gap > 1e-2 * np.linalg.norm(truncated["rec.comm.weight"]), "the truncation dropped nothing"

@@ -2,6 +2,7 @@
 validation set, best-validation checkpoint and test report."""
 
 import json
+import shutil
 
 import brainstate
 import brainunit as u
@@ -111,8 +112,6 @@ def test_cli_resume_with_validation_equals_an_uninterrupted_run(tmp_path):
     # rewind: keep checkpoint 2 only, as if the process had died after writing it
     for folder in (cut / "checkpoints").glob("step-*"):
         if folder.name != "step-00000002":
-            import shutil
-
             shutil.rmtree(folder)
     (cut / "checkpoints" / "latest").write_text("step-00000002")
     assert cli_main(["train", "--resume", str(cut)]) == 0

@@ -409,7 +409,7 @@ def _test(trainer: Trainer, config: RunConfig, run_dir: pathlib.Path, state: dic
     seeds = _held_out_seeds(config, TEST_SEEDS, config.test_batches)
     final = trainer.evaluate(state["params"], _batches(trainer, seeds))
     report = {"trials": config.test_batches * config.batch, "final": final}
-    best = checkpoint.latest(run_dir / "best") if config.validate_every else None
+    best = checkpoint.latest(run_dir / "best")  # only this run's: a new run removes an earlier one's
     if best is not None:
         best_state, meta = checkpoint.restore(best, state)
         report["best"] = {
