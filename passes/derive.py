@@ -18,6 +18,7 @@ the plain step exactly.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -25,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fusetrace._compat import Literal, bind_eqn, custom_vjp_call_p
+from fusetrace._compat import Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import evaluate
-from fusetrace.rules import reads_values
+from fusetrace.rules import lookup, reads_values
 
 
 @dataclasses.dataclass
@@ -92,6 +93,25 @@ def _feedback_path(contraction, matrix):
 
 def stack_states(arrays: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack(list(arrays), axis=-1)
+
+
+def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array | None:
+    """`Σ |surrogate derivative|` of the spikes this step computes from `group`'s new values (the outputs
+    of `spike` primitives whose input reads them element-wise), in the group's layout; None when the
+    group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
+    leaves = set(group.leaves)
+    surrogates = []
+    for eqn in analysis.captured.jaxpr.jaxpr.eqns:
+        rule = lookup(eqn.primitive)
+        if rule is None or not rule.spike or tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
+            continue
+        fact = analysis.facts.propagation.of(eqn.invars[0])
+        if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
+            surrogates.append(eqn.invars[1])
+    if not surrogates:
+        return None
+    found = _evaluate_with(analysis, values, values.leaves, {}, surrogates)
+    return functools.reduce(jnp.add, [jnp.abs(jnp.broadcast_to(x, group.shape)) for x in found])
 
 
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):
@@ -232,17 +252,23 @@ def learning_signals(
     return value, delta_new, delta_prev, direct
 
 
-def pre_sensitivity(analysis: Analysis, link, group, values: StepValues) -> jax.Array:
-    """`∂v/∂h_t` per state of `group` (shape (..., S)) for a value `link` aligned with the group (the
-    part of a relation's presynaptic input that this group's new values produce)."""
+def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bool = True) -> jax.Array:
+    """`∂v/∂h_t` (`new`) or `∂v/∂h_{t-1}` per state of `group` (shape (..., S)) for a value `link` aligned
+    with the group (the part of a relation's presynaptic input that this group's new, or previous, values
+    produce)."""
     facts = analysis.facts
     new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
 
-    def pre(new_group):
-        substitute = dict(zip(new_vars, new_group, strict=True))
-        return _evaluate_with(analysis, values, values.leaves, substitute, [link])[0]
+    def pre(group_values):
+        if new:
+            substitute = dict(zip(new_vars, group_values, strict=True))
+            return _evaluate_with(analysis, values, values.leaves, substitute, [link])[0]
+        leaves = list(values.leaves)
+        for leaf, value in zip(group.leaves, group_values, strict=True):
+            leaves[leaf] = value
+        return _evaluate_with(analysis, values, leaves, {}, [link])[0]
 
-    primals = [values.new_leaves[leaf] for leaf in group.leaves]
+    primals = [(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves]
     _, linear = jax.linearize(pre, primals)
     zeros = [jnp.zeros_like(h) for h in primals]
     return stack_states(
@@ -256,15 +282,20 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues) -> jax.
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
     """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
     structural ops: the VJP is exact and selects the source's part)."""
+    return pullback_map(analysis, values, source, target)(cotangent)
+
+
+def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Callable[[jax.Array], jax.Array]:
+    """`pullback` as a linear map, traced once and applied to any number of cotangents."""
     if source is target:
-        return cotangent
+        return lambda cotangent: cotangent
     (primal,) = _evaluate_with(analysis, values, values.leaves, {}, [source])
 
     def forward(value):
         return _evaluate_with(analysis, values, values.leaves, {source: value}, [target])[0]
 
     _, vjp = jax.vjp(forward, primal)
-    return vjp(cotangent)[0]
+    return lambda cotangent: vjp(cotangent)[0]
 
 
 def op_output(
@@ -366,10 +397,17 @@ def credit(
 ) -> jax.Array:
     """`(∂y/∂u)ᵀ cotangent`: a learning signal carried back through the op to its presynaptic input
     (through the fixed matrix `feedback` instead of the weight, when given)."""
+    return credit_map(analysis, contraction, values, feedback)(cotangent)
+
+
+def credit_map(
+    analysis: Analysis, contraction: int, values: StepValues, feedback: jax.Array | None = None
+) -> Callable[[jax.Array], jax.Array]:
+    """`credit` as a linear map, traced once and applied to any number of cotangents."""
     c = analysis.facts.contractions[contraction]
     weight = values.leaves[c.weight_leaf] if feedback is None else feedback
     _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
-    return vjp(cotangent)[0]
+    return lambda cotangent: vjp(cotangent)[0]
 
 
 def weight_vjp(

@@ -12,11 +12,11 @@ for every weight leaf, in leaf order — each with a status:
   it gets its exact same-step gradient.
 * "excluded": no trace can be derived; `reason` says why. Nothing is ever dropped silently.
 
-A relation also records what its presynaptic input depends on: `pre_links` — for each group whose
-*new* values reach it, the value aligned with that group from which the input is assembled by linear
-structural ops only (this step's spikes of one population, or several populations concatenated: the
-cross-group credit of DESIGN.md §2 applies when the relation's group is LTI); `pre_new` — the names of
-those groups; `pre_recurrent` — groups whose *previous* values reach it.
+A relation also records what its presynaptic input depends on: `pre_links` — `(group, var, new)` for
+each value aligned with one group's new (`new`) or previous values from which the input is assembled by
+linear structural ops only (this step's spikes of one population, last step's spikes, or several
+populations concatenated: the credit chains of `passes.chains` start there); `pre_new` — the groups
+whose *new* values reach it; `pre_recurrent` — groups whose *previous* values reach it.
 """
 
 import dataclasses
@@ -41,7 +41,7 @@ class Relation:
     contraction: int | None = None  # index into StepFacts.contractions
     n_pre: int = 0  # elements per batch entry of the presynaptic input
     pre_new: tuple[str, ...] = ()
-    pre_links: tuple = dataclasses.field(default=(), repr=False, compare=False)  # ((group name, Var), ...)
+    pre_links: tuple = dataclasses.field(default=(), repr=False, compare=False)  # ((group, Var, new), ...)
     pre_recurrent: tuple[str, ...] = ()
     shared: bool = False  # one weight element reaches many neurons (scalar weight)
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
@@ -130,19 +130,21 @@ LINEAR_STRUCTURAL = frozenset(
 )
 
 
-def _aligned_group(fact: Fact, shape, by_leaf) -> str | None:
-    """The group whose new values `fact` depends on, element-wise and with the group's shape, when it
-    depends on no other hidden value; else None."""
-    names = {by_leaf[i].name for (k, i), _ in fact.items() if k in ("new", "hidden") and i in by_leaf}
-    aligned = [by_leaf[i] for (k, i), dep in fact.items() if k == "new" and i in by_leaf and dep.aligned]
-    if len(names) == 1 and aligned and tuple(shape) == aligned[0].shape:
-        return aligned[0].name
+def _aligned_group(fact: Fact, shape, by_leaf) -> tuple[str, bool] | None:
+    """`(group, new)` when `fact` depends, element-wise and with the group's shape, on the new values
+    (`new`) or on the previous values of one group, and on no other hidden value; else None."""
+    kinds = {(by_leaf[i].name, k) for (k, i), _ in fact.items() if k in ("new", "hidden") and i in by_leaf}
+    aligned = [by_leaf[i] for (k, i), dep in fact.items() if k in ("new", "hidden") and i in by_leaf and dep.aligned]
+    if len(kinds) == 1 and aligned and tuple(shape) == aligned[0].shape:
+        ((name, kind),) = kinds
+        return name, kind == "new"
     return None
 
 
-def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object], ...]:
-    """`(group, aligned var)` pairs from which `var` is assembled by `LINEAR_STRUCTURAL` ops alone;
-    empty when some part of `var` comes from hidden values another way."""
+def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], ...]:
+    """`(group, aligned var, new)` from which `var` is assembled by `LINEAR_STRUCTURAL` ops alone (`new`:
+    the var reads the group's new values, else its previous ones); empty when some part of `var` comes
+    from hidden values another way."""
     by_leaf = _group_of_leaf(groups)
     producer = {out: eqn for eqn in facts.captured.jaxpr.jaxpr.eqns for out in eqn.outvars}
     links, frontier = [], [var]
@@ -151,9 +153,9 @@ def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object], ...]:
         fact = facts.propagation.of(current)
         if not any(k in ("new", "hidden") for k, _ in fact):
             continue  # inputs and constants carry no credit
-        group = _aligned_group(fact, aval_shape(current), by_leaf)
-        if group is not None:
-            links.append((group, current))
+        found = _aligned_group(fact, aval_shape(current), by_leaf)
+        if found is not None:
+            links.append((found[0], current, found[1]))
             continue
         eqn = producer.get(current)
         if eqn is None or eqn.primitive.name not in LINEAR_STRUCTURAL:
@@ -269,7 +271,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "contraction": contraction.index,
         "n_pre": n_pre,
         "pre_links": (links := pre_links(facts, groups, pre_var)),
-        "pre_new": tuple(dict.fromkeys(name for name, _ in links)),
+        "pre_new": tuple(dict.fromkeys(name for name, _, new in links if new)),
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
         "op_shape": tuple(contraction.out_var.aval.shape),

@@ -15,11 +15,12 @@ Exactness (float64 algebra, one-step windows), per relation:
 
 import dataclasses
 
-import networkx as nx
 import numpy as np
 
-from .fuse import Plan, _factorised, post_owner
+from . import factorised
+from .fuse import Plan, chain_trace_shape
 from .layout import layout_kind, trace_shape
+from .structure import looping_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,38 +43,22 @@ class WeightReport:
         return f"{self.path}: {self.treatment}; trace {shapes} ({self.trace_bytes} bytes); {verdict}: {self.why}"
 
 
-def _looping_groups(analysis) -> set[str]:
-    graph = nx.DiGraph()
-    by_leaf = {leaf: group.name for group in analysis.groups for leaf in group.leaves}
-    for relation in analysis.relations:
-        if relation.contraction is None or relation.group is None:
-            continue
-        pre_fact = analysis.facts.contractions[relation.contraction].pre_fact
-        for kind, leaf in pre_fact:
-            if kind in ("new", "hidden") and leaf in by_leaf:
-                graph.add_edge(by_leaf[leaf], relation.group)
-    looping = set()
-    for component in nx.strongly_connected_components(graph):
-        if len(component) > 1 or any(graph.has_edge(g, g) for g in component):
-            looping |= component
-    return looping
-
-
 def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
     relation = analysis.relations[index]
     group = analysis.group_named(relation.group)
-    if _factorised(plan, relation):
+    chained = tuple(chain_trace_shape(analysis, plan, n)[0] for n in plan.chains if n.owner == index for _ in n.states)
+    if factorised.factorised(plan.algorithm, relation):
         pre = tuple(analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
-        if post_owner(plan.algorithm, analysis.relations, index) != index:  # its postsynaptic factor is shared
+        if factorised.post_owner(plan.algorithm, analysis.relations, index) != index:  # a shared factor
             return (pre,)
-        return pre, (*group.shape, group.n_states)
+        return (pre, (*group.shape, group.n_states), *chained)
     kind = layout_kind(analysis, relation)
     assert kind is not None, "the plan traces only relations with a layout"
-    return (trace_shape(analysis, relation, kind),) * group.n_states  # one array per state
+    return (trace_shape(analysis, relation, kind),) * group.n_states + chained  # one array per state
 
 
 def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
-    looping = _looping_groups(analysis)
+    looping = looping_groups(analysis)
     reports = []
     by_weight: dict[str, list[int]] = {}
     for index, relation in enumerate(analysis.relations):
@@ -89,9 +74,9 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         for i, relation in zip(indices, relations, strict=True):
             if i not in plan.traced:
                 continue
-            if _factorised(plan, relation):
+            if factorised.factorised(plan.algorithm, relation):
                 reasons.append(f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})")
-                owner = post_owner(plan.algorithm, analysis.relations, i)
+                owner = factorised.post_owner(plan.algorithm, analysis.relations, i)
                 if owner != i:
                     reasons.append(
                         f"its postsynaptic factor is `{analysis.relations[owner].weight}`'s (both op outputs enter "

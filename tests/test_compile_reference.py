@@ -20,7 +20,7 @@ import pytest
 
 import fusetrace
 import references as ref
-from fusetrace.passes import fuse, report
+from fusetrace.passes import factorised
 from test_compile_exact import assert_matches, online_grads
 
 RTOL_RTRL = 1e-8  # acceptance bound for d_rtrl vs brute-force RTRL (float64; observed ~1e-14)
@@ -123,7 +123,6 @@ def test_sharing_the_postsynaptic_factor_changes_no_gradient(batch, monkeypatch)
     """Behind a leaky readout (cross-group credit), with and without the shared factor and credit trace."""
     xs, ys = _data(batch, seed=5)
     shared = online_grads(_model(batch, "leaky", rec_tau=5.0 * u.ms), xs, ys, "es_d_rtrl", batch)
-    monkeypatch.setattr(fuse, "post_owner", lambda algorithm, relations, index: index)
-    monkeypatch.setattr(report, "post_owner", lambda algorithm, relations, index: index)
+    monkeypatch.setattr(factorised, "post_owner", lambda algorithm, relations, index: index)
     apart = online_grads(_model(batch, "leaky", rec_tau=5.0 * u.ms), xs, ys, "es_d_rtrl", batch)
     assert_matches(shared, apart, 1e-12)

@@ -293,6 +293,7 @@ GENERATORS = {
     "dms": lambda seed: tasks.delayed_match_to_sample(batch=4, seed=seed, delay_ms=100),
     "pattern": lambda seed: tasks.pattern_generation(seed=seed, batch=2),
     "copy": lambda seed: tasks.copy_task(batch=4, seed=seed, lag=5),
+    "xor": lambda seed: tasks.temporal_xor(batch=4, seed=seed),
 }
 
 
@@ -343,11 +344,39 @@ def test_accuracy_reads_the_masked_period():
         tasks.accuracy(right[:-1], task)
 
 
+# --------------------------------------------------------------------------- temporal XOR
+
+
+def _xor_rates(side_1: np.ndarray, side_2: np.ndarray) -> np.ndarray:
+    """TASKS.md's definition, written out per trial: (220, batch, 40) in Hz."""
+    batch = side_1.size
+    rates = np.full((220, batch, 4), 2.0)
+    for b in range(batch):
+        for cue, (start, stop), right in ((0, (20, 70), side_1[b]), (1, (100, 150), side_2[b])):
+            rates[start:stop, b, 2 * cue + int(right)] = 40.0
+    return np.repeat(rates, 10, axis=-1)
+
+
+def test_xor_layout_labels_rates_and_mask():
+    task = tasks.temporal_xor(batch=256, seed=3)
+    side_1, side_2 = _np(task.info["side_1"]), _np(task.info["side_2"])
+    assert task.inputs.shape == (220, 256, 40) and task.targets.shape == (220, 256, 2)
+    np.testing.assert_array_equal(_np(task.labels), (side_1 != side_2).astype(int))
+    _assert_bernoulli_mean(side_1.astype(float), 0.5)
+    _assert_bernoulli_mean((side_1 == side_2).astype(float), 0.5)  # independent sides
+    mask = _np(task.mask)
+    assert mask[170:].all() and not mask[:170].any()
+    expected = _xor_rates(side_1, side_2)
+    time = np.arange(220)[:, None, None]
+    group = np.arange(40)[None, None, :] // 10
+    _assert_spikes(_np(task.inputs), expected, time * 4 + group, _rate_cells(expected, group))
+
+
 # --------------------------------------------------------------------------- networks and registry
 
 BATCH = 2
 SHORT = {"evidence": {"shorten": 0.0}, "dms": {"delay_ms": 0, "fixation_ms": (10, 20)}, "copy": {"lag": 2}}
-N_OUT = {"evidence": 2, "dms": 2, "pattern": 1, "copy": 10}
+N_OUT = {"evidence": 2, "dms": 2, "pattern": 1, "copy": 10, "xor": 2}
 
 
 @pytest.mark.parametrize("name", sorted(tasks.REGISTRY))

@@ -16,7 +16,7 @@ from .capture import capture, states_of
 from .errors import CompileError, four_part
 from .graph import build_graph
 from .passes import derive
-from .passes.fuse import Plan, fused_step, init_traces, make_plan
+from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, fused_step, init_traces, make_plan
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.report import weight_reports
@@ -317,6 +317,7 @@ def compile(
     feedback: str = "symmetric",
     feedback_seed: int = 0,
     regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
+    credit_depth: int = DEFAULT_CREDIT_DEPTH,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -338,6 +339,10 @@ def compile(
             right after `model.update`, so it reads the step's NEW states (e.g. `net.neurons.get_spike()`)
             and the weights; its gradient reaches the weights through the same traces as the loss
             (`fusetrace.firing_rate_regularizer` builds one).
+        credit_depth: how many downstream groups a weight's credit chain may cross on its way to the loss
+            (through a readout, further spiking layers, another area): exact through linear time-invariant
+            groups, approximate through nonlinear ones (docs/concepts.md); longer paths are dropped with
+            a note in `explain`. 0 keeps only the credit of groups the loss reads directly.
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -391,6 +396,7 @@ def compile(
         kappa=kappa,
         feedback=feedback,
         feedback_seed=feedback_seed,
+        depth=credit_depth,
     )
     analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]

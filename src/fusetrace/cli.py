@@ -60,6 +60,7 @@ class RunConfig:
     validation_batches: int = 8  # its size, in batches of `batch` trials
     test_batches: int = 0  # after training, evaluate final and best-validation params on this many (0: no test)
     network: str | None = None  # "MODULE:FACTORY" of a network to train instead of the task's reference one
+    freeze: tuple[str, ...] = ()  # parameter paths kept at their initial values (e.g. a first layer)
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -181,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:FACTORY",
         help="train this network (a function returning a brainstate module) instead of the task's reference one",
     )
+    train.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="keep this parameter (a path of learner.params, or a prefix of paths) at its initial value "
+        "(repeatable), e.g. to measure what a layer's learning adds",
+    )
     train.add_argument("--checkpoint-every", type=_positive(int), default=10)
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
@@ -291,6 +300,7 @@ def _train(args) -> int:
         validation_batches=args.validation_batches,
         test_batches=args.test_batches,
         network=args.network,
+        freeze=tuple(args.freeze),
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -323,16 +333,35 @@ def build(config: RunConfig):
     )
     if baseline and config.update_every != 0:
         raise CliError("--algorithm bptt updates once per sequence: use --update-every 0")
+    optimizer = optax.adam(_learning_rate(config, steps=jax.tree.leaves(first.inputs)[0].shape[0]))
     trainer = (BPTTTrainer if baseline else Trainer)(
         learner,
         lambda seed: spec.sample(batch=config.batch, seed=seed, **config.task_options),
-        optax.adam(_learning_rate(config, steps=jax.tree.leaves(first.inputs)[0].shape[0])),
+        _frozen(optimizer, learner.params, config.freeze),
         update_every=config.update_every,
         clip_norm=config.clip_norm,
         seed=config.seed,
         metric=spec.metric,
     )
     return model, learner, trainer, spec
+
+
+def _frozen(optimizer: optax.GradientTransformation, params: dict, freeze) -> optax.GradientTransformation:
+    """`optimizer` with the parameters under the paths in `freeze` held at their values (zero updates)."""
+    if not freeze:
+        return optimizer
+    unknown = [p for p in freeze if not any(path == p or path.startswith(p + ".") for path in params)]
+    if unknown:
+        raise CliError(f"--freeze {', '.join(unknown)}: no such parameter; the parameters are {', '.join(params)}")
+    labels = {
+        path: jax.tree.map(
+            lambda _, path=path: "frozen" if any(path == p or path.startswith(p + ".") for p in freeze) else "trained",
+            value,
+            is_leaf=u.math.is_quantity,
+        )
+        for path, value in params.items()
+    }
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def _learning_rate(config: RunConfig, steps: int):

@@ -288,10 +288,10 @@ class _Rules:
                 name: self._trace_tree(f"{key}.{name}", value, relations[index], name)
                 for name, value in values[key].items()
             }
-        for credit in plan.credits:
-            relation = relations[credit.source]
+        for node in plan.chains:  # credit traces are laid out like their owner's trace (one array per state)
+            relation = relations[node.owner]
             part = "post" if plan.algorithm == "es_d_rtrl" and not relation.elementwise else "eps"
-            out[credit.q_key] = self._trace(credit.q_key, values[credit.q_key].shape, relation, part)
+            out[node.key] = self._trace_tree(node.key, values[node.key], relation, part)
         return out
 
     def _trace_tree(self, what: str, value, relation, part: str):

@@ -89,6 +89,8 @@ class Rule:
     per_synapse: for contracting primitives, each weight element reaches at most one output element
       (true of event/sparse products; for `dot_general` it depends on the dimension numbers and is
       checked where used).
+    spike: the output is piecewise constant (a spike) and its derivative a surrogate: the credit chains
+      weigh a group's neurons by that derivative (`derive.spike_relevance`).
     """
 
     family: Family
@@ -96,6 +98,7 @@ class Rule:
     linear: bool = False
     weight_operands: tuple[int, ...] = ()
     per_synapse: bool = False
+    spike: bool = False
 
     def __post_init__(self):
         if self.family == "contracting" and not self.weight_operands:

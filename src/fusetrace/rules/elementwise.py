@@ -1,31 +1,50 @@
 """Element-wise primitives: element `i` of each output depends on element `i` of each operand
 (scalars broadcast). Additive ones keep sources affine; `mul`/`div` keep them affine when the
-coefficient carries no source."""
+coefficient carries no source but weights (which are fixed within a sequence: a decay computed from a
+trained time constant still makes a linear time-invariant update)."""
 
 from jax import lax
 
 from .._compat import add_any_p
-from .base import Operand, Rule, merge, register
+from .base import Dep, Operand, Rule, merge, register
 
 
 def _additive(eqn, operands: list[Operand]):
     return [merge(operands, tuple(v.aval.shape), linear=True) for v in eqn.outvars]
 
 
+def _weights_only(operand: Operand) -> bool:
+    return all(kind == "weight" for kind, _ in operand.fact)
+
+
 def _scaling(eqn, operands: list[Operand]):
-    # mul(x, c) / div(x, c) is affine in x's sources when c depends on no source
-    carriers = [i for i, op in enumerate(operands) if op.fact]
-    scale_ok = len(carriers) <= 1 and (eqn.primitive is lax.mul_p or carriers in ([], [0]))
-    return [merge(operands, tuple(v.aval.shape), linear=scale_ok) for v in eqn.outvars]
+    """`mul(x, c)` / `div(x, c)`: a source of `x` stays affine when `c` carries no source but weights; a
+    source of `c` (the multiplier or the divisor) stays affine only when `x` carries none at all."""
+    fixed = [not op.fact for op in operands]
+    coefficient = [_weights_only(op) for op in operands]
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    merged = merge(operands, out_shape, linear=True)
+    for source in list(merged):
+        affine = True
+        for i, op in enumerate(operands):
+            others = [j for j in range(len(operands)) if j != i]
+            if source not in op.fact:
+                continue
+            divided = eqn.primitive is lax.div_p and i == 1
+            if divided or not all(fixed[j] or (coefficient[j] and source[0] != "weight") for j in others):
+                affine = False
+        if not affine:
+            merged[source] = Dep(merged[source].aligned, False, merged[source].perm)
+    return [merged for _ in eqn.outvars]
 
 
 def _nonlinear(eqn, operands: list[Operand]):
     return [merge(operands, tuple(v.aval.shape), linear=False) for v in eqn.outvars]
 
 
-def register_elementwise(*primitives, propagate=_nonlinear, linear=False) -> None:
+def register_elementwise(*primitives, propagate=_nonlinear, linear=False, spike=False) -> None:
     for primitive in primitives:
-        register(primitive, Rule("elementwise", propagate, linear=linear))
+        register(primitive, Rule("elementwise", propagate, linear=linear, spike=spike))
 
 
 register_elementwise(

@@ -5,4 +5,4 @@ from braintools.surrogate._base import heaviside_p
 from .elementwise import register_elementwise
 
 # spike = heaviside(x) with a surrogate derivative carried as the second operand
-register_elementwise(heaviside_p)
+register_elementwise(heaviside_p, spike=True)

@@ -23,6 +23,7 @@ from .flybrain import (
 )
 from .pattern import PatternNetwork, pattern_generation, pattern_network
 from .registry import REGISTRY, TaskSpec, TrainingBatch
+from .xor import XorNetwork, temporal_xor, xor_network
 
 __all__ = [
     "REGISTRY",
@@ -38,6 +39,7 @@ __all__ = [
     "TaskError",
     "TaskSpec",
     "TrainingBatch",
+    "XorNetwork",
     "accuracy",
     "clock",
     "connectome_network",
@@ -58,4 +60,6 @@ __all__ = [
     "perturbed_weights",
     "rate_fit",
     "step_accuracy",
+    "temporal_xor",
+    "xor_network",
 ]

@@ -18,6 +18,7 @@ from .copy_task import copy_network, copy_task
 from .dms import delayed_match_to_sample, dms_network
 from .evidence import evidence_accumulation, evidence_network
 from .pattern import pattern_generation, pattern_network
+from .xor import temporal_xor, xor_network
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -103,5 +104,6 @@ REGISTRY: dict[str, TaskSpec] = {
         TaskSpec("dms", delayed_match_to_sample, dms_network, cross_entropy_loss, _trial_accuracy),
         TaskSpec("pattern", _frozen_pattern, pattern_network, mse_loss, _normalised_error),
         TaskSpec("copy", functools.partial(copy_task, lag=10), copy_network, cross_entropy_loss, _step_accuracy),
+        TaskSpec("xor", temporal_xor, xor_network, cross_entropy_loss, _trial_accuracy),
     )
 }

@@ -1,0 +1,183 @@
+"""The credit chains at one step: advance every chain node's trace and form its gradient terms.
+
+Consumes: an `Analysis`, a `Plan` (its `chains`: `passes.chains.Node`s, parents first), the step's
+values, the traces before and after this step's own updates, and (for gradients) the learning signals.
+Produces the nodes' new traces and, per node that the loss reads, its gradient: a term for the owner's
+weight (per-weight traces) or op-layout cotangents for every relation sharing the owner's factor
+(es_d_rtrl; the weight product is taken once per relation by `fuse`).
+
+The recursion and its exactness are in `passes.chains`. Per step, each stage's dynamics are reduced to
+one `(S, S)` block `D̄_c` and one `S`-vector `F̄_c` per class of units: the class representative's
+(exact classes), or the class mean weighted by the surrogate derivatives of the units' spikes (a
+nonlinear or crowded group).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import derive, factorised
+from .factorised import bias_correction, prev_product
+from .per_weight import contract, layout_of, per_state, used_trace
+from .structure import state_structure
+
+
+def _mask(analysis, stage, unit_class: int, dtype) -> jax.Array:
+    return jnp.asarray(stage.classes.masks[unit_class], dtype)
+
+
+def _stage_factors(analysis, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
+    """`(D̄, F̄)` of a stage: `(C, S, S)` and `(C, S)`, one block per class of units — the class
+    representative's `D` and `F` for exact classes, else their mean over the class's units and the batch,
+    each unit weighted by the surrogate derivative of its spikes (`derive.spike_relevance`): the dynamics
+    of the neurons through which credit passes on at this step."""
+    key = (stage.group, stage.via)
+    if key in cache:
+        return cache[key]
+    group = analysis.group_named(stage.group)
+    d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
+    batch = analysis.batch_size or 1
+    n_units = stage.classes.masks[0].size
+    d = jnp.reshape(d, (batch, n_units, *d.shape[-2:]))
+    f = jnp.reshape(f, (batch, n_units, f.shape[-1]))
+    if stage.classes.exact:
+        reps = jnp.asarray(stage.classes.representatives)
+        cache[key] = (d[0, reps], f[0, reps])
+        return cache[key]
+    masks = jnp.stack([jnp.asarray(m.reshape(-1), d.dtype) for m in stage.classes.masks])  # (C, units)
+    weights = jnp.ones((masks.shape[0], batch, n_units), d.dtype)
+    relevance = derive.spike_relevance(analysis, group, values)
+    if relevance is not None:  # a class none of whose neurons passes credit on keeps the plain mean
+        relevance = jnp.reshape(relevance, (batch, n_units)).astype(d.dtype)
+        passing = jnp.einsum("cu,bu->c", masks, relevance) > 0
+        weights = jnp.where(passing[:, None, None], relevance[None], weights)
+    counts = jnp.einsum("cu,cbu->c", masks, weights)
+    cache[key] = (
+        jnp.einsum("cu,cbu,bust->cst", masks, weights, d) / counts[:, None, None],
+        jnp.einsum("cu,cbu,bus->cs", masks, weights, f) / counts[:, None],
+    )
+    return cache[key]
+
+
+def _link_sensitivity(analysis, values, stage, group_name: str, cache: dict) -> jax.Array:
+    """`∂link/∂h` of the stage's link w.r.t. the states of the group it reads, once per step."""
+    key = (stage, group_name)  # stages compare by identity: one entry per stage of the plan
+    if key not in cache:
+        group = analysis.group_named(group_name)
+        cache[key] = derive.pre_sensitivity(analysis, stage.link, group, values, new=stage.link_new)
+    return cache[key]
+
+
+def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
+    """What enters the first stage: `P^A · ε` with the owner's trace (its new or previous value)."""
+    owner = analysis.relations[node.owner]
+    source = analysis.group_named(owner.group)
+    traces = new if node.stage.link_new else old
+    p = _link_sensitivity(analysis, values, node.stages[0], source.name, cache)  # (..., S_A)
+    fact = analysis.facts.propagation.of(node.stages[0].link)
+    kind = "new" if node.stages[0].link_new else "hidden"
+    states = [s for s, leaf in enumerate(source.leaves) if (kind, leaf) in fact]  # others: ∂u/∂h ≡ 0
+    if factorised.factorised(plan.algorithm, owner):
+        post = traces[plan.key(node.owner)]["post"]
+        return jnp.sum(p[..., states] * post[..., states], axis=-1)
+    layout = layout_of(analysis, owner, values)
+    total = contract(
+        layout,
+        dict(zip(states, per_state(p[..., states]), strict=True)),
+        used_trace(plan, traces[plan.key(node.owner)]),
+        states,
+    )
+    assert total is not None, "a link reads at least one state of its group"
+    return total
+
+
+def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
+    """`new` with every chain node's trace advanced: `q ← D̄_c q + F̄_c · In`, nodes parents first."""
+    new = dict(new)
+    for node in plan.chains:
+        d, f = _stage_factors(analysis, values, node.stage, cache)
+        c = node.unit_class[-1]
+        if node.parent is None:
+            entering = _injection(analysis, plan, values, node, old, new, cache)
+        else:
+            parent = next(p for p in plan.chains if p.key == node.parent)
+            source = new if node.stage.link_new else old
+            entering = source[node.parent][parent.states.index(node.read_state[-1])]
+        previous = dict(zip(node.states, old[node.key], strict=True))
+        reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
+        values_new = []
+        for s in node.states:
+            total = f[c, s] * entering if s in injected else jnp.zeros_like(entering)
+            for t in reads[s]:
+                if t in previous:
+                    total = total + d[c, s, t] * previous[t]
+            values_new.append(total)
+        new[node.key] = tuple(values_new)
+    return new
+
+
+def _pull(analysis, plan, values, node, cotangent: jax.Array, cache: dict) -> jax.Array:
+    """The learning signal `cotangent` on the last stage's units, carried back through every stage to the
+    values of the owner's group that the first link reads."""
+    stages = node.stages
+    c = cotangent * _mask(analysis, stages[-1], node.unit_class[-1], cotangent.dtype)
+    for j in reversed(range(len(stages))):
+        stage = stages[j]
+        via = analysis.relations[stage.via]
+        c = _back_through(analysis, plan, values, stage, cache)(derive.to_op_layout(via, c))
+        if j > 0:
+            p = _link_sensitivity(analysis, values, stage, stages[j - 1].group, cache)[..., node.read_state[j]]
+            c = c * p * _mask(analysis, stages[j - 1], node.unit_class[j - 1], c.dtype)
+    return c
+
+
+def _back_through(analysis, plan, values, stage, cache: dict):
+    """The linear map from a cotangent on the via's op output to one on the stage's link (the previous
+    group's values): the op's VJP to its input, then the pullback to the link; traced once per step."""
+    key = ("back", stage)
+    if key not in cache:
+        via = analysis.relations[stage.via]
+        to_input = derive.credit_map(analysis, via.contraction, values, plan.feedback.get(via.contraction))
+        pre_var = analysis.facts.contractions[via.contraction].pre_var
+        to_link = derive.pullback_map(analysis, values, stage.link, pre_var)
+        cache[key] = lambda cotangent: to_link(to_input(cotangent))
+    return cache[key]
+
+
+def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache: dict):
+    """`(terms, cotangents)`: `[(weight leaf, gradient)]` of per-weight owners and `{relation: op-layout
+    cotangent}` of factorised ones, from every chain node the loss reads (its new values with `δ`, its
+    previous ones with `δ_prev`)."""
+    delta_new, delta_prev = signals
+    terms, cotangents = [], {}
+    for node in plan.chains:
+        group = analysis.group_named(node.stage.group)
+        for read, delta, traces in ((node.read, delta_new, new), (node.read_prev, delta_prev, old)):
+            if not read:
+                continue
+            pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
+            q = dict(zip(node.states, traces[node.key], strict=True))
+            _add_terms(analysis, plan, values, node, pulled, q, traces is old, old, step, terms, cotangents)
+    return terms, cotangents
+
+
+def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, old, step, terms, cotangents):
+    owner = analysis.relations[node.owner]
+    if not factorised.factorised(plan.algorithm, owner):
+        layout = layout_of(analysis, owner, values)
+        settled = lax.optimization_barrier([q[s] for s in pulled])
+        terms.append((owner.weight_leaf, layout.reduce([(pulled[s], e) for s, e in zip(pulled, settled, strict=True)])))
+        return
+    signal = functools.reduce(jnp.add, [pulled[s] * q[s] for s in pulled])
+    for index in plan.traced:
+        relation = analysis.relations[index]
+        if relation.elementwise or factorised.post_owner(plan.algorithm, analysis.relations, index) != node.owner:
+            continue
+        if previous:  # pairs with the previous presynaptic factor
+            pre_prev = old[plan.key(index)]["pre"]
+            terms.append((relation.weight_leaf, prev_product(analysis, plan, relation, values, pre_prev, signal, step)))
+            continue
+        cotangent = derive.to_op_layout(relation, signal) / bias_correction(plan.decay, step, signal.dtype)
+        cotangents[index] = cotangent if index not in cotangents else cotangents[index] + cotangent

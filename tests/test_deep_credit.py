@@ -1,0 +1,156 @@
+"""Tier 2: credit that reaches the loss through other groups, against BPTT through brainstate (float64,
+one-step windows, Σ_t of the online gradients with fixed weights against the gradient of Σ_t loss).
+
+* Exact through every linear time-invariant path (readouts with a τ per output or a trained τ, a readout
+  of last step's spikes, readouts in series): d_rtrl and e_prop equal BPTT to 1e-6, batched and not,
+  and the report calls every weight exact.
+* Approximate through nonlinear groups (further spiking layers, a spiking output population, the E/I
+  loop): the bars of issue 14 on direction (cosine) and magnitude (norm ratio), and the report says
+  which path is approximate and why.
+* The claim machinery: a path the plan does not build (here: beyond `credit_depth`) makes the weight
+  approximate, with a note, and its gradient really differs from BPTT.
+"""
+
+import functools
+
+import brainstate
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deep_models
+import fusetrace
+from test_compile_exact import assert_matches
+
+RTOL_EXACT = 1e-6  # the acceptance bound of issue 14 (exact algebra, float64; observed ~1e-15)
+COS_DEEP, RATIO_DEEP = 0.95, (0.5, 2.0)  # issue 14's bars for every layer under d_rtrl / e_prop
+COS_DEEP_ES = 0.9  # es_d_rtrl's bar on the same networks
+COS_EI = 0.9  # the E -> I weights of the E/I loop
+BATCH = 2
+
+
+@pytest.fixture(autouse=True)
+def _dt():
+    brainstate.environ.set(dt=1.0 * u.ms)
+
+
+def _loss(output, target):
+    return jnp.sum((u.get_mantissa(output) - target) ** 2)
+
+
+def _data(batch, steps, n_out=3, seed=1):
+    shape = (steps, batch, deep_models.N_IN) if batch else (steps, deep_models.N_IN)
+    xs = (jax.random.uniform(jax.random.PRNGKey(seed), shape) < 0.5).astype(jnp.float64)
+    ys = 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), (*shape[:-1], n_out))
+    return xs, ys
+
+
+def _n_out(name):
+    return 2 if name == "readouts_in_series" else 3
+
+
+def _online(name, batch, steps, algorithm, **options):
+    xs, ys = _data(batch, steps, _n_out(name))
+    model = deep_models.build(name, batch)
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=batch, **options)
+    state, total = learner.init(), None
+    step = jax.jit(learner.step)
+    for x, y in zip(xs, ys, strict=True):
+        state, res = step(learner.params, state, x, y)
+        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+    return learner, total
+
+
+@functools.cache
+def _bptt(name, batch, steps):
+    xs, ys = _data(batch, steps, _n_out(name))
+    model = deep_models.build(name, batch)
+    weights = model.states(brainstate.ParamState)
+
+    def sequence_loss():
+        return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(model.update(x), y), xs, ys))
+
+    grads = brainstate.transform.grad(sequence_loss, weights)()
+    return {".".join(path): value for path, value in grads.items()}
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(u.get_mantissa(x))) for x in jax.tree.leaves(tree)])
+
+
+def _cos_ratio(got, want):
+    a, b = _flat(got), _flat(want)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), float(np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("batch", [None, BATCH])
+@pytest.mark.parametrize("name", deep_models.LTI)
+def test_linear_time_invariant_paths_are_exact_under_d_rtrl(name, batch):
+    learner, online = _online(name, batch, 12, "d_rtrl")
+    assert_matches(online, _bptt(name, batch, 12), RTOL_EXACT)
+    assert all(report.exact for report in learner.report()), learner.summary()
+
+
+@pytest.mark.parametrize("name", deep_models.LTI)
+def test_linear_time_invariant_paths_are_exact_under_e_prop(name):
+    learner, online = _online(name, BATCH, 12, "e_prop")
+    assert_matches(online, _bptt(name, BATCH, 12), RTOL_EXACT)
+    assert all(report.exact for report in learner.report()), learner.summary()
+
+
+def test_a_path_beyond_credit_depth_is_reported_approximate_and_is():
+    """With credit_depth=1 the input weight's path through the second readout is not built: the report must
+    not call it exact, `explain` must say why, and its gradient must really miss BPTT's."""
+    learner, online = _online("readouts_in_series", BATCH, 12, "d_rtrl", credit_depth=1)
+    (report,) = [r for r in learner.report() if r.path.startswith("inp.")]
+    assert not report.exact
+    assert "credit_depth" in learner.explain(report.path)
+    got, want = _flat(online["inp.comm.weight"]), _flat(_bptt("readouts_in_series", BATCH, 12)["inp.comm.weight"])
+    assert np.linalg.norm(got - want) > 0.1 * np.linalg.norm(want)
+
+
+DEEP = [
+    ("two_layer_leaky", BATCH),
+    ("two_layer_linear", None),
+    ("two_layer_alif_dualexpon", BATCH),
+    ("three_layer_leaky", None),
+    ("three_layer_alif_linear", BATCH),
+]
+
+
+@pytest.mark.parametrize(("name", "batch"), DEEP)
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "e_prop", "es_d_rtrl"])
+def test_every_layer_of_a_feed_forward_stack_gets_its_credit(name, batch, algorithm):
+    """Approximate (the later layers' surrogate derivatives are read at the current step): issue 14's
+    bars over a 60-step sequence, and `explain` names the nonlinear group the credit crosses."""
+    learner, online = _online(name, batch, 60, algorithm)
+    reference = _bptt(name, batch, 60)
+    for path, want in reference.items():
+        cos, ratio = _cos_ratio(online[path], want)
+        if algorithm == "es_d_rtrl":
+            assert cos >= COS_DEEP_ES, f"{path}: cos {cos:.3f}"
+            continue
+        assert cos >= COS_DEEP and RATIO_DEEP[0] <= ratio <= RATIO_DEEP[1], f"{path}: cos {cos:.4f} ratio {ratio:.3f}"
+    assert "(nonlinear) is approximate" in learner.explain("p0.comm.weight")
+
+
+def test_a_spiking_output_population_passes_credit_to_the_hidden_layer():
+    _, online = _online("spiking_output", BATCH, 60, "d_rtrl")
+    cos, ratio = _cos_ratio(online["inp.comm.weight"], _bptt("spiking_output", BATCH, 60)["inp.comm.weight"])
+    assert cos >= 0.9 and 0.5 <= ratio <= 2.0, f"cos {cos:.4f} ratio {ratio:.3f}"
+
+
+@pytest.mark.parametrize("conn", ["dense", "sparse"])
+def test_the_e_to_i_weights_of_an_ei_loop_get_credit_through_e(conn):
+    """I's spikes reach the loss only through E (E reads I's previous spikes): the E -> I weights get a
+    non-zero gradient pointing BPTT's way; the recurrent E weights keep their per-neuron trace."""
+    name = f"ei_{conn}"
+    learner, online = _online(name, BATCH, 60, "d_rtrl")
+    reference = _bptt(name, BATCH, 60)
+    cos, _ = _cos_ratio(online["EI.comm.weight"], reference["EI.comm.weight"])
+    assert cos >= COS_EI, f"E -> I: cos {cos:.4f}"
+    cos_e, _ = _cos_ratio(online["EE.comm.weight"], reference["EE.comm.weight"])
+    assert cos_e >= COS_EI, f"E -> E: cos {cos_e:.4f}"
+    assert "(nonlinear) is approximate" in learner.explain("EI.comm.weight")
