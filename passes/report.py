@@ -31,6 +31,7 @@ class WeightReport:
     trace_bytes: int
     exact: bool
     why: str
+    name: str = ""  # the user's name of the weight (`fusetrace.naming`); `Learner.report()` fills it in
 
     def line(self) -> str:
         counted: dict[tuple[int, ...], int] = {}
@@ -39,8 +40,8 @@ class WeightReport:
         shapes = (
             " + ".join(f"{n} x ({'x'.join(map(str, shape)) or 'scalar'})" for shape, n in counted.items()) or "none"
         )
-        verdict = "exact" if self.exact else "approximate"
-        return f"{self.path}: {self.treatment}; trace {shapes} ({self.trace_bytes} bytes); {verdict}: {self.why}"
+        verdict, name = "exact" if self.exact else "approximate", self.name or self.path
+        return f"{name}: {self.treatment}; trace {shapes} ({self.trace_bytes} bytes); {verdict}: {self.why}"
 
 
 def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:

@@ -1,6 +1,7 @@
 """`Analysis`: what fusetrace found in one step (groups, relations, graph) and how to look at it."""
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 
 from . import display
 from .capture import Captured
+from .drawing import Drawing, build_drawing, to_dot
 from .errors import CaptureError, four_part
+from .naming import Names
 from .passes.hidden import Group
 from .passes.relations import Relation
 from .stepfacts import StepFacts
@@ -139,14 +142,83 @@ class Analysis:
                 total += batch * size * group.n_states * itemsize
         return total
 
+    @functools.cached_property
+    def names(self) -> Names:
+        """Raw paths <-> the user's names of states, weights and groups (the scheme: `fusetrace.naming`)."""
+        return Names.of(self.captured.leaves, self.groups)
+
+    def name_of(self, path: str) -> str:
+        """The user's name of the state or weight leaf at raw `path` (a `StateLeaf.path`, a state path or
+        a `Relation.weight`): `I.V` for brainpy's `EI.post.V`, `E.syn[inE].g` for an AlignPost synapse.
+
+        Raises:
+            KeyError: no state or leaf has this raw path.
+
+        Examples:
+            ```python
+            analysis.name_of(analysis.relations[0].weight)  # "inE.comm.weight.weight"
+            ```
+        """
+        if path not in self.names.leaves:
+            raise KeyError(f"no state or weight at raw path `{path}` (a name? see `path_of`)")
+        return self.names.name_of(path)
+
+    def group_name_of(self, group: Group | str) -> str:
+        """The user's name of a group (a `Group`, or its raw `Group.name`): the population holding its
+        states (`E` for `E.V` and `E.syn[inE].g`)."""
+        return self.names.group(group if isinstance(group, str) else group.name)
+
+    def path_of(self, name: str) -> str:
+        """The raw path (the key in `Learner.params`, `StateLeaf.path`, `Group.name`) that a name means;
+        a raw path is returned as it is.
+
+        Raises:
+            KeyError: nothing has this name or path.
+        """
+        raw = self.names.resolve(name)
+        if raw is None:
+            raise KeyError(f"no state, weight or group `{name}`; known: {sorted(self.names.leaves.values())}")
+        return raw
+
+    def trace_memory(self) -> dict[str, int]:
+        """Bytes of trace state for each algorithm (`trace_bytes`)."""
+        return {name: self.trace_bytes(name) for name in ALGORITHMS}
+
     def summary(self) -> str:
         """Stable text: groups, states per neuron, relations, exclusions with reasons, trace memory."""
-        return display.summary(self)
+        return display.summary(self, self.trace_memory())
+
+    def drawing(self, title: str = "") -> Drawing:
+        """The drawing: groups as boxes holding their states, each weight an arrow labelled with its name
+        and op and coloured by its relation's status (traced / instantaneous / excluded)."""
+        return build_drawing(self, title=title)
+
+    def draw(self, path, title: str = "") -> str:
+        """Write the drawing to `path` (`.svg` or `.png`); Graphviz when its `dot` program is on PATH, else a
+        layered matplotlib layout. Returns the engine used ("dot" or "matplotlib")."""
+        from . import plots  # matplotlib is loaded only to draw
+
+        return plots.draw(self.drawing(title), path)
 
     def to_dot(self) -> str:
-        """The dependency graph in Graphviz dot syntax."""
-        return display.to_dot(self.graph)
+        """The drawing in Graphviz dot syntax (render it with `dot -Tsvg`)."""
+        return to_dot(self.drawing())
 
     def explain(self, path: str) -> str:
-        """What fusetrace does with the state or weight at `path`, and why."""
+        """What fusetrace does with the state or weight at `path` (a name such as `I.V`, or a raw path), and
+        why; a group's name explains its first state."""
         return display.explain(self, path)
+
+    def _repr_html_(self) -> str:
+        from . import plots
+
+        tables = [
+            display.html_table(display.group_rows(self), "hidden groups"),
+            display.html_table(display.relation_rows(self), "weight relations"),
+            display.html_table(display.memory_rows(self.trace_memory()), "trace memory"),
+        ]
+        return display.html_view("fusetrace analysis", tables, plots.svg(self.drawing()))
+
+    def __repr__(self) -> str:
+        groups = ", ".join(self.names.group(g.name) for g in self.groups)
+        return f"Analysis(groups=[{groups}], relations={len(self.relations)}, batch_size={self.batch_size})"

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 
 from .analysis import Analysis
 from .capture import capture, states_of
-from .errors import CompileError, four_part
+from .drawing import Drawing, build_drawing, to_dot
+from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
+from .naming import Names
 from .passes import derive
 from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, fused_step, init_traces, make_plan
 from .passes.hidden import find_groups
@@ -56,9 +58,13 @@ def analyze(
         ```
     """
     captured = simplify(capture(model, *example_inputs, batch_size=batch_size, regularizer=regularizer))
-    facts = step_facts(captured)
-    groups = find_groups(facts)
-    relations = find_relations(facts, groups)
+    try:
+        facts = step_facts(captured)
+        groups = find_groups(facts)
+        relations = find_relations(facts, groups)
+    except FusetraceError as error:  # the passes speak raw paths: say them as the user named them
+        error.args = (Names.of(captured.leaves).translate(str(error)),)
+        raise
     return Analysis(
         captured=captured, facts=facts, groups=groups, relations=relations, graph=build_graph(facts, groups, relations)
     )
@@ -208,22 +214,64 @@ class Learner(eqx.Module):
         lines += [f"  {report.line()}" for report in self.report()]
         return "\n".join(lines) + "\n"
 
+    def drawing(self, title: str = "") -> Drawing:
+        """The drawing: groups as boxes holding their states, each weight an arrow labelled with its name
+        and op and coloured by what this learner gives it (exact / approximate / same-step / none)."""
+        return build_drawing(self.analysis, self.report(), title=title)
+
+    def draw(self, path, title: str = "") -> str:
+        """Write the drawing to `path` (`.svg` or `.png`); Graphviz when its `dot` program is on PATH, else a
+        layered matplotlib layout. Returns the engine used ("dot" or "matplotlib")."""
+        from . import plots  # matplotlib is loaded only to draw
+
+        return plots.draw(self.drawing(title), path)
+
     def to_dot(self) -> str:
-        """The dependency graph in Graphviz dot syntax."""
-        return self.analysis.to_dot()
+        """The drawing in Graphviz dot syntax (render it with `dot -Tsvg`)."""
+        return to_dot(self.drawing())
 
     def report(self) -> tuple:
         """One `WeightReport` per weight leaf: its treatment, trace shapes and bytes, whether its gradient
-        is exact (equal to BPTT's) and why."""
-        return weight_reports(self.analysis, self.plan)
+        is exact (equal to BPTT's) and why. `path` is the raw leaf path, `name` the user's name."""
+        names = self.analysis.names
+        return tuple(
+            dataclasses.replace(report, name=names.name_of(report.path), why=names.translate(report.why))
+            for report in weight_reports(self.analysis, self.plan)
+        )
 
     def explain(self, path: str) -> str:
-        """What fusetrace does with the state or weight at `path`, and why, including the algorithm's notes."""
+        """What fusetrace does with the state or weight at `path` (a name such as `I.V`, or a raw path), and
+        why, including the algorithm's notes."""
         text = self.analysis.explain(path)
-        reports = [
-            r for r in weight_reports(self.analysis, self.plan) if r.path == path or r.path.startswith(path + ".")
-        ]
+        raw = self.analysis.path_of(path)
+        reports = [r for r in self.report() if r.path == raw or r.path.startswith(raw + ".")]
         return text + "".join(f"  {self.algorithm}: {report.line()}\n" for report in reports)
+
+    def with_names(self, tree: dict) -> dict:
+        """`tree` with its state keys written as the user's names, for reading: `learner.params` (or a
+        gradient like it), or a state from `init()` / `step` (its `"model"` dict renamed). The learner
+        itself keeps raw paths as keys; this copy is for printing, e.g.
+        `equinox.tree_pprint(learner.with_names(state), short_arrays=True)`.
+        """
+        names = self.analysis.names
+        if "model" in tree and isinstance(tree["model"], dict):
+            return {**tree, "model": {names.name_of(k): v for k, v in tree["model"].items()}}
+        return {names.name_of(k): v for k, v in tree.items()}
+
+    def __repr__(self) -> str:
+        weights = ", ".join(self.analysis.names.name_of(path) for path in self.param_paths)
+        groups = ", ".join(self.analysis.names.group(g.name) for g in self.analysis.groups)
+        return f"Learner(algorithm={self.algorithm!r}, groups=[{groups}], params=[{weights}])"
+
+    def _repr_html_(self) -> str:
+        from . import display, plots
+
+        tables = [
+            display.html_table(display.group_rows(self.analysis), "hidden groups"),
+            display.html_table(display.report_rows(self.report()), f"per weight ({self.algorithm})"),
+            display.html_table(display.memory_rows(self.analysis.trace_memory()), "trace memory"),
+        ]
+        return display.html_view(f"fusetrace learner ({self.algorithm})", tables, plots.svg(self.drawing()))
 
 
 def _weight_leaves(captured) -> list[int]:
@@ -249,7 +297,7 @@ def _leaves_from(captured, params: dict, model: dict) -> list:
         if leaf.state_path not in source:
             raise CompileError(
                 four_part(
-                    what=f"`{leaf.state_path}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
+                    what=f"`{leaf.state_name}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
                     where="Learner.step(params, state, x_t, target_t)",
                     why="every state the step reads must be given",
                     fix="pass learner.params / learner.init() (or values of the same structure)",
@@ -274,7 +322,8 @@ def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
         if len(flat) != len(indices):
             raise CompileError(
                 four_part(
-                    what=f"`{path}` has {len(flat)} array(s) here but {len(indices)} in the compiled step",
+                    what=f"`{captured.leaves[indices[0]].state_name}` has {len(flat)} array(s) here but {len(indices)} "
+                    "in the compiled step",
                     where="Learner.step(params, state, ...)",
                     why="params and state must keep the structure of learner.params / learner.init()",
                     fix="pass values with the same structure (e.g. the {'weight': ...} dict of a Linear)",

@@ -10,8 +10,10 @@ This is the only module that imports brainpy/brainstate internals. States are ke
 brainpy's inputs draw from is not in `model.states()`: it is captured with role "random".
 """
 
+import collections
 import dataclasses
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from typing import Literal as TypingLiteral
 
@@ -24,6 +26,7 @@ import numpy as np
 from ._compat import ClosedJaxpr, new_closed_jaxpr
 from .errors import CaptureError, FusetraceError, four_part
 from .interpret import evaluate
+from .naming import MAX_LISTED_PROJECTIONS, join, relative_to_parent, unique
 
 Role = TypingLiteral["hidden", "weight", "short_term", "long_term", "random"]
 
@@ -33,8 +36,13 @@ class StateLeaf:
     """One array leaf of one model state.
 
     path: dotted path of the state as `model.states()` reports it, plus `.key` for a leaf inside a
-      dict-valued state (`layer.comm.weight.weight` for a `Linear`'s `{'weight': ...}`).
+      dict-valued state (`layer.comm.weight.weight` for a `Linear`'s `{'weight': ...}`). The key of the
+      leaf everywhere (`Learner.params`, `explain`, checkpoints); brainpy's first-found path, which can
+      be long and odd (an AlignPost conductance's holds its describer's repr).
     state_path: dotted path of the state itself (the key of `Learner.params`).
+    name: the user's name of the leaf, for display: the shortest attribute path to its state from the
+      model, plus `.key` (`I.V`, `E.syn[inE].g`; scheme in `fusetrace.naming`). Defaults to `path`.
+    state_name: the user's name of the state (`name` without the key). Defaults to `state_path`.
     key: the leaf's key path inside the state's value (empty for an array-valued state).
     role: hidden / weight (a ParamState) / short_term / long_term / random.
     unit: the brainunit unit of the leaf (dimensionless `u.UNITLESS` when it has none).
@@ -52,10 +60,16 @@ class StateLeaf:
     unit: Any
     batch_axis: int | None
     order: int
+    name: str = ""
+    state_name: str = ""
 
     def __post_init__(self):
         if self.batch_axis not in (None, 0):
             raise ValueError(f"batch_axis must be 0 or None, got {self.batch_axis}")
+        if not self.state_name:
+            object.__setattr__(self, "state_name", self.state_path)
+        if not self.name:
+            object.__setattr__(self, "name", ".".join([self.state_name, *map(str, self.key)]))
 
     @property
     def n_neurons(self) -> int:
@@ -189,6 +203,87 @@ def _path_of(state, known: list[tuple[brainstate.State, str]]) -> tuple[str, int
     )
 
 
+# --------------------------------------------------------------------------- the user's names
+
+_HOOKS = {"_before_updates": "before", "_after_updates": "after"}  # brainstate's update-hook dicts
+_SIMPLE_KEY = re.compile(r"[\w.\-]{1,32}")  # a dict key short and plain enough to show as it is
+
+
+def state_names(model: brainstate.nn.Module) -> dict[brainstate.State, str]:
+    """The user's name of every state reachable from `model` (the scheme: `fusetrace.naming`).
+
+    Breadth-first over the model's attributes in the order they were set: public attributes first,
+    so `self.I` names a population before `self.EI.post` reaches it; AlignPost synapses merged into a
+    post population are named after the population and the projections that feed them; what only
+    private attributes reach comes last.
+    """
+    public = _walk([(model, "")], private=False)
+    named = _walk([*_align_post_names(public), (model, "")], private=False)
+    named = _walk(list(named.items()), private=True, named=named)
+    states = [(node, name) for node, name in named.items() if isinstance(node, brainstate.State)]
+    return dict(zip((node for node, _ in states), unique([name for _, name in states]), strict=True))
+
+
+def _walk(starts: list[tuple[Any, str]], *, private: bool, named: dict | None = None) -> dict:
+    """`{node or state: name}` of everything reached from `starts` (first name wins)."""
+    named = dict(named or {})
+    queue: collections.deque = collections.deque()
+    for node, name in starts:
+        named.setdefault(node, name)
+        queue.append(node)
+    while queue:
+        node = queue.popleft()
+        for label, child in _children(node, private):
+            if child not in named:
+                named[child] = join(named[node], label)
+                if isinstance(child, brainstate.graph.Node):
+                    queue.append(child)
+    return named
+
+
+def _children(node, private: bool) -> Iterator[tuple[str, Any]]:
+    """`(label, child)` for the nodes and states held by `node`'s attributes, in attribute order."""
+    for attribute, value in vars(node).items():
+        if attribute in _HOOKS:
+            if private and isinstance(value, dict):
+                yield from _contents(f".{_HOOKS[attribute]}", value)
+        elif private or not attribute.startswith("_"):
+            yield from _contents(f".{attribute}", value)
+
+
+def _contents(label: str, value) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, brainstate.State | brainstate.graph.Node):
+        yield label, value
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _contents(f"{label}[{index}]", item)
+    elif isinstance(value, dict):
+        for index, (key, item) in enumerate(value.items()):
+            shown = key if isinstance(key, int | str) and _SIMPLE_KEY.fullmatch(str(key)) else index
+            yield from _contents(f"{label}[{shown}]", item)
+
+
+def _align_post_names(public: dict) -> list[tuple[Any, str]]:
+    """`(module, "POST.syn[PROJ,...]")` for the synapse and `(module, "POST.out[PROJ,...]")` for the
+    output of every AlignPost entry that brainpy.state merged into a post population's
+    `_before_updates` (keyed there by its describer's repr); PROJ: the projections holding it."""
+    nodes = [(node, name) for node, name in public.items() if isinstance(node, brainstate.graph.Node)]
+    found = []
+    for post, post_name in nodes:
+        hooks = vars(post).get("_before_updates")
+        for index, entry in enumerate(hooks.values() if isinstance(hooks, dict) else ()):
+            for part in ("syn", "out"):
+                module = vars(entry).get(part) if hasattr(entry, "__dict__") else None
+                if not isinstance(module, brainstate.graph.Node):
+                    continue
+                users = [relative_to_parent(name, post_name) for node, name in nodes if vars(node).get(part) is module]
+                shown = users[:MAX_LISTED_PROJECTIONS] + [f"+{len(users) - MAX_LISTED_PROJECTIONS}"] * (
+                    len(users) > MAX_LISTED_PROJECTIONS
+                )
+                found.append((module, join(post_name, f".{part}[{','.join(shown) or index}]")))
+    return found
+
+
 def ensure_initialised(model: brainstate.nn.Module, batch_size: int | None) -> None:
     """Initialise the model's states unless they already exist with the requested batch size."""
     hidden = list(states_of(model, brainstate.HiddenState).values())
@@ -239,6 +334,7 @@ def capture(
         )
     ensure_initialised(model, batch_size)
     known = state_paths(model)
+    names = state_names(model)
     in_leaves, in_tree = jax.tree.flatten(example_inputs, is_leaf=u.math.is_quantity)
     in_units = tuple(_unit_of(x) for x in in_leaves)
     mantissa_inputs = [u.get_mantissa(x) for x in in_leaves]
@@ -274,6 +370,7 @@ def capture(
     leaves, leaf_state = [], []
     for index, state in enumerate(states):
         (path, order), role = _path_of(state, known), _role(state)
+        state_name = names.get(state, path)
         for key, value in zip(
             _leaf_keys(state.value), jax.tree.leaves(state.value, is_leaf=u.math.is_quantity), strict=True
         ):
@@ -295,6 +392,8 @@ def capture(
                     unit=_unit_of(value),
                     batch_axis=0 if batched else None,
                     order=order,
+                    name=".".join([state_name, *map(str, key)]),
+                    state_name=state_name,
                 )
             )
             leaf_state.append(index)

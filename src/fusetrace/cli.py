@@ -25,6 +25,7 @@ from . import checkpoint, plots
 from .api import analyze, compile
 from .capture import states_of
 from .errors import FusetraceError
+from .inspection import FILES, write_report
 from .passes.fuse import FACTORISATIONS
 from .regularize import firing_rate_regularizer, neurons_of
 from .trainer import BPTTTrainer, Trainer
@@ -194,12 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
 
-    inspect = commands.add_parser("inspect", help="print the analysis of a model and draw its graph")
+    inspect = commands.add_parser(
+        "inspect", help="print the analysis of a model, draw it, and optionally write a report folder"
+    )
     inspect.add_argument(
-        "target", metavar="MODULE:FACTORY", help="a function returning a model, or (model, example_input)"
+        "target",
+        metavar="MODULE:FACTORY",
+        help="a function returning (model, example_input), or (model, example_input, loss) to include what the "
+        "online learner does with each weight",
     )
     inspect.add_argument("--batch-size", type=_positive(int), default=None)
-    inspect.add_argument("--out", default="graph.png", help="PNG file for the graph drawing")
+    inspect.add_argument(
+        "--out", default=None, help="file for the drawing, .png or .svg (default graph.png, unless --report)"
+    )
+    inspect.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="write summary.txt, report.md, report.json, graph.svg and graph.png into DIR",
+    )
+    inspect.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default=None,
+        help="compile a learner with this algorithm and report what it does with each weight (default: "
+        "compile's, when the factory returns a loss; without one, the loss is 0.5 * sum of squared outputs)",
+    )
+    inspect.add_argument(
+        "--engine",
+        choices=("auto", "dot", "matplotlib"),
+        default="auto",
+        help="draw with Graphviz's dot, or the layered matplotlib fallback (auto: dot when it is on PATH)",
+    )
     return parser
 
 
@@ -232,14 +259,41 @@ def _factory(target: str):
 
 def _inspect(args) -> int:
     made = _factory(args.target)()
-    model, example = made if isinstance(made, tuple) else (made, None)
-    if example is None:
-        raise CliError(f"{args.target} must return (model, example_input) so one step can be traced")
-    analysis = analyze(model, example, batch_size=args.batch_size)
-    print(analysis.summary())
-    plots.graph(analysis.graph, args.out, title=args.target)
-    print(f"graph drawing: {args.out}")
+    parts: tuple[Any, ...] = made if isinstance(made, tuple) else (made,)
+    if len(parts) not in (2, 3):
+        raise CliError(
+            f"{args.target} must return (model, example_input) or (model, example_input, loss) so one step can be "
+            "traced"
+        )
+    model, example, loss = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    learner = None
+    if loss is not None or args.algorithm is not None:
+        options = {} if args.algorithm is None else {"algorithm": args.algorithm}
+        learner = compile(model, example, loss=loss or squared_outputs, batch_size=args.batch_size, **options)
+        analysis = learner.analysis
+    else:
+        analysis = analyze(model, example, batch_size=args.batch_size)
+    subject = learner if learner is not None else analysis
+    print(subject.summary())
+    if args.out is not None or args.report is None:
+        out = args.out or "graph.png"
+        plots.draw(subject.drawing(title=args.target), out, engine=args.engine)
+        print(f"graph drawing: {out}")
+    if args.report is not None:
+        write_report(analysis, args.report, learner=learner, title=args.target, engine=args.engine)
+        print(f"report: {args.report} ({', '.join(FILES)})")
     return 0
+
+
+def squared_outputs(output, target) -> jax.Array:
+    """`fusetrace inspect`'s loss when the factory gives none: 0.5 * the sum of every squared output
+    (the target is ignored). Which weights get credit, and how exactly, depends on which outputs the
+    loss reads, not on its values."""
+    del target
+    total = jnp.zeros(())
+    for x in jax.tree.leaves(output, is_leaf=u.math.is_quantity):
+        total = total + 0.5 * jnp.sum(jnp.square(u.get_mantissa(x)))
+    return total
 
 
 def _demo(args) -> int:
@@ -466,7 +520,7 @@ def _finish(config, run_dir, model, learner, trainer, spec, state, history, seco
         summary["test"] = _test(trainer, config, run_dir, state)
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     plots.curves(history, run_dir / "curves.png")
-    plots.graph(learner.graph, run_dir / "graph.png", title=f"{config.task}: {config.algorithm}")
+    plots.graph(learner, run_dir / "graph.png", title=f"{config.task}: {config.algorithm}")
     spikes = record_spikes(model, state["params"], trainer.batch(int(state["iteration"])).inputs, config.batch)
     plots.raster(spikes, run_dir / "raster.png", dt_ms=spec.dt_ms, title="spikes, first sequence of a batch")
     return summary

@@ -2,9 +2,10 @@
 
 Node schema (node id -> attributes; every node has `kind`):
 
-* `hidden:<path>`   kind="hidden",  path, group (group name), shape, dtype, unit
-* `weight:<path>`   kind="weight",  path, shape, dtype, unit
-* `op:<index>`      kind="relation", op (primitive name), weight, group (or None), status, reason, n_pre
+* `hidden:<path>`   kind="hidden",  path, name, group (raw group name), group_name, shape, dtype, unit
+* `weight:<path>`   kind="weight",  path, name, shape, dtype, unit
+* `op:<index>`      kind="relation", op (primitive name), weight, weight_name, group (or None), group_name,
+                    status, reason (in the user's names), n_pre
 * `input:<index>`   kind="input",   shape
 * `output:<index>`  kind="output",  shape
 
@@ -16,6 +17,9 @@ Edge schema (every edge has `role`):
 * hidden -> hidden: role="coupling" (the target's new value reads the source element-wise)
 * hidden -> output: role="readout"; op/weight -> output: role="direct"
 
+`path`, `weight` and `group` are the raw brainstate paths (the keys everywhere else); `name`,
+`weight_name` and `group_name` are the user's names (`fusetrace.naming`), for display.
+
 Nodes are added in leaf order, then relation order; the graph is frozen.
 """
 
@@ -23,6 +27,7 @@ import networkx as nx
 
 from ._compat import aval_shape
 from .capture import Captured
+from .naming import Names
 from .stepfacts import StepFacts
 
 
@@ -35,13 +40,14 @@ def weight_node(path: str) -> str:
 
 
 def _leaf_attrs(leaf) -> dict:
-    return {"path": leaf.path, "shape": leaf.shape, "dtype": str(leaf.dtype), "unit": str(leaf.unit)}
+    return {"path": leaf.path, "name": leaf.name, "shape": leaf.shape, "dtype": str(leaf.dtype), "unit": str(leaf.unit)}
 
 
 def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
     captured: Captured = facts.captured
     jaxpr = captured.jaxpr.jaxpr
     graph = nx.DiGraph()
+    names = Names.of(captured.leaves, groups)
     group_of = {leaf: g.name for g in groups for leaf in g.leaves}
     leaf_node = {}
     for index, var in enumerate(jaxpr.invars[: captured.n_inputs]):
@@ -49,7 +55,10 @@ def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
     for index, leaf in enumerate(captured.leaves):
         if leaf.role == "hidden":
             leaf_node[index] = hidden_node(leaf.path)
-            graph.add_node(leaf_node[index], kind="hidden", group=group_of[index], **_leaf_attrs(leaf))
+            group = group_of[index]
+            graph.add_node(
+                leaf_node[index], kind="hidden", group=group, group_name=names.group(group), **_leaf_attrs(leaf)
+            )
         elif leaf.role == "weight":
             leaf_node[index] = weight_node(leaf.path)
             graph.add_node(leaf_node[index], kind="weight", **_leaf_attrs(leaf))
@@ -63,9 +72,11 @@ def build_graph(facts: StepFacts, groups, relations) -> nx.DiGraph:
             kind="relation",
             op=relation.op,
             weight=relation.weight,
+            weight_name=names.name_of(relation.weight),
             group=relation.group,
+            group_name=None if relation.group is None else names.group(relation.group),
             status=relation.status,
-            reason=relation.reason,
+            reason=names.translate(relation.reason),
             n_pre=relation.n_pre,
         )
         graph.add_edge(weight_node(relation.weight), node, role="weight")
