@@ -82,7 +82,7 @@ class XorNetwork(brainstate.nn.Module):
     are `in1.comm.weight` (layer 1), `l1_l2.comm.weight` (layer 2) and `out.weight`.
     """
 
-    def __init__(self, n_in: int = 40, n1: int = 64, n2: int = 64, n_out: int = 2):
+    def __init__(self, n_in: int = 40, n1: int = 16, n2: int = 64, n_out: int = 2):
         super().__init__()
 
         def alif(n):
@@ -99,7 +99,7 @@ class XorNetwork(brainstate.nn.Module):
         return self.out(self.l2())
 
 
-def xor_network(*, seed: int | None = None, dt_ms: float = DT_MS, n1: int = 64, n2: int = 64) -> XorNetwork:
+def xor_network(*, seed: int | None = None, dt_ms: float = DT_MS, n1: int = 16, n2: int = 64) -> XorNetwork:
     """Build the reference network for `temporal_xor` (40 inputs, two ALIF layers, 2 outputs).
 
     Arguments:
