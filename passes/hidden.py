@@ -56,9 +56,9 @@ def find_groups(facts: StepFacts) -> tuple[Group, ...]:
     parent = {i: i for i in hidden}
     for j in hidden:
         for (kind, i), dep in facts.new_fact(j).items():
-            if kind not in ("hidden", "new") or i == j:
+            if kind not in ("hidden", "new"):
                 continue
-            if not dep.aligned or leaves[i].shape != leaves[j].shape:
+            if not dep.aligned or leaves[i].shape != leaves[j].shape:  # its own neurons too (i == j)
                 _not_aligned(facts, j, i)
             parent[_find(parent, i)] = _find(parent, j)
     members: dict[int, list[int]] = {}

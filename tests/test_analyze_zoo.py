@@ -6,6 +6,7 @@ fusetrace. Analyses are cached per (model, batch size) so each model is traced o
 
 import functools
 
+import brainpy.state as bps
 import brainstate
 import brainunit as u
 import jax
@@ -17,7 +18,7 @@ from jax.extend.core import Primitive
 
 import fusetrace
 import zoo
-from fusetrace.errors import FusetraceError, UnsupportedPrimitiveError
+from fusetrace.errors import FusetraceError, NotNeuronAlignedError, UnsupportedPrimitiveError
 
 NAMES = tuple(zoo.ZOO)
 BATCHES = (None, 2)
@@ -302,3 +303,23 @@ def test_unsupported_primitive_off_hidden_paths_is_allowed():
     assert [(r.weight, r.group, r.status) for r in analysis.relations] == [
         (zoo.leaf_of(model, model.odd_layer.fc.weight, "weight"), v, "traced")
     ]
+
+
+class _SelfMixing(brainstate.nn.Module):
+    """A population whose input current reads the mean of its OWN membrane potentials: no weight between
+    the neurons, so per-neuron traces would silently drop the mixing."""
+
+    def __init__(self):
+        super().__init__()
+        self.pop = bps.LIF(5, V_th=1.0 * u.mV, tau=5.0 * u.ms)
+        self.fc = brainstate.nn.Linear(3, 5)
+
+    def update(self, x):
+        return self.pop(self.fc(x) * u.mA + u.math.mean(self.pop.V.value) / u.ohm)
+
+
+def test_a_state_mixing_its_own_neurons_without_a_weight_is_refused():
+    model = _SelfMixing()
+    brainstate.nn.init_all_states(model)
+    with pytest.raises(NotNeuronAlignedError, match=r"`pop\.V` mixes neurons of `pop\.V`"):
+        fusetrace.analyze(model, jnp.ones(3))

@@ -275,7 +275,7 @@ DIAGNOSTICS = [
     # the reset gate reaches h through Wh (weight -> weight): name the weight it passes through
     ("gru", "cell.Wrz.weight.weight", ("cell.Wh.weight", "approximat")),
     ("mgu", "cell.Wf.weight.weight", ("cell.Wh.weight", "approximat")),
-    ("chained_linear", "inp.comm.layers.0.weight.weight", ("inp.comm.layers.1.weight", "approximat")),
+    ("chained_linear", "inp.comm.layers.0.weight.weight", ("inp.comm.layers[1].weight", "approximat")),
     # a tail that mixes neurons (mean over the neuron axis)
     ("mean_subtraction", "inp.comm.fc.weight.weight", ("non-element-wise", "approximat")),
     ("normalised", "inp.comm.fc.weight.weight", ("non-element-wise", "approximat")),
