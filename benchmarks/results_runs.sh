@@ -62,3 +62,14 @@ $F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --schedule cosine --algorith
   --target-rate 10 --run-dir runs/results/evidence-full-es_d_rtrl-validated-cosine
 $F train "${EVIDENCE_HELD_OUT[@]}" --iterations 600 --schedule cosine --algorithm d_rtrl \
   --run-dir runs/results/evidence-full-d_rtrl-validated-cosine-600
+# Temporal XOR (TASKS.md), the task where depth matters: two feed-forward ALIF layers, the first one
+# learning or frozen at its initial weights (--freeze in1), three seeds; held-out test on 1,024 trials.
+XOR=(--task xor --iterations 600 --batch 32 --lr 5e-3 --clip 1.0 --validate-every 100 --validation-batches 8
+  --test-batches 32 --checkpoint-every 100)
+for seed in 0 1 2; do
+  for algorithm in bptt d_rtrl e_prop es_d_rtrl; do
+    $F train "${XOR[@]}" --algorithm "$algorithm" --seed "$seed" --run-dir "runs/results/xor-$algorithm-s$seed"
+    $F train "${XOR[@]}" --algorithm "$algorithm" --seed "$seed" --freeze in1 \
+      --run-dir "runs/results/xor-$algorithm-frozen-s$seed"
+  done
+done
