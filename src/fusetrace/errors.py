@@ -22,6 +22,10 @@ class CompileError(FusetraceError, ValueError):
     """The options given to `fusetrace.compile` cannot produce a learner."""
 
 
+class InputError(FusetraceError, ValueError):
+    """A step's input or target does not match the example the learner was compiled with."""
+
+
 def four_part(what: str, where: str, why: str, fix: str) -> str:
     """The standard message layout shared by every fusetrace error."""
     return f"{what}\n  where: {where}\n  why:   {why}\n  fix:   {fix}"

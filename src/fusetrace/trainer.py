@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import checks
 from .api import Learner
 from .api import _leaves_from as api_leaves
 from .errors import CompileError, four_part
@@ -106,8 +107,16 @@ class Trainer:
         return self.sample(self.seed + int(iteration))
 
     def iteration(self, state: dict) -> tuple[dict, IterationResult]:
-        """Run one batch of sequences, learning online; returns the new state and what happened."""
-        batch = self.batch(int(state["iteration"]))
+        """Run one batch of sequences, learning online; returns the new state and what happened.
+
+        Raises:
+            InputError: the sampler's batch does not match the learner's example step.
+            CompileError: steps skipped by `gradient_every` had a non-zero loss.
+        """
+        iteration = int(state["iteration"])
+        batch = self.batch(iteration)
+        where = f"fusetrace.Trainer.iteration, iteration {iteration + 1}: the batch of sample({self.seed + iteration})"
+        checks.check_batch(self.learner, batch, where)
         n_steps = jax.tree.leaves(batch.inputs)[0].shape[0]
         if n_steps % self.gradient_every:
             raise CompileError(
@@ -142,7 +151,8 @@ class Trainer:
         run forward only: no learning, no traces. Each batch weighs the same; they are read one at a
         time, so a generator keeps only one in memory."""
         per_batch = []
-        for batch in batches:
+        for j, batch in enumerate(batches):
+            checks.check_batch(self.learner, batch, f"fusetrace.Trainer.evaluate: held-out batch {j}")
             losses, outputs = self._evaluate(params, batch.inputs, batch.targets, self.learner.constants)
             per_batch.append({"loss": float(jnp.mean(losses)), **(self.metric(outputs, batch) if self.metric else {})})
         if not per_batch:
