@@ -1,9 +1,14 @@
 """Training faults: a non-finite loss, gradient or weight stops the run (or skips the update, by
-option) and never reaches a checkpoint."""
+option) and never reaches a checkpoint; Ctrl-C writes a final checkpoint that `--resume` continues
+exactly; an unwritable, full or failing run folder is a one-line error before training or a clean stop
+with the last checkpoint intact. The real-subprocess SIGTERM test is in test_trainer_checkpoint.py,
+beside the SIGKILL one (they share the uninterrupted reference run)."""
 
 import dataclasses
 import errno
+import json
 import os
+import signal
 
 import brainstate
 import brainunit as u
@@ -14,7 +19,7 @@ import optax
 import pytest
 
 import fusetrace
-from fusetrace import checkpoint
+from fusetrace import checkpoint, cli
 from fusetrace.errors import CompileError, NonFiniteError
 from fusetrace.trainer import BPTTTrainer, Trainer
 from test_compile_exact import BATCH, _build
@@ -163,3 +168,138 @@ def test_rewriting_a_step_that_fails_midway_keeps_the_checkpoint(tmp_path, monke
     restored, _ = checkpoint.restore(checkpoint.latest(tmp_path), {"w": jnp.zeros(3)})
     np.testing.assert_array_equal(np.asarray(restored["w"]), 2 * np.ones(3))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001"]
+
+
+# --- the command line --------------------------------------------------------------------------------
+
+TRAIN = ["train", "--task", "copy", "--algorithm", "e_prop", "--iterations", "4", "--batch", "2"]
+TRAIN += ["--option", "lag=5", "--seed", "0"]
+
+
+def _one_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fusetrace:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _poison_the_task(monkeypatch, iteration: int):
+    """The copy task with a NaN target in the batch of `iteration` (seed 0 + iteration)."""
+    spec = cli._spec("copy")
+
+    def generate(batch, seed, **options):
+        task = spec.generate(batch, seed, **options)
+        return dataclasses.replace(task, targets=task.targets.at[3].set(jnp.nan)) if seed == iteration else task
+
+    monkeypatch.setattr(cli, "_spec", lambda name: dataclasses.replace(spec, generate=generate))
+
+
+def _step_of(run_dir) -> int:
+    return int(checkpoint.latest(run_dir).name.split("-")[1])
+
+
+def _stored_finite(run_dir) -> bool:
+    with np.load(checkpoint.latest(run_dir) / "arrays.npz") as data:
+        return all(np.all(np.isfinite(data[name])) for name in data.files if data[name].dtype.kind == "f")
+
+
+def test_cli_stops_on_nonfinite_keeps_the_last_finite_checkpoint_and_resumes_skipping(tmp_path, monkeypatch, capsys):
+    _poison_the_task(monkeypatch, iteration=2)
+    run = tmp_path / "run"
+    assert cli.main([*TRAIN, "--checkpoint-every", "3", "--run-dir", str(run)]) == 2
+    line = _one_line(capsys)
+    assert "iteration 3" in line and "non-finite loss" in line and "step-00000002" in line, line
+    assert "--on-nonfinite skip" in line
+    assert _step_of(run) == 2 and _stored_finite(run)
+    assert cli.main(["train", "--resume", str(run), "--on-nonfinite", "skip"]) == 0
+    assert _step_of(run) == 4 and _stored_finite(run)
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert [h.get("skipped_updates", 0) for h in history] == [0, 0, 1, 0]
+    assert json.loads((run / "config.json").read_text())["on_nonfinite"] == "skip"
+
+
+def test_cli_refuses_an_unwritable_run_folder_before_training(tmp_path, monkeypatch, capsys):
+    """`checkpoints` is a file (a folder it cannot write into, whoever runs the test); the same for
+    `--resume`. Neither run builds the network."""
+
+    def no_build(config):
+        raise AssertionError("the run started although it could not write its checkpoints")
+
+    monkeypatch.setattr(cli, "build", no_build)
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    assert cli.main([*TRAIN, "--run-dir", str(run)]) == 2
+    line = _one_line(capsys)
+    assert "cannot write checkpoints" in line and str(run) in line, line
+    config = {"task": "copy", "algorithm": "e_prop", "iterations": 4, "batch": 2, "learning_rate": 0.1}
+    (run / "config.json").write_text(json.dumps(config | {"update_every": 0, "seed": 0, "checkpoint_every": 1}))
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert "cannot write checkpoints" in _one_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cli_refuses_a_read_only_run_folder_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "build", lambda config: pytest.fail("built although the folder is read-only"))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        assert cli.main([*TRAIN, "--run-dir", str(run)]) == 2
+    finally:
+        (run / "checkpoints").chmod(0o755)
+    assert "cannot write checkpoints" in _one_line(capsys)
+
+
+def test_cli_refuses_a_full_run_folder_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Trainer, "iteration", lambda self, state: pytest.fail("trained on a full disk"))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
+    assert cli.main([*TRAIN, "--run-dir", str(tmp_path / "run")]) == 2
+    line = _one_line(capsys)
+    assert "free" in line and "checkpoint" in line, line
+
+
+def test_cli_write_failure_mid_run_stops_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
+    real_savez, calls = np.savez, []
+
+    def disk_full(handle, **arrays):
+        calls.append(1)
+        if len(calls) == 2:
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_savez(handle, **arrays)
+
+    monkeypatch.setattr(checkpoint.np, "savez", disk_full)
+    run = tmp_path / "run"
+    assert cli.main([*TRAIN, "--checkpoint-every", "1", "--run-dir", str(run)]) == 2
+    line = _one_line(capsys)
+    assert "No space left on device" in line and "step-00000001" in line and "--resume" in line, line
+    assert _step_of(run) == 1 and _stored_finite(run)
+    assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
+
+
+def test_ctrl_c_writes_a_final_checkpoint_of_the_last_iteration(tmp_path, monkeypatch, capsys):
+    """SIGINT (Ctrl-C) delivered to this process during iteration 3 of 4: the iteration finishes, exit
+    status 130, a one-line message, checkpoint 2 although --checkpoint-every is 10, holding the state
+    after iteration 2, and the previous SIGINT handler is back. (That `--resume` from such a checkpoint
+    ends bit for bit on the uninterrupted run's weights is the SIGTERM subprocess test's job: both
+    signals take the same path.)"""
+    iteration, states = Trainer.iteration, []
+
+    def interrupt_in_third(self, state):
+        if int(state["iteration"]) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes: during this iteration
+        state, result = iteration(self, state)
+        states.append(state)
+        return state, result
+
+    monkeypatch.setattr(Trainer, "iteration", interrupt_in_third)
+    handler = signal.getsignal(signal.SIGINT)
+    run = tmp_path / "run"
+    assert cli.main([*TRAIN, "--checkpoint-every", "10", "--run-dir", str(run)]) == 130
+    line = _one_line(capsys)
+    assert "SIGINT" in line and "after iteration 3 of 4" in line and f"--resume {run}" in line, line
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert _step_of(run) == 3 and len(states) == 3
+    restored, meta = checkpoint.restore(checkpoint.latest(run), states[-1])
+    _equal(restored, states[-1])
+    assert len(meta["history"]) == 3

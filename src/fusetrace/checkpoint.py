@@ -8,7 +8,8 @@ moves the old copy aside first and puts it back if the new one fails; should a h
 the two renames, `latest()` falls back to the newest complete `step-*` folder.
 
 `save` refuses a state with a NaN or infinite value (a diverged run must never leave weights that a
-resume would train on).
+resume would train on), and `check_writable` / `check_space` let a run fail in one line before it
+trains rather than at its first checkpoint.
 
 Restoring needs a template with the structure of what was saved (the trainer's fresh state): the
 pytree structure, units and key types come from the template, the values from the file, and every
@@ -137,6 +138,57 @@ def latest(run_dir: str | os.PathLike) -> pathlib.Path | None:
             return folder
     complete = sorted(p for p in root.glob("step-*") if (p / "meta.json").exists()) if root.is_dir() else []
     return complete[-1] if complete else None
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    """Make `run_dir/checkpoints` and write (then remove) a file in it and in `run_dir`, so that a run
+    folder that cannot hold a run fails before training rather than at its first checkpoint.
+
+    Raises:
+        CheckpointError: a folder cannot be made or written (its first line names it and why).
+    """
+    for folder in (pathlib.Path(run_dir), pathlib.Path(run_dir) / "checkpoints"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-") as probe:
+                probe.write(b"fusetrace")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as error:
+            raise CheckpointError(
+                four_part(
+                    what=f"cannot write checkpoints in {folder} ({error.strerror or error})",
+                    where="the run folder, checked before training",
+                    why="a run writes its configuration, checkpoints and metrics there; it would fail after "
+                    "training for nothing",
+                    fix="choose another --run-dir, or make that folder writable (and a folder, not a file)",
+                )
+            ) from error
+
+
+def check_space(run_dir: str | os.PathLike, state: Any, keep: int = 2) -> None:
+    """Check that the disk of `run_dir` has room for `keep` + 1 checkpoints of `state` (the newest
+    `keep` and the one being written).
+
+    Raises:
+        CheckpointError: it has not.
+    """
+    nbytes = sum(_to_numpy(leaf).nbytes for leaf in _leaves(state))
+    needed, free = (keep + 1) * nbytes, shutil.disk_usage(pathlib.Path(run_dir) / "checkpoints").free
+    if free < needed:
+        raise CheckpointError(
+            four_part(
+                what=f"only {_mb(free)} free for checkpoints in {run_dir}, which need {_mb(needed)} "
+                f"({keep + 1} of {_mb(nbytes)})",
+                where="the run folder, checked before training",
+                why="a run keeps its newest checkpoints and writes the next beside them",
+                fix="free some space or choose another --run-dir",
+            )
+        )
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.3g} MB"
 
 
 def restore(folder: str | os.PathLike, template: Any) -> tuple[Any, dict]:
