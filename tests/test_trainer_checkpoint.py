@@ -3,8 +3,10 @@
 import dataclasses
 import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import brainstate
 import brainunit as u
@@ -237,48 +239,67 @@ def test_old_checkpoints_are_pruned(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["w"]), [5.0, 5.0])
 
 
-@pytest.mark.slow
-def test_cli_train_killed_mid_run_resumes_exactly(tmp_path):
-    """SIGKILL a real `fusetrace train` process after its first checkpoint, resume it, and compare
-    with an uninterrupted run: the final checkpoints are identical array for array."""
-    import signal
-    import time
+STOPPED_RUN = ["train", "--task", "copy", "--algorithm", "e_prop", "--iterations", "12", "--batch", "4"]
+STOPPED_RUN += ["--option", "lag=150", "--checkpoint-every", "1", "--seed", "3"]
+COMMAND = [sys.executable, "-m", "fusetrace.cli"]
 
-    args = [
-        "train",
-        "--task",
-        "copy",
-        "--algorithm",
-        "e_prop",
-        "--iterations",
-        "12",
-        "--batch",
-        "4",
-        "--option",
-        "lag=150",
-        "--checkpoint-every",
-        "1",
-        "--seed",
-        "3",
-    ]
-    command = [sys.executable, "-m", "fusetrace.cli"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([*command, *args, "--run-dir", str(whole)], check=True, capture_output=True)
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """The run folder of STOPPED_RUN, trained to the end in a process of its own."""
+    whole = tmp_path_factory.mktemp("whole")
+    subprocess.run([*COMMAND, *STOPPED_RUN, "--run-dir", str(whole)], check=True, capture_output=True)
+    return whole
+
+
+def _signal_after_first_checkpoint(run_dir, signum) -> subprocess.Popen:
+    """Start STOPPED_RUN in `run_dir` and send it `signum` once its first checkpoint is complete."""
     process = subprocess.Popen(
-        [*command, *args, "--run-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*COMMAND, *STOPPED_RUN, "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 300
-    while checkpoint.latest(killed) is None and process.poll() is None and time.monotonic() < deadline:
+    while checkpoint.latest(run_dir) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    stopped_at = int(checkpoint.latest(killed).name.split("-")[1])
-    assert stopped_at < 12, "the run finished before it could be killed; the test proves nothing"
-    subprocess.run([*command, "train", "--resume", str(killed)], check=True, capture_output=True)
-    with np.load(checkpoint.latest(whole) / "arrays.npz") as a, np.load(checkpoint.latest(killed) / "arrays.npz") as b:
+    process.send_signal(signum)
+    return process
+
+
+def _assert_same_final_checkpoint(a_dir, b_dir):
+    with np.load(checkpoint.latest(a_dir) / "arrays.npz") as a, np.load(checkpoint.latest(b_dir) / "arrays.npz") as b:
         assert sorted(a.files) == sorted(b.files)
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.slow
+def test_cli_train_killed_mid_run_resumes_exactly(tmp_path, uninterrupted_run):
+    """SIGKILL a real `fusetrace train` process after its first checkpoint, resume it, and compare
+    with an uninterrupted run: the final checkpoints are identical array for array."""
+    killed = tmp_path / "killed"
+    process = _signal_after_first_checkpoint(killed, signal.SIGKILL)
+    process.communicate()
+    stopped_at = int(checkpoint.latest(killed).name.split("-")[1])
+    assert stopped_at < 12, "the run finished before it could be killed; the test proves nothing"
+    subprocess.run([*COMMAND, "train", "--resume", str(killed)], check=True, capture_output=True)
+    _assert_same_final_checkpoint(uninterrupted_run, killed)
+
+
+@pytest.mark.slow
+def test_cli_train_terminated_checkpoints_its_last_iteration_and_resumes_exactly(tmp_path, uninterrupted_run):
+    """SIGTERM a real `fusetrace train` process: it finishes the iteration under way, writes it as a
+    final checkpoint, says so in one line and exits with 143 (128 + SIGTERM); `--resume` then ends on
+    the uninterrupted run's weights bit for bit."""
+    stopped = tmp_path / "stopped"
+    process = _signal_after_first_checkpoint(stopped, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    lines = [line for line in err.decode().splitlines() if line.startswith("fusetrace:")]
+    assert process.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    stopped_at = int(checkpoint.latest(stopped).name.split("-")[1])
+    assert stopped_at < 12, "the run finished before the signal; the test proves nothing"
+    assert len(lines) == 1 and f"SIGTERM after iteration {stopped_at} of 12" in lines[0], lines
+    assert f"--resume {stopped}" in lines[0]
+    subprocess.run([*COMMAND, "train", "--resume", str(stopped)], check=True, capture_output=True)
+    _assert_same_final_checkpoint(uninterrupted_run, stopped)
 
 
 def _masked_trainer(gradient_every, update_every, read_every=5, algorithm="es_d_rtrl"):

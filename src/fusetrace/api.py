@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from . import checks
 from .analysis import Analysis
 from .capture import capture, states_of
 from .drawing import Drawing, build_drawing, to_dot
@@ -78,6 +79,7 @@ class _Snapshot:
     model: dict
     inputs: tuple[Any, ...]
     target: Any
+    target_given: bool = False  # the target came from the user (so steps' targets are checked against it)
 
 
 class StepResult(eqx.Module):
@@ -162,7 +164,12 @@ class Learner(eqx.Module):
         Returns:
             The new state (the structure of `init()`) and a `StepResult` with this step's output, loss and
                 gradient.
+
+        Raises:
+            InputError: `x_t` (or `target_t`, when compiled with `example_target`) differs from the example
+                in structure, shape, dtype kind or unit (checked while tracing: free under `jax.jit`).
         """
+        checks.check_step(self.snapshot, self.analysis.captured.batch_size, x_t, target_t)
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
@@ -192,7 +199,7 @@ class Learner(eqx.Module):
         """One step's loss from the captured step's output leaves: `loss(output, target_t)`, plus the
         regulariser's value when the learner was compiled with one."""
         captured = self.analysis.captured
-        value = u.get_mantissa(self.loss(captured.wrap_outputs(out_leaves), target_t))
+        value = checks.loss_value(self.loss(captured.wrap_outputs(out_leaves), target_t))
         return value + out_leaves[-1] if captured.regularized else value
 
     @property
@@ -376,7 +383,9 @@ def compile(
         loss: `loss(output, target) -> scalar` for one step; it sees the whole (batched) output.
         algorithm: "d_rtrl", "es_d_rtrl" or "e_prop" (see docs/concepts.md for when each is exact).
         batch_size: batch size of the states, or None.
-        example_target: a target used only to show `fused_jaxpr` (default: zeros like the output).
+        example_target: one step's target: `Learner.step` and `Trainer` then check every target against
+            its structure, shapes, dtypes and units (default: zeros like the output, used only to show
+            `fused_jaxpr` and to check the loss; targets are then not checked).
         decay: es_d_rtrl's smoothing factor α.
         factorisation: es_d_rtrl's factorisation of the trace: "filtered" (both factors low-pass filtered
             with α, as pp-prop) or "averaged" (the moving average of the presynaptic input times the exact
@@ -397,7 +406,8 @@ def compile(
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
 
     Raises:
-        CompileError: bad options. Plus everything `analyze` raises.
+        CompileError: bad options, or a loss that does not return a floating-point scalar on the example
+            output and target. Plus everything `analyze` raises.
 
     Examples:
         ```python
@@ -454,14 +464,16 @@ def compile(
     for state, leaf in zip(captured.states, _first_leaf_per_state(captured), strict=True):
         if leaf.role != "weight":
             model_states[leaf.state_path] = _strong(state.value)
+    target_given = example_target is not None
     if example_target is None:
         example_target = jax.tree.map(jnp.zeros_like, captured.wrap_outputs(values.outputs), is_leaf=u.math.is_quantity)
+    checks.check_loss(loss, captured.wrap_outputs(values.outputs), example_target, target_given=target_given)
     return Learner(
         analysis=analysis,
         plan=plan,
         loss=loss,
         param_paths=tuple(params),
-        snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target),
+        snapshot=_Snapshot(params, model_states, tuple(example_inputs), example_target, target_given),
     )
 
 

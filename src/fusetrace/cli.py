@@ -1,7 +1,8 @@
 """The `fusetrace` command: `demo`, `train` and `inspect`.
 
 Bad arguments and failures print one line (`fusetrace: error: ...`) and exit non-zero; `--debug`
-shows the traceback instead.
+shows the traceback instead. Exit statuses: 0 done, 2 an error (a non-finite stop included), 143 / 130
+stopped by SIGTERM / SIGINT after a final checkpoint that `--resume` continues bit for bit (`runguard`).
 """
 
 import argparse
@@ -21,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, plots
+from . import checkpoint, plots, runguard
 from .api import analyze, compile
 from .capture import states_of
-from .errors import FusetraceError
+from .errors import FusetraceError, NonFiniteError
 from .inspection import FILES, write_report
 from .passes.fuse import FACTORISATIONS
 from .regularize import firing_rate_regularizer, neurons_of
@@ -62,6 +63,7 @@ class RunConfig:
     test_batches: int = 0  # after training, evaluate final and best-validation params on this many (0: no test)
     network: str | None = None  # "MODULE:FACTORY" of a network to train instead of the task's reference one
     freeze: tuple[str, ...] = ()  # parameter paths kept at their initial values (e.g. a first layer)
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -191,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep this parameter (a path of learner.params, or a prefix of paths) at its initial value "
         "(repeatable), e.g. to measure what a layer's learning adds",
     )
+    train.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        default=None,
+        help="on a non-finite loss, gradient or weight: stop (default; the last finite state is checkpointed, "
+        "exit status 2) or skip that update (counted as skipped_updates); with --resume, changes the run's setting",
+    )
     train.add_argument("--checkpoint-every", type=_positive(int), default=10)
     train.add_argument("--run-dir", default=None, help="where to write the run (default runs/<task>-<algorithm>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
@@ -239,6 +248,14 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return _demo(args)
         return _train(args)
+    except runguard.Interrupted as stop:
+        print(f"fusetrace: {stop}", file=sys.stderr)
+        return stop.exit_status
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("fusetrace: interrupted (nothing written since the last checkpoint)", file=sys.stderr)
+        return 130
     except (FusetraceError, OSError, ImportError, AttributeError, ValueError, TypeError, KeyError) as error:
         if args.debug:
             raise
@@ -325,6 +342,9 @@ def _train(args) -> int:
         if not config_file.exists():
             raise CliError(f"--resume {run_dir}: no config.json there (not a fusetrace run folder)")
         config = RunConfig(**json.loads(config_file.read_text()))
+        if args.on_nonfinite not in (None, config.on_nonfinite):
+            config = dataclasses.replace(config, on_nonfinite=args.on_nonfinite)
+            config_file.write_text(json.dumps(dataclasses.asdict(config), indent=1))
         run(config, run_dir, resume=True)
         return 0
     if args.task is None:
@@ -355,6 +375,7 @@ def _train(args) -> int:
         test_batches=args.test_batches,
         network=args.network,
         freeze=tuple(args.freeze),
+        on_nonfinite=args.on_nonfinite or "stop",
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -396,6 +417,7 @@ def build(config: RunConfig):
         clip_norm=config.clip_norm,
         seed=config.seed,
         metric=spec.metric,
+        on_nonfinite=config.on_nonfinite,
     )
     return model, learner, trainer, spec
 
@@ -428,11 +450,27 @@ def _learning_rate(config: RunConfig, steps: int):
 
 
 def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train, checkpointing every `config.checkpoint_every` iterations; write metrics and pictures."""
-    from tqdm import tqdm
+    """Train, checkpointing every `config.checkpoint_every` iterations; write metrics and pictures.
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    Raises:
+        CheckpointError: the run folder cannot hold checkpoints (checked before training starts).
+        runguard.Interrupted: SIGTERM or SIGINT arrived; the last completed iteration is checkpointed.
+        runguard.TrainingStopped: a non-finite loss, gradient or weight stopped training (the last finite
+            state is checkpointed), or a checkpoint could not be written (the previous one is intact).
+    """
+    checkpoint.check_writable(run_dir)
     model, learner, trainer, spec = build(config)
+    state, history = _start(config, run_dir, trainer, resume)
+    checkpoint.check_space(run_dir, state)
+    start = time.perf_counter()
+    checkpoints = runguard.RunCheckpoints(run_dir, saved=int(state["iteration"]) if resume else None)
+    with runguard.StopRequest() as stop:
+        state = _loop(config, run_dir, trainer, state, history, stop, checkpoints, progress)
+    return _finish(config, run_dir, model, learner, trainer, spec, state, history, time.perf_counter() - start)
+
+
+def _start(config: RunConfig, run_dir: pathlib.Path, trainer: Trainer, resume: bool) -> tuple[dict, list[dict]]:
+    """The training state and history to start from: the latest checkpoint's, or fresh ones."""
     state, history = trainer.init(), []
     if resume:
         folder = checkpoint.latest(run_dir)
@@ -443,22 +481,37 @@ def run(config: RunConfig, run_dir: pathlib.Path, resume: bool = False, progress
     else:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
         shutil.rmtree(run_dir / "best", ignore_errors=True)  # an earlier run's best weights
-    start, done = time.perf_counter(), int(state["iteration"])
+    return state, history
+
+
+def _loop(config, run_dir, trainer, state, history, stop, checkpoints, progress: bool) -> dict:
+    """Iterate until `config.iterations` or a stop request (`runguard.StopRequest`), checkpointing through
+    `checkpoints` (`runguard.RunCheckpoints`). Returns the final state."""
+    from tqdm import tqdm
+
     validation = _held_out_seeds(config, VALIDATION_SEEDS, config.validation_batches) if config.validate_every else None
-    bar = tqdm(total=config.iterations, initial=done, disable=not progress, unit="it", dynamic_ncols=True)
-    while int(state["iteration"]) < config.iterations:
-        state, result = trainer.iteration(state)
-        history.append({k: float(v) for k, v in result.metrics.items()})
-        iteration = int(state["iteration"])
-        if validation is not None and iteration % config.validate_every == 0:
-            _validate(trainer, validation, state, history, run_dir)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
-        bar.update(1)
-        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-            checkpoint.save(run_dir, iteration, state, {"history": history})
-    bar.close()
-    summary = _finish(config, run_dir, model, learner, trainer, spec, state, history, time.perf_counter() - start)
-    return summary
+    bar = tqdm(
+        total=config.iterations, initial=int(state["iteration"]), disable=not progress, unit="it", dynamic_ncols=True
+    )
+    try:
+        while int(state["iteration"]) < config.iterations and stop.signal is None:
+            try:
+                state, result = trainer.iteration(state)
+            except NonFiniteError as error:
+                raise checkpoints.nonfinite(error, state, history) from error
+            history.append({k: float(v) for k, v in result.metrics.items()})
+            iteration = int(state["iteration"])
+            if validation is not None and iteration % config.validate_every == 0:
+                _validate(trainer, validation, state, history, run_dir)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
+            bar.update(1)
+            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                checkpoints.save(state, history)
+    finally:
+        bar.close()
+    if stop.signal is not None:
+        raise checkpoints.interrupted(stop.signal, state, history, config.iterations)
+    return state
 
 
 def _held_out_seeds(config: RunConfig, offset: int, count: int) -> range:

@@ -22,6 +22,14 @@ class CompileError(FusetraceError, ValueError):
     """The options given to `fusetrace.compile` cannot produce a learner."""
 
 
+class InputError(FusetraceError, ValueError):
+    """A step's input or target does not match the example the learner was compiled with."""
+
+
+class NonFiniteError(FusetraceError, FloatingPointError):
+    """Training met a non-finite loss, gradient or weight."""
+
+
 def four_part(what: str, where: str, why: str, fix: str) -> str:
     """The standard message layout shared by every fusetrace error."""
     return f"{what}\n  where: {where}\n  why:   {why}\n  fix:   {fix}"

@@ -8,20 +8,31 @@ steps advance states and traces alone (`Learner.step(..., gradient=False)`), whi
 loss is zero (the trainer checks that it is). The state that must survive a crash (params, optimizer
 state, iteration counter) is one pytree, saved atomically by `fusetrace.checkpoint`; resuming from it
 continues bit for bit.
+
+Faults: every batch is checked against the learner's example step before it is traced
+(`fusetrace.checks`). A non-finite loss, gradient or updated weight either stops training with a
+`NonFiniteError` naming the iteration, time step and weights (`on_nonfinite="stop"`, the default; the
+iteration's results are dropped, so the caller still holds the last finite state), or skips the
+optimizer update it would have poisoned (`"skip"`; counted as `skipped_updates` in the metrics). Updates
+are guarded inside the compiled loop either way, and an iteration never returns non-finite weights.
 """
 
 import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import brainunit as u
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import checks
 from .api import Learner
 from .api import _leaves_from as api_leaves
-from .errors import CompileError, four_part
+from .errors import CompileError, NonFiniteError, four_part
+
+NONFINITE_MODES = ("stop", "skip")
 
 
 class Batch(Protocol):
@@ -54,6 +65,12 @@ class Trainer:
         clip_norm: optional global-norm clipping of each update's accumulated gradient.
         seed: base seed of the batches (iteration i uses `seed + i`).
         metric: optional `metric(outputs, batch) -> dict` of extra numbers per iteration.
+        on_nonfinite: "stop" (default): a non-finite loss, gradient or updated weight raises
+            `NonFiniteError` naming the iteration and time step; "skip": such an update is not applied
+            (params and optimizer state stay as they were) and the metrics count `skipped_updates`.
+
+    Raises:
+        CompileError: a bad schedule or `on_nonfinite` value.
 
     Example:
         >>> trainer = Trainer(learner, lambda s: task(batch=16, seed=s), optax.adam(1e-3))  # doctest: +SKIP
@@ -72,6 +89,7 @@ class Trainer:
         clip_norm: float | None = None,
         seed: int = 0,
         metric: Callable[[Any, Batch], dict] | None = None,
+        on_nonfinite: str = "stop",
     ):
         if update_every < 0:
             raise CompileError(
@@ -91,7 +109,17 @@ class Trainer:
                     fix="use gradient_every >= 1 that divides update_every (or update_every=0)",
                 )
             )
+        if on_nonfinite not in NONFINITE_MODES:
+            raise CompileError(
+                four_part(
+                    what=f"on_nonfinite={on_nonfinite!r}",
+                    where="fusetrace.Trainer(...)",
+                    why="a non-finite loss, gradient or weight either stops training or skips that update",
+                    fix="use on_nonfinite='stop' (the default) or 'skip'",
+                )
+            )
         self.learner, self.sample, self.seed, self.metric = learner, sample, seed, metric
+        self.on_nonfinite = on_nonfinite
         self.update_every, self.gradient_every = update_every, gradient_every
         self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
         self._sequence = jax.jit(self._run_sequence)
@@ -106,8 +134,19 @@ class Trainer:
         return self.sample(self.seed + int(iteration))
 
     def iteration(self, state: dict) -> tuple[dict, IterationResult]:
-        """Run one batch of sequences, learning online; returns the new state and what happened."""
-        batch = self.batch(int(state["iteration"]))
+        """Run one batch of sequences, learning online; returns the new state and what happened.
+
+        Raises:
+            InputError: the sampler's batch does not match the learner's example step.
+            NonFiniteError: (on_nonfinite="stop") a non-finite loss, gradient or updated weight; in either
+                mode, weights that would leave the iteration non-finite. `state` is then still the last
+                finite one.
+            CompileError: steps skipped by `gradient_every` had a non-zero loss.
+        """
+        iteration = int(state["iteration"])
+        batch = self.batch(iteration)
+        where = f"fusetrace.Trainer.iteration, iteration {iteration + 1}: the batch of sample({self.seed + iteration})"
+        checks.check_batch(self.learner, batch, where)
         n_steps = jax.tree.leaves(batch.inputs)[0].shape[0]
         if n_steps % self.gradient_every:
             raise CompileError(
@@ -118,31 +157,57 @@ class Trainer:
                     fix="make the sequence length a multiple of gradient_every",
                 )
             )
-        params, opt_state, losses, outputs, skipped = self._sequence(
+        params, opt_state, losses, outputs, quiet, health = self._sequence(
             state["params"], state["opt_state"], batch.inputs, batch.targets, self.learner.constants
         )
-        if float(skipped) != 0.0:
+        self._check_finite(iteration, losses, health)
+        if float(quiet) != 0.0:
             raise CompileError(
                 four_part(
                     what=f"steps skipped by gradient_every={self.gradient_every} had a non-zero loss "
-                    f"({float(skipped):.3g})",
-                    where=f"fusetrace.Trainer.iteration, iteration {int(state['iteration'])}",
+                    f"({float(quiet):.3g})",
+                    where=f"fusetrace.Trainer.iteration, iteration {iteration + 1}",
                     why="only steps t with (t + 1) % gradient_every == 0 form a gradient; the others' would be lost",
                     fix="read the loss only at those steps (mask the others) or use gradient_every=1",
                 )
             )
         new_state = {"params": params, "opt_state": opt_state, "iteration": state["iteration"] + 1}
         metrics = {"loss": float(jnp.mean(losses))}
+        if self.on_nonfinite == "skip":
+            metrics["skipped_updates"] = int(health["skipped_updates"])
         if self.metric is not None:
             metrics.update(self.metric(outputs, batch))
         return new_state, IterationResult(metrics["loss"], outputs, metrics)
+
+    def _check_finite(self, iteration: int, losses, health: dict) -> None:
+        """Raise `NonFiniteError` for what went non-finite in (0-based) `iteration`: with "stop", the first
+        non-finite loss or gradient or a refused update; with either mode, non-finite weights."""
+        problem = None
+        if self.on_nonfinite == "stop" and not bool(health["clean"]):
+            problem = _first_nonfinite(np.asarray(losses), health)
+        if problem is None and not bool(health["params_finite"]):
+            problem = "the weights are non-finite"
+        if problem is None:
+            return
+        raise NonFiniteError(
+            four_part(
+                what=f"iteration {iteration + 1}: {problem}",
+                where=f"fusetrace.Trainer.iteration (on_nonfinite={self.on_nonfinite!r}); nothing of this iteration "
+                f"is kept: the weights are those after iteration {iteration}",
+                why="the loss, a gradient or the weights overflowed or met an undefined operation (a learning rate "
+                "too large, unclipped gradients, a diverging network, or NaN in the batch)",
+                fix="lower the learning rate, clip the gradient norm (clip_norm=), check the batch, or pass "
+                "on_nonfinite='skip' to skip such updates (counted as skipped_updates in the metrics)",
+            )
+        )
 
     def evaluate(self, params, batches: Iterable[Batch]) -> dict:
         """Mean loss and metrics of `params` over held-out `batches` (each of the compiled batch size),
         run forward only: no learning, no traces. Each batch weighs the same; they are read one at a
         time, so a generator keeps only one in memory."""
         per_batch = []
-        for batch in batches:
+        for j, batch in enumerate(batches):
+            checks.check_batch(self.learner, batch, f"fusetrace.Trainer.evaluate: held-out batch {j}")
             losses, outputs = self._evaluate(params, batch.inputs, batch.targets, self.learner.constants)
             per_batch.append({"loss": float(jnp.mean(losses)), **(self.metric(outputs, batch) if self.metric else {})})
         if not per_batch:
@@ -176,45 +241,116 @@ class Trainer:
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    def _guarded_apply(self, params, opt_state, grads, ok):
+        """The optimizer step where `ok` (the window's losses were finite), the gradient and the new
+        weights are finite; else params and optimizer state unchanged. Also returns 1 when skipped, else 0."""
+        new_params, new_opt_state = self._apply(params, opt_state, grads)
+        ok = ok & _finite(grads) & _finite(new_params)
+        kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_params, new_opt_state), (params, opt_state))
+        return *kept, 1 - ok.astype(jnp.int32)
+
+    def _chunk(self, params, state, chunk, constants):
+        """k = gradient_every steps: k - 1 without a gradient, then one with it. Returns the new state, the k
+        losses and outputs, the last step's gradient and the summed |loss| of the others (finite ones)."""
+        learner = self.learner
+
+        def advance(carry, step_inputs):
+            state, quiet = carry
+            state, res = learner.step(params, state, *step_inputs, gradient=False, constants=constants)
+            quiet = quiet + jnp.where(jnp.isfinite(res.loss), jnp.abs(res.loss), 0.0)
+            return (state, quiet), (res.loss, res.output)
+
+        first = jax.tree.map(lambda a: a[:-1], chunk)
+        (state, quiet), (losses, outputs) = jax.lax.scan(advance, (state, jnp.zeros(())), first)
+        state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk), constants=constants)
+        losses, outputs = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, b[None]]), (losses, outputs), (res.loss, res.output)
+        )
+        return state, losses, outputs, res.grads, quiet
+
     def _run_sequence(self, params, opt_state, inputs, targets, constants):
-        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded."""
-        learner, every, k = self.learner, self.update_every, self.gradient_every
+        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded. Returns
+        params, optimizer state, per-step losses and outputs, the summed |loss| of steps without a gradient,
+        and the health record: per gradient, which weights' were finite (`grad_finite`, at `grad_steps`),
+        and how many updates were skipped."""
+        every, k = self.update_every, self.gradient_every
         zeros = jax.tree.map(jnp.zeros_like, params)
 
-        def body(carry, chunk):  # k steps: k - 1 without a gradient, then one with it
-            params, opt_state, state, accumulated, skipped, t = carry
+        def update(p, o, a, ok):
+            p, o, count = self._guarded_apply(p, o, a, ok)
+            return p, o, zeros, jnp.ones((), bool), count
 
-            def advance(carry, step_inputs):
-                state, skipped = carry
-                state, res = learner.step(params, state, *step_inputs, gradient=False, constants=constants)
-                return (state, skipped + jnp.abs(res.loss)), (res.loss, res.output)
+        def wait(p, o, a, ok):
+            return p, o, a, ok, jnp.zeros((), jnp.int32)
 
-            first = jax.tree.map(lambda a: a[:-1], chunk)
-            (state, skipped), (losses, outputs) = jax.lax.scan(advance, (state, skipped), first)
-            state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk), constants=constants)
-            accumulated = jax.tree.map(jnp.add, accumulated, res.grads)
-            t = t + k
+        def body(carry, chunk):
+            params, opt_state, state, accumulated, ok, quiet, skipped, t = carry
+            state, losses, outputs, grads, chunk_quiet = self._chunk(params, state, chunk, constants)
+            accumulated = jax.tree.map(jnp.add, accumulated, grads)
+            ok, t = ok & _finite(losses), t + k
             if every > 0:
-                params, opt_state, accumulated = jax.lax.cond(
-                    t % every == 0,
-                    lambda p, o, a: (*self._apply(p, o, a), zeros),
-                    lambda p, o, a: (p, o, a),
-                    params,
-                    opt_state,
-                    accumulated,
+                params, opt_state, accumulated, ok, count = jax.lax.cond(
+                    t % every == 0, update, wait, params, opt_state, accumulated, ok
                 )
-            losses, outputs = jax.tree.map(
-                lambda a, b: jnp.concatenate([a, b[None]]), (losses, outputs), (res.loss, res.output)
-            )
-            return (params, opt_state, state, accumulated, skipped, t), (losses, outputs)
+                skipped = skipped + count
+            carry = (params, opt_state, state, accumulated, ok, quiet + chunk_quiet, skipped, t)
+            return carry, (losses, outputs, _leaf_finite(grads))
 
         chunks = jax.tree.map(lambda a: a.reshape(-1, k, *a.shape[1:]), (inputs, targets))
-        carry = (params, opt_state, learner.init(), zeros, jnp.zeros(()), jnp.zeros((), jnp.int32))
-        (params, opt_state, _, accumulated, skipped, _), (losses, outputs) = jax.lax.scan(body, carry, chunks)
+        count = jnp.zeros((), jnp.int32)
+        carry = (params, opt_state, self.learner.init(), zeros, jnp.ones((), bool), jnp.zeros(()), count, count)
+        (params, opt_state, _, accumulated, ok, quiet, skipped, _), (losses, outputs, finite) = jax.lax.scan(
+            body, carry, chunks
+        )
         losses, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (losses, outputs))
         if every == 0:
-            params, opt_state = self._apply(params, opt_state, accumulated)
-        return params, opt_state, losses, outputs, skipped
+            params, opt_state, skipped = self._guarded_apply(params, opt_state, accumulated, ok)
+        health = _health(losses, finite, jnp.arange(k - 1, losses.shape[0], k), skipped, params)
+        return params, opt_state, losses, outputs, quiet, health
+
+
+def _finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` (Quantities included) is finite, as a bool scalar."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.ones((), bool)
+
+
+def _leaf_finite(grads):
+    """Per weight leaf of `grads`, whether it is finite (a bool scalar each; the structure of the params)."""
+    return jax.tree.map(lambda g: jnp.all(jnp.isfinite(u.get_mantissa(g))), grads, is_leaf=u.math.is_quantity)
+
+
+def _health(losses, grad_finite, grad_steps, skipped, params) -> dict:
+    """What stayed finite in one iteration, for the host: per gradient formed, which weights' were finite
+    (`grad_finite`, formed at `grad_steps`), the updates skipped, and two summaries read every iteration
+    (`clean`: no non-finite loss or gradient and no skipped update; `params_finite`)."""
+    grads_finite = jnp.all(jnp.stack([jnp.all(flag) for flag in jax.tree.leaves(grad_finite)] or [jnp.ones((), bool)]))
+    clean = _finite(losses) & (skipped == 0) & grads_finite
+    return {
+        "grad_finite": grad_finite,
+        "grad_steps": grad_steps,
+        "skipped_updates": skipped,
+        "clean": clean,
+        "params_finite": _finite(params),
+    }
+
+
+def _first_nonfinite(losses: np.ndarray, health: dict) -> str | None:
+    """What went non-finite first in an iteration (a loss, or named gradients), or a refused update."""
+    bad_losses = np.flatnonzero(~np.isfinite(losses))
+    named = jax.tree_util.tree_flatten_with_path(health["grad_finite"])[0]
+    names = [".".join(str(getattr(key, "key", key)) for key in path) for path, _ in named]
+    flags = np.stack([np.asarray(flag) for _, flag in named]) if named else np.ones((0, 0), bool)
+    bad_grads = np.flatnonzero(~flags.all(axis=0)) if named else np.zeros(0, int)
+    steps = np.asarray(health["grad_steps"])
+    if bad_losses.size and (not bad_grads.size or bad_losses[0] <= steps[bad_grads[0]]):
+        return f"non-finite loss ({losses[bad_losses[0]]}) at time step {bad_losses[0]}"
+    if bad_grads.size:
+        which = ", ".join(f"`{name}`" for name, ok in zip(names, flags[:, bad_grads[0]], strict=True) if not ok)
+        return f"non-finite gradient of {which} formed at time step {steps[bad_grads[0]]}"
+    if int(health["skipped_updates"]):
+        return "an optimizer update made the weights non-finite"
+    return None
 
 
 class BPTTTrainer(Trainer):
@@ -241,5 +377,7 @@ class BPTTTrainer(Trainer):
             return jnp.sum(losses), (losses, outputs)
 
         grads, (losses, outputs) = jax.grad(total_loss, has_aux=True)(params)
-        params, opt_state = self._apply(params, opt_state, grads)
-        return params, opt_state, losses, outputs, jnp.zeros(())
+        params, opt_state, skipped = self._guarded_apply(params, opt_state, grads, _finite(losses))
+        finite = jax.tree.map(lambda ok: ok[None], _leaf_finite(grads))  # one gradient, at the last step
+        health = _health(losses, finite, jnp.asarray([losses.shape[0] - 1]), skipped, params)
+        return params, opt_state, losses, outputs, jnp.zeros(()), health
