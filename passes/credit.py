@@ -83,13 +83,11 @@ def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
         post = traces[plan.key(node.owner)]["post"]
         return jnp.sum(p[..., states] * post[..., states], axis=-1)
     layout = layout_of(analysis, owner, values)
-    total = contract(
-        layout,
-        dict(zip(states, per_state(p[..., states]), strict=True)),
-        used_trace(plan, traces[plan.key(node.owner)]),
-        states,
-    )
+    signal = dict(zip(states, per_state(p[..., states]), strict=True))
+    total = contract(layout, signal, used_trace(plan, traces[plan.key(node.owner)]), states)
     assert total is not None, "a link reads at least one state of its group"
+    if owner.elementwise:  # a parameter that also computes the link (a threshold in the spikes): ∂u/∂θ
+        total = total + derive.param_sensitivity(analysis, values, node.stages[0].link, owner.weight_leaf)
     return total
 
 
@@ -147,7 +145,7 @@ def _back_through(analysis, plan, values, stage, cache: dict):
 
 
 def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache: dict):
-    """`(terms, cotangents)`: `[(weight leaf, gradient)]` of per-weight owners and `{relation: op-layout
+    """`(terms, cotangents)`: `[(relation index, gradient)]` of per-weight owners and `{relation: op-layout
     cotangent}` of factorised ones, from every chain node the loss reads (its new values with `δ`, its
     previous ones with `δ_prev`)."""
     delta_new, delta_prev = signals
@@ -168,7 +166,7 @@ def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, old, ste
     if not factorised.factorised(plan.algorithm, owner):
         layout = layout_of(analysis, owner, values)
         settled = lax.optimization_barrier([q[s] for s in pulled])
-        terms.append((owner.weight_leaf, layout.reduce([(pulled[s], e) for s, e in zip(pulled, settled, strict=True)])))
+        terms.append((node.owner, layout.reduce([(pulled[s], e) for s, e in zip(pulled, settled, strict=True)])))
         return
     signal = functools.reduce(jnp.add, [pulled[s] * q[s] for s in pulled])
     for index in plan.traced:
@@ -177,7 +175,7 @@ def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, old, ste
             continue
         if previous:  # pairs with the previous presynaptic factor
             pre_prev = old[plan.key(index)]["pre"]
-            terms.append((relation.weight_leaf, prev_product(analysis, plan, relation, values, pre_prev, signal, step)))
+            terms.append((index, prev_product(analysis, plan, relation, values, pre_prev, signal, step)))
             continue
         cotangent = derive.to_op_layout(relation, signal) / bias_correction(plan.decay, step, signal.dtype)
         cotangents[index] = cotangent if index not in cotangents else cotangents[index] + cotangent

@@ -42,13 +42,20 @@ class StepValues:
     new_leaves: list
     y: dict[int, jax.Array]  # contraction index -> op output
     u: dict[int, jax.Array]  # contraction index -> presynaptic input
+    w: dict[int, jax.Array] = dataclasses.field(default_factory=dict)  # transformed contraction -> its weight
 
 
 def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
     captured, facts = analysis.captured, analysis.facts
     jaxpr = captured.jaxpr
     contractions = facts.contractions
-    want = [*jaxpr.jaxpr.outvars, *(c.out_var for c in contractions), *(c.pre_var for c in contractions)]
+    transformed = [c for c in contractions if c.transformed]
+    want = [
+        *jaxpr.jaxpr.outvars,
+        *(c.out_var for c in contractions),
+        *(c.pre_var for c in contractions),
+        *(c.weight_var for c in transformed),
+    ]
     values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
     return StepValues(
@@ -58,7 +65,32 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         new_leaves=values[n_out:n_all],
         y={c.index: values[n_all + c.index] for c in contractions},
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
+        w={c.index: values[n_all + 2 * n_c + k] for k, c in enumerate(transformed)},
     )
+
+
+def weight_of(analysis: Analysis, values: StepValues, contraction: int) -> jax.Array:
+    """The weight a relation's op multiplies: the weight leaf, or, when the op reads a transform of it
+    (`Contraction.transformed`), the transform's value — the effective weight, which the traces follow."""
+    c = analysis.facts.contractions[contraction]
+    return values.w[contraction] if c.transformed else values.leaves[c.weight_leaf]
+
+
+def to_weight_leaves(analysis: Analysis, values: StepValues, cotangents: Mapping[int, jax.Array]) -> dict:
+    """`{weight leaf: (∂W_eff/∂θ)ᵀ g}` for `cotangents` = `{transformed contraction: g}`, gradients with
+    respect to effective weights: the chain rule through their transforms, one VJP for all of them."""
+    contractions = [analysis.facts.contractions[c] for c in sorted(cotangents)]
+    leaves = sorted({leaf for c in contractions for leaf in c.weight_leaves})
+
+    def effective(weights):
+        substituted = list(values.leaves)
+        for leaf, value in zip(leaves, weights, strict=True):
+            substituted[leaf] = value
+        return _evaluate_with(analysis, values, substituted, {}, [c.weight_var for c in contractions])
+
+    _, vjp = jax.vjp(effective, [values.leaves[leaf] for leaf in leaves])
+    (grads,) = vjp([cotangents[c.index] for c in contractions])
+    return dict(zip(leaves, grads, strict=True))
 
 
 def _evaluate_with(
@@ -279,6 +311,22 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bo
     )
 
 
+def param_sensitivity(analysis: Analysis, values: StepValues, link, leaf: int) -> jax.Array:
+    """`Σ_j ∂v/∂θ_j` (a ones tangent on the parameter leaf `leaf`) of a value `link` computed with the
+    parameter, every hidden value held fixed: the direct sensitivity of a group's read-out (its spikes) to
+    a per-neuron parameter that also computes it (a trained threshold)."""
+    facts = analysis.facts
+    held = {facts.new_vars[i]: values.new_leaves[i] for i in sorted(facts.new_vars)}
+
+    def link_of(theta):
+        leaves = list(values.leaves)
+        leaves[leaf] = theta
+        return _evaluate_with(analysis, values, leaves, held, [link])[0]
+
+    theta = values.leaves[leaf]
+    return jax.jvp(link_of, (theta,), (jnp.ones_like(theta),))[1]
+
+
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
     """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
     structural ops: the VJP is exact and selects the source's part)."""
@@ -309,11 +357,15 @@ def op_output(
     the op's linear extension from 0/1 inputs to real ones."""
     c = analysis.facts.contractions[contraction]
     leaves = list(values.leaves)
-    leaves[c.weight_leaf] = weight
+    substitute = {c.pre_var: pre}
+    if c.transformed:
+        substitute[c.weight_var] = weight
+    else:
+        leaves[c.weight_leaf] = weight
     transform = None
     if float_input and not reads_values(c.eqn):
         transform = {c.out_var: _weighted_twin(c.eqn, analysis)}
-    return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var], transform)[0]
+    return _evaluate_with(analysis, values, leaves, substitute, [c.out_var], transform)[0]
 
 
 def csr_rows(indptr) -> np.ndarray:
@@ -404,8 +456,7 @@ def credit_map(
     analysis: Analysis, contraction: int, values: StepValues, feedback: jax.Array | None = None
 ) -> Callable[[jax.Array], jax.Array]:
     """`credit` as a linear map, traced once and applied to any number of cotangents."""
-    c = analysis.facts.contractions[contraction]
-    weight = values.leaves[c.weight_leaf] if feedback is None else feedback
+    weight = weight_of(analysis, values, contraction) if feedback is None else feedback
     _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
     return lambda cotangent: vjp(cotangent)[0]
 
@@ -413,12 +464,11 @@ def credit_map(
 def weight_vjp(
     analysis: Analysis, contraction: int, values: StepValues, pre, cotangent, *, float_input: bool = False
 ) -> jax.Array:
-    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation
-    (`float_input`: see `op_output`)."""
-    c = analysis.facts.contractions[contraction]
+    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation, with
+    respect to the weight its op multiplies (`weight_of`; `float_input`: see `op_output`)."""
     _, vjp = jax.vjp(
         lambda w: op_output(analysis, contraction, values, pre, w, float_input=float_input),
-        values.leaves[c.weight_leaf],
+        weight_of(analysis, values, contraction),
     )
     return vjp(cotangent)[0]
 
@@ -432,6 +482,9 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
     hidden = sorted(facts.new_vars)
     new_vars = [facts.new_vars[leaf] for leaf in hidden]
     cotangent = [delta_new[leaf] for leaf in hidden]
+    if relation.contraction is not None and relation.group is not None:  # this relation's group only
+        mine = set(analysis.group_named(relation.group).leaves)
+        cotangent = [c if leaf in mine else jnp.zeros_like(c) for leaf, c in zip(hidden, cotangent, strict=True)]
     if relation.contraction is not None:
         out_var = facts.contractions[relation.contraction].out_var
         _, vjp = jax.vjp(
@@ -442,7 +495,7 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
         return weight_vjp(analysis, relation.contraction, values, values.u[relation.contraction], through_y)
 
     # the weight's own contracting ops are traced or credited on their own: hold their outputs fixed
-    own = {c.out_var: values.y[c.index] for c in facts.contractions if c.weight_leaf == relation.weight_leaf}
+    own = {c.out_var: values.y[c.index] for c in facts.contractions if relation.weight_leaf in c.weight_leaves}
 
     def new_hidden(weight):
         leaves = list(values.leaves)

@@ -296,33 +296,46 @@ def fused_step(
     loss, delta_new, delta_prev, direct = derive.learning_signals(
         analysis, values, loss_of_outputs, weight_leaves, plan.feedback
     )
-    grads = {leaf: direct[leaf] for leaf in weight_leaves}
     own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev))
     new_traces = credit.advance(analysis, plan, values, traces, own, cache)
     chain_terms, chain_cotangents = credit.gradients(
         analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
     )
-    for leaf, grad in [*terms, *chain_terms]:
-        grads[leaf] = grads[leaf] + grad
+    terms += chain_terms
     for index, cotangent in chain_cotangents.items():
         cotangents[index] = cotangents[index] + cotangent if index in cotangents else cotangent
-    for index in plan.same_step:
-        relation = relations[index]
-        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.same_step_grad(
-            analysis, values, relation, delta_new
-        )
+    terms += [(index, derive.same_step_grad(analysis, values, relations[index], delta_new)) for index in plan.same_step]
     for index, cotangent in cotangents.items():  # (∂y(ε^u, W)/∂W)ᵀ Σ cotangents: one product per weight
-        relation = relations[index]
         pre = new_traces[plan.key(index)]["pre"]
-        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.weight_vjp(
-            analysis, relation.contraction, values, pre, cotangent, float_input=True
+        terms.append(
+            (index, derive.weight_vjp(analysis, relations[index].contraction, values, pre, cotangent, float_input=True))
         )
+    grads = _by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
     return values.new_leaves, new_traces, values.outputs, loss, grads
+
+
+def _by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:
+    """`grads` (by weight leaf) plus the `(relation index, gradient)` terms: a relation whose op reads a
+    transform of its weights has its gradient with respect to the effective weight, carried to the
+    weights through the transforms' VJP (the chain rule; one VJP for every such relation)."""
+    grads, effective = dict(grads), {}
+    for index, grad in terms:
+        relation = analysis.relations[index]
+        if relation.transformed:
+            effective[relation.contraction] = (
+                grad + effective[relation.contraction] if relation.contraction in effective else grad
+            )
+        else:
+            grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
+    if effective:
+        for leaf, grad in derive.to_weight_leaves(analysis, values, effective).items():
+            grads[leaf] = grads[leaf] + grad
+    return grads
 
 
 def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals):
     """Every traced relation's new trace, group by group. Given `signals` = `(δ_new, δ_prev)` by hidden
-    leaf, also its gradient: `(new_traces, [(weight leaf, gradient term)], cotangents)`, the cotangents
+    leaf, also its gradient: `(new_traces, [(relation index, gradient term)], cotangents)`, the cotangents
     being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end."""
     relations = analysis.relations
     by_group: dict[str, list[int]] = {}
@@ -356,7 +369,7 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
                 if owner == index:
                     new_traces[key]["post"] = posts[index][1]
             if grad is not None:
-                terms.append((relation.weight_leaf, grad))
+                terms.append((index, grad))
             if cotangent is not None:
                 cotangents[index] = cotangent
     return new_traces, terms, cotangents

@@ -37,15 +37,21 @@ from fusetrace.rules import lookup
 from . import derive
 
 
+def weight_shape(analysis, relation) -> tuple[int, ...]:
+    """The shape of the weight a relation's trace follows: the leaf's, or its op's effective weight's
+    (`Relation.transformed`)."""
+    return tuple(relation.weight_shape) or tuple(analysis.captured.leaves[relation.weight_leaf].shape)
+
+
 def layout_kind(analysis, relation) -> str | None:
     """The layout a relation's d_rtrl trace takes, or None when no per-weight trace is known for it."""
     if relation.elementwise:
         return "neuron"
-    leaf = analysis.captured.leaves[relation.weight_leaf]
-    if int(np.prod(leaf.shape, dtype=int)) == 1:
+    shape = weight_shape(analysis, relation)
+    if int(np.prod(shape, dtype=int)) == 1:
         return "shared"
     contraction = analysis.facts.contractions[relation.contraction]
-    if _dense(contraction, leaf, relation):
+    if _dense(contraction, shape, relation):
         return "dense"
     rule = lookup(contraction.eqn.primitive)
     if rule is not None and rule.per_synapse:
@@ -55,7 +61,7 @@ def layout_kind(analysis, relation) -> str | None:
     return None
 
 
-def _dense(contraction, leaf, relation) -> bool:
+def _dense(contraction, shape: tuple[int, ...], relation) -> bool:
     eqn = contraction.eqn
     if eqn.primitive.name != "dot_general" or contraction.weight_operand != 1 or relation.tail_perm is not None:
         return False
@@ -67,7 +73,7 @@ def _dense(contraction, leaf, relation) -> bool:
         and len(w_shape) == 2
         and tuple(contract_w) == (0,)
         and tuple(contract_u) == (len(u_shape) - 1,)
-        and tuple(leaf.shape) == tuple(w_shape)
+        and tuple(shape) == tuple(w_shape)
     )
 
 
@@ -75,12 +81,12 @@ def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
     """Shape of one state's slice of the trace (append the state axis for the whole trace)."""
     group = analysis.group_named(relation.group)
     batch = () if analysis.batch_size is None else (analysis.batch_size,)
-    leaf = analysis.captured.leaves[relation.weight_leaf]
+    shape = weight_shape(analysis, relation)
     if kind in ("shared", "neuron"):
         return group.shape
     if kind == "conv":
-        return (len(_position_masks(analysis, relation)), *leaf.shape)
-    return batch + tuple(leaf.shape)
+        return (len(_position_masks(analysis, relation)), *shape)
+    return batch + shape
 
 
 def _position_masks(analysis, relation) -> np.ndarray:
@@ -149,7 +155,7 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
             return c[..., None, :]
 
         return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched))
-    weight = values.leaves[relation.weight_leaf]
+    weight = derive.weight_of(analysis, values, relation.contraction)
 
     def op(pre, w):
         return derive.op_output(analysis, relation.contraction, values, pre, w)

@@ -6,6 +6,7 @@ from .api import Learner, StepResult, analyze, compile, online
 from .passes.hidden import Group
 from .passes.relations import Relation
 from .regularize import firing_rate_regularizer
+from .sequence import ScanResult
 from .shard import ShardedStep, shard_step
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Group",
     "Learner",
     "Relation",
+    "ScanResult",
     "ShardedStep",
     "StepResult",
     "analyze",

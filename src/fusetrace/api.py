@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from . import checks
+from . import checks, sequence
 from .analysis import Analysis
 from .capture import capture, states_of
 from .drawing import Drawing, build_drawing, to_dot
@@ -194,6 +194,32 @@ class Learner(eqx.Module):
         }
         grads = None if grads is None else _grads_like(captured, params, grads)
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads)
+
+    def scan(self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None):
+        """Run `step` over a whole sequence in one `lax.scan`; return the final state and a `ScanResult`.
+
+        Arguments:
+            params, state, constants: as for `step`.
+            xs: the inputs of every step, time first (`x_t = xs[t]`; a tuple when `model.update` takes
+                several arguments).
+            targets: what `loss` takes at every step, time first.
+            loss_mask: optional, one value per step: where it is 0 (or False) the step's loss forms no
+                gradient (the step advances the states and traces only; its loss is still reported).
+
+        Returns:
+            `(state, result)`: `result.output` and `result.loss` stacked over time, `result.grads` the sum
+            of the per-step gradients (equal to summing `step`'s), with the structure of `params`.
+
+        Raises:
+            CompileError: the sequence's leaves differ in length, or `loss_mask` has the wrong shape.
+
+        Examples:
+            ```python
+            run = jax.jit(learner.scan, donate_argnums=1)
+            state, result = run(learner.params, learner.init(), xs, ys)   # xs: (T, batch, n_in)
+            ```
+        """
+        return sequence.scan(self, params, state, xs, targets, loss_mask=loss_mask, constants=constants)
 
     def step_loss(self, out_leaves, target_t) -> jax.Array:
         """One step's loss from the captured step's output leaves: `loss(output, target_t)`, plus the
