@@ -18,9 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fusetrace
 import param_models as pm
-from test_compile_exact import assert_matches
+from test_compile_exact import assert_matches, bptt_grads, online_learner
 
 RTOL_EXACT = 1e-6  # issue 18's bound (exact algebra, float64; observed ~1e-15)
 RTOL_CHAIN = 1e-10  # the chain rule against the same algorithm on the effective weight (float64 rounding)
@@ -47,24 +46,12 @@ def _data(batch):
 
 def _online(model, batch, algorithm, **options):
     xs, ys = _data(batch)
-    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=batch, **options)
-    state, total = learner.init(), None
-    step = jax.jit(learner.step)
-    for x, y in zip(xs, ys, strict=True):
-        state, res = step(learner.params, state, x, y)
-        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
-    return learner, total
+    return online_learner(model, xs, ys, algorithm, batch, loss=_loss, **options)
 
 
 def _bptt(name, batch):
     xs, ys = _data(batch)
-    model = pm.build(name, batch)
-    weights = model.states(brainstate.ParamState)
-
-    def sequence_loss():
-        return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(model.update(x), y), xs, ys))
-
-    return {".".join(path): value for path, value in brainstate.transform.grad(sequence_loss, weights)().items()}
+    return bptt_grads(pm.build(name, batch), xs, ys, loss=_loss)
 
 
 CASES = [(name, BATCH, "d_rtrl") for name in TRANSFORMS + REUSE]
