@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import derive, factorised
-from .factorised import bias_correction, prev_product
 from .per_weight import contract, layout_of, per_state, used_trace
 from .structure import state_structure
 
@@ -145,9 +144,9 @@ def _back_through(analysis, plan, values, stage, cache: dict):
 
 
 def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache: dict):
-    """`(terms, cotangents)`: `[(relation index, gradient)]` of per-weight owners and `{relation: op-layout
-    cotangent}` of factorised ones, from every chain node the loss reads (its new values with `δ`, its
-    previous ones with `δ_prev`)."""
+    """`(terms, cotangents)`: `[(relation index, gradient)]` of per-weight owners and `{(relation, "now" or
+    "prev"): op-layout cotangent}` of factorised ones (see `factorised.es_update`), from every chain node
+    the loss reads (its new values with `δ`, its previous ones with `δ_prev`)."""
     delta_new, delta_prev = signals
     terms, cotangents = [], {}
     for node in plan.chains:
@@ -157,11 +156,11 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
                 continue
             pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
             q = dict(zip(node.states, traces[node.key], strict=True))
-            _add_terms(analysis, plan, values, node, pulled, q, traces is old, old, step, terms, cotangents)
+            _add_terms(analysis, plan, values, node, pulled, q, traces is old, step, terms, cotangents)
     return terms, cotangents
 
 
-def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, old, step, terms, cotangents):
+def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, step, terms, cotangents):
     owner = analysis.relations[node.owner]
     if not factorised.factorised(plan.algorithm, owner):
         layout = layout_of(analysis, owner, values)
@@ -174,8 +173,7 @@ def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, old, ste
         if relation.elementwise or factorised.post_owner(plan.algorithm, analysis.relations, index) != node.owner:
             continue
         if previous:  # pairs with the previous presynaptic factor
-            pre_prev = old[plan.key(index)]["pre"]
-            terms.append((index, prev_product(analysis, plan, relation, values, pre_prev, signal, step)))
-            continue
-        cotangent = derive.to_op_layout(relation, signal) / bias_correction(plan.decay, step, signal.dtype)
-        cotangents[index] = cotangent if index not in cotangents else cotangents[index] + cotangent
+            key, cotangent = (index, "prev"), factorised.prev_cotangent(plan, relation, signal, step)
+        else:
+            key, cotangent = (index, "now"), factorised.now_cotangent(plan, relation, signal, step)
+        cotangents[key] = cotangent if key not in cotangents else cotangents[key] + cotangent

@@ -43,6 +43,7 @@ class StepValues:
     y: dict[int, jax.Array]  # contraction index -> op output
     u: dict[int, jax.Array]  # contraction index -> presynaptic input
     w: dict[int, jax.Array] = dataclasses.field(default_factory=dict)  # transformed contraction -> its weight
+    operands: dict[int, list] = dataclasses.field(default_factory=dict)  # contraction -> its op's operand values
 
 
 def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
@@ -50,14 +51,18 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
     jaxpr = captured.jaxpr
     contractions = facts.contractions
     transformed = [c for c in contractions if c.transformed]
+    operands = [a for c in contractions for a in c.eqn.invars]
     want = [
         *jaxpr.jaxpr.outvars,
         *(c.out_var for c in contractions),
         *(c.pre_var for c in contractions),
         *(c.weight_var for c in transformed),
+        *operands,
     ]
     values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
+    start = n_all + 2 * n_c + len(transformed)
+    offsets = np.cumsum([0, *(len(c.eqn.invars) for c in contractions)]).tolist()
     return StepValues(
         inputs=list(inputs),
         leaves=list(leaves),
@@ -66,6 +71,7 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         y={c.index: values[n_all + c.index] for c in contractions},
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
         w={c.index: values[n_all + 2 * n_c + k] for k, c in enumerate(transformed)},
+        operands={c.index: values[start + offsets[k] : start + offsets[k + 1]] for k, c in enumerate(contractions)},
     )
 
 
@@ -459,6 +465,58 @@ def credit_map(
     weight = weight_of(analysis, values, contraction) if feedback is None else feedback
     _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
     return lambda cotangent: vjp(cotangent)[0]
+
+
+def step_invariant_operands(analysis: Analysis, contraction: int) -> bool:
+    """Whether the op's operands other than its input and weight are the same at every step: computed
+    from constants and weights only (CSR indices, shapes), not from inputs or any state. Then `op_alone`
+    with one step's operands stands for every step's op."""
+    captured = analysis.captured
+    jaxpr = captured.jaxpr.jaxpr
+    c = analysis.facts.contractions[contraction]
+    fixed = {jaxpr.invars[captured.n_inputs + i] for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"}
+    inputs = set(jaxpr.invars) - fixed
+    producer = {out: eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+    pending = [v for i, v in enumerate(c.eqn.invars) if i not in (c.pre_operand, c.weight_operand)]
+    seen = set()
+    while pending:
+        var = pending.pop()
+        if isinstance(var, Literal) or var in seen:
+            continue
+        seen.add(var)
+        if var in inputs:
+            return False
+        eqn = producer.get(var)
+        if eqn is not None:
+            pending.extend(eqn.invars)
+    return True
+
+
+def op_alone(analysis: Analysis, contraction: int, values: StepValues, pre, weight, *, float_input: bool = False):
+    """`op_output` from the op's own equation alone (its other operands as this step computed them), not
+    from the whole step: for batching it over time (`weight_vjp_over_time`)."""
+    c = analysis.facts.contractions[contraction]
+    invals = list(values.operands[contraction])
+    invals[c.pre_operand], invals[c.weight_operand] = pre, weight
+    if float_input and not reads_values(c.eqn):
+        return _weighted_twin(c.eqn, analysis)(None, invals)
+    return bind_eqn(c.eqn, invals)[0]
+
+
+def weight_vjp_over_time(
+    analysis: Analysis, contraction: int, values: StepValues, pres: jax.Array, cotangents: jax.Array
+) -> jax.Array:
+    """`Σ_t (∂y(pre_t, W)/∂W)ᵀ cotangent_t` over a stack of steps (leading axis), in ONE contraction: the op
+    is vmapped over time with the weight shared, so its weight VJP contracts the time and batch axes
+    together (one GEMM for a dense weight, one pass over the connections for a sparse one) instead of
+    writing the whole weight-shaped gradient at every step. Presynaptic factors are real-valued stand-ins
+    (`float_input`, as es_d_rtrl's)."""
+
+    def stacked(weight):
+        return jax.vmap(lambda pre: op_alone(analysis, contraction, values, pre, weight, float_input=True))(pres)
+
+    _, vjp = jax.vjp(stacked, weight_of(analysis, values, contraction))
+    return vjp(cotangents)[0]
 
 
 def weight_vjp(

@@ -276,12 +276,15 @@ def fused_step(
     inputs: list,
     *,
     gradient: bool = True,
+    defer: bool = False,
 ):
     """One fused step on mantissas: `(new_leaves, new_traces, outputs, loss, grads by weight leaf)`.
 
     `gradient=False` advances states and traces only: no learning signal, no gradient (`grads` is None).
     Exact where the step's loss is identically zero (between read-outs), since then every gradient term
-    of the step is zero."""
+    of the step is zero. `defer=True`: es_d_rtrl's weight products are not formed; `grads` is then
+    `(grads without them, {(relation, "now" or "prev"): (presynaptic factor, op-layout cotangent)})`, for
+    `sequence` to contract over many steps at once (`derive.weight_vjp_over_time`)."""
     relations = analysis.relations
     leaves = list(leaves)
     for leaf, value in weights.items():
@@ -302,19 +305,25 @@ def fused_step(
         analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
     )
     terms += chain_terms
-    for index, cotangent in chain_cotangents.items():
-        cotangents[index] = cotangents[index] + cotangent if index in cotangents else cotangent
+    for key, cotangent in chain_cotangents.items():
+        cotangents[key] = cotangents[key] + cotangent if key in cotangents else cotangent
     terms += [(index, derive.same_step_grad(analysis, values, relations[index], delta_new)) for index in plan.same_step]
-    for index, cotangent in cotangents.items():  # (∂y(ε^u, W)/∂W)ᵀ Σ cotangents: one product per weight
-        pre = new_traces[plan.key(index)]["pre"]
-        terms.append(
-            (index, derive.weight_vjp(analysis, relations[index].contraction, values, pre, cotangent, float_input=True))
-        )
-    grads = _by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
-    return values.new_leaves, new_traces, values.outputs, loss, grads
+    products = {  # es_d_rtrl: (∂y(ε^u, W)/∂W)ᵀ Σ cotangents, one weight product per relation and factor
+        key: ((new_traces if key[1] == "now" else traces)[plan.key(key[0])]["pre"], cotangent)
+        for key, cotangent in cotangents.items()
+    }
+    if not defer:
+        for (index, _), (pre, cotangent) in products.items():
+            product = derive.weight_vjp(
+                analysis, relations[index].contraction, values, pre, cotangent, float_input=True
+            )
+            terms.append((index, product))
+        products = {}
+    grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
+    return values.new_leaves, new_traces, values.outputs, loss, (grads, products) if defer else grads
 
 
-def _by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:
+def by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:
     """`grads` (by weight leaf) plus the `(relation index, gradient)` terms: a relation whose op reads a
     transform of its weights has its gradient with respect to the effective weight, carried to the
     weights through the transforms' VJP (the chain rule; one VJP for every such relation)."""
@@ -352,7 +361,7 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
             relation, key = relations[index], plan.key(index)
-            cotangent = None
+            grad = None
             if not factorised.factorised(plan.algorithm, relation):
                 new_traces[key], grad = per_weight.update(
                     analysis, plan, relation, values, d, f[index], traces[key], group_signals
@@ -363,13 +372,12 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
                     previous = traces[key]["post"]
                     posts[index] = (previous, factorised.es_post(plan, d, f[index], previous))
                 post_prev, post = posts[owner]
-                new_traces[key], grad, cotangent = factorised.es_update(
-                    analysis, plan, relation, values, traces[key]["pre"], post_prev, post, group_signals, step
+                new_traces[key], more = factorised.es_update(
+                    analysis, plan, index, values, traces[key]["pre"], post_prev, post, group_signals, step
                 )
+                cotangents.update(more)
                 if owner == index:
                     new_traces[key]["post"] = posts[index][1]
             if grad is not None:
                 terms.append((index, grad))
-            if cotangent is not None:
-                cotangents[index] = cotangent
     return new_traces, terms, cotangents

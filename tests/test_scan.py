@@ -2,6 +2,8 @@
 (float64 rounding), for every algorithm and relation kind; masked steps form no gradient; the sequence is
 checked."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import fusetrace
 import zoo
 import zoo_coverage
+from fusetrace import sequence
 
 RTOL_SUM = 1e-12  # the same per-step arithmetic, summed in another order (float64)
 STEPS = 6
@@ -56,7 +59,10 @@ def test_scan_equals_summed_steps(name, algorithm):
     targets = jnp.full((STEPS,), 0.3)
     learner = fusetrace.compile(model, x0, loss=_loss, algorithm=algorithm, batch_size=2)
     mask = np.array([1, 0, 1, 1, 0, 1], bool)
-    state, result = jax.jit(learner.scan)(learner.params, learner.init(), xs, targets, loss_mask=mask)
+    if algorithm == "es_d_rtrl":  # its weight products are deferred and contracted per chunk (here 4 + 2 steps)
+        assert sequence.deferrable(learner) and sequence.deferred_bytes(learner) > 0
+    run = jax.jit(functools.partial(learner.scan, chunk=4))
+    state, result = run(learner.params, learner.init(), xs, targets, loss_mask=mask)
     want_state, want_grads, want_losses = _loop(learner, xs, targets, mask)
     np.testing.assert_allclose(np.asarray(result.loss), np.asarray(want_losses), rtol=RTOL_SUM)
     for got, want in zip(_flat(result.grads), _flat(want_grads), strict=True):

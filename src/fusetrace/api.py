@@ -19,7 +19,7 @@ from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
 from .naming import Names
 from .passes import derive
-from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, fused_step, init_traces, make_plan
+from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, by_weight_leaf, fused_step, init_traces, make_plan
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.report import weight_reports
@@ -169,6 +169,12 @@ class Learner(eqx.Module):
             InputError: `x_t` (or `target_t`, when compiled with `example_target`) differs from the example
                 in structure, shape, dtype kind or unit (checked while tracing: free under `jax.jit`).
         """
+        new_state, result, _ = self._step(params, state, x_t, target_t, gradient=gradient, constants=constants)
+        return new_state, result
+
+    def _step(self, params, state, x_t, target_t, *, gradient=True, constants=None, defer=False):
+        """`step`, and with `defer` es_d_rtrl's weight products left out of `grads` and returned apart (see
+        `fuse.fused_step`) for `Learner.scan` to contract over many steps at once."""
         checks.check_step(self.snapshot, self.analysis.captured.batch_size, x_t, target_t)
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
@@ -186,16 +192,37 @@ class Learner(eqx.Module):
             state["step"],
             inputs,
             gradient=gradient,
+            defer=defer and gradient,
         )
+        products = {}
+        if defer and gradient:
+            grads, products = grads
         new_state = {
             "model": _states_from(captured, new_leaves, state["model"]),
             "traces": traces,
             "step": state["step"] + 1,
         }
         grads = None if grads is None else _grads_like(captured, params, grads)
-        return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads)
+        return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads), products
 
-    def scan(self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None):
+    def _contract(self, params: dict, state: dict, x_t, products: dict, constants: dict | None = None) -> dict:
+        """The gradient (like `params`) of es_d_rtrl's weight products over a stack of steps: `products`
+        as `_step(..., defer=True)` returns them, stacked on a leading time axis; one contraction each."""
+        analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
+        captured = analysis.captured
+        inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
+        leaves = _leaves_from(captured, params, state["model"])
+        values = derive.forward(analysis, inputs, leaves)
+        terms = [
+            (index, derive.weight_vjp_over_time(analysis, analysis.relations[index].contraction, values, pre, cot))
+            for (index, _), (pre, cot) in products.items()
+        ]
+        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in _weight_leaves(captured)}
+        return _grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
+
+    def scan(
+        self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None, chunk=None
+    ):
         """Run `step` over a whole sequence in one `lax.scan`; return the final state and a `ScanResult`.
 
         Arguments:
@@ -205,6 +232,9 @@ class Learner(eqx.Module):
             targets: what `loss` takes at every step, time first.
             loss_mask: optional, one value per step: where it is 0 (or False) the step's loss forms no
                 gradient (the step advances the states and traces only; its loss is still reported).
+            chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
+                contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
+                factors under 256 MiB (`summary()` shows a step's share).
 
         Returns:
             `(state, result)`: `result.output` and `result.loss` stacked over time, `result.grads` the sum
@@ -219,7 +249,7 @@ class Learner(eqx.Module):
             state, result = run(learner.params, learner.init(), xs, ys)   # xs: (T, batch, n_in)
             ```
         """
-        return sequence.scan(self, params, state, xs, targets, loss_mask=loss_mask, constants=constants)
+        return sequence.scan(self, params, state, xs, targets, loss_mask=loss_mask, constants=constants, chunk=chunk)
 
     def step_loss(self, out_leaves, target_t) -> jax.Array:
         """One step's loss from the captured step's output leaves: `loss(output, target_t)`, plus the
@@ -245,6 +275,13 @@ class Learner(eqx.Module):
         gradient, ...), its trace shapes and bytes, exact or approximate, and why."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
         lines += [f"  {report.line()}" for report in self.report()]
+        per_step = sequence.deferred_bytes(self)
+        if per_step:
+            chunk = max(1, sequence.DEFERRED_BYTES // per_step)
+            lines.append(
+                f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "
+                f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB)"
+            )
         return "\n".join(lines) + "\n"
 
     def drawing(self, title: str = "") -> Drawing:

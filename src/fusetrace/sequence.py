@@ -1,4 +1,4 @@
-"""A learner over a whole sequence: `Learner.scan`, the fused step in one `lax.scan`, gradients summed.
+"""A learner over a whole sequence: `Learner.scan`, the fused step in `lax.scan`, gradients summed.
 
 Consumes: a `Learner`, its params and state, inputs and targets with a leading time axis, an optional
 per-step loss mask. Produces the final state and a `ScanResult`: the outputs and losses stacked over
@@ -6,8 +6,15 @@ time and the sum of the per-step gradients — equal to summing `Learner.step`'s
 rounding). A step whose loss is masked out forms no gradient (`Learner.step(..., gradient=False)`: the
 states and traces advance alone), so its gradient costs nothing; its loss is still reported.
 
-The gradient sum lives in the scan's carry (no per-step gradient is stored), so memory does not grow
-with the sequence.
+Deferred contraction (es_d_rtrl). Summed over steps, es_d_rtrl's per-step weight products
+`Σ_t (∂y(ε^u_t, W)/∂W)ᵀ c_t` are one contraction over the time and batch axes together: for a dense
+weight one GEMM with inner dimension k·B instead of k rank-B updates, each of which reads and writes
+the whole weight-shaped gradient. So the steps keep their factors `(ε^u_t, c_t)` — O(B·(I + N)) per
+relation and step — in a buffer of `chunk` steps, contracted once per chunk
+(`derive.weight_vjp_over_time`). The chunk is chosen so that the buffer stays under `DEFERRED_BYTES`
+(`Learner.deferred_bytes` reports a step's share). Everything else of a step (d_rtrl's traces, per-neuron
+parameters, instantaneous readouts) is summed step by step. The gradient sum lives in the scan's carry,
+so memory does not grow with the sequence.
 """
 
 from typing import Any
@@ -15,9 +22,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .errors import CompileError, four_part
+from .passes import derive
+
+DEFERRED_BYTES = 1 << 28  # the largest buffer of deferred factors (256 MiB) before a chunk is contracted
 
 
 class ScanResult(eqx.Module):
@@ -34,8 +45,8 @@ class ScanResult(eqx.Module):
     grads: dict
 
 
-def _length(xs) -> int:
-    lengths = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(xs) if jnp.ndim(leaf)}
+def _length(tree) -> int:
+    lengths = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(tree) if jnp.ndim(leaf)}
     if len(lengths) != 1:
         raise CompileError(
             four_part(
@@ -48,9 +59,7 @@ def _length(xs) -> int:
     return lengths.pop()
 
 
-def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None):
-    """`(final state, ScanResult)` of `learner` over the steps of `xs` (see `Learner.scan`)."""
-    steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
+def _mask(loss_mask, steps: int) -> jax.Array:
     mask = jnp.ones((steps,), bool) if loss_mask is None else jnp.asarray(loss_mask) != 0
     if mask.shape != (steps,):
         raise CompileError(
@@ -61,6 +70,58 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
                 fix=f"pass one value per step: shape ({steps},)",
             )
         )
+    return mask
+
+
+def deferrable(learner) -> bool:
+    """Whether the learner's weight products can be deferred: es_d_rtrl, and every factorised relation's
+    op reads nothing that changes from step to step but its input and weight (so one evaluation of the
+    op stands for all the steps of a chunk)."""
+    analysis, plan = learner.analysis, learner.plan
+    if plan.algorithm != "es_d_rtrl":
+        return False
+    relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
+    return bool(relations) and all(derive.step_invariant_operands(analysis, r.contraction) for r in relations)
+
+
+def deferred_bytes(learner) -> int:
+    """Bytes one step adds to the buffer of deferred factors (0 when nothing is deferred)."""
+    if not deferrable(learner):
+        return 0
+    analysis, plan = learner.analysis, learner.plan
+    total = 0
+    for index in plan.traced:
+        relation = analysis.relations[index]
+        if relation.elementwise:
+            continue
+        contraction = analysis.facts.contractions[relation.contraction]
+        itemsize = np.dtype(analysis.captured.leaves[relation.weight_leaf].dtype).itemsize
+        sizes = (contraction.pre_var.aval.size, contraction.out_var.aval.size)
+        total += sum(sizes) * itemsize * 2  # this step's factors, and last step's (for δ_prev terms)
+    return total
+
+
+def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants=None, chunk=None):
+    """`(final state, ScanResult)` of `learner` over the steps of `xs` (see `Learner.scan`)."""
+    steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
+    mask = _mask(loss_mask, steps)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if not deferrable(learner):
+        (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
+        return state, ScanResult(outputs, losses, grads)
+    size = chunk or max(1, min(steps, DEFERRED_BYTES // max(deferred_bytes(learner), 1)))
+    carry, outputs, losses = (state, zeros), [], []
+    for start in range(0, steps, size):
+        part_xs, part_targets, part_mask = jax.tree.map(lambda a, s=start: a[s : s + size], (xs, targets, mask))
+        carry, (output, loss) = _deferred_chunk(learner, params, carry, part_xs, part_targets, part_mask, constants)
+        outputs.append(output)
+        losses.append(loss)
+    outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
+    return carry[0], ScanResult(outputs, jnp.concatenate(losses), carry[1])
+
+
+def _steps(learner, params, carry, xs, targets, mask, constants):
+    """Every step of the sequence, its gradient added to the carry's sum (none where `mask` is False)."""
     zeros = jax.tree.map(jnp.zeros_like, params)
 
     def body(carry, inputs):
@@ -75,12 +136,35 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
             state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
             return state, res.output, res.loss, zeros
 
-        if loss_mask is None:
-            state, output, loss, grads = learning(state)
-        else:
-            state, output, loss, grads = lax.cond(forms, learning, advancing, state)
-        total = jax.tree.map(jnp.add, total, grads)
-        return (state, total), (output, loss)
+        state, output, loss, grads = lax.cond(forms, learning, advancing, state)
+        return (state, jax.tree.map(jnp.add, total, grads)), (output, loss)
 
-    (state, grads), (outputs, losses) = lax.scan(body, (state, zeros), (xs, targets, mask))
-    return state, ScanResult(outputs, losses, grads)
+    return lax.scan(body, carry, (xs, targets, mask))
+
+
+def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
+    """A chunk of steps whose es_d_rtrl factors are stacked, then contracted once."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def learning(state, x, target):
+        state, res, products = learner._step(params, state, x, target, constants=constants, defer=True)
+        return state, res.output, res.loss, res.grads, products
+
+    x0, target0 = jax.tree.map(lambda a: a[0], (xs, targets))
+    shapes = jax.eval_shape(learning, carry[0], x0, target0)[4]
+    no_products = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, inputs):
+        state, total = carry
+        x, target, forms = inputs
+
+        def advancing(state, x, target):
+            state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
+            return state, res.output, res.loss, zeros, no_products
+
+        state, output, loss, grads, products = lax.cond(forms, learning, advancing, state, x, target)
+        return (state, jax.tree.map(jnp.add, total, grads)), (output, loss, products)
+
+    (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, mask))
+    contracted = learner._contract(params, state, x0, products, constants=constants)
+    return (state, jax.tree.map(jnp.add, total, contracted)), (outputs, losses)
