@@ -390,7 +390,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     found = []
     for c in analysis.facts.contractions:
         indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
-        if not _one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
+        if not one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
             continue
         # identity, not hashing: a Literal operand is unhashable
         value = indptr.val if isinstance(indptr, Literal) else next((v for var, v in known if var is indptr), None)
@@ -399,7 +399,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     return found
 
 
-def _one_pass_csr(eqn) -> bool:
+def one_pass_csr(eqn) -> bool:
     """A binary CSR x vector op with one weight per connection (its twin's gradient is one pass)."""
     return (
         eqn.primitive.name == "binary_csrmv"
@@ -414,7 +414,7 @@ def _weighted_twin(eqn, analysis: Analysis):
     `x[pre(k)] · ct[post(k)]` (brainevent's own also selects on `x != 0`, which costs a second pass over
     the connections; for a real-valued `x` the product is already 0 there). The row of every connection
     is `analysis.rows_of(indptr)`, computed once by `compile`, else in the program."""
-    if not _one_pass_csr(eqn):
+    if not one_pass_csr(eqn):
         return lambda value, invals: bind_eqn(eqn, invals, weighted=True)[0]
     n_rows, transpose = eqn.params["shape"][0], eqn.params["transpose"]
     precomputed = analysis.rows_of(eqn.invars[2])

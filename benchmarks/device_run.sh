@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The accelerator run of issue 17: the speed, sequence and whole-brain benchmarks on a lent GPU, in one
+# call of under 8 minutes, each benchmark bounded by its own timeout, their JSON written under OUT.
+#
+# The device image has JAX (with its CUDA plugin), equinox, optax, jaxtyping, networkx, matplotlib and
+# numba, but not the brain-modelling stack: carry it as wheels. Once, here, in the repository's root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl brainpy==2.9.* brainstate==0.6.* brainevent==0.3.* \
+#     braintools==0.4.* brainunit==0.6.* saiunit==0.6.* braintrace==0.2.* tqdm
+# then: device.run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=540).
+# Locally, `OUT=/tmp/out DEVICE_QUICK=1 bash benchmarks/device_run.sh` runs the same script at tiny sizes.
+# The JSON records the backend and device it ran on (common.machine()); docs/benchmarks.md says which
+# numbers came from which device.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=$(realpath -m "${OUT:-runs/device}")
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1
+"$PY" -c "import jax; print('backend', jax.default_backend(), jax.devices())" | tee "$OUT/device.txt"
+if [ "${DEVICE_QUICK:-0}" = 1 ]; then
+  SPEED=(--quick) SEQUENCE=(--quick) BRAIN=(--quick --only "fusetrace forward" "fusetrace every 50")
+else
+  SPEED=(--neurons 2048 --rounds 10 --slow-rounds 2)
+  SEQUENCE=(--neurons 512 2048 --rounds 5)
+  BRAIN=(--steps 1000 --fit-iterations 0 --backend jax_raw)
+fi
+cd benchmarks
+timeout 150 "$PY" speed.py "${SPEED[@]}" --out "$OUT/speed" 2>&1 | tail -20 | tee "$OUT/speed.log"
+timeout 150 "$PY" sequence.py "${SEQUENCE[@]}" --out "$OUT/sequence" 2>&1 | tail -20 | tee "$OUT/sequence.log"
+timeout 150 "$PY" connectome_side_by_side.py "${BRAIN[@]}" --out "$OUT/brain" 2>&1 | tail -30 | tee "$OUT/brain.log"
+# the device tool brings back files at most two folders down: flatten the JSON next to the logs
+for name in speed sequence brain; do
+  for file in "$OUT/$name"/results/*.json; do [ -f "$file" ] && cp "$file" "$OUT/$name-$(basename "$file")"; done
+done
+ls -la "$OUT"
