@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, sequence
+from . import leaves as flat
 from .analysis import Analysis
 from .capture import capture, states_of
 from .drawing import Drawing, build_drawing, to_dot
@@ -179,8 +180,8 @@ class Learner(eqx.Module):
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
-        leaves = _leaves_from(captured, params, state["model"])
-        weights = {leaf: leaves[leaf] for leaf in _weight_leaves(captured)}
+        leaves = flat.leaves_from(captured, params, state["model"])
+        weights = {leaf: leaves[leaf] for leaf in flat.weight_leaves(captured)}
 
         new_leaves, traces, outputs, loss, grads = fused_step(
             analysis,
@@ -198,11 +199,11 @@ class Learner(eqx.Module):
         if defer and gradient:
             grads, products = grads
         new_state = {
-            "model": _states_from(captured, new_leaves, state["model"]),
+            "model": flat.states_from(captured, new_leaves, state["model"]),
             "traces": traces,
             "step": state["step"] + 1,
         }
-        grads = None if grads is None else _grads_like(captured, params, grads)
+        grads = None if grads is None else flat.grads_like(captured, params, grads)
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads), products
 
     def _contract(self, params: dict, state: dict, x_t, products: dict, constants: dict | None = None) -> dict:
@@ -211,14 +212,14 @@ class Learner(eqx.Module):
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
-        leaves = _leaves_from(captured, params, state["model"])
+        leaves = flat.leaves_from(captured, params, state["model"])
         values = derive.forward(analysis, inputs, leaves)
         terms = [
             (index, derive.weight_vjp_over_time(analysis, analysis.relations[index].contraction, values, pre, cot))
             for (index, _), (pre, cot) in products.items()
         ]
-        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in _weight_leaves(captured)}
-        return _grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
+        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
+        return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
 
     def scan(
         self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None, chunk=None
@@ -342,85 +343,6 @@ class Learner(eqx.Module):
             display.html_table(display.memory_rows(self.analysis.trace_memory()), "trace memory"),
         ]
         return display.html_view(f"fusetrace learner ({self.algorithm})", tables, plots.svg(self.drawing()))
-
-
-def _weight_leaves(captured) -> list[int]:
-    return [i for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"]
-
-
-def _mantissa(value, unit):
-    if u.math.is_quantity(value):
-        return value.to_decimal(unit) if not unit.is_unitless else u.get_mantissa(value)
-    return jnp.asarray(value)
-
-
-def _leaf_of(tree, key):
-    for part in key:
-        tree = tree[part]
-    return tree
-
-
-def _leaves_from(captured, params: dict, model: dict) -> list:
-    leaves = []
-    for leaf in captured.leaves:
-        source = params if leaf.role == "weight" else model
-        if leaf.state_path not in source:
-            raise CompileError(
-                four_part(
-                    what=f"`{leaf.state_name}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
-                    where="Learner.step(params, state, x_t, target_t)",
-                    why="every state the step reads must be given",
-                    fix="pass learner.params / learner.init() (or values of the same structure)",
-                )
-            )
-        leaves.append(_mantissa(_leaf_of(source[leaf.state_path], leaf.key), leaf.unit))
-    return leaves
-
-
-def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
-    """A dict shaped like `template` with each captured leaf replaced by `values[leaf]` (with units).
-
-    A state's captured leaves come in the flatten order of its value, so they pair with the template's
-    leaves one to one."""
-    out = dict(template)
-    by_state: dict[str, list[int]] = {}
-    for index, leaf in enumerate(captured.leaves):
-        if leaf.role in roles and index in values:
-            by_state.setdefault(leaf.state_path, []).append(index)
-    for path, indices in by_state.items():
-        flat, tree = jax.tree.flatten(template[path], is_leaf=u.math.is_quantity)
-        if len(flat) != len(indices):
-            raise CompileError(
-                four_part(
-                    what=f"`{captured.leaves[indices[0]].state_name}` has {len(flat)} array(s) here but {len(indices)} "
-                    "in the compiled step",
-                    where="Learner.step(params, state, ...)",
-                    why="params and state must keep the structure of learner.params / learner.init()",
-                    fix="pass values with the same structure (e.g. the {'weight': ...} dict of a Linear)",
-                )
-            )
-        replaced = [
-            _wrap_like(values[index], old, captured.leaves[index].unit)
-            for index, old in zip(indices, flat, strict=True)
-        ]
-        out[path] = jax.tree.unflatten(tree, replaced)
-    return out
-
-
-def _wrap_like(value, old, unit):
-    if unit is not None and not unit.is_unitless:
-        return u.Quantity(value, unit=unit)
-    return value if not u.math.is_quantity(old) else u.Quantity(value, unit=u.get_unit(old))
-
-
-def _states_from(captured, new_leaves, model: dict) -> dict:
-    values = {i: v for i, v in enumerate(new_leaves) if captured.leaves[i].role != "weight"}
-    return _rebuild(captured, model, values, roles=("hidden", "short_term", "long_term", "random"))
-
-
-def _grads_like(captured, params: dict, grads: dict[int, Any]) -> dict:
-    zeros = jax.tree.map(lambda x: x * 0, params, is_leaf=u.math.is_quantity)
-    return _rebuild(captured, zeros, grads, roles=("weight",))
 
 
 def compile(

@@ -160,24 +160,33 @@ def shard_step(
         donate_argnums=(1,) if donate_state else (),
     )
     placed = jax.device_put(learner.constants, constants)
-    step = _Bound(jitted, placed)
+    ins = (params, state, x_sharding, target_sharding, constants)
+    scan = _Bound(_scan(learner, mesh, ins, (state, result), donate_state), placed)
+    left = tuple(rules.left)
+    return ShardedStep(
+        learner, mesh, params, state, x_sharding, target_sharding, result, _Bound(jitted, placed), left, scan
+    )
+
+
+def _scan(learner: Learner, mesh: Mesh, ins: tuple, outs: tuple, donate_state: bool):
+    """`Learner.scan` jit-compiled with the step's shardings `ins` = (params, state, input, target,
+    constants) and `outs` = (state, result), a leading time axis added (replicated) to the sequence and
+    its outputs, the loss mask replicated."""
+    params, state, x_sharding, target_sharding, constants = ins
 
     def scan_with(params, state, xs, targets, loss_mask, constants):
         return learner.scan(params, state, xs, targets, loss_mask=loss_mask, constants=constants)
 
-    def over_time(tree):  # the same placement with a leading, replicated time axis
+    def over_time(tree):
         return jax.tree.map(lambda sharding: NamedSharding(mesh, P(None, *sharding.spec)), tree)
 
-    scan_result = ScanResult(output=over_time(result.output), loss=rules.sharding(P()), grads=params)  # pyright: ignore[reportArgumentType]
-    scanned = jax.jit(
+    whole = NamedSharding(mesh, P())
+    result = ScanResult(output=over_time(outs[1].output), loss=whole, grads=params)  # pyright: ignore[reportArgumentType]
+    return jax.jit(
         scan_with,
-        in_shardings=(params, state, over_time(x_sharding), over_time(target_sharding), rules.sharding(P()), constants),
-        out_shardings=(state, scan_result),
+        in_shardings=(params, state, over_time(x_sharding), over_time(target_sharding), whole, constants),
+        out_shardings=(outs[0], result),
         donate_argnums=(1,) if donate_state else (),
-    )
-    left = tuple(rules.left)
-    return ShardedStep(
-        learner, mesh, params, state, x_sharding, target_sharding, result, step, left, _Bound(scanned, placed)
     )
 
 
