@@ -227,12 +227,14 @@ class Learner(eqx.Module):
         """Run `step` over a whole sequence in one `lax.scan`; return the final state and a `ScanResult`.
 
         Arguments:
-            params, state, constants: as for `step`.
+            params: as for `step`.
+            state: as for `step`: the state the sequence starts from.
             xs: the inputs of every step, time first (`x_t = xs[t]`; a tuple when `model.update` takes
                 several arguments).
             targets: what `loss` takes at every step, time first.
             loss_mask: optional, one value per step: where it is 0 (or False) the step's loss forms no
                 gradient (the step advances the states and traces only; its loss is still reported).
+            constants: as for `step`.
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
                 factors under 256 MiB (`summary()` shows a step's share).
