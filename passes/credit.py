@@ -97,10 +97,12 @@ def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
     """`new` with every chain node's trace advanced: `q ← D̄_c q + F̄_c · In`, nodes parents first."""
     new = dict(new)
     for node in plan.chains:
-        d, f = _stage_factors(analysis, values, node.stage, cache)
+        with jax.named_scope("stage_factors"):
+            d, f = _stage_factors(analysis, values, node.stage, cache)
         c = node.unit_class[-1]
         if node.parent is None:
-            entering = _injection(analysis, plan, values, node, old, new, cache)
+            with jax.named_scope("injection"):
+                entering = _injection(analysis, plan, values, node, old, new, cache)
         else:
             parent = next(p for p in plan.chains if p.key == node.parent)
             source = new if node.stage.link_new else old
@@ -157,7 +159,8 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
         for read, delta, traces in ((node.read, delta_new, new), (node.read_prev, delta_prev, old)):
             if not read:
                 continue
-            pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
+            with jax.named_scope("pull"):
+                pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
             q = dict(zip(node.states, traces[node.key], strict=True))
             _add_terms(analysis, plan, values, node, pulled, q, traces is old, old, step, terms, cotangents)
     return terms, cotangents
