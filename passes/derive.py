@@ -14,7 +14,9 @@ forward-mode JVPs and one reverse-mode VJP of the step's own evaluator — never
 
 Group arrays have the layout of the group's leaves plus a trailing state axis: `(..., n_states)`.
 Invariant: every function here re-evaluates the captured jaxpr (with substitutions); values agree with
-the plain step exactly.
+the plain step exactly. Only the part between what changes and what is wanted is re-evaluated
+(`interpret.evaluate` with the forward values as `known`), so each derivative costs its own group's slice
+of the step, not the whole step.
 """
 
 import dataclasses
@@ -28,7 +30,7 @@ from jax import lax
 
 from fusetrace._compat import Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
-from fusetrace.interpret import evaluate
+from fusetrace.interpret import environment, evaluate
 from fusetrace.rules import lookup, reads_values
 
 
@@ -42,6 +44,9 @@ class StepValues:
     new_leaves: list
     y: dict[int, jax.Array]  # contraction index -> op output
     u: dict[int, jax.Array]  # contraction index -> presynaptic input
+    # every var of the step -> its value: what a derivative reads instead of re-evaluating it (empty: the
+    # derivatives re-evaluate the whole step)
+    known: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
@@ -49,7 +54,8 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
     jaxpr = captured.jaxpr
     contractions = facts.contractions
     want = [*jaxpr.jaxpr.outvars, *(c.out_var for c in contractions), *(c.pre_var for c in contractions)]
-    values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
+    known = environment(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves])
+    values = [atom.val if isinstance(atom, Literal) else known[atom] for atom in want]
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
     return StepValues(
         inputs=list(inputs),
@@ -58,6 +64,7 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         new_leaves=values[n_out:n_all],
         y={c.index: values[n_all + c.index] for c in contractions},
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
+        known=known,
     )
 
 
@@ -69,9 +76,17 @@ def _evaluate_with(
     want: list,
     transform: dict | None = None,
 ):
+    """The step's values of `want` with `leaves` and the `substitute`d vars changed, evaluating only the
+    equations between the changed values and `want` (the rest is read from the forward values)."""
     jaxpr = analysis.captured.jaxpr
     return evaluate(
-        jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute, transform=transform
+        jaxpr.jaxpr,
+        jaxpr.consts,
+        [*values.inputs, *leaves],
+        want=want,
+        substitute=substitute,
+        transform=transform,
+        known=values.known or None,
     )
 
 
