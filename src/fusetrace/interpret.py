@@ -24,6 +24,7 @@ vars and cached with the jaxpr.
 Rewrites call `jax.make_jaxpr` on a function that calls `evaluate`; nothing here builds equations.
 """
 
+import heapq
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -120,13 +121,7 @@ def _evaluate_local(jaxpr, consts, args, want, substitute, transform, known) -> 
         if value is not known[var]:
             env[var] = value
     wanted = jaxpr.outvars if want is None else want
-    plan = _local_plan(
-        jaxpr,
-        tuple(v for v in wanted if isinstance(v, Var)),
-        frozenset(env),
-        frozenset(substitute),
-        frozenset(transform),
-    )
+    plan = _local_plan(jaxpr, tuple(v for v in wanted if isinstance(v, Var)), tuple(env), substitute, transform)
 
     def read(atom):
         if isinstance(atom, Literal):
@@ -142,27 +137,60 @@ def _evaluate_local(jaxpr, consts, args, want, substitute, transform, known) -> 
     return [read(v) for v in wanted]
 
 
-_PLANS: "weakref.WeakKeyDictionary[Jaxpr, dict]" = weakref.WeakKeyDictionary()
+class _Index:
+    """Where each var of a jaxpr is produced and read (equation indices), built once per jaxpr."""
+
+    def __init__(self, jaxpr: Jaxpr):
+        self.producer: dict[Var, int] = {}
+        self.readers: dict[Var, list[int]] = {}
+        for index, eqn in enumerate(jaxpr.eqns):
+            for atom in eqn.invars:
+                if isinstance(atom, Var):
+                    self.readers.setdefault(atom, []).append(index)
+            for var in eqn.outvars:
+                self.producer[var] = index
+        self.plans: dict[tuple, tuple] = {}
 
 
-def _local_plan(jaxpr: Jaxpr, want: tuple, changed: frozenset, cut: frozenset, transformed: frozenset) -> tuple:
+_INDEX: "weakref.WeakKeyDictionary[Jaxpr, _Index]" = weakref.WeakKeyDictionary()
+
+
+def _local_plan(jaxpr: Jaxpr, want: tuple, changed: tuple, cut: Mapping, transformed: Mapping) -> tuple:
     """The equations (in order) on a path from a `changed` var (or the equation of a `transformed` one) to
-    a var of `want`, a path never passing through a `cut` (substituted) var unless it is changed itself."""
-    plans = _PLANS.setdefault(jaxpr, {})
-    key = (want, changed, cut, transformed)
-    if key in plans:
-        return plans[key]
-    live = set(changed)
-    for eqn in jaxpr.eqns:
-        if any(v in transformed for v in eqn.outvars) or any(isinstance(a, Var) and a in live for a in eqn.invars):
-            live.update(v for v in eqn.outvars if v not in cut)
+    a var of `want`, a path never passing through a `cut` (substituted) var unless it is changed itself.
+
+    Cost: the equations reachable from the changed vars that come before the last wanted var (a jaxpr
+    is in dependency order), not the whole jaxpr; cached per key."""
+    index = _INDEX.get(jaxpr)
+    if index is None:
+        index = _INDEX[jaxpr] = _Index(jaxpr)
+    key = (want, frozenset(changed), frozenset(cut), frozenset(transformed))
+    if key in index.plans:
+        return index.plans[key]
+    last = max((index.producer.get(v, -1) for v in want), default=-1)
+    live, reached = set(changed), []
+    seen = {i for v in changed for i in index.readers.get(v, ()) if i <= last}
+    seen.update(index.producer[v] for v in transformed if index.producer.get(v, last + 1) <= last)
+    frontier = sorted(seen)  # a sorted list is a heap
+    while frontier:  # the forward cone of the changed vars, in equation order
+        i = heapq.heappop(frontier)
+        reached.append(i)
+        for var in jaxpr.eqns[i].outvars:
+            if var in cut or var in live:
+                continue
+            live.add(var)
+            for j in index.readers.get(var, ()):
+                if j <= last and j not in seen:
+                    seen.add(j)
+                    heapq.heappush(frontier, j)
     needed, run = set(want), []
-    for eqn in reversed(jaxpr.eqns):
+    for i in reversed(reached):  # ... that the wanted vars need
+        eqn = jaxpr.eqns[i]
         if any(v in needed and v in live and v not in cut for v in eqn.outvars):
             run.append(eqn)
             needed.update(a for a in eqn.invars if isinstance(a, Var))
-    plans[key] = tuple(reversed(run))
-    return plans[key]
+    index.plans[key] = tuple(reversed(run))
+    return index.plans[key]
 
 
 def _run(eqn, invals, inline, fold):
