@@ -158,18 +158,27 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     )
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
-    _, linear = jax.linearize(transition, *primals)
-    zeros = tuple([jnp.zeros_like(x) for x in part] for part in primals)
-
-    def column(part: int, index: int) -> jax.Array:
-        tangents = [list(z) for z in zeros]
-        tangents[part][index] = jnp.ones_like(primals[part][index])
-        return stack_states(linear(*tangents))
-
-    d = jnp.stack([column(0, s) for s in range(group.n_states)], axis=-1)
-    f_op = iter([column(1, i) for i in range(len(through_op))])
-    f_param = iter([column(2, i) for i in range(len(through_param))])
+    columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of))]
+    stacked = stack_states(jvp_columns(transition, primals, columns))  # (column, ..., S)
+    d = jnp.moveaxis(stacked[: group.n_states], 0, -1)
+    f_op = iter([stacked[group.n_states + i] for i in range(len(through_op))])
+    f_param = iter([stacked[group.n_states + len(through_op) + i] for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
+
+
+def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int, int]]) -> list:
+    """`function`'s JVP at `primals` (a tuple of lists of arrays) for each column `(part, index)`: a ones
+    tangent on `primals[part][index]`, zeros elsewhere. ONE JVP with the tangents stacked on a leading
+    axis (`vmap`): the primal is traced once and so is the tangent map, whatever the number of columns.
+    Returns `function`'s outputs, each with the column axis first."""
+    n = len(columns)
+
+    def stacked(part: int, index: int, x: jax.Array) -> jax.Array:
+        hot = np.asarray([column == (part, index) for column in columns], dtype=x.dtype)
+        return lax.broadcast_in_dim(jnp.asarray(hot), (n, *x.shape), (0,))
+
+    tangents = tuple([stacked(part, i, x) for i, x in enumerate(values)] for part, values in enumerate(primals))
+    return jax.vmap(lambda *tangent: jax.jvp(function, primals, tangent)[1])(*tangents)
 
 
 def _has_custom_vjp(jaxpr) -> bool:
@@ -283,15 +292,8 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bo
             leaves[leaf] = value
         return _evaluate_with(analysis, values, leaves, {}, [link])[0]
 
-    primals = [(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves]
-    _, linear = jax.linearize(pre, primals)
-    zeros = [jnp.zeros_like(h) for h in primals]
-    return stack_states(
-        [
-            linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros, strict=True))])
-            for s in range(group.n_states)
-        ]
-    )
+    primals = ([(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves],)
+    return jnp.moveaxis(jvp_columns(pre, primals, [(0, s) for s in range(group.n_states)]), 0, -1)
 
 
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
