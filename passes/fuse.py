@@ -301,7 +301,7 @@ def fused_step(
         values = derive.forward(analysis, inputs, leaves)
     cache: dict = {}  # per-step derivatives the chains share
     if not gradient:  # only the traces move (the credit chains' included)
-        own, _, _ = _update_traces(analysis, plan, values, traces, step, None)
+        own, _, _ = _update_traces(analysis, plan, values, traces, step, None, cache)
         with jax.named_scope("credit_chains"):
             new_traces = credit.advance(analysis, plan, values, traces, own, cache)
         return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
@@ -311,7 +311,7 @@ def fused_step(
             analysis, values, loss_of_outputs, weight_leaves, plan.feedback
         )
     grads = {leaf: direct[leaf] for leaf in weight_leaves}
-    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev))
+    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev), cache)
     with jax.named_scope("credit_chains"):
         new_traces = credit.advance(analysis, plan, values, traces, own, cache)
         chain_terms, chain_cotangents = credit.gradients(
@@ -335,10 +335,11 @@ def fused_step(
     return values.new_leaves, new_traces, values.outputs, loss, grads
 
 
-def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals):
+def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals, cache: dict):
     """Every traced relation's new trace, group by group. Given `signals` = `(δ_new, δ_prev)` by hidden
     leaf, also its gradient: `(new_traces, [(weight leaf, gradient term)], cotangents)`, the cotangents
-    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end."""
+    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end. Each group's `D`
+    and `F` go into `cache` for the credit chains through it."""
     relations = analysis.relations
     by_group: dict[str, list[int]] = {}
     for index in plan.traced:
@@ -351,6 +352,7 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         with jax.named_scope("derivatives"):
             d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
         f = dict(zip(needs_f, f_list, strict=True))
+        cache[(credit.DERIVATIVES, name)] = (d, f)  # the chains through this group read them too
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
         posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
