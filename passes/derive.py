@@ -21,6 +21,7 @@ of the step, not the whole step.
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fusetrace._compat import Literal, aval_shape, bind_eqn, custom_vjp_call_p
+from fusetrace._compat import Jaxpr, Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
 from fusetrace.interpret import environment, evaluate
 from fusetrace.rules import lookup, reads_values
@@ -116,9 +117,8 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
     group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
     leaves = set(group.leaves)
     surrogates = []
-    for eqn in analysis.captured.jaxpr.jaxpr.eqns:
-        rule = lookup(eqn.primitive)
-        if rule is None or not rule.spike or tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
+    for eqn in _spikes(analysis.captured.jaxpr.jaxpr):
+        if tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
             continue
         fact = analysis.facts.propagation.of(eqn.invars[0])
         if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
@@ -181,12 +181,30 @@ def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int,
     return jax.vmap(lambda *tangent: jax.jvp(function, primals, tangent)[1])(*tangents)
 
 
-def _has_custom_vjp(jaxpr) -> bool:
+# facts about a whole captured jaxpr, found once per jaxpr (not once per group: that is O(groups²))
+_SPIKES: "weakref.WeakKeyDictionary[Jaxpr, tuple]" = weakref.WeakKeyDictionary()
+_CUSTOM_VJP: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
+
+
+def _spikes(jaxpr: Jaxpr) -> tuple:
+    """The equations of `jaxpr` whose primitive's rule is a spike."""
+    if jaxpr not in _SPIKES:
+        _SPIKES[jaxpr] = tuple(e for e in jaxpr.eqns if (rule := lookup(e.primitive)) is not None and rule.spike)
+    return _SPIKES[jaxpr]
+
+
+def _has_custom_vjp(jaxpr: Jaxpr) -> bool:
+    if jaxpr not in _CUSTOM_VJP:
+        _CUSTOM_VJP[jaxpr] = _holds_custom_vjp(jaxpr)
+    return _CUSTOM_VJP[jaxpr]
+
+
+def _holds_custom_vjp(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if eqn.primitive is custom_vjp_call_p:
             return True
         params = [p for v in eqn.params.values() for p in (v if isinstance(v, tuple) else (v,))]
-        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _has_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
+        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _holds_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
             return True
     return False
 
