@@ -316,7 +316,7 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bo
 
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
     """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
-    structural ops: the VJP is exact and selects the source's part)."""
+    structural ops: its transpose is exact and selects the source's part)."""
     return pullback_map(analysis, values, source, target)(cotangent)
 
 
