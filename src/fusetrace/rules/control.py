@@ -54,6 +54,12 @@ def sub_jaxprs(eqn) -> tuple[ClosedJaxpr, ...]:
     return tuple(found)
 
 
+def count_equations(jaxpr: Jaxpr) -> int:
+    """The equations of `jaxpr`, those of every nested sub-jaxpr (a loop body, a cond branch, a call)
+    counted too: the size of a program as XLA receives it."""
+    return sum(1 + sum(count_equations(inner.jaxpr) for inner in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
+
+
 def holds_contraction(jaxpr: Jaxpr) -> bool:
     """Whether `jaxpr` (or a sub-jaxpr of one of its equations) has a contracting equation."""
     for eqn in jaxpr.eqns:
