@@ -33,14 +33,7 @@ import numpy as np
 from jax import lax
 
 from ._compat import ClosedJaxpr, Jaxpr, Literal, Var, aval_dtype, aval_shape, bind_eqn, jit_p
-from .rules.control import holds_contraction, scan_parts
-
-UNROLL_MAX_LENGTH = 32
-"""Scans (`brainstate.transform.for_loop`, `lax.scan`, static `fori_loop`) of at most this many iterations
-are unrolled before analysis: sub-steps of a neuron, or a weight applied inside the loop body, then become
-straight-line code (a weight inside the body gives one contraction per iteration, or one after CSE when
-its operands do not change). Longer scans stay whole: the analysis propagates facts through their body
-to a fixed point, and a contraction inside them cannot become a weight relation."""
+from .rules.control import UNROLL_MAX_LENGTH, holds_contraction, scan_parts
 
 
 def evaluate(
