@@ -27,7 +27,7 @@ same sweep on the commit before issue 19's changes).
 
 import argparse
 import json
-import re
+import pathlib
 import statistics
 import time
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 import fusetrace
 from fusetrace._compat import dce
-from fusetrace.passes.fuse import SCOPES
+from fusetrace.program import summarize_program
 from fusetrace.rules.control import count_equations
 
 NEURONS = 32  # per population
@@ -155,24 +155,9 @@ def _run_ms(function, args_of, steps: int = 1) -> float:
     return statistics.median(samples)
 
 
-def equations_by_part(jaxpr) -> dict[str, int]:
-    """Equations (nested counted) by the outermost `SCOPES` name on their name stack ("other": none)."""
-    counts = dict.fromkeys((*SCOPES, "other"), 0)
-    pattern = re.compile(rf"(?:^|/)({'|'.join(SCOPES)})(?:/|$)")
-
-    def visit(jaxpr, part=None):
-        for eqn in jaxpr.eqns:
-            found = pattern.search(str(eqn.source_info.name_stack))
-            own = part or (found.group(1) if found else "other")
-            counts[own] += 1
-            for value in eqn.params.values():
-                for item in value if isinstance(value, tuple | list) else (value,):
-                    inner = getattr(item, "jaxpr", item)
-                    if hasattr(inner, "eqns"):
-                        visit(inner, own)
-
-    visit(jaxpr)
-    return {part: n for part, n in counts.items() if n}
+def equations_by_part(closed) -> dict[str, int]:
+    """Equations (nested counted) by the part of the fused step that emitted them (`fusetrace.program`)."""
+    return {part.name: part.equations for part in summarize_program(closed).parts}
 
 
 def _forward(model, x, y, tries: int) -> dict:
@@ -231,7 +216,7 @@ def _fused(model, x, y, algorithm: str, tries: int) -> dict:
     return {
         "equations": count_equations(jaxpr.jaxpr),
         "live_equations": count_equations(dce(jaxpr.jaxpr)),  # what jit lowers (it drops dead code first)
-        "by_part": equations_by_part(jaxpr.jaxpr),
+        "by_part": equations_by_part(jaxpr),
         "chain_nodes": len(learner.plan.chains),
         "fusetrace_compile_s": compile_s,
         **phases,
@@ -255,11 +240,14 @@ def measure(method: str, populations: int, states: int, batch: int, tries: int =
 # --------------------------------------------------------------------------- sweeps, results, plot
 
 
-def sweep(methods, sizes: list[tuple[int, int]], batch: int, timeout_s: float, isolate: bool = True) -> dict:
+def sweep(
+    methods, sizes: list[tuple[int, int]], batch: int, timeout_s: float, isolate: bool = True, results=None, saved=None
+) -> dict:
     """`{method: {"K,S": result}}` over `sizes` (K populations, S states per neuron), each in a fresh process,
     every method at one size before the next size (so methods compared at a size ran under similar load);
-    after a failure (or a timeout) a method skips its larger sizes."""
-    results: dict[str, dict] = {method: {} for method in methods}
+    after a failure (or a timeout) a method skips its larger sizes. Fills `results` when given, calling
+    `saved()` after each size (so a run stopped from outside keeps what it measured)."""
+    results = {method: {} for method in methods} if results is None else results
     for populations, states in sizes:
         for method in methods:
             if any("error" in r for r in results[method].values()):
@@ -276,6 +264,8 @@ def sweep(methods, sizes: list[tuple[int, int]], batch: int, timeout_s: float, i
                 f"run {result['run_ms']:8.3f} ms/step"
             )
             print(f"  {method:9s} K={populations:<4d} S={states}  {shown}", flush=True)
+            if saved is not None:
+                saved()
     return results
 
 
@@ -364,6 +354,25 @@ def bars(rounds: int, batch: int, timeout_s: float) -> dict:
     }
 
 
+def merge(parts: list[dict]) -> dict:
+    """One results payload from runs of the same sweep over different methods (`--methods`, run in
+    parallel): their per-method results side by side, the first run's settings and machine, and the
+    targets of whichever run measured them."""
+    settings = ("batch", "neurons_per_population", "bptt_steps", "states_per_neuron", "populations_for_states")
+    first = parts[0]
+    for part in parts[1:]:
+        different = [key for key in settings if key in part and part[key] != first.get(key)]
+        if different:
+            raise ValueError(f"the runs differ in {different}: they are not one sweep")
+    payload = {key: first[key] for key in (*settings, "machine") if key in first}
+    for sweep_name in ("by_populations", "by_states"):
+        payload[sweep_name] = {m: r for part in parts for m, r in part.get(sweep_name, {}).items()}
+    targets = [part["targets"] for part in parts if "targets" in part]
+    if targets:
+        payload["targets"] = targets[0]
+    return payload
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--populations", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128])
@@ -375,6 +384,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write results/ and images/ under this folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, in this process (run_all --quick)")
     parser.add_argument("--bars", type=int, metavar="ROUNDS", help="measure issue 19's targets only, in ROUNDS rounds")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="join runs (--out DIR) of other methods")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -388,19 +398,27 @@ def main(argv=None):
         return
     if args.quick:
         args.populations, args.states, args.states_at = [2, 3], [2, 3], 2
-    default_states, isolate = min(args.states), not args.quick
-    by_k = sweep(args.methods, [(k, default_states) for k in args.populations], args.batch, args.timeout, isolate)
-    by_s = sweep(args.methods, [(args.states_at, s) for s in args.states], args.batch, args.timeout, isolate)
-    payload = {
-        "batch": args.batch,
-        "neurons_per_population": NEURONS,
-        "bptt_steps": BPTT_STEPS,
-        "states_per_neuron": default_states,
-        "populations_for_states": args.states_at,
-        "by_populations": by_k,
-        "by_states": by_s,
-    }
-    common.write_json(json_path, payload)
+    if args.merge:
+        payload = merge([json.loads((pathlib.Path(d) / "results" / "compile.json").read_text()) for d in args.merge])
+        common.write_json(json_path, payload)
+    else:
+        default_states, isolate = min(args.states), not args.quick
+        payload = {
+            "batch": args.batch,
+            "neurons_per_population": NEURONS,
+            "bptt_steps": BPTT_STEPS,
+            "states_per_neuron": default_states,
+            "populations_for_states": args.states_at,
+            "by_populations": {method: {} for method in args.methods},
+            "by_states": {method: {} for method in args.methods},
+        }
+
+        def saved():
+            common.write_json(json_path, payload)
+
+        by_k, by_s = [(k, default_states) for k in args.populations], [(args.states_at, s) for s in args.states]
+        sweep(args.methods, by_k, args.batch, args.timeout, isolate, payload["by_populations"], saved)
+        sweep(args.methods, by_s, args.batch, args.timeout, isolate, payload["by_states"], saved)
     before_path = json_path.with_name("compile_before.json")
     plot(payload, png_path, json.loads(before_path.read_text()) if before_path.exists() else None)
 

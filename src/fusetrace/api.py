@@ -2,6 +2,7 @@
 capture -> simplify -> step facts -> hidden groups -> relations -> graph (-> derive -> fuse)."""
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.report import weight_reports
 from .passes.simplify import simplify
+from .program import ProgramSummary, summarize_program
 from .stepfacts import step_facts
 
 
@@ -70,6 +72,9 @@ def analyze(
     return Analysis(
         captured=captured, facts=facts, groups=groups, relations=relations, graph=build_graph(facts, groups, relations)
     )
+
+
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan -> its fused step's ProgramSummary
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -273,9 +278,18 @@ class Learner(eqx.Module):
         """The dependency graph of the analysis (a frozen networkx `DiGraph`; schema in `fusetrace.graph`)."""
         return self.analysis.graph
 
-    def summary(self) -> str:
+    def program_summary(self) -> ProgramSummary:
+        """The fused step by part (forward dynamics, learning signal, D and F derivatives, trace updates,
+        credit traces, same-step gradients, gradient contraction): equations, and estimated FLOPs and bytes
+        per step (`fusetrace.program`). Traced once per compiled learner; `print` it for a table."""
+        if self.plan not in _PROGRAMS:
+            _PROGRAMS[self.plan] = summarize_program(self.fused_jaxpr)
+        return _PROGRAMS[self.plan]
+
+    def summary(self, program: bool = True) -> str:
         """The analysis summary, then the algorithm and, for every weight: what it gets (trace, same-step
-        gradient, ...), its trace shapes and bytes, exact or approximate, and why."""
+        gradient, ...), its trace shapes and bytes, exact or approximate, and why; with `program`, the fused
+        step by part (`program_summary`, which traces the step once)."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
         lines += [f"  {report.line()}" for report in self.report()]
         per_step = sequence.deferred_bytes(self)
@@ -285,6 +299,8 @@ class Learner(eqx.Module):
                 f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "
                 f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB)"
             )
+        if program:
+            lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"
 
     def drawing(self, title: str = "") -> Drawing:
@@ -343,6 +359,7 @@ class Learner(eqx.Module):
             display.html_table(display.group_rows(self.analysis), "hidden groups"),
             display.html_table(display.report_rows(self.report()), f"per weight ({self.algorithm})"),
             display.html_table(display.memory_rows(self.analysis.trace_memory()), "trace memory"),
+            display.html_table(self.program_summary().rows(), "the fused program by part (estimated)"),
         ]
         return display.html_view(f"fusetrace learner ({self.algorithm})", tables, plots.svg(self.drawing()))
 
