@@ -41,7 +41,7 @@ import numpy as np
 DT = 1.0 * u.ms
 SPIKING = ("lif", "lif_ref", "alif", "adex", "izhikevich")
 NEURON_KINDS = (*SPIKING, "rate")
-COMMS = ("linear", "linear_bias", "event_linear", "fixed_prob", "fixed_prob_scalar", "csr", "transformed")
+COMMS = ("linear", "linear_bias", "event_linear", "fixed_prob", "fixed_prob_scalar", "csr", "transformed", "conv")
 TRANSFORMS = ("abs", "mask", "normalise")
 SYNAPSES = ("post_expon", "post_dual_expon", "pre_expon", "pre_alpha", "user_expon", "user_alpha", "current", "delta")
 READOUTS = ("none", "linear", "linear_bias", "leaky", "leaky_per_unit", "trained_tau")
@@ -65,15 +65,22 @@ class Population:
     hetero_tau: bool = False
     param: str = "none"
     surrogate: str = "relu"
+    channels: int = 0  # > 0: laid out as positions x channels (a convolution's output), read flattened
 
     def __post_init__(self):
         assert self.kind in NEURON_KINDS, self.kind
+        assert self.channels == 0 or (self.kind in SPIKING and self.size % self.channels == 0)
         assert self.param in ("none", "bias", "threshold"), self.param
         assert self.param != "threshold" or self.kind == "lif", "a learnable threshold is written for LIF"
 
     @property
     def spiking(self) -> bool:
         return self.kind in SPIKING
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The neuron layout: `(size,)`, or `(positions, channels)`."""
+        return (self.size // self.channels, self.channels) if self.channels else (self.size,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Projection:
     def __post_init__(self):
         assert self.comm in COMMS and self.synapse in SYNAPSES and self.timing in ("new", "prev")
         assert (self.comm == "transformed") == (self.transform in TRANSFORMS)
+        assert self.comm != "conv" or (self.source.startswith("x") and self.tie is None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +250,8 @@ def _spk_fun(name: str):
 
 
 def _tau(pop: Population, base: float):
-    return (jnp.linspace(0.6 * base, 1.6 * base, pop.size) if pop.hetero_tau else base) * u.ms
+    taus = jnp.linspace(0.6 * base, 1.6 * base, pop.size).reshape(pop.shape)
+    return (taus if pop.hetero_tau else base) * u.ms
 
 
 # --------------------------------------------------------------------------- populations
@@ -293,18 +302,18 @@ def make_neuron(pop: Population, rng: np.random.Generator):
         "V_initializer": HostInit(rng, 0.5, 0.45, u.mV, uniform=True),
     }
     if pop.kind == "lif" and pop.param == "threshold":
-        theta = jnp.asarray(rng.uniform(0.8, 1.2, pop.size), dtype=brainstate.environ.dftype())
-        return ThresholdLIF(pop.size, theta, **lif_like)
+        theta = jnp.asarray(rng.uniform(0.8, 1.2, pop.shape), dtype=brainstate.environ.dftype())
+        return ThresholdLIF(pop.shape, theta, **lif_like)
     if pop.kind == "lif":
-        return bps.LIF(pop.size, **lif_like)
+        return bps.LIF(pop.shape, **lif_like)
     if pop.kind == "lif_ref":
-        return bps.LIFRef(pop.size, tau_ref=2.0 * u.ms, **lif_like)
+        return bps.LIFRef(pop.shape, tau_ref=2.0 * u.ms, **lif_like)
     if pop.kind == "alif":
         lif_like.pop("R")
-        return bps.ALIF(pop.size, tau_a=20.0 * u.ms, beta=0.3 * u.mV, **lif_like)
+        return bps.ALIF(pop.shape, tau_a=20.0 * u.ms, beta=0.3 * u.mV, **lif_like)
     if pop.kind == "adex":
         return bps.AdExIF(
-            pop.size,
+            pop.shape,
             tau=_tau(pop, 10.0),
             tau_w=30.0 * u.ms,
             V_th=-50.0 * u.mV,
@@ -319,7 +328,7 @@ def make_neuron(pop: Population, rng: np.random.Generator):
             V_initializer=HostInit(rng, -57.5, 7.5, u.mV, uniform=True),
         )
     if pop.kind == "izhikevich":
-        return bps.Izhikevich(pop.size, spk_fun=spk, V_initializer=HostInit(rng, -50.0, 20.0, u.mV, uniform=True))
+        return bps.Izhikevich(pop.shape, spk_fun=spk, V_initializer=HostInit(rng, -50.0, 20.0, u.mV, uniform=True))
     return LeakyTanh(pop.size, _tau(pop, 4.0))
 
 
@@ -390,8 +399,27 @@ class EventCSR(brainstate.nn.Module):
         return y if self.unit is None else y * self.unit
 
 
+class ConvComm(brainstate.nn.Module):
+    """A small convolution over the input laid out as positions x 1 channel: `Conv1d(kernel 2, VALID)`
+    onto `channels` output channels, as users write `conv(x[..., None])`."""
+
+    def __init__(self, n_pre: int, channels: int, rng, scale: float, unit):
+        super().__init__()
+        self.unit = unit
+        init = _kaiming(rng, 2, scale)
+        self.conv = brainstate.nn.Conv1d((n_pre, 1), channels, 2, padding="VALID", w_init=init, b_init=None)
+        self.weight = self.conv.weight
+
+    def update(self, x):
+        y = self.conv(u.get_mantissa(x)[..., None])
+        return y if self.unit is None else y * self.unit
+
+
 def make_comm(kind: str, transform: str, n_pre: int, n_post: int, rng, scale: float, unit, seed: int):
-    """The comm module of a projection; weights scaled by `scale` (in `unit`, None for unit-free)."""
+    """The comm module of a projection; weights scaled by `scale` (in `unit`, None for unit-free). A "conv"
+    comm's `n_post` is its number of output channels."""
+    if kind == "conv":
+        return ConvComm(n_pre, n_post, rng, scale, unit)
     init = _kaiming(rng, n_pre, scale, unit)
     if kind in ("linear", "linear_bias"):
         bias = HostInit(rng, 0.1 * scale, 0.05 * scale, unit) if kind == "linear_bias" else None
@@ -484,7 +512,7 @@ class FuzzNet(brainstate.nn.Module):
         for k, (pop, rng) in enumerate(zip(spec.populations, rngs, strict=True)):
             setattr(self, f"p{k}", self.pops[k])
             if pop.param == "bias":
-                bias = rng.normal(0.2, 0.3, pop.size) * SCALES[pop.kind].drive
+                bias = rng.normal(0.2, 0.3, pop.shape) * SCALES[pop.kind].drive
                 setattr(self, f"bias{k}", brainstate.ParamState(jnp.asarray(bias, dtype=brainstate.environ.dftype())))
         self.projs = []
         for i, proj in enumerate(spec.projections):
@@ -502,7 +530,7 @@ class FuzzNet(brainstate.nn.Module):
     def _make_projection(self, index: int, proj: Projection, rng):
         spec = self.spec
         post_pop, post = spec.populations[proj.target], self.pops[proj.target]
-        n_pre, n_post = source_size(spec, proj.source), post_pop.size
+        n_pre, n_post = source_size(spec, proj.source), post_pop.channels or post_pop.size
         scale = SCALES[post_pop.kind]
         if proj.stp:
             setattr(self, f"stp{index}", bps.STP(n_pre, U=0.3, tau_f=5.0 * u.ms, tau_d=3.0 * u.ms))
@@ -524,9 +552,9 @@ class FuzzNet(brainstate.nn.Module):
             comm = self.projs[proj.tie].comm
         else:
             comm = make_comm(proj.comm, proj.transform, n_pre, n_post, rng, size, unit, spec.seed + index)
-        return self._wrap(index, proj, comm, post, unit, n_post)
+        return self._wrap(index, proj, comm, post, unit, post_pop.shape)
 
-    def _wrap(self, index, proj, comm, post, unit, n_post):
+    def _wrap(self, index, proj, comm, post, unit, post_shape):
         """The projection module delivering `comm`'s output to `post` (None: the step adds it itself)."""
         zero = braintools.init.Constant(0.0 if unit is None else 0.0 * unit)
         tau = (6.0 if proj.delay else 3.0) * u.ms
@@ -534,9 +562,9 @@ class FuzzNet(brainstate.nn.Module):
             module = _UserSynapse(comm, None)
         elif proj.synapse in ("post_expon", "post_dual_expon"):
             if proj.synapse == "post_expon":
-                syn = bps.Expon.desc(n_post, tau=tau, g_initializer=zero)
+                syn = bps.Expon.desc(post_shape, tau=tau, g_initializer=zero)
             else:
-                syn = bps.DualExpon.desc(n_post, tau_decay=4.0 * u.ms, tau_rise=1.0 * u.ms, g_initializer=zero)
+                syn = bps.DualExpon.desc(post_shape, tau_decay=4.0 * u.ms, tau_rise=1.0 * u.ms, g_initializer=zero)
             out = bps.COBA.desc(E=(5.0 if proj.sign > 0 else -1.0) * u.mV) if proj.coba else bps.CUBA.desc(scale=1.0)
             delay = proj.delay * DT if proj.delay else None
             module = bps.AlignPostProj(comm=comm, syn=syn, out=out, post=post, delay=delay)
@@ -545,9 +573,9 @@ class FuzzNet(brainstate.nn.Module):
         elif proj.synapse == "delta":
             module = bps.DeltaProj(comm=comm, post=post)
         elif proj.synapse == "user_alpha":
-            module = _UserSynapse(comm, bps.Alpha(n_post, tau=tau, g_initializer=zero))
+            module = _UserSynapse(comm, bps.Alpha(post_shape, tau=tau, g_initializer=zero))
         elif proj.synapse == "user_expon":
-            module = _UserSynapse(comm, bps.Expon(n_post, tau=tau, g_initializer=zero))
+            module = _UserSynapse(comm, bps.Expon(post_shape, tau=tau, g_initializer=zero))
         else:
             raise ValueError(proj.synapse)
         setattr(self, f"proj{index}", module)
@@ -578,7 +606,7 @@ class FuzzNet(brainstate.nn.Module):
     def _advance(self, spikes, noise, y_shift=None) -> dict:
         """Previous values, early readouts and every population; returns `{source name: value}`."""
         values = {f"x{i}": x for i, x in enumerate(spikes)}
-        previous = {f"p{k}": pop.get_spike() for k, pop in enumerate(self.pops)}
+        previous = {f"p{k}": self._flat(k, pop.get_spike()) for k, pop in enumerate(self.pops)}
         for i, readout in enumerate(self.spec.readouts):
             if is_early(readout):
                 values[f"r{i}"] = self._readout(i, [previous[s] for s in readout.sources])
@@ -588,11 +616,17 @@ class FuzzNet(brainstate.nn.Module):
                 for i, proj in enumerate(self.spec.projections)
                 if proj.target == k
             ]
-            values[f"p{k}"] = pop(self._current(k, [c for c in currents if c is not None], noise))
-            values[f"V{k}"], values[f"U{k}"] = normalised_v(pop), membrane(pop)
+            values[f"p{k}"] = self._flat(k, pop(self._current(k, [c for c in currents if c is not None], noise)))
+            values[f"V{k}"], values[f"U{k}"] = self._flat(k, normalised_v(pop)), self._flat(k, membrane(pop))
             if k == 0:
                 self._control(pop)
         return values
+
+    def _flat(self, k: int, value):
+        """Population `k`'s values with one neuron axis (a positions x channels layout flattened)."""
+        if not self.spec.populations[k].channels:
+            return value
+        return u.math.reshape(value, (*value.shape[:-2], self.spec.populations[k].size))
 
     def _presynaptic(self, index: int, values: dict, previous: dict):
         """The values projection `index` reads (before STP and presynaptic filtering)."""
@@ -701,7 +735,8 @@ class FuzzNet(brainstate.nn.Module):
     def _current_values(self) -> dict:
         values = {}
         for k, pop in enumerate(self.pops):
-            values[f"p{k}"], values[f"V{k}"], values[f"U{k}"] = pop.get_spike(), normalised_v(pop), membrane(pop)
+            values[f"p{k}"] = self._flat(k, pop.get_spike())
+            values[f"V{k}"], values[f"U{k}"] = self._flat(k, normalised_v(pop)), self._flat(k, membrane(pop))
         return values
 
     def _parts(self, i: int, values: dict) -> list:

@@ -332,7 +332,7 @@ def reference_shape(spec: fm.Spec) -> tuple[str, ...]:
     delay), readouts of its new values, and a loss of the outputs alone; "es_naive" further needs
     AlignPost projections through plain bias-free Linear comms and stateless readouts."""
     (pop, *others) = spec.populations
-    if others or pop.kind not in ("lif", "alif") or len(spec.n_inputs) != 1:
+    if others or pop.kind not in ("lif", "alif") or pop.channels or len(spec.n_inputs) != 1:
         return ()
     if spec.noise is not None or spec.clock or spec.regularizer or spec.control in ("cond", "scan"):
         return ()  # (the split step re-reads spikes from states, which a cond or loop on V changes after the spike)

@@ -22,6 +22,21 @@ def sometimes(draw, one_in: int) -> bool:
 
 
 @st.composite
+def conv_population(draw, n_in: int) -> fm.Population:
+    """A spiking population laid out as the positions x channels of a kernel-2 convolution of the input."""
+    kind = draw(st.sampled_from(fm.SPIKING))
+    channels = draw(st.integers(1, 2))
+    return fm.Population(
+        kind=kind,
+        size=(n_in - 1) * channels,
+        hetero_tau=draw(st.booleans()),
+        param=draw(st.sampled_from(["none", "bias"] + ["threshold"] * (kind == "lif"))),
+        surrogate=draw(st.sampled_from(("relu", "sigmoid"))),
+        channels=channels,
+    )
+
+
+@st.composite
 def populations(draw, first: bool) -> fm.Population:
     # the first population is spiking: a rate cell alone has no spikes for the rate check to look at
     kind = draw(st.sampled_from(fm.SPIKING if first else fm.NEURON_KINDS))
@@ -56,7 +71,7 @@ def projections(draw, pops, target: int, source: str, timing: str, batch) -> fm.
     if batch == post.size:  # upstream: a batched EventFixedProb is wrong when batch == n_post (test_fuzz_regressions)
         comms = [c for c in comms if not c.startswith("fixed_prob")]
     # a weight transformed before its op is drawn rarely: it is refused whenever it reads a hidden state
-    comm = draw(st.sampled_from([c for c in comms if c != "transformed"] * 2 + ["transformed"]))
+    comm = draw(st.sampled_from([c for c in comms if c not in ("transformed", "conv")] * 2 + ["transformed"]))
     coba = post.kind in LIF_LIKE and synapse.startswith("post_") and sometimes(draw, 4)
     delay = draw(st.sampled_from((0, 0, 1, 2))) if batch is None and synapse.startswith("post_") else 0
     inhibitory = source.startswith("p") and timing == "prev" and draw(st.booleans())
@@ -86,9 +101,17 @@ def _sources(pops, target: int, n_inputs: int):
 
 
 @st.composite
+def conv_projection(draw, pops, batch) -> fm.Projection:
+    """The one projection into a convolution population: input 0 through a small `Conv1d`."""
+    synapse = draw(st.sampled_from(("post_expon", "post_dual_expon", "current")))
+    scale = draw(st.sampled_from((1.1, 0.8, 1.5)))
+    return fm.Projection(source="x0", target=0, comm="conv", synapse=synapse, scale=scale)
+
+
+@st.composite
 def wiring(draw, pops, n_inputs: int, batch) -> tuple[fm.Projection, ...]:
-    found = []
-    for target in range(len(pops)):
+    found = [draw(conv_projection(pops, batch))] if pops[0].channels else []
+    for target in range(len(found), len(pops)):
         inputs, feed, skip, recurrent, lateral = _sources(pops, target, n_inputs)
         drivers = inputs if target == 0 else feed + feed + inputs  # mostly a feed-forward stack
         chosen = [draw(st.sampled_from(drivers))]
@@ -114,6 +137,7 @@ def _tie(draw, found: list, pops, n_inputs: int) -> list:
                 and other.synapse.startswith("pre_") == proj.synapse.startswith("pre_")
                 and other.coba == proj.coba
                 and other.tie is None
+                and "conv" not in (other.comm, proj.comm)
             )
             if same and sometimes(draw, 3):
                 tied[i] = fm.Projection(
@@ -142,13 +166,20 @@ def readouts(draw, pops) -> tuple[fm.Readout, ...]:
     return tuple(found)
 
 
+def _noise_target(draw, pops) -> int | None:
+    """Sometimes a population (not a convolution's) that receives an input noise current."""
+    targets = [k for k, pop in enumerate(pops) if not pop.channels]
+    return draw(st.sampled_from(targets)) if targets and sometimes(draw, 4) else None
+
+
 @st.composite
 def specs(draw, max_populations: int = 3) -> fm.Spec:
+    n_inputs = tuple(draw(st.integers(2, 5)) for _ in range(2 if sometimes(draw, 4) else 1))
     n_pops = draw(st.sampled_from(tuple(n for n in (1, 1, 2, 2, 3) if n <= max_populations)))
-    pops = tuple(draw(populations(first=k == 0)) for k in range(n_pops))
+    first = draw(conv_population(n_inputs[0])) if n_inputs[0] > 2 and sometimes(draw, 6) else None
+    pops = tuple(first if k == 0 and first else draw(populations(first=k == 0)) for k in range(n_pops))
     check = draw(st.sampled_from(("none", "none", "none", "jit_eager", "batch_one", "scan_loop")))
     batch = None if check == "batch_one" else draw(st.sampled_from((2, None, 1, 3)))
-    n_inputs = tuple(draw(st.integers(2, 5)) for _ in range(2 if sometimes(draw, 4) else 1))
     projs = draw(wiring(pops, len(n_inputs), batch))
     if check == "batch_one" and any(p.delay for p in projs):
         check = "scan_loop"  # brainpy's delay buffers ignore the batch axis: no batched twin
@@ -160,7 +191,7 @@ def specs(draw, max_populations: int = 3) -> fm.Spec:
         readouts=reads,
         n_inputs=n_inputs,
         input_rate=draw(st.sampled_from((0.5, 0.3, 0.7))),
-        noise=draw(st.integers(0, n_pops - 1)) if sometimes(draw, 4) else None,
+        noise=_noise_target(draw, pops),
         batch=batch,
         outputs=outputs,
         loss=draw(st.sampled_from(fm.LOSSES)),
