@@ -148,6 +148,23 @@ def bptt(spec: fm.Spec) -> tuple[dict, dict]:
     return grads, {k: float(r) for k, r in zip(spiking, rates, strict=True)}
 
 
+def firing_rates(spec: fm.Spec) -> dict:
+    """`{population index: spikes per neuron and step}` of every spiking population, forward only."""
+    model = fm.build(spec)
+    inputs, _ = sequence(spec)
+    spiking = [k for k, p in enumerate(spec.populations) if p.spiking]
+
+    def one_step(*xs):
+        model.update(*xs)
+        return [jnp.mean(model.pops[k].get_spike()) for k in spiking]
+
+    def run():
+        return [jnp.mean(r) for r in brainstate.transform.for_loop(one_step, *inputs)]
+
+    rates = brainstate.transform.jit(run, compiler_options=FAST_COMPILE)()
+    return {k: float(r) for k, r in zip(spiking, rates, strict=True)}
+
+
 def silent_or_saturated(rates: dict) -> str | None:
     """Why the model tests nothing (a spiking population outside `RATE_RANGE`), or None."""
     for k, rate in rates.items():

@@ -37,13 +37,15 @@ def conv_population(draw, n_in: int) -> fm.Population:
 
 
 @st.composite
-def populations(draw, first: bool) -> fm.Population:
+def populations(draw, earlier: tuple) -> fm.Population:
     # the first population is spiking: a rate cell alone has no spikes for the rate check to look at
-    kind = draw(st.sampled_from(fm.SPIKING if first else fm.NEURON_KINDS))
+    kind = draw(st.sampled_from(fm.NEURON_KINDS if earlier else fm.SPIKING))
     params = ["none", "none", "bias"] + ["threshold"] * (kind == "lif")
+    # sometimes as large as an earlier population, so that projections into both can share one weight
+    same = earlier and sometimes(draw, 3)
     return fm.Population(
         kind=kind,
-        size=draw(st.integers(3, 6)),
+        size=draw(st.sampled_from([p.size for p in earlier])) if same else draw(st.integers(3, 6)),
         hetero_tau=draw(st.booleans()),
         param=draw(st.sampled_from(params)),
         surrogate=draw(st.sampled_from(("relu", "sigmoid"))),
@@ -124,7 +126,7 @@ def wiring(draw, pops, n_inputs: int, batch) -> tuple[fm.Projection, ...]:
 
 
 def _tie(draw, found: list, pops, n_inputs: int) -> list:
-    """Sometimes make a projection reuse an earlier one's comm (same shape, comm and units)."""
+    """Sometimes make a projection reuse an earlier one's comm (same source, shape and units)."""
     tied = list(found)
     for i, proj in enumerate(found):
         for k in range(i):
@@ -132,8 +134,9 @@ def _tie(draw, found: list, pops, n_inputs: int) -> list:
             same = (
                 other.source == proj.source
                 and pops[other.target].size == pops[proj.target].size
-                and pops[other.target].kind == pops[proj.target].kind
+                and fm.SCALES[pops[other.target].kind].current == fm.SCALES[pops[proj.target].kind].current
                 and (other.synapse == "delta") == (proj.synapse == "delta")
+                and (other.comm not in fm.BINARY_COMMS or _binary_source(pops, proj.source, proj.stp, proj.synapse))
                 and other.synapse.startswith("pre_") == proj.synapse.startswith("pre_")
                 and other.coba == proj.coba
                 and other.tie is None
@@ -177,7 +180,9 @@ def specs(draw, max_populations: int = 3) -> fm.Spec:
     n_inputs = tuple(draw(st.integers(2, 5)) for _ in range(2 if sometimes(draw, 4) else 1))
     n_pops = draw(st.sampled_from(tuple(n for n in (1, 1, 2, 2, 3) if n <= max_populations)))
     first = draw(conv_population(n_inputs[0])) if n_inputs[0] > 2 and sometimes(draw, 6) else None
-    pops = tuple(first if k == 0 and first else draw(populations(first=k == 0)) for k in range(n_pops))
+    pops = (first,) if first else ()
+    while len(pops) < n_pops:
+        pops += (draw(populations(pops)),)
     check = draw(st.sampled_from(("none", "none", "none", "jit_eager", "batch_one", "scan_loop")))
     batch = None if check == "batch_one" else draw(st.sampled_from((2, None, 1, 3)))
     projs = draw(wiring(pops, len(n_inputs), batch))
