@@ -12,15 +12,20 @@ three maps that are all the trace recursion needs,
 so that `ε_s ← Σ_t gather(D_st)·ε_t + inject(F_s)` and `∂L/∂W = reduce([(δ_s, ε_s) for each state s])`.
 
 Kinds:
-* "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting.
+* "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting. When the op
+  reads a view of the weight leaf rather than the leaf (`W * mask`, `c * W`: affine in the leaf, as
+  `StepFacts` requires of a contraction's weight operand), the trace is the view's and `reduce` pulls the
+  gradient back to the leaf through the view's VJP.
 * "synapse": an event/sparse product where each weight element reaches one post neuron (the rule's
   `per_synapse`): trace in the weight's own shape (sparse weights stay sparse), maps by the op's own
-  VJP, one batch entry at a time.
+  VJP, one batch entry at a time. Only on the leaf itself: through a view (`a * W`) the VJP of
+  `op(1, W)` would scale `gather` by `a`, and the recursion would compound it step after step.
 * "shared": a single weight element (a scalar weight reaching every neuron): trace per neuron,
   `∂y/∂w` by the op's JVP.
 * "conv": a convolution (each kernel element is used at every output position): trace per output
   position, `(B·P, *W.shape)` — one kernel copy per position, never dense `n_pre × n_post`; maps by the
-  op's VJPs with one-hot masks over the batch and the positions (exact, but B·P VJPs per step).
+  op's VJPs with one-hot masks over the batch and the positions (exact, but B·P VJPs per step). Only on
+  the leaf itself, as "synapse".
 * "neuron": an element-wise parameter (one per neuron, or one for all) with no contraction: trace per
   neuron; `F` is already `∂h/∂θ` (the JVP on the parameter), so `inject` is the identity.
 """
@@ -47,12 +52,21 @@ def layout_kind(analysis, relation) -> str | None:
     contraction = analysis.facts.contractions[relation.contraction]
     if _dense(contraction, leaf, relation):
         return "dense"
+    if reads_view(analysis, relation):
+        return None
     rule = lookup(contraction.eqn.primitive)
     if rule is not None and rule.per_synapse:
         return "synapse"
     if contraction.eqn.primitive.name == "conv_general_dilated" and contraction.weight_operand == 1:
         return "conv"
     return None
+
+
+def reads_view(analysis, relation) -> bool:
+    """The relation's op reads a view of the weight leaf (`W * mask`, `W.T`, ...), not the leaf itself."""
+    contraction = analysis.facts.contractions[relation.contraction]
+    leaf_var = analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]
+    return contraction.eqn.invars[contraction.weight_operand] is not leaf_var
 
 
 def _dense(contraction, leaf, relation) -> bool:
@@ -148,7 +162,13 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
         def gather(c):
             return c[..., None, :]
 
-        return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched))
+        finish = _same
+        if reads_view(analysis, relation):  # the trace is the view's: pull its gradient back to the leaf
+            contraction = analysis.facts.contractions[relation.contraction]
+            leaf_var = analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]
+            view = contraction.eqn.invars[contraction.weight_operand]
+            finish = derive.pullback_map(analysis, values, leaf_var, view)
+        return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched, finish))
     weight = values.leaves[relation.weight_leaf]
 
     def op(pre, w):

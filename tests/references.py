@@ -409,7 +409,7 @@ def rtrl_reference(
 
     def step_loss(theta, h2, others, target):
         out = jax.vmap(out_one, in_axes=(None, 0, None))(theta, h2, others)
-        return loss_fn(out if batched else out[0], target)
+        return loss_fn(out if batched else jax.tree.map(lambda o: o[0], out), target)
 
     @jax.jit
     def body(carry, inputs):
@@ -664,7 +664,7 @@ def es_d_rtrl_naive(
 
     def step_loss(theta, h1, others, target):
         out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
-        return loss_fn(out if batched else out[0], target)
+        return loss_fn(out if batched else jax.tree.map(lambda o: o[0], out), target)
 
     @jax.jit
     def body(carry, inputs):

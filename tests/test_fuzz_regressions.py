@@ -106,3 +106,44 @@ def test_a_credit_path_through_a_weight_shared_by_two_groups_is_not_dropped_sile
         regularizer=True,
     )
     _holds(spec, ("d_rtrl",))
+
+
+def test_a_masked_weight_read_through_its_view_is_exact():
+    """LIF p0 from the input; LIF p1 from p0's new spikes through a user comm `x @ (W * mask)` (a fixed 0/1
+    mask), read as spikes. d_rtrl and e_prop called W exact and were 0.57 relative off BPTT: the dense
+    trace is the view's (`∂y/∂(W * mask)`), and it was returned as W's gradient, unmasked. Fixed in
+    passes/layout.py: the dense layout pulls its gradient back through the view's VJP (and the synapse and
+    convolution layouts, whose `gather` would compound a view's scale, take only the leaf itself)."""
+    spec = Spec(
+        populations=(Population("lif", 3), Population("lif", 3)),
+        projections=(
+            Projection("x0", 0, scale=1.1),
+            Projection("p0", 1, comm="transformed", synapse="user_expon", transform="mask", scale=1.1),
+        ),
+        readouts=(Readout("none", ("p1",), "spikes", 2),),
+        n_inputs=(2,),
+        batch=2,
+    )
+    _holds(spec, ("d_rtrl", "e_prop"))
+
+
+def test_the_references_read_an_unbatched_dict_of_outputs():
+    """An oracle bug (not the compiler's): the definitional references took example 0 of an unbatched
+    model's outputs with `out[0]`, a KeyError on a dict of outputs. One LIF population with a bias, three
+    readouts of its membrane potential (one passed through in mV) returned as a dict, unbatched."""
+    spec = Spec(
+        populations=(Population("lif", 6, param="bias"),),
+        projections=(Projection("x0", 0, comm="fixed_prob", synapse="current", scale=0.8),),
+        readouts=(
+            Readout("linear", ("p0",), "V", 3),
+            Readout("none", ("p0",), "V", 3),
+            Readout("leaky_per_unit", ("p0",), "V", 3),
+        ),
+        n_inputs=(3,),
+        input_rate=0.7,
+        batch=None,
+        outputs="dict",
+        seed=510,
+    )
+    assert fuzz_oracle.reference_shape(spec) == ("rtrl", "e_prop")
+    _holds(spec, ("d_rtrl", "e_prop"))
