@@ -14,11 +14,14 @@ forward-mode JVPs and one reverse-mode VJP of the step's own evaluator — never
 
 Group arrays have the layout of the group's leaves plus a trailing state axis: `(..., n_states)`.
 Invariant: every function here re-evaluates the captured jaxpr (with substitutions); values agree with
-the plain step exactly.
+the plain step exactly. Only the part between what changes and what is wanted is re-evaluated
+(`interpret.evaluate` with the forward values as `known`), so each derivative costs its own group's slice
+of the step, not the whole step.
 """
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -26,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fusetrace._compat import Literal, aval_shape, bind_eqn, custom_vjp_call_p
+from fusetrace._compat import Jaxpr, Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
-from fusetrace.interpret import evaluate
+from fusetrace.interpret import environment, evaluate
 from fusetrace.rules import lookup, reads_values
 
 
@@ -42,15 +45,31 @@ class StepValues:
     new_leaves: list
     y: dict[int, jax.Array]  # contraction index -> op output
     u: dict[int, jax.Array]  # contraction index -> presynaptic input
+    w: dict[int, jax.Array] = dataclasses.field(default_factory=dict)  # transformed contraction -> its weight
+    operands: dict[int, list] = dataclasses.field(default_factory=dict)  # contraction -> its op's operand values
+    # every var of the step -> its value: what a derivative reads instead of re-evaluating it (empty: the
+    # derivatives re-evaluate the whole step)
+    known: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
     captured, facts = analysis.captured, analysis.facts
     jaxpr = captured.jaxpr
     contractions = facts.contractions
-    want = [*jaxpr.jaxpr.outvars, *(c.out_var for c in contractions), *(c.pre_var for c in contractions)]
-    values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
+    transformed = [c for c in contractions if c.transformed]
+    operands = [a for c in contractions for a in c.eqn.invars]
+    want = [
+        *jaxpr.jaxpr.outvars,
+        *(c.out_var for c in contractions),
+        *(c.pre_var for c in contractions),
+        *(c.weight_var for c in transformed),
+        *operands,
+    ]
+    known = environment(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves])
+    values = [atom.val if isinstance(atom, Literal) else known[atom] for atom in want]
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
+    start = n_all + 2 * n_c + len(transformed)
+    offsets = np.cumsum([0, *(len(c.eqn.invars) for c in contractions)]).tolist()
     return StepValues(
         inputs=list(inputs),
         leaves=list(leaves),
@@ -58,7 +77,34 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         new_leaves=values[n_out:n_all],
         y={c.index: values[n_all + c.index] for c in contractions},
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
+        w={c.index: values[n_all + 2 * n_c + k] for k, c in enumerate(transformed)},
+        operands={c.index: values[start + offsets[k] : start + offsets[k + 1]] for k, c in enumerate(contractions)},
+        known=known,
     )
+
+
+def weight_of(analysis: Analysis, values: StepValues, contraction: int) -> jax.Array:
+    """The weight a relation's op multiplies: the weight leaf, or, when the op reads a transform of it
+    (`Contraction.transformed`), the transform's value — the effective weight, which the traces follow."""
+    c = analysis.facts.contractions[contraction]
+    return values.w[contraction] if c.transformed else values.leaves[c.weight_leaf]
+
+
+def to_weight_leaves(analysis: Analysis, values: StepValues, cotangents: Mapping[int, jax.Array]) -> dict:
+    """`{weight leaf: (∂W_eff/∂θ)ᵀ g}` for `cotangents` = `{transformed contraction: g}`, gradients with
+    respect to effective weights: the chain rule through their transforms, one VJP for all of them."""
+    contractions = [analysis.facts.contractions[c] for c in sorted(cotangents)]
+    leaves = sorted({leaf for c in contractions for leaf in c.weight_leaves})
+
+    def effective(weights):
+        substituted = list(values.leaves)
+        for leaf, value in zip(leaves, weights, strict=True):
+            substituted[leaf] = value
+        return _evaluate_with(analysis, values, substituted, {}, [c.weight_var for c in contractions])
+
+    _, vjp = jax.vjp(effective, [values.leaves[leaf] for leaf in leaves])
+    (grads,) = vjp([cotangents[c.index] for c in contractions])
+    return dict(zip(leaves, grads, strict=True))
 
 
 def _evaluate_with(
@@ -69,9 +115,17 @@ def _evaluate_with(
     want: list,
     transform: dict | None = None,
 ):
+    """The step's values of `want` with `leaves` and the `substitute`d vars changed, evaluating only the
+    equations between the changed values and `want` (the rest is read from the forward values)."""
     jaxpr = analysis.captured.jaxpr
     return evaluate(
-        jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute, transform=transform
+        jaxpr.jaxpr,
+        jaxpr.consts,
+        [*values.inputs, *leaves],
+        want=want,
+        substitute=substitute,
+        transform=transform,
+        known=values.known or None,
     )
 
 
@@ -101,9 +155,8 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
     group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
     leaves = set(group.leaves)
     surrogates = []
-    for eqn in analysis.captured.jaxpr.jaxpr.eqns:
-        rule = lookup(eqn.primitive)
-        if rule is None or not rule.spike or tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
+    for eqn in _spikes(analysis.captured.jaxpr.jaxpr):
+        if tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
             continue
         fact = analysis.facts.propagation.of(eqn.invars[0])
         if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
@@ -143,26 +196,53 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     )
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
-    _, linear = jax.linearize(transition, *primals)
-    zeros = tuple([jnp.zeros_like(x) for x in part] for part in primals)
-
-    def column(part: int, index: int) -> jax.Array:
-        tangents = [list(z) for z in zeros]
-        tangents[part][index] = jnp.ones_like(primals[part][index])
-        return stack_states(linear(*tangents))
-
-    d = jnp.stack([column(0, s) for s in range(group.n_states)], axis=-1)
-    f_op = iter([column(1, i) for i in range(len(through_op))])
-    f_param = iter([column(2, i) for i in range(len(through_param))])
+    columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of))]
+    stacked = stack_states(jvp_columns(transition, primals, columns))  # (column, ..., S)
+    d = jnp.moveaxis(stacked[: group.n_states], 0, -1)
+    f_op = iter([stacked[group.n_states + i] for i in range(len(through_op))])
+    f_param = iter([stacked[group.n_states + len(through_op) + i] for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
-def _has_custom_vjp(jaxpr) -> bool:
+def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int, int]]) -> list:
+    """`function`'s JVP at `primals` (a tuple of lists of arrays) for each column `(part, index)`: a ones
+    tangent on `primals[part][index]`, zeros elsewhere. ONE JVP with the tangents stacked on a leading
+    axis (`vmap`): the primal is traced once and so is the tangent map, whatever the number of columns.
+    Returns `function`'s outputs, each with the column axis first."""
+    n = len(columns)
+
+    def stacked(part: int, index: int, x: jax.Array) -> jax.Array:
+        hot = np.asarray([column == (part, index) for column in columns], dtype=x.dtype)
+        return lax.broadcast_in_dim(jnp.asarray(hot), (n, *x.shape), (0,))
+
+    tangents = tuple([stacked(part, i, x) for i, x in enumerate(values)] for part, values in enumerate(primals))
+    return jax.vmap(lambda *tangent: jax.jvp(function, primals, tangent)[1])(*tangents)
+
+
+# facts about a whole captured jaxpr, found once per jaxpr (not once per group: that is O(groups²))
+_SPIKES: "weakref.WeakKeyDictionary[Jaxpr, tuple]" = weakref.WeakKeyDictionary()
+_CUSTOM_VJP: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
+
+
+def _spikes(jaxpr: Jaxpr) -> tuple:
+    """The equations of `jaxpr` whose primitive's rule is a spike."""
+    if jaxpr not in _SPIKES:
+        _SPIKES[jaxpr] = tuple(e for e in jaxpr.eqns if (rule := lookup(e.primitive)) is not None and rule.spike)
+    return _SPIKES[jaxpr]
+
+
+def _has_custom_vjp(jaxpr: Jaxpr) -> bool:
+    if jaxpr not in _CUSTOM_VJP:
+        _CUSTOM_VJP[jaxpr] = _holds_custom_vjp(jaxpr)
+    return _CUSTOM_VJP[jaxpr]
+
+
+def _holds_custom_vjp(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if eqn.primitive is custom_vjp_call_p:
             return True
         params = [p for v in eqn.params.values() for p in (v if isinstance(v, tuple) else (v,))]
-        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _has_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
+        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _holds_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
             return True
     return False
 
@@ -268,20 +348,29 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bo
             leaves[leaf] = value
         return _evaluate_with(analysis, values, leaves, {}, [link])[0]
 
-    primals = [(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves]
-    _, linear = jax.linearize(pre, primals)
-    zeros = [jnp.zeros_like(h) for h in primals]
-    return stack_states(
-        [
-            linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros, strict=True))])
-            for s in range(group.n_states)
-        ]
-    )
+    primals = ([(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves],)
+    return jnp.moveaxis(jvp_columns(pre, primals, [(0, s) for s in range(group.n_states)]), 0, -1)
+
+
+def param_sensitivity(analysis: Analysis, values: StepValues, link, leaf: int) -> jax.Array:
+    """`Σ_j ∂v/∂θ_j` (a ones tangent on the parameter leaf `leaf`) of a value `link` computed with the
+    parameter, every hidden value held fixed: the direct sensitivity of a group's read-out (its spikes) to
+    a per-neuron parameter that also computes it (a trained threshold)."""
+    facts = analysis.facts
+    held = {facts.new_vars[i]: values.new_leaves[i] for i in sorted(facts.new_vars)}
+
+    def link_of(theta):
+        leaves = list(values.leaves)
+        leaves[leaf] = theta
+        return _evaluate_with(analysis, values, leaves, held, [link])[0]
+
+    theta = values.leaves[leaf]
+    return jax.jvp(link_of, (theta,), (jnp.ones_like(theta),))[1]
 
 
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
     """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
-    structural ops: the VJP is exact and selects the source's part)."""
+    structural ops: its transpose is exact and selects the source's part)."""
     return pullback_map(analysis, values, source, target)(cotangent)
 
 
@@ -294,8 +383,10 @@ def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Call
     def forward(value):
         return _evaluate_with(analysis, values, values.leaves, {source: value}, [target])[0]
 
-    _, vjp = jax.vjp(forward, primal)
-    return lambda cotangent: vjp(cotangent)[0]
+    # the transpose of the linear map alone: a VJP would also emit the forward and, for a target that
+    # concatenates many groups' values, a zero cotangent for every other part (O(groups) per pullback)
+    transpose = jax.linear_transpose(forward, primal)
+    return lambda cotangent: transpose(cotangent)[0]
 
 
 def op_output(
@@ -309,11 +400,15 @@ def op_output(
     the op's linear extension from 0/1 inputs to real ones."""
     c = analysis.facts.contractions[contraction]
     leaves = list(values.leaves)
-    leaves[c.weight_leaf] = weight
+    substitute = {c.pre_var: pre}
+    if c.transformed:
+        substitute[c.weight_var] = weight
+    else:
+        leaves[c.weight_leaf] = weight
     transform = None
     if float_input and not reads_values(c.eqn):
         transform = {c.out_var: _weighted_twin(c.eqn, analysis)}
-    return _evaluate_with(analysis, values, leaves, {c.pre_var: pre}, [c.out_var], transform)[0]
+    return _evaluate_with(analysis, values, leaves, substitute, [c.out_var], transform)[0]
 
 
 def csr_rows(indptr) -> np.ndarray:
@@ -332,7 +427,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     found = []
     for c in analysis.facts.contractions:
         indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
-        if not _one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
+        if not one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
             continue
         # identity, not hashing: a Literal operand is unhashable
         value = indptr.val if isinstance(indptr, Literal) else next((v for var, v in known if var is indptr), None)
@@ -341,7 +436,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     return found
 
 
-def _one_pass_csr(eqn) -> bool:
+def one_pass_csr(eqn) -> bool:
     """A binary CSR x vector op with one weight per connection (its twin's gradient is one pass)."""
     return (
         eqn.primitive.name == "binary_csrmv"
@@ -356,7 +451,7 @@ def _weighted_twin(eqn, analysis: Analysis):
     `x[pre(k)] · ct[post(k)]` (brainevent's own also selects on `x != 0`, which costs a second pass over
     the connections; for a real-valued `x` the product is already 0 there). The row of every connection
     is `analysis.rows_of(indptr)`, computed once by `compile`, else in the program."""
-    if not _one_pass_csr(eqn):
+    if not one_pass_csr(eqn):
         return lambda value, invals: bind_eqn(eqn, invals, weighted=True)[0]
     n_rows, transpose = eqn.params["shape"][0], eqn.params["transpose"]
     precomputed = analysis.rows_of(eqn.invars[2])
@@ -404,21 +499,71 @@ def credit_map(
     analysis: Analysis, contraction: int, values: StepValues, feedback: jax.Array | None = None
 ) -> Callable[[jax.Array], jax.Array]:
     """`credit` as a linear map, traced once and applied to any number of cotangents."""
-    c = analysis.facts.contractions[contraction]
-    weight = values.leaves[c.weight_leaf] if feedback is None else feedback
+    weight = weight_of(analysis, values, contraction) if feedback is None else feedback
     _, vjp = jax.vjp(lambda pre: op_output(analysis, contraction, values, pre, weight), values.u[contraction])
     return lambda cotangent: vjp(cotangent)[0]
+
+
+def step_invariant_operands(analysis: Analysis, contraction: int) -> bool:
+    """Whether the op's operands other than its input and weight are the same at every step: computed
+    from constants and weights only (CSR indices, shapes), not from inputs or any state. Then `op_alone`
+    with one step's operands stands for every step's op."""
+    captured = analysis.captured
+    jaxpr = captured.jaxpr.jaxpr
+    c = analysis.facts.contractions[contraction]
+    fixed = {jaxpr.invars[captured.n_inputs + i] for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"}
+    inputs = set(jaxpr.invars) - fixed
+    producer = {out: eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+    pending = [v for i, v in enumerate(c.eqn.invars) if i not in (c.pre_operand, c.weight_operand)]
+    seen = set()
+    while pending:
+        var = pending.pop()
+        if isinstance(var, Literal) or var in seen:
+            continue
+        seen.add(var)
+        if var in inputs:
+            return False
+        eqn = producer.get(var)
+        if eqn is not None:
+            pending.extend(eqn.invars)
+    return True
+
+
+def op_alone(analysis: Analysis, contraction: int, values: StepValues, pre, weight, *, float_input: bool = False):
+    """`op_output` from the op's own equation alone (its other operands as this step computed them), not
+    from the whole step: for batching it over time (`weight_vjp_over_time`)."""
+    c = analysis.facts.contractions[contraction]
+    invals = list(values.operands[contraction])
+    invals[c.pre_operand], invals[c.weight_operand] = pre, weight
+    if float_input and not reads_values(c.eqn):
+        return _weighted_twin(c.eqn, analysis)(None, invals)
+    return bind_eqn(c.eqn, invals)[0]
+
+
+def weight_vjp_over_time(
+    analysis: Analysis, contraction: int, values: StepValues, pres: jax.Array, cotangents: jax.Array
+) -> jax.Array:
+    """`Σ_t (∂y(pre_t, W)/∂W)ᵀ cotangent_t` over a stack of steps (leading axis), in ONE contraction: the op
+    is vmapped over time with the weight shared, so its weight VJP contracts the time and batch axes
+    together (one GEMM for a dense weight, one pass over the connections for a sparse one) instead of
+    writing the whole weight-shaped gradient at every step. Presynaptic factors are real-valued stand-ins
+    (`float_input`, as es_d_rtrl's)."""
+
+    def stacked(weight):
+        return jax.vmap(lambda pre: op_alone(analysis, contraction, values, pre, weight, float_input=True))(pres)
+
+    _, vjp = jax.vjp(stacked, weight_of(analysis, values, contraction))
+    return vjp(cotangents)[0]
 
 
 def weight_vjp(
     analysis: Analysis, contraction: int, values: StepValues, pre, cotangent, *, float_input: bool = False
 ) -> jax.Array:
-    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation
-    (`float_input`: see `op_output`)."""
-    c = analysis.facts.contractions[contraction]
+    """`(∂y(pre, W)/∂W)ᵀ cotangent`, summed over the batch: the factorised gradient of a relation, with
+    respect to the weight its op multiplies (`weight_of`; `float_input`: see `op_output`)."""
     _, vjp = jax.vjp(
         lambda w: op_output(analysis, contraction, values, pre, w, float_input=float_input),
-        values.leaves[c.weight_leaf],
+        weight_of(analysis, values, contraction),
     )
     return vjp(cotangent)[0]
 
@@ -432,6 +577,9 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
     hidden = sorted(facts.new_vars)
     new_vars = [facts.new_vars[leaf] for leaf in hidden]
     cotangent = [delta_new[leaf] for leaf in hidden]
+    if relation.contraction is not None and relation.group is not None:  # this relation's group only
+        mine = set(analysis.group_named(relation.group).leaves)
+        cotangent = [c if leaf in mine else jnp.zeros_like(c) for leaf, c in zip(hidden, cotangent, strict=True)]
     if relation.contraction is not None:
         out_var = facts.contractions[relation.contraction].out_var
         _, vjp = jax.vjp(
@@ -442,7 +590,7 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
         return weight_vjp(analysis, relation.contraction, values, values.u[relation.contraction], through_y)
 
     # the weight's own contracting ops are traced or credited on their own: hold their outputs fixed
-    own = {c.out_var: values.y[c.index] for c in facts.contractions if c.weight_leaf == relation.weight_leaf}
+    own = {c.out_var: values.y[c.index] for c in facts.contractions if relation.weight_leaf in c.weight_leaves}
 
     def new_hidden(weight):
         leaves = list(values.leaves)

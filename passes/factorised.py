@@ -2,8 +2,9 @@
 
 Consumes: an `Analysis`, a traced relation, the step's values, the relation's derivatives `D` and `F`
 and its factors' previous values. Produces the factors' new values and, given the learning signals,
-the op-layout cotangent of the step's gradient (the weight product `(∂y(ε^u, W)/∂W)ᵀ c` is taken once
-per relation, by `fuse`, after every cotangent of the relation is summed).
+the op-layout cotangents of the step's gradient (the weight product `(∂y(ε^u, W)/∂W)ᵀ c` is taken once
+per relation and presynaptic factor, by `fuse`, after every cotangent is summed — or, in a sequence,
+once per chunk of steps: `sequence`).
 
     ε^u ← α ε^u + a·u,     ε^f ← β·D ε^f + b·F,     grad = (∂y(ε^u, W)/∂W)ᵀ (δ·ε^f) / (1 − α^{t+1})
 
@@ -60,28 +61,36 @@ def es_post(plan, d: jax.Array, f: jax.Array, previous: jax.Array) -> jax.Array:
     return post_decay * jnp.einsum("...st,...t->...s", d, previous) + post_gain * f
 
 
-def es_update(analysis, plan, relation, values, pre_prev, post_prev, post, signals, step):
-    """The new presynaptic factor (`{"pre": ...}`) and, given `signals` = `(δ, δ_prev)`, the op-layout
-    cotangent of this step's gradient (plus the δ_prev term, formed here with the previous presynaptic
-    factor), from the postsynaptic factor's previous and new values: `(factors, grad, cotangent)`."""
+def es_update(analysis, plan, index: int, values, pre_prev, post_prev, post, signals, step):
+    """The new presynaptic factor (`{"pre": ...}`) of relation `index` and, given `signals` = `(δ, δ_prev)`,
+    the op-layout cotangents of this step's gradient, from the postsynaptic factor's previous and new
+    values: `(factors, cotangents)`, keyed `(index, "now")` (to pair with the new presynaptic factor) and,
+    when the outputs read the previous values, `(index, "prev")` (δ_prev·ε_{t-1}: with the previous one).
+    The weight products `(∂y(ε^u, W)/∂W)ᵀ c` are formed by `fuse`, once per key."""
+    relation = analysis.relations[index]
     alpha = plan.decay
     pre_gain, _, _ = factor_gains(plan.factorisation, alpha)
     eqn = analysis.facts.contractions[relation.contraction].eqn
     u = derive.op_input(eqn, values.u[relation.contraction], pre_prev.dtype)
     pre = alpha * pre_prev + pre_gain * u
     if signals is None:
-        return {"pre": pre}, None, None
+        return {"pre": pre}, {}
     delta, delta_prev = signals
-    cotangent = derive.to_op_layout(relation, jnp.sum(delta * post, axis=-1)) / bias_correction(alpha, step, post.dtype)
-    grad = None
+    cotangents = {(index, "now"): now_cotangent(plan, relation, jnp.sum(delta * post, axis=-1), step)}
     if prev_read_states(analysis, analysis.group_named(relation.group)):  # δ_prev·ε_{t-1}
-        grad = prev_product(analysis, plan, relation, values, pre_prev, jnp.sum(delta_prev * post_prev, axis=-1), step)
-    return {"pre": pre}, grad, cotangent
+        signal = jnp.sum(delta_prev * post_prev, axis=-1)
+        cotangents[(index, "prev")] = prev_cotangent(plan, relation, signal, step)
+    return {"pre": pre}, cotangents
 
 
-def prev_product(analysis, plan, relation, values, pre_prev, signal, step) -> jax.Array:
-    """A gradient term read from LAST step's factors: `(∂y(ε^u_{t-1}, W)/∂W)ᵀ signal / (1 − α^t)`, with
-    `signal` in the group layout (the previous presynaptic factor pairs with the previous postsynaptic one)."""
+def now_cotangent(plan, relation, signal: jax.Array, step) -> jax.Array:
+    """The op-layout cotangent `signal / (1 − α^{t+1})` to pair with this step's presynaptic factor
+    (`signal` in the group layout)."""
+    return derive.to_op_layout(relation, signal) / bias_correction(plan.decay, step, signal.dtype)
+
+
+def prev_cotangent(plan, relation, signal: jax.Array, step) -> jax.Array:
+    """The op-layout cotangent `signal / (1 − α^t)` of a term read from LAST step's factors (the previous
+    presynaptic factor pairs with the previous postsynaptic one)."""
     correction = jnp.where(step > 0, 1 - plan.decay ** step.astype(signal.dtype), 1.0)
-    cotangent = derive.to_op_layout(relation, signal) / correction
-    return derive.weight_vjp(analysis, relation.contraction, values, pre_prev, cotangent, float_input=True)
+    return derive.to_op_layout(relation, signal) / correction

@@ -14,7 +14,9 @@ Traces (DESIGN.md §2), per traced relation `k` into group `A` with `S` states:
   nonlinear ones approximately), advanced and read by `credit`.
 
 This module only orders the work: forward values, learning signals, each group's derivatives and its
-relations' traces, the chains, then one weight product per factorised relation.
+relations' traces, the chains, then one weight product per factorised relation. Each part runs under a
+`jax.named_scope` (`SCOPES`), so the fused program's equations (and XLA's ops in a profile) say which part
+they come from.
 
 Sharp edges: the direct terms `∂L_t/∂W` (instantaneous readouts) and `∂L_t/∂h_{t-1}·ε_{t-1}` are
 always added; a traced relation whose group's credit cannot reach the loss gets a diagnostic.
@@ -36,6 +38,15 @@ from .layout import layout_kind, trace_shape
 from .structure import output_sources
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+SCOPES = (  # the named scopes of the fused step's parts, in the order they run
+    "forward",
+    "learning_signal",
+    "derivatives",
+    "traces",
+    "credit_chains",
+    "same_step",
+    "weight_products",
+)
 DEFAULT_CREDIT_DEPTH = 4  # downstream groups a credit chain may cross
 
 
@@ -276,54 +287,83 @@ def fused_step(
     inputs: list,
     *,
     gradient: bool = True,
+    defer: bool = False,
 ):
     """One fused step on mantissas: `(new_leaves, new_traces, outputs, loss, grads by weight leaf)`.
 
     `gradient=False` advances states and traces only: no learning signal, no gradient (`grads` is None).
     Exact where the step's loss is identically zero (between read-outs), since then every gradient term
-    of the step is zero."""
+    of the step is zero. `defer=True`: es_d_rtrl's weight products are not formed; `grads` is then
+    `(grads without them, {(relation, "now" or "prev"): (presynaptic factor, op-layout cotangent)})`, for
+    `sequence` to contract over many steps at once (`derive.weight_vjp_over_time`)."""
     relations = analysis.relations
     leaves = list(leaves)
     for leaf, value in weights.items():
         leaves[leaf] = value
-    values = derive.forward(analysis, inputs, leaves)
+    with jax.named_scope("forward"):
+        values = derive.forward(analysis, inputs, leaves)
     cache: dict = {}  # per-step derivatives the chains share
     if not gradient:  # only the traces move (the credit chains' included)
-        own, _, _ = _update_traces(analysis, plan, values, traces, step, None)
-        new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+        own, _, _ = _update_traces(analysis, plan, values, traces, step, None, cache)
+        with jax.named_scope("credit_chains"):
+            new_traces = credit.advance(analysis, plan, values, traces, own, cache)
         return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
     weight_leaves = sorted(weights)
-    loss, delta_new, delta_prev, direct = derive.learning_signals(
-        analysis, values, loss_of_outputs, weight_leaves, plan.feedback
-    )
-    grads = {leaf: direct[leaf] for leaf in weight_leaves}
-    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev))
-    new_traces = credit.advance(analysis, plan, values, traces, own, cache)
-    chain_terms, chain_cotangents = credit.gradients(
-        analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
-    )
-    for leaf, grad in [*terms, *chain_terms]:
-        grads[leaf] = grads[leaf] + grad
-    for index, cotangent in chain_cotangents.items():
-        cotangents[index] = cotangents[index] + cotangent if index in cotangents else cotangent
-    for index in plan.same_step:
-        relation = relations[index]
-        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.same_step_grad(
-            analysis, values, relation, delta_new
+    with jax.named_scope("learning_signal"):
+        loss, delta_new, delta_prev, direct = derive.learning_signals(
+            analysis, values, loss_of_outputs, weight_leaves, plan.feedback
         )
-    for index, cotangent in cotangents.items():  # (∂y(ε^u, W)/∂W)ᵀ Σ cotangents: one product per weight
-        relation = relations[index]
-        pre = new_traces[plan.key(index)]["pre"]
-        grads[relation.weight_leaf] = grads[relation.weight_leaf] + derive.weight_vjp(
-            analysis, relation.contraction, values, pre, cotangent, float_input=True
+    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev), cache)
+    with jax.named_scope("credit_chains"):
+        new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+        chain_terms, chain_cotangents = credit.gradients(
+            analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
         )
-    return values.new_leaves, new_traces, values.outputs, loss, grads
+    terms += chain_terms
+    for key, cotangent in chain_cotangents.items():
+        cotangents[key] = cotangents[key] + cotangent if key in cotangents else cotangent
+    with jax.named_scope("same_step"):
+        terms += [(i, derive.same_step_grad(analysis, values, relations[i], delta_new)) for i in plan.same_step]
+    products = {  # es_d_rtrl: (∂y(ε^u, W)/∂W)ᵀ Σ cotangents, one weight product per relation and factor
+        key: ((new_traces if key[1] == "now" else traces)[plan.key(key[0])]["pre"], cotangent)
+        for key, cotangent in cotangents.items()
+    }
+    if not defer:
+        with jax.named_scope("weight_products"):
+            for (index, _), (pre, cotangent) in products.items():
+                product = derive.weight_vjp(
+                    analysis, relations[index].contraction, values, pre, cotangent, float_input=True
+                )
+                terms.append((index, product))
+        products = {}
+    grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
+    return values.new_leaves, new_traces, values.outputs, loss, (grads, products) if defer else grads
 
 
-def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals):
+def by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:
+    """`grads` (by weight leaf) plus the `(relation index, gradient)` terms: a relation whose op reads a
+    transform of its weights has its gradient with respect to the effective weight, carried to the
+    weights through the transforms' VJP (the chain rule; one VJP for every such relation)."""
+    grads, effective = dict(grads), {}
+    for index, grad in terms:
+        relation = analysis.relations[index]
+        if relation.transformed:
+            effective[relation.contraction] = (
+                grad + effective[relation.contraction] if relation.contraction in effective else grad
+            )
+        else:
+            grads[relation.weight_leaf] = grads[relation.weight_leaf] + grad
+    if effective:
+        for leaf, grad in derive.to_weight_leaves(analysis, values, effective).items():
+            grads[leaf] = grads[leaf] + grad
+    return grads
+
+
+def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals, cache: dict):
     """Every traced relation's new trace, group by group. Given `signals` = `(δ_new, δ_prev)` by hidden
-    leaf, also its gradient: `(new_traces, [(weight leaf, gradient term)], cotangents)`, the cotangents
-    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end."""
+    leaf, also its gradient: `(new_traces, [(relation index, gradient term)], cotangents)`, the cotangents
+    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end. Each group's `D`
+    and `F` go into `cache` for the credit chains through it."""
     relations = analysis.relations
     by_group: dict[str, list[int]] = {}
     for index in plan.traced:
@@ -333,30 +373,38 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         group = analysis.group_named(name)
         owners = {i: factorised.post_owner(plan.algorithm, relations, i) for i in indices}
         needs_f = [i for i in indices if owners[i] == i]  # a shared postsynaptic factor needs one F
-        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
+        with jax.named_scope("derivatives"):
+            d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
         f = dict(zip(needs_f, f_list, strict=True))
+        cache[(credit.DERIVATIVES, name)] = (d, f)  # the chains through this group read them too
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
         posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
-            relation, key = relations[index], plan.key(index)
-            cotangent = None
-            if not factorised.factorised(plan.algorithm, relation):
-                new_traces[key], grad = per_weight.update(
-                    analysis, plan, relation, values, d, f[index], traces[key], group_signals
+            with jax.named_scope("traces"):
+                new_traces[plan.key(index)], grad, more = _relation_trace(
+                    analysis, plan, values, traces, step, index, owners[index], d, f, posts, group_signals
                 )
-            else:
-                owner = owners[index]
-                if owner == index:
-                    previous = traces[key]["post"]
-                    posts[index] = (previous, factorised.es_post(plan, d, f[index], previous))
-                post_prev, post = posts[owner]
-                new_traces[key], grad, cotangent = factorised.es_update(
-                    analysis, plan, relation, values, traces[key]["pre"], post_prev, post, group_signals, step
-                )
-                if owner == index:
-                    new_traces[key]["post"] = posts[index][1]
             if grad is not None:
-                terms.append((relation.weight_leaf, grad))
-            if cotangent is not None:
-                cotangents[index] = cotangent
+                terms.append((index, grad))
+            cotangents.update(more)
     return new_traces, terms, cotangents
+
+
+def _relation_trace(analysis: Analysis, plan: Plan, values, traces, step, index, owner, d, f, posts, signals):
+    """One relation's new trace, gradient term and es_d_rtrl cotangents (keyed as `factorised.es_update`'s;
+    `posts`: the group's postsynaptic factors so far, owner -> (previous, new), extended with this
+    relation's own)."""
+    relation, key = analysis.relations[index], plan.key(index)
+    if not factorised.factorised(plan.algorithm, relation):
+        new, grad = per_weight.update(analysis, plan, relation, values, d, f[index], traces[key], signals)
+        return new, grad, {}
+    if owner == index:
+        previous = traces[key]["post"]
+        posts[index] = (previous, factorised.es_post(plan, d, f[index], previous))
+    post_prev, post = posts[owner]
+    new, cotangents = factorised.es_update(
+        analysis, plan, index, values, traces[key]["pre"], post_prev, post, signals, step
+    )
+    if owner == index:
+        new["post"] = post
+    return new, None, cotangents

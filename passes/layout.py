@@ -12,20 +12,15 @@ three maps that are all the trace recursion needs,
 so that `ε_s ← Σ_t gather(D_st)·ε_t + inject(F_s)` and `∂L/∂W = reduce([(δ_s, ε_s) for each state s])`.
 
 Kinds:
-* "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting. When the op
-  reads a view of the weight leaf rather than the leaf (`W * mask`, `c * W`: affine in the leaf, as
-  `StepFacts` requires of a contraction's weight operand), the trace is the view's and `reduce` pulls the
-  gradient back to the leaf through the view's VJP.
+* "dense": `y = dot_general(u, W)`, u (..., I), W (I, N): trace (..., I, N) by broadcasting.
 * "synapse": an event/sparse product where each weight element reaches one post neuron (the rule's
   `per_synapse`): trace in the weight's own shape (sparse weights stay sparse), maps by the op's own
-  VJP, one batch entry at a time. Only on the leaf itself: through a view (`a * W`) the VJP of
-  `op(1, W)` would scale `gather` by `a`, and the recursion would compound it step after step.
+  VJP, one batch entry at a time.
 * "shared": a single weight element (a scalar weight reaching every neuron): trace per neuron,
   `∂y/∂w` by the op's JVP.
 * "conv": a convolution (each kernel element is used at every output position): trace per output
   position, `(B·P, *W.shape)` — one kernel copy per position, never dense `n_pre × n_post`; maps by the
-  op's VJPs with one-hot masks over the batch and the positions (exact, but B·P VJPs per step). Only on
-  the leaf itself, as "synapse".
+  op's VJPs with one-hot masks over the batch and the positions (exact, but B·P VJPs per step).
 * "neuron": an element-wise parameter (one per neuron, or one for all) with no contraction: trace per
   neuron; `F` is already `∂h/∂θ` (the JVP on the parameter), so `inject` is the identity.
 """
@@ -42,18 +37,22 @@ from fusetrace.rules import lookup
 from . import derive
 
 
+def weight_shape(analysis, relation) -> tuple[int, ...]:
+    """The shape of the weight a relation's trace follows: the leaf's, or its op's effective weight's
+    (`Relation.transformed`)."""
+    return tuple(relation.weight_shape) or tuple(analysis.captured.leaves[relation.weight_leaf].shape)
+
+
 def layout_kind(analysis, relation) -> str | None:
     """The layout a relation's d_rtrl trace takes, or None when no per-weight trace is known for it."""
     if relation.elementwise:
         return "neuron"
-    leaf = analysis.captured.leaves[relation.weight_leaf]
-    if int(np.prod(leaf.shape, dtype=int)) == 1:
+    shape = weight_shape(analysis, relation)
+    if int(np.prod(shape, dtype=int)) == 1:
         return "shared"
     contraction = analysis.facts.contractions[relation.contraction]
-    if _dense(contraction, leaf, relation):
+    if _dense(contraction, shape, relation):
         return "dense"
-    if reads_view(analysis, relation):
-        return None
     rule = lookup(contraction.eqn.primitive)
     if rule is not None and rule.per_synapse:
         return "synapse"
@@ -62,14 +61,7 @@ def layout_kind(analysis, relation) -> str | None:
     return None
 
 
-def reads_view(analysis, relation) -> bool:
-    """The relation's op reads a view of the weight leaf (`W * mask`, `W.T`, ...), not the leaf itself."""
-    contraction = analysis.facts.contractions[relation.contraction]
-    leaf_var = analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]
-    return contraction.eqn.invars[contraction.weight_operand] is not leaf_var
-
-
-def _dense(contraction, leaf, relation) -> bool:
+def _dense(contraction, shape: tuple[int, ...], relation) -> bool:
     eqn = contraction.eqn
     if eqn.primitive.name != "dot_general" or contraction.weight_operand != 1 or relation.tail_perm is not None:
         return False
@@ -81,7 +73,7 @@ def _dense(contraction, leaf, relation) -> bool:
         and len(w_shape) == 2
         and tuple(contract_w) == (0,)
         and tuple(contract_u) == (len(u_shape) - 1,)
-        and tuple(leaf.shape) == tuple(w_shape)
+        and tuple(shape) == tuple(w_shape)
     )
 
 
@@ -89,12 +81,12 @@ def trace_shape(analysis, relation, kind: str) -> tuple[int, ...]:
     """Shape of one state's slice of the trace (append the state axis for the whole trace)."""
     group = analysis.group_named(relation.group)
     batch = () if analysis.batch_size is None else (analysis.batch_size,)
-    leaf = analysis.captured.leaves[relation.weight_leaf]
+    shape = weight_shape(analysis, relation)
     if kind in ("shared", "neuron"):
         return group.shape
     if kind == "conv":
-        return (len(_position_masks(analysis, relation)), *leaf.shape)
-    return batch + tuple(leaf.shape)
+        return (len(_position_masks(analysis, relation)), *shape)
+    return batch + shape
 
 
 def _position_masks(analysis, relation) -> np.ndarray:
@@ -162,14 +154,8 @@ def make_layout(kind: str, analysis, relation, values) -> Layout:
         def gather(c):
             return c[..., None, :]
 
-        finish = _same
-        if reads_view(analysis, relation):  # the trace is the view's: pull its gradient back to the leaf
-            contraction = analysis.facts.contractions[relation.contraction]
-            leaf_var = analysis.captured.jaxpr.jaxpr.invars[analysis.captured.n_inputs + relation.weight_leaf]
-            view = contraction.eqn.invars[contraction.weight_operand]
-            finish = derive.pullback_map(analysis, values, leaf_var, view)
-        return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched, finish))
-    weight = values.leaves[relation.weight_leaf]
+        return Layout(gather, lambda f: u[..., :, None] * f[..., None, :], _reducer(gather, batched))
+    weight = derive.weight_of(analysis, values, relation.contraction)
 
     def op(pre, w):
         return derive.op_output(analysis, relation.contraction, values, pre, w)

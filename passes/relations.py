@@ -50,8 +50,13 @@ class Relation:
     same_injection: int | None = (
         None  # index of an earlier relation whose op output enters the group summed with this one's
     )
+    weight_leaves: tuple[int, ...] = ()  # every weight the op's weight operand is computed from
+    transformed: bool = False  # the op reads a transform of the weight(s): its effective weight is traced
+    weight_shape: tuple[int, ...] = ()  # the traced weight's shape (the leaf's, or the effective weight's)
 
     def __post_init__(self):
+        if not self.weight_leaves:
+            object.__setattr__(self, "weight_leaves", (self.weight_leaf,))
         if self.status not in ("traced", "instantaneous", "excluded"):
             raise ValueError(f"unknown relation status {self.status!r}")
         if self.status == "excluded" and not self.reason:
@@ -95,6 +100,29 @@ def _feeds(facts: StepFacts, source) -> tuple[str, ...]:
     leaves = facts.captured.leaves
     names = [leaves[c.weight_leaf].path for c in facts.contractions if source in c.pre_fact]
     return tuple(dict.fromkeys(names))
+
+
+def _read_with_its_group(facts: StepFacts, groups, leaf_index: int, group: str) -> bool:
+    """Whether every op input that a per-neuron parameter of `group` reaches reads it only through linear
+    views of values aligned with that group (its neurons' spikes, computed with the parameter: a trained
+    threshold), one element per neuron — so its effect there is a per-neuron sensitivity `∂v/∂θ` beside
+    the group's own, which the credit chains carry (`passes.credit`)."""
+    source = ("weight", leaf_index)
+    for contraction in facts.contractions:
+        if source not in contraction.pre_fact:
+            continue
+        if group in _reaches(facts, ("relation", contraction.index), groups)[0]:
+            return False  # back into its own group (a gate read by the cell's other weight): no chain carries it
+        links = pre_links(facts, groups, contraction.pre_var)
+        if not links or any(name != group for name, _, _ in links):
+            return False
+        for _, var, _ in links:
+            dep = facts.propagation.of(var).get(source)
+            if dep is not None and not dep.one_to_one and int(np.prod(facts.captured.leaves[leaf_index].shape)) > 1:
+                return False
+        if not any(source in facts.propagation.of(var) for _, var, _ in links):
+            return False
+    return True
 
 
 def _through_weights(names: tuple[str, ...]) -> str:
@@ -181,8 +209,9 @@ def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relatio
             continue
         found = [c for c in facts.contractions if c.weight_leaf == leaf_index]
         for contraction in found:
-            relations.append(_classify(facts, groups, leaf_index, contraction))
-        if not found:
+            relations.extend(_classify(facts, groups, leaf_index, contraction))
+        secondary = any(leaf_index in c.weight_leaves for c in facts.contractions)  # in another's transform
+        if not found and not secondary:
             relations.append(_without_contraction(facts, groups, leaf_index))
         else:
             relations.extend(_beside_contractions(facts, groups, leaf_index))
@@ -255,7 +284,10 @@ def _positions(contraction, batch: int | None) -> int:
     return int(np.prod(shape, dtype=int)) // features // (batch or 1)
 
 
-def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relation:
+def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Relation]:
+    """The relations of one contraction: one per group its output reaches element-wise (an op output
+    shared by several groups — a `Linear` applied once to feed two populations — splits its credit per
+    receiving group), or one instantaneous or excluded relation."""
     leaf = facts.captured.leaves[leaf_index]
     op = contraction.eqn.primitive.name
     reached, direct = _reaches(facts, ("relation", contraction.index), groups)
@@ -276,33 +308,37 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> Relatio
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
         "op_shape": tuple(contraction.out_var.aval.shape),
         "positions": _positions(contraction, batch),
+        "weight_leaves": contraction.weight_leaves,
+        "transformed": contraction.transformed,
+        "weight_shape": tuple(aval_shape(contraction.weight_var)) if contraction.transformed else tuple(leaf.shape),
     }
+    if contraction.transformed:
+        common["shared"] = int(np.prod(common["weight_shape"], dtype=int)) == 1
     downstream = _feeds(facts, ("relation", contraction.index))
     if downstream:
-        return Relation(
-            group=next(iter(reached)) if len(reached) == 1 else None,
-            status="excluded",
-            reason=_through_weights(downstream),
-            **common,
-        )
+        return [
+            Relation(
+                group=next(iter(reached)) if len(reached) == 1 else None,
+                status="excluded",
+                reason=_through_weights(downstream),
+                **common,
+            )
+        ]
     if not reached:
         if direct:
-            return _instantaneous(common)
-        return Relation(
-            group=None,
-            status="excluded",
-            reason=f"the output of `{op}` reaches neither a hidden state nor the step output",
-            **common,
-        )
-    if len(reached) > 1:
-        return Relation(
-            group=None,
-            status="excluded",
-            reason=f"the output of `{op}` reaches several hidden "
-            f"groups ({', '.join(reached)}); one relation must feed one group",
-            **common,
-        )
-    ((name, tail),) = reached.items()
+            return [_instantaneous(common)]
+        return [
+            Relation(
+                group=None,
+                status="excluded",
+                reason=f"the output of `{op}` reaches neither a hidden state nor the step output",
+                **common,
+            )
+        ]
+    return [_into_group(op, name, tail, common) for name, tail in reached.items()]
+
+
+def _into_group(op: str, name: str, tail, common: dict) -> Relation:
     if tail is None:
         return Relation(
             group=name,
@@ -341,6 +377,8 @@ def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
     downstream = _feeds(facts, ("weight", leaf_index))
     used = reached or direct or downstream
     common = {"weight": leaf.path, "weight_leaf": leaf_index, "op": "elementwise" if used else "none"}
+    if downstream and len(reached) == 1 and _read_with_its_group(facts, groups, leaf_index, next(iter(reached))):
+        downstream = ()  # e.g. a threshold read by the spikes a readout takes: the credit chains carry it
     if downstream:
         return Relation(
             group=next(iter(reached)) if len(reached) == 1 else None,

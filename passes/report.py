@@ -61,17 +61,21 @@ def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
 def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
     looping = looping_groups(analysis)
     reports = []
-    by_weight: dict[str, list[int]] = {}
+    leaves = analysis.captured.leaves
+    by_weight: dict[int, list[int]] = {}  # every weight leaf a relation's op reads, in leaf order
     for index, relation in enumerate(analysis.relations):
-        by_weight.setdefault(relation.weight, []).append(index)
-    for path, indices in by_weight.items():
+        for leaf in relation.weight_leaves:
+            by_weight.setdefault(leaf, []).append(index)
+    for leaf_index in sorted(by_weight):
+        indices, leaf = by_weight[leaf_index], leaves[leaf_index]
+        path = leaf.path
         relations = [analysis.relations[i] for i in indices]
-        leaf = analysis.captured.leaves[relations[0].weight_leaf]
         itemsize = np.dtype(leaf.dtype).itemsize
-        shapes = tuple(s for i in indices if i in plan.traced for s in _traces(analysis, plan, i))
+        filed = [i for i in indices if i in plan.traced and analysis.relations[i].weight_leaf == leaf_index]
+        shapes = tuple(s for i in filed for s in _traces(analysis, plan, i))  # a shared trace counts once
         nbytes = sum(int(np.prod(s, dtype=int)) for s in shapes) * itemsize
-        notes = plan.notes.get(path, ())
-        reasons = list(notes)
+        reasons = [note for relation in relations for note in plan.notes.get(relation.weight, ())]
+        remarks = [_chain_rule(analysis, relation, leaf_index) for relation in relations if relation.transformed]
         for i, relation in zip(indices, relations, strict=True):
             if i not in plan.traced:
                 continue
@@ -97,12 +101,25 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         else:
             treatment = "unused"
         if reasons:
-            why = "; ".join(dict.fromkeys(reasons))
+            why = "; ".join(dict.fromkeys(reasons + remarks))
         elif treatment == "instantaneous":
             why = "it reaches the output with no hidden state in between (the same-step gradient is all of it)"
         elif treatment == "unused":
             why = "the step does not use it (its gradient is zero)"
         else:
             why = f"{plan.algorithm}'s per-neuron trace is the true sensitivity here (no loop through weights)"
+            why = "; ".join(dict.fromkeys([why, *remarks]))
         reports.append(WeightReport(path, treatment, shapes, nbytes, not reasons, why))
     return tuple(reports)
+
+
+def _chain_rule(analysis, relation, leaf_index: int) -> str:
+    """The remark on a weight whose op reads a transform of it (not an approximation: the chain rule)."""
+    others = [analysis.captured.leaves[i].path for i in relation.weight_leaves if i != leaf_index]
+    with_others = f" together with {', '.join(f'`{p}`' for p in others)}" if others else ""
+    shared = "" if relation.weight_leaf == leaf_index else f" (its trace is listed under `{relation.weight}`)"
+    return (
+        f"its `{relation.op}` reads a transform of it{with_others}: the trace follows the op's effective weight and "
+        f"the gradient is pulled back through the transform (the chain rule, exact wherever the effective weight's "
+        f"trace is){shared}"
+    )

@@ -16,7 +16,8 @@ For a `fuzz_models.Spec` (float64, `spec.steps` steps, weights fixed; the online
    `reference_shape`): d_rtrl equals masked brute-force RTRL, e_prop the BPTT of the stop-gradient graph,
    es_d_rtrl its naive formulas — to `RTOL_REFERENCE`.
 5. The spec's extra invariant (`spec.check`): `jax.jit(step)` equals the eager step, a batch of one equals
-   the unbatched model, or a `lax.scan` over the steps equals a Python loop of steps — to `RTOL_SAME`.
+   the unbatched model, or `learner.scan` over the sequence equals a Python loop of jitted steps — to
+   `RTOL_SAME`.
 
 `check_model(spec)` returns an `Outcome`; every broken promise is a string in `outcome.disagreements`.
 """
@@ -427,8 +428,9 @@ def _check_invariant(spec: fm.Spec, learners: dict, sums: dict, outcome: Outcome
         x, y = _step_input(tuple(x[2] for x in inputs)), jax.tree.map(lambda a: a[2], target)
         eager, jitted = learner.step(learner.params, state, x, y), step(learner.params, state, x, y)
         error = _close(eager, jitted)
-    elif spec.check == "scan_loop":
-        error = _close(loop_sums(learner, inputs, target)[0], sums[algorithm])
+    elif spec.check == "scan_loop":  # Learner.scan (one lax.scan, deferred products) against a loop of steps
+        _, result = _fast_jit(learner.scan)(learner.params, learner.init(), _step_input(inputs), target)
+        error = _close(result.grads, loop_sums(learner, inputs, target)[0])
     else:  # batch_one: the unbatched spec against a batch of one
         one = compile_learner(spec, algorithm, batch=1)
         (batched,) = _fast_jit(functools.partial(scan_sums, (one,)))(*sequence(spec, batch=1))

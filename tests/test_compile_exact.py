@@ -123,22 +123,28 @@ def _loss(output, target):
     return jnp.sum((output - target) ** 2)
 
 
-def online_grads(model, xs, ys, algorithm, batch, **options):
-    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=batch, **options)
+def online_learner(model, xs, ys, algorithm, batch, loss=_loss, **options):
+    """`(learner, Σ_t res.grads)`: the online gradient summed over the sequence, weights fixed."""
+    learner = fusetrace.compile(model, xs[0], loss=loss, algorithm=algorithm, batch_size=batch, **options)
     params, state = learner.params, learner.init()
     step = jax.jit(learner.step)
     total = None
     for x, y in zip(xs, ys, strict=True):
         state, res = step(params, state, x, y)
         total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
-    return total
+    return learner, total
 
 
-def bptt_grads(model, xs, ys):
+def online_grads(model, xs, ys, algorithm, batch, **options):
+    return online_learner(model, xs, ys, algorithm, batch, **options)[1]
+
+
+def bptt_grads(model, xs, ys, loss=_loss):
+    """The gradient of Σ_t loss through brainstate (`for_loop`), by weight path."""
     weights = model.states(brainstate.ParamState)
 
     def sequence_loss():
-        return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(model.update(x), y), xs, ys))
+        return jnp.sum(brainstate.transform.for_loop(lambda x, y: loss(model.update(x), y), xs, ys))
 
     grads = brainstate.transform.grad(sequence_loss, weights)()
     return {".".join(path): value for path, value in grads.items()}

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 import deep_models
-import fusetrace
-from test_compile_exact import assert_matches
+from test_compile_exact import assert_matches, bptt_grads, online_learner
 
 RTOL_EXACT = 1e-6  # the acceptance bound of issue 14 (exact algebra, float64; observed ~1e-15)
 COS_DEEP, RATIO_DEEP = 0.95, (0.5, 2.0)  # issue 14's bars for every layer under d_rtrl / e_prop
@@ -53,27 +52,13 @@ def _n_out(name):
 
 def _online(name, batch, steps, algorithm, **options):
     xs, ys = _data(batch, steps, _n_out(name))
-    model = deep_models.build(name, batch)
-    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm=algorithm, batch_size=batch, **options)
-    state, total = learner.init(), None
-    step = jax.jit(learner.step)
-    for x, y in zip(xs, ys, strict=True):
-        state, res = step(learner.params, state, x, y)
-        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
-    return learner, total
+    return online_learner(deep_models.build(name, batch), xs, ys, algorithm, batch, loss=_loss, **options)
 
 
 @functools.cache
 def _bptt(name, batch, steps):
     xs, ys = _data(batch, steps, _n_out(name))
-    model = deep_models.build(name, batch)
-    weights = model.states(brainstate.ParamState)
-
-    def sequence_loss():
-        return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(model.update(x), y), xs, ys))
-
-    grads = brainstate.transform.grad(sequence_loss, weights)()
-    return {".".join(path): value for path, value in grads.items()}
+    return bptt_grads(deep_models.build(name, batch), xs, ys, loss=_loss)
 
 
 def _flat(tree):

@@ -57,19 +57,13 @@ def test_the_fixed_prob_batch_shape_found_by_the_fuzz_is_kept_out():
     _holds(spec, ("d_rtrl",))
 
 
-SHARED_OP_IS_NO_EDGE = (
-    "fusetrace: a weight op whose output reaches two groups (one Linear reused by two projections reading the "
-    "same spikes: one `dot_general` after CSE) is excluded with group None, and structure.group_edges skips "
-    "relations without a group, so the group graph has no edge through it: a loop through it is not seen and a "
-    "credit path through it is dropped without a note, and report() calls an upstream weight exact"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SHARED_OP_IS_NO_EDGE)
 def test_a_loop_through_a_weight_shared_with_another_group_is_a_loop():
     """LIF p0 driven by the input and by its own previous spikes through a Linear W; the same W (the same
-    module) also carries p0's previous spikes to a second LIF p1. d_rtrl calls p0's input weight exact
-    ("no loop through weights"); it is 0.16 relative off BPTT. Untied, the loop is found."""
+    module) also carries p0's previous spikes to a second LIF p1. d_rtrl called p0's input weight exact
+    ("no loop through weights"); it was 0.16 relative off BPTT: the op, whose output (one `dot_general`
+    after CSE) reaches two groups, was excluded with group None and `structure.group_edges` skipped it, so
+    the group graph had no edge through it. Fixed by `group_edges` building edges from the dependency facts
+    per contraction."""
     spec = Spec(
         populations=(Population("lif", 4), Population("lif", 4)),
         projections=(
@@ -86,12 +80,11 @@ def test_a_loop_through_a_weight_shared_with_another_group_is_a_loop():
     _holds(spec, ("d_rtrl",))
 
 
-@pytest.mark.xfail(strict=True, reason=SHARED_OP_IS_NO_EDGE)
 def test_a_credit_path_through_a_weight_shared_by_two_groups_is_not_dropped_silently():
     """LIF p0 driven by the input; rate cells p1 and p2 both read p0's previous spikes through ONE Linear;
-    a Linear readout of p2; a firing-rate regulariser on p0 (so the loss reads p0 directly). d_rtrl calls
-    p0's input weight exact; it is 0.74 relative off BPTT. Without the regulariser the same drop is
-    reported ("carry no credit back"); untied, the path is built and reported approximate."""
+    a Linear readout of p2; a firing-rate regulariser on p0 (so the loss reads p0 directly). d_rtrl called
+    p0's input weight exact; it was 0.74 relative off BPTT: the credit path through the shared op was
+    dropped without a note (same cause and fix as the loop above)."""
     spec = Spec(
         populations=(Population("lif", 5), Population("rate", 3), Population("rate", 3)),
         projections=(
@@ -111,9 +104,9 @@ def test_a_credit_path_through_a_weight_shared_by_two_groups_is_not_dropped_sile
 def test_a_masked_weight_read_through_its_view_is_exact():
     """LIF p0 from the input; LIF p1 from p0's new spikes through a user comm `x @ (W * mask)` (a fixed 0/1
     mask), read as spikes. d_rtrl and e_prop called W exact and were 0.57 relative off BPTT: the dense
-    trace is the view's (`∂y/∂(W * mask)`), and it was returned as W's gradient, unmasked. Fixed in
-    passes/layout.py: the dense layout pulls its gradient back through the view's VJP (and the synapse and
-    convolution layouts, whose `gather` would compound a view's scale, take only the leaf itself)."""
+    trace was laid out as W's own, and the gradient of the op's effective weight `W * mask` was returned
+    as W's, unmasked. Fixed by tracing the op's effective weight and pulling the gradient back through
+    the transform's VJP (issue 18, found there too)."""
     spec = Spec(
         populations=(Population("lif", 3), Population("lif", 3)),
         projections=(

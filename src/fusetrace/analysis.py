@@ -107,8 +107,10 @@ class Analysis:
         return next(g for g in self.groups if g.name == name)
 
     def relations_of(self, weight: str) -> tuple[Relation, ...]:
-        """The relations of the weight leaf at path `weight` (at least one for every weight leaf)."""
-        return tuple(r for r in self.relations if r.weight == weight)
+        """The relations of the weight leaf at path `weight` (at least one for every weight leaf): those filed
+        under it and those whose op reads a transform of it with other weights (a low-rank `u @ v`)."""
+        leaf = next((i for i, leaf in enumerate(self.captured.leaves) if leaf.path == weight), None)
+        return tuple(r for r in self.relations if r.weight == weight or leaf in r.weight_leaves)
 
     def trace_bytes(self, algorithm: str) -> int:
         """Bytes of trace state the algorithm keeps for this batch size.
@@ -130,7 +132,7 @@ class Analysis:
             leaf = self.captured.leaves[relation.weight_leaf]
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
-            size = int(np.prod(leaf.shape, dtype=int))
+            size = int(np.prod(relation.weight_shape or leaf.shape, dtype=int))  # the effective weight's
             if algorithm == "es_d_rtrl":  # element-wise parameters: n_pre 0, per neuron
                 post = 0 if relation.same_injection is not None else group.n_neurons * group.n_states
                 total += batch * (relation.n_pre + post) * itemsize

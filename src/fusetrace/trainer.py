@@ -1,11 +1,13 @@
 """Online training loop: a `Learner`, an optax optimizer and a task sampler.
 
 One iteration draws a batch of sequences (deterministically from `seed` and the iteration number),
-runs the fused learner over it inside ONE jit-compiled `lax.scan`, and applies the optimizer every
-`update_every` steps (1: fully online; 0: once at the end of the sequence), with optional global-norm
-clipping. A loss read only every k-th step (`gradient_every=k`) forms the gradient only there: the other
-steps advance states and traces alone (`Learner.step(..., gradient=False)`), which is exact because their
-loss is zero (the trainer checks that it is). The state that must survive a crash (params, optimizer
+runs the fused learner over it inside ONE jit-compiled program — one `Learner.scan` per window of
+`update_every` steps (1: fully online; 0: the whole sequence), each followed by the optimizer update,
+with optional global-norm clipping. Within a window the per-step gradients are summed in the scan (for
+es_d_rtrl its weight products are contracted once per window, not once per step). A loss read only every
+k-th step (`gradient_every=k`) forms the gradient only there: the other steps advance states and traces
+alone (`Learner.scan`'s loss mask), which is exact because their loss is zero (the trainer checks that
+it is). The state that must survive a crash (params, optimizer
 state, iteration counter) is one pytree, saved atomically by `fusetrace.checkpoint`; resuming from it
 continues bit for bit.
 
@@ -29,8 +31,8 @@ import optax
 
 from . import checks
 from .api import Learner
-from .api import _leaves_from as api_leaves
 from .errors import CompileError, NonFiniteError, four_part
+from .leaves import leaves_from
 
 NONFINITE_MODES = ("stop", "skip")
 
@@ -233,7 +235,7 @@ class Trainer:
             loss = learner.step_loss(outputs, target)
             return new_leaves, (loss, captured.wrap_outputs(outputs))
 
-        initial = api_leaves(captured, params, learner.init()["model"])
+        initial = leaves_from(captured, params, learner.init()["model"])
         _, (losses, outputs) = jax.lax.scan(body, initial, (inputs, targets))
         return losses, outputs
 
@@ -249,63 +251,49 @@ class Trainer:
         kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_params, new_opt_state), (params, opt_state))
         return *kept, 1 - ok.astype(jnp.int32)
 
-    def _chunk(self, params, state, chunk, constants):
-        """k = gradient_every steps: k - 1 without a gradient, then one with it. Returns the new state, the k
-        losses and outputs, the last step's gradient and the summed |loss| of the others (finite ones)."""
-        learner = self.learner
-
-        def advance(carry, step_inputs):
-            state, quiet = carry
-            state, res = learner.step(params, state, *step_inputs, gradient=False, constants=constants)
-            quiet = quiet + jnp.where(jnp.isfinite(res.loss), jnp.abs(res.loss), 0.0)
-            return (state, quiet), (res.loss, res.output)
-
-        first = jax.tree.map(lambda a: a[:-1], chunk)
-        (state, quiet), (losses, outputs) = jax.lax.scan(advance, (state, jnp.zeros(())), first)
-        state, res = learner.step(params, state, *jax.tree.map(lambda a: a[-1], chunk), constants=constants)
-        losses, outputs = jax.tree.map(
-            lambda a, b: jnp.concatenate([a, b[None]]), (losses, outputs), (res.loss, res.output)
-        )
-        return state, losses, outputs, res.grads, quiet
+    def _window(self, params, state, inputs, targets, constants, learn: bool = True):
+        """`Learner.scan` over one update window (its steps' gradients summed; es_d_rtrl's weight products
+        contracted once). Only steps t with (t + 1) % gradient_every == 0 form a gradient (none when not
+        `learn`). Returns the new state, the losses, outputs and gradient, and the summed |loss| of the
+        steps without a gradient (finite ones)."""
+        steps = jax.tree.leaves(inputs)[0].shape[0]
+        forms = ((jnp.arange(steps) + 1) % self.gradient_every == 0) & learn
+        state, result = self.learner.scan(params, state, inputs, targets, loss_mask=forms, constants=constants)
+        quiet = jnp.sum(jnp.where(~forms & jnp.isfinite(result.loss), jnp.abs(result.loss), 0.0))
+        return state, result.loss, result.output, result.grads, quiet
 
     def _run_sequence(self, params, opt_state, inputs, targets, constants):
-        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded. Returns
-        params, optimizer state, per-step losses and outputs, the summed |loss| of steps without a gradient,
-        and the health record: per gradient, which weights' were finite (`grad_finite`, at `grad_steps`),
-        and how many updates were skipped."""
-        every, k = self.update_every, self.gradient_every
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded. The steps
+        run in windows of `update_every` (the whole sequence when 0), each one `Learner.scan` followed by
+        its optimizer update; a tail shorter than a window forms no gradient (as no update would use it).
+        Returns params, optimizer state, per-step losses and outputs, the summed |loss| of steps without a
+        gradient, and the health record: per update, which weights' gradients were finite (`grad_finite`,
+        at the window's last step), and how many updates were skipped."""
+        steps = jax.tree.leaves(inputs)[0].shape[0]
+        window = self.update_every or steps
+        full = steps - steps % window
 
-        def update(p, o, a, ok):
-            p, o, count = self._guarded_apply(p, o, a, ok)
-            return p, o, zeros, jnp.ones((), bool), count
+        def body(carry, part):
+            params, opt_state, state, skipped = carry
+            inputs, targets = part
+            state, losses, outputs, grads, quiet = self._window(params, state, inputs, targets, constants)
+            params, opt_state, count = self._guarded_apply(params, opt_state, grads, _finite(losses))
+            return (params, opt_state, state, skipped + count), (losses, outputs, _leaf_finite(grads), quiet)
 
-        def wait(p, o, a, ok):
-            return p, o, a, ok, jnp.zeros((), jnp.int32)
-
-        def body(carry, chunk):
-            params, opt_state, state, accumulated, ok, quiet, skipped, t = carry
-            state, losses, outputs, grads, chunk_quiet = self._chunk(params, state, chunk, constants)
-            accumulated = jax.tree.map(jnp.add, accumulated, grads)
-            ok, t = ok & _finite(losses), t + k
-            if every > 0:
-                params, opt_state, accumulated, ok, count = jax.lax.cond(
-                    t % every == 0, update, wait, params, opt_state, accumulated, ok
-                )
-                skipped = skipped + count
-            carry = (params, opt_state, state, accumulated, ok, quiet + chunk_quiet, skipped, t)
-            return carry, (losses, outputs, _leaf_finite(grads))
-
-        chunks = jax.tree.map(lambda a: a.reshape(-1, k, *a.shape[1:]), (inputs, targets))
-        count = jnp.zeros((), jnp.int32)
-        carry = (params, opt_state, self.learner.init(), zeros, jnp.ones((), bool), jnp.zeros(()), count, count)
-        (params, opt_state, _, accumulated, ok, quiet, skipped, _), (losses, outputs, finite) = jax.lax.scan(
-            body, carry, chunks
-        )
+        windows = jax.tree.map(lambda a: a[:full].reshape(-1, window, *a.shape[1:]), (inputs, targets))
+        carry = (params, opt_state, self.learner.init(), jnp.zeros((), jnp.int32))
+        (params, opt_state, state, skipped), (losses, outputs, finite, quiet) = jax.lax.scan(body, carry, windows)
         losses, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (losses, outputs))
-        if every == 0:
-            params, opt_state, skipped = self._guarded_apply(params, opt_state, accumulated, ok)
-        health = _health(losses, finite, jnp.arange(k - 1, losses.shape[0], k), skipped, params)
+        quiet = jnp.sum(quiet)
+        if full < steps:  # the tail: no update follows it
+            tail_inputs, tail_targets = jax.tree.map(lambda a: a[full:], (inputs, targets))
+            _, tail_losses, tail_outputs, _, _ = self._window(
+                params, state, tail_inputs, tail_targets, constants, learn=False
+            )
+            losses, outputs = jax.tree.map(
+                lambda a, b: jnp.concatenate([a, b]), (losses, outputs), (tail_losses, tail_outputs)
+            )
+        health = _health(losses, finite, jnp.arange(window - 1, full, window), skipped, params)
         return params, opt_state, losses, outputs, quiet, health
 
 

@@ -1,0 +1,190 @@
+"""A learner over a whole sequence: `Learner.scan`, the fused step in `lax.scan`, gradients summed.
+
+Consumes: a `Learner`, its params and state, inputs and targets with a leading time axis, an optional
+per-step loss mask. Produces the final state and a `ScanResult`: the outputs and losses stacked over
+time and the sum of the per-step gradients — equal to summing `Learner.step`'s (tested to float64
+rounding). A step whose loss is masked out forms no gradient (`Learner.step(..., gradient=False)`: the
+states and traces advance alone), so its gradient costs nothing; its loss is still reported.
+
+Deferred contraction (es_d_rtrl). Summed over steps, es_d_rtrl's per-step weight products
+`Σ_t (∂y(ε^u_t, W)/∂W)ᵀ c_t` are one contraction over the time and batch axes together: for a dense
+weight one GEMM with inner dimension k·B instead of k rank-B updates, each of which reads and writes
+the whole weight-shaped gradient. So the steps keep their factors `(ε^u_t, c_t)` — O(B·(I + N)) per
+relation and step — in a buffer of `chunk` steps, contracted once per chunk
+(`derive.weight_vjp_over_time`). The chunk is chosen so that the buffer stays under `DEFERRED_BYTES`
+(`Learner.deferred_bytes` reports a step's share). Everything else of a step (d_rtrl's traces, per-neuron
+parameters, instantaneous readouts) is summed step by step. The gradient sum lives in the scan's carry,
+so memory does not grow with the sequence.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .errors import CompileError, four_part
+from .passes import derive
+
+DEFERRED_BYTES = 1 << 28  # the largest buffer of deferred factors (256 MiB) before a chunk is contracted
+
+
+class ScanResult(eqx.Module):
+    """What `Learner.scan` returns beside the final state.
+
+    Attributes:
+        output: the outputs of every step, stacked over time (the structure of one step's output).
+        loss: the per-step losses, shape (time,).
+        grads: the sum of the per-step gradients (the structure and units of `Learner.params`).
+    """
+
+    output: Any
+    loss: jax.Array
+    grads: dict
+
+
+def _length(tree) -> int:
+    lengths = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(tree) if jnp.ndim(leaf)}
+    if len(lengths) != 1:
+        raise CompileError(
+            four_part(
+                what=f"the sequence's leaves have lengths {sorted(lengths) or 'none'} along their first axis",
+                where="Learner.scan(params, state, xs, targets, ...)",
+                why="xs, targets and loss_mask are stacked over time, the time axis first",
+                fix="pass arrays of one length T, time first: x_t = xs[t]",
+            )
+        )
+    return lengths.pop()
+
+
+def _mask(loss_mask, steps: int) -> jax.Array:
+    mask = jnp.ones((steps,), bool) if loss_mask is None else jnp.asarray(loss_mask) != 0
+    if mask.shape != (steps,):
+        raise CompileError(
+            four_part(
+                what=f"loss_mask has shape {mask.shape}",
+                where="Learner.scan(..., loss_mask=...)",
+                why="it says, per step, whether that step's loss forms a gradient",
+                fix=f"pass one value per step: shape ({steps},)",
+            )
+        )
+    return mask
+
+
+def deferrable(learner) -> bool:
+    """Whether the learner's weight products can be deferred: es_d_rtrl, every factorised relation's op
+    reads nothing that changes from step to step but its input and weight (so one evaluation of the op
+    stands for all the steps of a chunk), and none is a binary CSR product whose weight cotangent is
+    formed in one pass per step (vmapped over a chunk it would hold a connection-sized row per step:
+    those keep their per-step products)."""
+    analysis, plan = learner.analysis, learner.plan
+    if plan.algorithm != "es_d_rtrl":
+        return False
+    relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
+    contractions = [analysis.facts.contractions[r.contraction] for r in relations]
+    # a binary CSR op's one-pass weight cotangent, vmapped over time, would hold one E-sized row per step
+    one_pass = any(derive.one_pass_csr(c.eqn) for c in contractions)
+    return (
+        bool(relations)
+        and not one_pass
+        and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
+    )
+
+
+def deferred_bytes(learner) -> int:
+    """Bytes one step adds to the buffer of deferred factors (0 when nothing is deferred)."""
+    if not deferrable(learner):
+        return 0
+    analysis, plan = learner.analysis, learner.plan
+    total = 0
+    for index in plan.traced:
+        relation = analysis.relations[index]
+        if relation.elementwise:
+            continue
+        contraction = analysis.facts.contractions[relation.contraction]
+        itemsize = np.dtype(analysis.captured.leaves[relation.weight_leaf].dtype).itemsize
+        sizes = (contraction.pre_var.aval.size, contraction.out_var.aval.size)
+        total += sum(sizes) * itemsize * 2  # this step's factors, and last step's (for δ_prev terms)
+    return total
+
+
+def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants=None, chunk=None):
+    """`(final state, ScanResult)` of `learner` over the steps of `xs` (see `Learner.scan`)."""
+    steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
+    mask = None if loss_mask is None else _mask(loss_mask, steps)  # None: every step learns (no branch)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if not deferrable(learner):
+        (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
+        return state, ScanResult(outputs, losses, grads)
+    size = chunk or max(1, min(steps, DEFERRED_BYTES // max(deferred_bytes(learner), 1)))
+    carry, outputs, losses = (state, zeros), [], []
+    for start in range(0, steps, size):
+        part_xs, part_targets, part_mask = jax.tree.map(lambda a, s=start: a[s : s + size], (xs, targets, mask))
+        carry, (output, loss) = _deferred_chunk(learner, params, carry, part_xs, part_targets, part_mask, constants)
+        outputs.append(output)
+        losses.append(loss)
+    outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
+    return carry[0], ScanResult(outputs, jnp.concatenate(losses), carry[1])
+
+
+def _per_step(mask, xs) -> jax.Array:
+    """What the scan hands each step for its mask: the mask, or (none given) a placeholder it ignores."""
+    return jnp.zeros((_length(xs),), bool) if mask is None else mask
+
+
+def _steps(learner, params, carry, xs, targets, mask, constants):
+    """Every step of the sequence, its gradient added to the carry's sum (none where `mask` is False)."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry, inputs):
+        state, total = carry
+        x, target, forms = inputs
+
+        def learning(state):
+            state, res = learner.step(params, state, x, target, constants=constants)
+            return state, res.output, res.loss, res.grads
+
+        def advancing(state):
+            state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
+            return state, res.output, res.loss, zeros
+
+        if mask is None:
+            state, output, loss, grads = learning(state)
+        else:
+            state, output, loss, grads = lax.cond(forms, learning, advancing, state)
+        return (state, jax.tree.map(jnp.add, total, grads)), (output, loss)
+
+    return lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
+
+
+def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
+    """A chunk of steps whose es_d_rtrl factors are stacked, then contracted once."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def learning(state, x, target):
+        state, res, products = learner._step(params, state, x, target, constants=constants, defer=True)
+        return state, res.output, res.loss, res.grads, products
+
+    x0, target0 = jax.tree.map(lambda a: a[0], (xs, targets))
+    shapes = jax.eval_shape(learning, carry[0], x0, target0)[4]
+    no_products = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, inputs):
+        state, total = carry
+        x, target, forms = inputs
+
+        def advancing(state, x, target):
+            state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
+            return state, res.output, res.loss, zeros, no_products
+
+        if mask is None:
+            state, output, loss, grads, products = learning(state, x, target)
+        else:
+            state, output, loss, grads, products = lax.cond(forms, learning, advancing, state, x, target)
+        return (state, jax.tree.map(jnp.add, total, grads)), (output, loss, products)
+
+    (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
+    contracted = learner._contract(params, state, x0, products, constants=constants)
+    return (state, jax.tree.map(jnp.add, total, contracted)), (outputs, losses)
