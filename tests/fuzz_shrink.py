@@ -13,6 +13,9 @@ prints each smaller spec found and the last one's disagreements.
 import dataclasses
 import sys
 
+import brainstate
+import jax
+
 import fuzz_models as fm
 import fuzz_oracle
 from fuzz_models import Population, Projection, Readout, Spec  # noqa: F401  (eval of a printed spec)
@@ -145,6 +148,8 @@ def shrink(spec: fm.Spec, keeps, algorithms=fuzz_oracle.ALGORITHMS, verbose: boo
 
 
 def main(text: str, words: str, algorithm: str | None = None):
+    jax.config.update("jax_enable_x64", True)  # as tests/conftest.py: the oracle's tolerances are float64's
+    brainstate.environ.set(precision=64, dt=fm.DT)
     algorithms = (algorithm,) if algorithm else fuzz_oracle.ALGORITHMS
     spec = shrink(eval(text), lambda o: any(words in d for d in o.disagreements), algorithms)
     print("minimal:", repr(spec))

@@ -140,3 +140,30 @@ def test_the_references_read_an_unbatched_dict_of_outputs():
     )
     assert fuzz_oracle.reference_shape(spec) == ("rtrl", "e_prop")
     _holds(spec, ("d_rtrl", "e_prop"))
+
+
+CREDIT_THROUGH_A_WEIGHT_TO_WEIGHT_PATH = (
+    "fusetrace: credit that reaches a group only through a weight -> weight path (a Linear readout whose output "
+    "is the input of a LeakyRateReadout's weight) is cut without a note on the upstream group's weights: when "
+    "the outputs also read the Linear readout directly, report() calls the input weight exact"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=CREDIT_THROUGH_A_WEIGHT_TO_WEIGHT_PATH)
+def test_credit_cut_at_a_readout_in_series_is_reported():
+    """LIF p0 from the input; r0 = Linear(p0's spikes) and r1 = LeakyRateReadout(r0), both outputs (a
+    tuple). d_rtrl calls p0's input weight exact ("no loop through weights"); it is 0.82 relative off BPTT:
+    the credit through r1 (r0 -> r1's weight -> r1's state -> loss) is dropped, the direct r0 path kept.
+    With r1 the only output the same drop is reported (a zero gradient with a note); with two leaky
+    readouts in series it is exact. Found by the fuzz (an AdEx network with this readout pair, shrunk)."""
+    spec = Spec(
+        populations=(Population("lif", 3),),
+        projections=(Projection("x0", 0, scale=0.8),),
+        readouts=(Readout("linear", ("p0",), "spikes", 2), Readout("leaky", ("r0",), "spikes", 3)),
+        n_inputs=(5,),
+        input_rate=0.3,
+        batch=None,
+        outputs="tuple",
+        seed=13106,
+    )
+    _holds(spec, ("d_rtrl",))
