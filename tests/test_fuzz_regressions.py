@@ -167,3 +167,28 @@ def test_credit_cut_at_a_readout_in_series_is_reported():
         seed=13106,
     )
     _holds(spec, ("d_rtrl",))
+
+
+LINK_PULLBACK_IS_NOT_LINEAR = (
+    "fusetrace (since derive.pullback_map uses jax.linear_transpose, 47f5296): a credit chain's pullback from a "
+    "population's new spikes to a readout input that concatenates it with a population computed from those "
+    "spikes in the same step is not linear (it runs through the second population's dynamics), and the "
+    "compiled step raises NotImplementedError (no transpose rule for the spike function, or tanh)"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=LINK_PULLBACK_IS_NOT_LINEAR)
+@pytest.mark.parametrize("second", ["lif", "rate"])
+def test_a_readout_of_two_populations_in_series_compiles_and_runs(second):
+    """LIF p0 from the input; p1 (a LIF through an AlignPost Expon, or a tanh rate cell through a plain
+    current) from p0's new spikes; one LeakyRateReadout of p0 and p1 concatenated. d_rtrl's compiled step
+    raises while tracing the credit chain's pullback. Found by the fuzz (a LIF -> rate network, shrunk)."""
+    synapse = "post_expon" if second == "lif" else "current"
+    spec = Spec(
+        populations=(Population("lif", 4), Population(second, 3)),
+        projections=(Projection("x0", 0, scale=1.1), Projection("p0", 1, synapse=synapse, scale=1.1)),
+        readouts=(Readout("leaky", ("p0", "p1"), "spikes", 2),),
+        n_inputs=(3,),
+        batch=None,
+    )
+    _holds(spec, ("d_rtrl",))
