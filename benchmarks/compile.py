@@ -291,7 +291,10 @@ def plot(payload: dict, path, before: dict | None = None) -> None:
             if run is before and method in ("forward", "bptt"):
                 continue  # unchanged by fusetrace
             color = f"C{list(styles).index(method)}"
-            for axis, key in ((axes[0], "equations"), (axes[1], "first_call_s")):
+            panels = [(axes[0], "equations"), (axes[1], "first_call_s")]
+            if run is before and before["machine"].get("cpu") != payload.get("machine", {}).get("cpu"):
+                panels = panels[:1]  # times from another machine are not comparable; equations are
+            for axis, key in panels:
                 points = _series(run["by_populations"], method, key, 0, states)
                 if points:
                     axis.plot(*zip(*points, strict=True), line + marker, color=color, label=method + suffix)

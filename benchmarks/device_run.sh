@@ -10,8 +10,9 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl brainpy==2.9.* brainstate==0.6.* brainevent==0.3.* \
-#     braintools==0.4.* brainunit==0.6.* saiunit==0.6.* braintrace==0.2.* tqdm
-# then: device.run(command="bash benchmarks/device_run.sh", carry=[".whl"], timeout_s=540).
+#     braintools==0.4.* brainunit==0.6.* saiunit==0.6.* braintrace==0.2.* tqdm array_api_compat==1.16.*
+# then: device.run(command="OUT=$OUT bash benchmarks/device_run.sh 2>&1 | tee $OUT/run.log",
+# carry=[".whl", ".before"], timeout_s=560); the results come back as results.tgz.
 # Locally, `OUT=/tmp/out DEVICE_QUICK=1 bash benchmarks/device_run.sh` runs the same script at tiny sizes.
 # The JSON records the backend and device it ran on (common.machine()); docs/benchmarks.md says which
 # numbers came from which device.
@@ -64,8 +65,8 @@ timeout 150 "$PY" speed.py "${SPEED[@]}" --out "$OUT/speed" 2>&1 | tail -20 | te
 timeout 150 "$PY" sequence.py "${SEQUENCE[@]}" --out "$OUT/sequence" 2>&1 | tail -20 | tee "$OUT/sequence.log"
 timeout 150 "$PY" connectome_side_by_side.py "${BRAIN[@]}" --out "$OUT/brain" 2>&1 | tail -30 | tee "$OUT/brain.log"
 wait "${compile_jobs[@]}"
-# the device tool brings back files at most two folders down: flatten the JSON next to the logs
-for name in speed sequence brain compile-forward compile-es_d_rtrl compile-d_rtrl compile-e_prop compile-bars compile-before; do
-  for file in "$OUT/$name"/results/*.json; do [ -f "$file" ] && cp "$file" "$OUT/$name-$(basename "$file")"; done
-done
+# the device tool brings back a handful of files per call (eight, in one session: the rest were lost), at
+# most two folders down: everything goes back as one archive, beside the main log
+tar -czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz --exclude run.log . && \
+  find "$OUT" -mindepth 1 -maxdepth 1 ! -name results.tgz ! -name run.log -exec rm -rf {} +
 ls -la "$OUT"

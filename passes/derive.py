@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -204,11 +205,11 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
-def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int, int]]) -> list:
+def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int, int]]) -> Any:
     """`function`'s JVP at `primals` (a tuple of lists of arrays) for each column `(part, index)`: a ones
     tangent on `primals[part][index]`, zeros elsewhere. ONE JVP with the tangents stacked on a leading
     axis (`vmap`): the primal is traced once and so is the tangent map, whatever the number of columns.
-    Returns `function`'s outputs, each with the column axis first."""
+    Returns `function`'s outputs (its pytree), each with the column axis first."""
     n = len(columns)
 
     def stacked(part: int, index: int, x: jax.Array) -> jax.Array:

@@ -30,7 +30,7 @@ import numpy as np
 
 from fusetrace.passes.fuse import SCOPES
 
-from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn
+from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, aval_shape
 from .rules.control import sub_jaxprs
 
 LABELS = {
@@ -152,10 +152,10 @@ def _flops(eqn: JaxprEqn) -> int:
     out = sum(_size(v.aval) for v in eqn.outvars)
     if name == "dot_general":
         (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
+        lhs = aval_shape(eqn.invars[0])
         return 2 * out * math.prod(lhs[d] for d in lhs_contracting)
     if name == "conv_general_dilated":
-        rhs = eqn.invars[1].aval.shape
+        rhs = aval_shape(eqn.invars[1])
         out_feature = eqn.params["dimension_numbers"].rhs_spec[0]
         return 2 * out * math.prod(rhs) // max(rhs[out_feature], 1)
     if name in _MOVEMENT or sub_jaxprs(eqn):
