@@ -399,8 +399,8 @@ def main(argv=None):
         payload.pop("machine", None)
         common.write_json(json_path, {**payload, "targets": bars(args.bars, args.batch, args.timeout)})
         return
-    if args.quick:
-        args.populations, args.states, args.states_at = [2, 3], [2, 3], 2
+    if args.quick:  # one size: a smoke run of every method (the second sweep reuses it)
+        args.populations, args.states, args.states_at = [2], [2], 2
     if args.merge:
         payload = merge([json.loads((pathlib.Path(d) / "results" / "compile.json").read_text()) for d in args.merge])
         common.write_json(json_path, payload)
@@ -421,7 +421,15 @@ def main(argv=None):
 
         by_k, by_s = [(k, default_states) for k in args.populations], [(args.states_at, s) for s in args.states]
         sweep(args.methods, by_k, args.batch, args.timeout, isolate, payload["by_populations"], saved)
+        by_s = [size for size in by_s if size not in by_k]  # a size of both sweeps is measured once
+        for method in args.methods:
+            payload["by_states"][method] = {
+                key: result
+                for key, result in payload["by_populations"][method].items()
+                if int(key.split(",")[0]) == args.states_at
+            }
         sweep(args.methods, by_s, args.batch, args.timeout, isolate, payload["by_states"], saved)
+        saved()
     before_path = json_path.with_name("compile_before.json")
     plot(payload, png_path, json.loads(before_path.read_text()) if before_path.exists() else None)
 
