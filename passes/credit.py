@@ -12,8 +12,6 @@ one `(S, S)` block `D̄_c` and one `S`-vector `F̄_c` per class of units: the cl
 nonlinear or crowded group).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -79,8 +77,7 @@ def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
     kind = "new" if node.stages[0].link_new else "hidden"
     states = [s for s, leaf in enumerate(source.leaves) if (kind, leaf) in fact]  # others: ∂u/∂h ≡ 0
     if factorised.factorised(plan.algorithm, owner):
-        post = traces[plan.key(node.owner)]["post"]
-        return jnp.sum(p[..., states] * post[..., states], axis=-1)
+        return factorised.chain_injection(analysis, plan, traces[plan.key(node.owner)], p, states)
     layout = layout_of(analysis, owner, values)
     signal = dict(zip(states, per_state(p[..., states]), strict=True))
     total = contract(layout, signal, used_trace(plan, traces[plan.key(node.owner)]), states)
@@ -156,24 +153,24 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
                 continue
             pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
             q = dict(zip(node.states, traces[node.key], strict=True))
-            _add_terms(analysis, plan, values, node, pulled, q, traces is old, step, terms, cotangents)
+            _add_terms(analysis, plan, values, node, pulled, q, traces, traces is old, step, terms, cotangents)
     return terms, cotangents
 
 
-def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, step, terms, cotangents):
+def _add_terms(analysis, plan, values, node, pulled, q, traces, previous: bool, step, terms, cotangents):
     owner = analysis.relations[node.owner]
     if not factorised.factorised(plan.algorithm, owner):
         layout = layout_of(analysis, owner, values)
         settled = lax.optimization_barrier([q[s] for s in pulled])
         terms.append((node.owner, layout.reduce([(pulled[s], e) for s, e in zip(pulled, settled, strict=True)])))
         return
-    signal = functools.reduce(jnp.add, [pulled[s] * q[s] for s in pulled])
+    signal = factorised.chain_signal(analysis, plan, traces[plan.key(node.owner)], pulled, q)
     for index in plan.traced:
         relation = analysis.relations[index]
         if relation.elementwise or factorised.post_owner(plan.algorithm, analysis.relations, index) != node.owner:
             continue
         if previous:  # pairs with the previous presynaptic factor
-            key, cotangent = (index, "prev"), factorised.prev_cotangent(plan, relation, signal, step)
+            key, cotangent = (index, "prev"), factorised.prev_cotangent(analysis, plan, relation, signal, step)
         else:
-            key, cotangent = (index, "now"), factorised.now_cotangent(plan, relation, signal, step)
+            key, cotangent = (index, "now"), factorised.now_cotangent(analysis, plan, relation, signal, step)
         cotangents[key] = cotangent if key not in cotangents else cotangents[key] + cotangent

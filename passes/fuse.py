@@ -51,6 +51,7 @@ class Plan:
     kappa: float | None  # e_prop's optional trace filter
     feedback: dict  # contraction index -> fixed random matrix (e_prop's random feedback), else empty
     depth: int = DEFAULT_CREDIT_DEPTH  # the longest credit chain, in downstream groups
+    rank: int = factorised.DEFAULT_RANK  # es_d_rtrl "low_rank": the trace's rank per batch entry
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
@@ -106,6 +107,7 @@ def make_plan(
     feedback: str = "symmetric",
     feedback_seed: int = 0,
     depth: int = DEFAULT_CREDIT_DEPTH,
+    rank: int | None = None,
 ) -> Plan:
     _check_options(algorithm, decay, factorisation, depth)
     notes: dict[str, list[str]] = {}
@@ -127,6 +129,7 @@ def make_plan(
             )
             continue
         traced.append(index)
+    rank = factorised.check_options(analysis, algorithm, factorisation, rank, traced)
     chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth)
     for index in traced:
         owner = factorised.post_owner(algorithm, analysis.relations, index)
@@ -146,6 +149,7 @@ def make_plan(
         kappa,
         matrices,
         depth,
+        rank,
     )
 
 
@@ -234,10 +238,7 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
         group = analysis.group_named(relation.group)
         dtype = analysis.captured.leaves[relation.weight_leaf].dtype
         if factorised.factorised(plan.algorithm, relation):
-            contraction = analysis.facts.contractions[relation.contraction]
-            traces[plan.key(index)] = {"pre": jnp.zeros(contraction.pre_var.aval.shape, dtype)}
-            if factorised.post_owner(plan.algorithm, analysis.relations, index) == index:
-                traces[plan.key(index)]["post"] = jnp.zeros((*group.shape, group.n_states), dtype)
+            traces[plan.key(index)] = factorised.init_factors(analysis, plan, index)
         else:
             # one array per state (not a stacked state axis): XLA's CPU fusions run several times faster
             shape = trace_shape(analysis, relation, per_weight.kind_of(analysis, relation))
@@ -257,7 +258,7 @@ def chain_trace_shape(analysis: Analysis, plan: Plan, node: Node) -> tuple[tuple
     owner = analysis.relations[node.owner]
     dtype = analysis.captured.leaves[owner.weight_leaf].dtype
     if factorised.factorised(plan.algorithm, owner):
-        return tuple(analysis.group_named(owner.group).shape), dtype
+        return factorised.chain_shape(analysis, plan, node.owner), dtype
     return trace_shape(analysis, owner, per_weight.kind_of(analysis, owner)), dtype
 
 
@@ -293,14 +294,18 @@ def fused_step(
     cache: dict = {}  # per-step derivatives the chains share
     if not gradient:  # only the traces move (the credit chains' included)
         own, _, _ = _update_traces(analysis, plan, values, traces, step, None)
-        new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+        new_traces = credit.advance(
+            analysis, plan, values, factorised.align_chains(analysis, plan, traces, own), own, cache
+        )
         return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
     weight_leaves = sorted(weights)
     loss, delta_new, delta_prev, direct = derive.learning_signals(
         analysis, values, loss_of_outputs, weight_leaves, plan.feedback
     )
     own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev))
-    new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+    new_traces = credit.advance(
+        analysis, plan, values, factorised.align_chains(analysis, plan, traces, own), own, cache
+    )
     chain_terms, chain_cotangents = credit.gradients(
         analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
     )
@@ -314,9 +319,7 @@ def fused_step(
     }
     if not defer:
         for (index, _), (pre, cotangent) in products.items():
-            product = derive.weight_vjp(
-                analysis, relations[index].contraction, values, pre, cotangent, float_input=True
-            )
+            product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
             terms.append((index, product))
         products = {}
     grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
@@ -358,7 +361,6 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
         f = dict(zip(needs_f, f_list, strict=True))
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
-        posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
             relation, key = relations[index], plan.key(index)
             grad = None
@@ -366,18 +368,13 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
                 new_traces[key], grad = per_weight.update(
                     analysis, plan, relation, values, d, f[index], traces[key], group_signals
                 )
-            else:
-                owner = owners[index]
-                if owner == index:
-                    previous = traces[key]["post"]
-                    posts[index] = (previous, factorised.es_post(plan, d, f[index], previous))
-                post_prev, post = posts[owner]
-                new_traces[key], more = factorised.es_update(
-                    analysis, plan, index, values, traces[key]["pre"], post_prev, post, group_signals, step
+            elif owners[index] == index:  # the owner updates every relation sharing its factor
+                members = [i for i in indices if owners[i] == index]
+                more_traces, more = factorised.update_owner(
+                    analysis, plan, index, members, values, d, f[index], traces, group_signals, step
                 )
+                new_traces.update(more_traces)
                 cotangents.update(more)
-                if owner == index:
-                    new_traces[key]["post"] = posts[index][1]
             if grad is not None:
                 terms.append((index, grad))
     return new_traces, terms, cotangents
