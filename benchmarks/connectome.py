@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 import fusetrace
-from fusetrace.api import _leaves_from
+from fusetrace.leaves import leaves_from
 from fusetrace.tasks import connectome, flybrain, mse_loss
 
 
@@ -52,7 +52,7 @@ def _forward_program(learner):
 
     @jax.jit
     def run(params, model, inputs):
-        leaves = _leaves_from(captured, params, model)
+        leaves = leaves_from(captured, params, model)
 
         def body(leaves, x):
             outputs, leaves = captured.step(captured.strip_inputs(*x), leaves)

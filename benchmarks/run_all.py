@@ -1,6 +1,6 @@
-"""Every benchmark in turn — speed, memory, fidelity, scale — each writing its results JSON and plot.
+"""Every benchmark in turn — speed, memory, fidelity, scale, compile — each writing its results JSON and plot.
 
-    benchmarks/run_all [--quick] [--out DIR] [--only speed memory fidelity scale]
+    benchmarks/run_all [--quick] [--out DIR] [--only speed memory fidelity scale compile]
 
 Without --out, results go to benchmarks/results/ and plots to docs/images/ (what docs/benchmarks.md shows);
 with --quick (tiny sizes, about a minute on 2 cores) they go under runs/bench-quick/ so the reported
@@ -16,12 +16,14 @@ import sys
 import time
 
 import common
+import compile as compile_cost
 import memory
 import scale
 import speed
 
-IN_PROCESS = {"speed": speed.main, "memory": memory.main, "scale": scale.main}  # float32: one process
-BENCHMARKS = ("speed", "memory", "fidelity", "scale")
+# float32: one process
+IN_PROCESS = {"speed": speed.main, "memory": memory.main, "scale": scale.main, "compile": compile_cost.main}
+BENCHMARKS = ("speed", "memory", "fidelity", "scale", "compile")
 
 
 def main(argv=None):

@@ -154,7 +154,64 @@ def scale(result: dict) -> str:
     return "\n".join(out)
 
 
-RENDERERS = {"speed": speed, "memory": memory, "fidelity": fidelity, "scale": scale}
+COMPILE_METHODS = ("forward", "bptt", "es_d_rtrl", "d_rtrl", "e_prop")
+
+
+def _size_cell(method: str, result: dict | None, forward: dict | None, key: str) -> str:
+    if result is None:
+        return "—"
+    if "error" in result:
+        error = result["error"]
+        if error.startswith(("not measured", "skipped")):
+            return "—"
+        return "timed out" if "timed out" in error else "failed"
+    value = result[key]
+    if key != "equations":
+        return f"{value:.3g}"
+    if method == "forward":
+        return f"{value:,} ({result['captured_equations']:,} captured)"
+    if method == "bptt" or forward is None or "error" in forward:
+        return f"{value:,}"
+    return f"{value:,} ({value / forward['captured_equations']:.1f}×)"
+
+
+def compile_cost(result: dict) -> str:
+    """Equations and first-call seconds against K (and equations against states per neuron); the fused
+    programs' equations also as a multiple of the captured (simplified) forward step's."""
+    by_k, by_s = result["by_populations"], result["by_states"]
+    methods = [m for m in COMPILE_METHODS if m in by_k]
+    lines = ["| K | " + " | ".join(f"{m} equations" for m in methods) + " | " + " | ".join(methods) + " |"]
+    lines.append("|---|" + "---|" * (2 * len(methods)))
+    for size in by_k[methods[0]]:
+        row = {m: by_k[m].get(size) for m in methods}
+        cells = [_size_cell(m, row[m], row.get("forward"), "equations") for m in methods]
+        cells += [_size_cell(m, row[m], None, "first_call_s") for m in methods]
+        lines.append(f"| {size.split(',')[0]} | " + " | ".join(cells) + " |")
+    at = result["populations_for_states"]
+    lines += ["", f"Left: equations; right: first `jax.jit` call (s). States per neuron at K = {at}:", ""]
+    lines.append("| S | " + " | ".join(f"{m} equations" for m in methods) + " |")
+    lines.append("|---|" + "---|" * len(methods))
+    for size in by_s[methods[0]]:
+        row = {m: by_s[m].get(size) for m in methods}
+        cells = [_size_cell(m, row[m], row.get("forward"), "equations") for m in methods]
+        lines.append(f"| {size.split(',')[1]} | " + " | ".join(cells) + " |")
+    if "targets" in result:
+        rounds = result["targets"]["rounds"]
+        lines += ["", f"Issue 19's targets ({rounds} interleaved rounds, `compile.py --bars {rounds}`):", ""]
+        lines += ["| target | measured | |", "|---|---|---|"]
+        for entry in result["targets"]["targets"]:
+            lines.append(f"| {entry['target']} | {entry['value']:.2f} | {_mark(entry['met'])} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "speed": speed,
+    "memory": memory,
+    "fidelity": fidelity,
+    "scale": scale,
+    "compile": compile_cost,
+    "compile_before": compile_cost,
+}
 
 
 def update(page: pathlib.Path, tables: dict[str, str]) -> None:

@@ -12,6 +12,8 @@ one `(S, S)` block `D̄_c` and one `S`-vector `F̄_c` per class of units: the cl
 nonlinear or crowded group).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -20,21 +22,30 @@ from . import derive, factorised
 from .per_weight import contract, layout_of, per_state, used_trace
 from .structure import state_structure
 
+DERIVATIVES = "derivatives"
+"""`cache[(DERIVATIVES, group name)]`: `(D, {relation index: F})` of a group at this step, where `fuse`
+computed them for the group's own traces (relations whose op outputs enter the group summed share an F:
+the key is `factorised.post_owner`'s)."""
+
 
 def _mask(analysis, stage, unit_class: int, dtype) -> jax.Array:
     return jnp.asarray(stage.classes.masks[unit_class], dtype)
 
 
-def _stage_factors(analysis, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
+def _stage_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
     """`(D̄, F̄)` of a stage: `(C, S, S)` and `(C, S)`, one block per class of units — the class
     representative's `D` and `F` for exact classes, else their mean over the class's units and the batch,
     each unit weighted by the surrogate derivative of its spikes (`derive.spike_relevance`): the dynamics
-    of the neurons through which credit passes on at this step."""
+    of the neurons through which credit passes on at this step. `D` and `F` are the group's own traces'
+    (`DERIVATIVES` in `cache`) where they hold the via's `F`."""
     key = (stage.group, stage.via)
     if key in cache:
         return cache[key]
     group = analysis.group_named(stage.group)
-    d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
+    d, by_relation = cache.get((DERIVATIVES, stage.group), (None, {}))
+    f = by_relation.get(factorised.post_owner(plan.algorithm, analysis.relations, stage.via))
+    if d is None or f is None:
+        d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
     batch = analysis.batch_size or 1
     n_units = stage.classes.masks[0].size
     d = jnp.reshape(d, (batch, n_units, *d.shape[-2:]))
@@ -60,7 +71,7 @@ def _stage_factors(analysis, values, stage, cache: dict) -> tuple[jax.Array, jax
 
 def _link_sensitivity(analysis, values, stage, group_name: str, cache: dict) -> jax.Array:
     """`∂link/∂h` of the stage's link w.r.t. the states of the group it reads, once per step."""
-    key = (stage, group_name)  # stages compare by identity: one entry per stage of the plan
+    key = ("sensitivity", stage.link, stage.link_new, group_name)  # shared by every chain with this link
     if key not in cache:
         group = analysis.group_named(group_name)
         cache[key] = derive.pre_sensitivity(analysis, stage.link, group, values, new=stage.link_new)
@@ -87,57 +98,98 @@ def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
     return total
 
 
+def _stage_scalars(analysis, plan, values, stage, unit_class: int, cache: dict) -> tuple[list, list]:
+    """`(F̄_c[s] for s, D̄_c[s, t] by s then t)` of a stage's class as scalars, split once per step."""
+    key = ("scalars", stage.group, stage.via, unit_class)
+    if key not in cache:
+        with jax.named_scope("stage_factors"):
+            d, f = _stage_factors(analysis, plan, values, stage, cache)
+            n_states = f.shape[-1]
+            flat = jnp.unstack(d[unit_class].reshape(-1))
+            cache[key] = jnp.unstack(f[unit_class]), [flat[s * n_states : (s + 1) * n_states] for s in range(n_states)]
+    return cache[key]
+
+
 def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
     """`new` with every chain node's trace advanced: `q ← D̄_c q + F̄_c · In`, nodes parents first."""
     new = dict(new)
+    nodes = {node.key: node for node in plan.chains}
     for node in plan.chains:
-        d, f = _stage_factors(analysis, values, node.stage, cache)
-        c = node.unit_class[-1]
+        f, d = _stage_scalars(analysis, plan, values, node.stage, node.unit_class[-1], cache)
         if node.parent is None:
-            entering = _injection(analysis, plan, values, node, old, new, cache)
+            with jax.named_scope("injection"):
+                entering = _injection(analysis, plan, values, node, old, new, cache)
         else:
-            parent = next(p for p in plan.chains if p.key == node.parent)
+            parent = nodes[node.parent]
             source = new if node.stage.link_new else old
             entering = source[node.parent][parent.states.index(node.read_state[-1])]
         previous = dict(zip(node.states, old[node.key], strict=True))
         reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
         values_new = []
         for s in node.states:
-            total = f[c, s] * entering if s in injected else jnp.zeros_like(entering)
+            total = f[s] * entering if s in injected else jnp.zeros_like(entering)
             for t in reads[s]:
                 if t in previous:
-                    total = total + d[c, s, t] * previous[t]
+                    total = total + d[s][t] * previous[t]
             values_new.append(total)
         new[node.key] = tuple(values_new)
     return new
 
 
-def _pull(analysis, plan, values, node, cotangent: jax.Array, cache: dict) -> jax.Array:
+def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cache: dict) -> jax.Array:
     """The learning signal `cotangent` on the last stage's units, carried back through every stage to the
-    values of the owner's group that the first link reads."""
+    values of the owner's group that the first link reads. `signal` names `cotangent` (a hashable key):
+    each partial pull is named by what it is made of and computed once per step, so chains that share
+    their last stages (other owners upstream, d_rtrl's several owners per group, the readout's pull to
+    every population) share those pulls."""
     stages = node.stages
-    c = cotangent * _mask(analysis, stages[-1], node.unit_class[-1], cotangent.dtype)
+    last = stages[-1]
+    key = ("pull", signal, last.via, node.unit_class[-1])
+    c = _once(cache, key, lambda: cotangent * _mask(analysis, last, node.unit_class[-1], cotangent.dtype))
     for j in reversed(range(len(stages))):
         stage = stages[j]
         via = analysis.relations[stage.via]
-        c = _back_through(analysis, plan, values, stage, cache)(derive.to_op_layout(via, c))
+        key = (key, "credit", stage.via)
+        c = _once(cache, key, functools.partial(_to_input(analysis, plan, values, via, cache), via, c))
+        key = (key, "link", stage.link)
+        c = _once(cache, key, functools.partial(_to_link(analysis, values, stage, cache), c))
         if j > 0:
-            p = _link_sensitivity(analysis, values, stage, stages[j - 1].group, cache)[..., node.read_state[j]]
-            c = c * p * _mask(analysis, stages[j - 1], node.unit_class[j - 1], c.dtype)
+            before, read, unit_class = stages[j - 1], node.read_state[j], node.unit_class[j - 1]
+            key = (key, "sensitivity", stage.link_new, read, before.via, unit_class)
+
+            def scaled(c=c, stage=stage, before=before, read=read, unit_class=unit_class):
+                p = _link_sensitivity(analysis, values, stage, before.group, cache)[..., read]
+                return c * p * _mask(analysis, before, unit_class, c.dtype)
+
+            c = _once(cache, key, scaled)
     return c
 
 
-def _back_through(analysis, plan, values, stage, cache: dict):
-    """The linear map from a cotangent on the via's op output to one on the stage's link (the previous
-    group's values): the op's VJP to its input, then the pullback to the link; traced once per step."""
-    key = ("back", stage)
+def _once(cache: dict, key, compute):
     if key not in cache:
-        via = analysis.relations[stage.via]
-        to_input = derive.credit_map(analysis, via.contraction, values, plan.feedback.get(via.contraction))
-        pre_var = analysis.facts.contractions[via.contraction].pre_var
-        to_link = derive.pullback_map(analysis, values, stage.link, pre_var)
-        cache[key] = lambda cotangent: to_link(to_input(cotangent))
+        cache[key] = compute()
     return cache[key]
+
+
+def _to_input(analysis, plan, values, via, cache: dict):
+    """`(via, cotangent on its op output) -> cotangent on its input`: the op's VJP, traced once per step."""
+    to_input = _once(
+        cache,
+        ("credit map", via.contraction),
+        lambda: derive.credit_map(analysis, via.contraction, values, plan.feedback.get(via.contraction)),
+    )
+    return lambda via, cotangent: to_input(derive.to_op_layout(via, cotangent))
+
+
+def _to_link(analysis, values, stage, cache: dict):
+    """The pullback from the via's input to the stage's link (the previous group's values), traced once
+    per step (a VJP at this step's values when the input mixes the neurons: `Stage.mixing`)."""
+    pre_var = analysis.facts.contractions[stage.contraction].pre_var
+    return _once(
+        cache,
+        ("pullback map", stage.link, pre_var),
+        lambda: derive.pullback_map(analysis, values, stage.link, pre_var, linear=not stage.mixing),
+    )
 
 
 def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache: dict):
@@ -151,7 +203,12 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
         for read, delta, traces in ((node.read, delta_new, new), (node.read_prev, delta_prev, old)):
             if not read:
                 continue
-            pulled = {s: _pull(analysis, plan, values, node, delta[group.leaves[s]], cache) for s in read}
+            kind = "new" if traces is new else "previous"
+            with jax.named_scope("pull"):
+                pulled = {
+                    s: _pull(analysis, plan, values, node, (kind, group.leaves[s]), delta[group.leaves[s]], cache)
+                    for s in read
+                }
             q = dict(zip(node.states, traces[node.key], strict=True))
             _add_terms(analysis, plan, values, node, pulled, q, traces, traces is old, step, terms, cotangents)
     return terms, cotangents

@@ -14,21 +14,25 @@ forward-mode JVPs and one reverse-mode VJP of the step's own evaluator — never
 
 Group arrays have the layout of the group's leaves plus a trailing state axis: `(..., n_states)`.
 Invariant: every function here re-evaluates the captured jaxpr (with substitutions); values agree with
-the plain step exactly.
+the plain step exactly. Only the part between what changes and what is wanted is re-evaluated
+(`interpret.evaluate` with the forward values as `known`), so each derivative costs its own group's slice
+of the step, not the whole step.
 """
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fusetrace._compat import Literal, aval_shape, bind_eqn, custom_vjp_call_p
+from fusetrace._compat import Jaxpr, Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
-from fusetrace.interpret import evaluate
+from fusetrace.interpret import environment, evaluate
 from fusetrace.rules import lookup, reads_values
 
 
@@ -44,6 +48,9 @@ class StepValues:
     u: dict[int, jax.Array]  # contraction index -> presynaptic input
     w: dict[int, jax.Array] = dataclasses.field(default_factory=dict)  # transformed contraction -> its weight
     operands: dict[int, list] = dataclasses.field(default_factory=dict)  # contraction -> its op's operand values
+    # every var of the step -> its value: what a derivative reads instead of re-evaluating it (empty: the
+    # derivatives re-evaluate the whole step)
+    known: dict = dataclasses.field(default_factory=dict, repr=False)
 
 
 def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValues:
@@ -59,7 +66,8 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         *(c.weight_var for c in transformed),
         *operands,
     ]
-    values = evaluate(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], want=want)
+    known = environment(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves])
+    values = [atom.val if isinstance(atom, Literal) else known[atom] for atom in want]
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
     start = n_all + 2 * n_c + len(transformed)
     offsets = np.cumsum([0, *(len(c.eqn.invars) for c in contractions)]).tolist()
@@ -72,6 +80,7 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         u={c.index: values[n_all + n_c + c.index] for c in contractions},
         w={c.index: values[n_all + 2 * n_c + k] for k, c in enumerate(transformed)},
         operands={c.index: values[start + offsets[k] : start + offsets[k + 1]] for k, c in enumerate(contractions)},
+        known=known,
     )
 
 
@@ -107,9 +116,17 @@ def _evaluate_with(
     want: list,
     transform: dict | None = None,
 ):
+    """The step's values of `want` with `leaves` and the `substitute`d vars changed, evaluating only the
+    equations between the changed values and `want` (the rest is read from the forward values)."""
     jaxpr = analysis.captured.jaxpr
     return evaluate(
-        jaxpr.jaxpr, jaxpr.consts, [*values.inputs, *leaves], want=want, substitute=substitute, transform=transform
+        jaxpr.jaxpr,
+        jaxpr.consts,
+        [*values.inputs, *leaves],
+        want=want,
+        substitute=substitute,
+        transform=transform,
+        known=values.known or None,
     )
 
 
@@ -139,9 +156,8 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
     group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
     leaves = set(group.leaves)
     surrogates = []
-    for eqn in analysis.captured.jaxpr.jaxpr.eqns:
-        rule = lookup(eqn.primitive)
-        if rule is None or not rule.spike or tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
+    for eqn in _spikes(analysis.captured.jaxpr.jaxpr):
+        if tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
             continue
         fact = analysis.facts.propagation.of(eqn.invars[0])
         if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
@@ -181,26 +197,53 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     )
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
-    _, linear = jax.linearize(transition, *primals)
-    zeros = tuple([jnp.zeros_like(x) for x in part] for part in primals)
-
-    def column(part: int, index: int) -> jax.Array:
-        tangents = [list(z) for z in zeros]
-        tangents[part][index] = jnp.ones_like(primals[part][index])
-        return stack_states(linear(*tangents))
-
-    d = jnp.stack([column(0, s) for s in range(group.n_states)], axis=-1)
-    f_op = iter([column(1, i) for i in range(len(through_op))])
-    f_param = iter([column(2, i) for i in range(len(through_param))])
+    columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of))]
+    stacked = stack_states(jvp_columns(transition, primals, columns))  # (column, ..., S)
+    d = jnp.moveaxis(stacked[: group.n_states], 0, -1)
+    f_op = iter([stacked[group.n_states + i] for i in range(len(through_op))])
+    f_param = iter([stacked[group.n_states + len(through_op) + i] for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
-def _has_custom_vjp(jaxpr) -> bool:
+def jvp_columns(function: Callable, primals: tuple, columns: Sequence[tuple[int, int]]) -> Any:
+    """`function`'s JVP at `primals` (a tuple of lists of arrays) for each column `(part, index)`: a ones
+    tangent on `primals[part][index]`, zeros elsewhere. ONE JVP with the tangents stacked on a leading
+    axis (`vmap`): the primal is traced once and so is the tangent map, whatever the number of columns.
+    Returns `function`'s outputs (its pytree), each with the column axis first."""
+    n = len(columns)
+
+    def stacked(part: int, index: int, x: jax.Array) -> jax.Array:
+        hot = np.asarray([column == (part, index) for column in columns], dtype=x.dtype)
+        return lax.broadcast_in_dim(jnp.asarray(hot), (n, *x.shape), (0,))
+
+    tangents = tuple([stacked(part, i, x) for i, x in enumerate(values)] for part, values in enumerate(primals))
+    return jax.vmap(lambda *tangent: jax.jvp(function, primals, tangent)[1])(*tangents)
+
+
+# facts about a whole captured jaxpr, found once per jaxpr (not once per group: that is O(groups²))
+_SPIKES: "weakref.WeakKeyDictionary[Jaxpr, tuple]" = weakref.WeakKeyDictionary()
+_CUSTOM_VJP: "weakref.WeakKeyDictionary[Jaxpr, bool]" = weakref.WeakKeyDictionary()
+
+
+def _spikes(jaxpr: Jaxpr) -> tuple:
+    """The equations of `jaxpr` whose primitive's rule is a spike."""
+    if jaxpr not in _SPIKES:
+        _SPIKES[jaxpr] = tuple(e for e in jaxpr.eqns if (rule := lookup(e.primitive)) is not None and rule.spike)
+    return _SPIKES[jaxpr]
+
+
+def _has_custom_vjp(jaxpr: Jaxpr) -> bool:
+    if jaxpr not in _CUSTOM_VJP:
+        _CUSTOM_VJP[jaxpr] = _holds_custom_vjp(jaxpr)
+    return _CUSTOM_VJP[jaxpr]
+
+
+def _holds_custom_vjp(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if eqn.primitive is custom_vjp_call_p:
             return True
         params = [p for v in eqn.params.values() for p in (v if isinstance(v, tuple) else (v,))]
-        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _has_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
+        if any(hasattr(getattr(p, "jaxpr", p), "eqns") and _holds_custom_vjp(getattr(p, "jaxpr", p)) for p in params):
             return True
     return False
 
@@ -306,15 +349,8 @@ def pre_sensitivity(analysis: Analysis, link, group, values: StepValues, new: bo
             leaves[leaf] = value
         return _evaluate_with(analysis, values, leaves, {}, [link])[0]
 
-    primals = [(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves]
-    _, linear = jax.linearize(pre, primals)
-    zeros = [jnp.zeros_like(h) for h in primals]
-    return stack_states(
-        [
-            linear([jnp.ones_like(h) if i == s else z for i, (h, z) in enumerate(zip(primals, zeros, strict=True))])
-            for s in range(group.n_states)
-        ]
-    )
+    primals = ([(values.new_leaves if new else values.leaves)[leaf] for leaf in group.leaves],)
+    return jnp.moveaxis(jvp_columns(pre, primals, [(0, s) for s in range(group.n_states)]), 0, -1)
 
 
 def param_sensitivity(analysis: Analysis, values: StepValues, link, leaf: int) -> jax.Array:
@@ -335,12 +371,16 @@ def param_sensitivity(analysis: Analysis, values: StepValues, link, leaf: int) -
 
 def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: jax.Array) -> jax.Array:
     """`(∂target/∂source)ᵀ cotangent` for two vars of the step (target built from source by linear
-    structural ops: the VJP is exact and selects the source's part)."""
+    structural ops: its transpose is exact and selects the source's part)."""
     return pullback_map(analysis, values, source, target)(cotangent)
 
 
-def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Callable[[jax.Array], jax.Array]:
-    """`pullback` as a linear map, traced once and applied to any number of cotangents."""
+def pullback_map(
+    analysis: Analysis, values: StepValues, source, target, *, linear: bool = True
+) -> Callable[[jax.Array], jax.Array]:
+    """`pullback` as a linear map, traced once and applied to any number of cotangents. `linear=False`:
+    `target` is a nonlinear function of `source` (a normalisation across neurons), pulled back by its VJP
+    at this step's values."""
     if source is target:
         return lambda cotangent: cotangent
     (primal,) = _evaluate_with(analysis, values, values.leaves, {}, [source])
@@ -348,8 +388,13 @@ def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Call
     def forward(value):
         return _evaluate_with(analysis, values, values.leaves, {source: value}, [target])[0]
 
-    _, vjp = jax.vjp(forward, primal)
-    return lambda cotangent: vjp(cotangent)[0]
+    if not linear:
+        _, vjp = jax.vjp(forward, primal)
+        return lambda cotangent: vjp(cotangent)[0]
+    # the transpose of the linear map alone: a VJP would also emit the forward and, for a target that
+    # concatenates many groups' values, a zero cotangent for every other part (O(groups) per pullback)
+    transpose = jax.linear_transpose(forward, primal)
+    return lambda cotangent: transpose(cotangent)[0]
 
 
 def op_output(
@@ -390,7 +435,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     found = []
     for c in analysis.facts.contractions:
         indptr = c.eqn.invars[2] if len(c.eqn.invars) > 2 else None
-        if not _one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
+        if not one_pass_csr(c.eqn) or any(indptr is operand for operand, _ in found):
             continue
         # identity, not hashing: a Literal operand is unhashable
         value = indptr.val if isinstance(indptr, Literal) else next((v for var, v in known if var is indptr), None)
@@ -399,7 +444,7 @@ def twin_row_indptrs(analysis: Analysis) -> list:
     return found
 
 
-def _one_pass_csr(eqn) -> bool:
+def one_pass_csr(eqn) -> bool:
     """A binary CSR x vector op with one weight per connection (its twin's gradient is one pass)."""
     return (
         eqn.primitive.name == "binary_csrmv"
@@ -414,7 +459,7 @@ def _weighted_twin(eqn, analysis: Analysis):
     `x[pre(k)] · ct[post(k)]` (brainevent's own also selects on `x != 0`, which costs a second pass over
     the connections; for a real-valued `x` the product is already 0 there). The row of every connection
     is `analysis.rows_of(indptr)`, computed once by `compile`, else in the program."""
-    if not _one_pass_csr(eqn):
+    if not one_pass_csr(eqn):
         return lambda value, invals: bind_eqn(eqn, invals, weighted=True)[0]
     n_rows, transpose = eqn.params["shape"][0], eqn.params["transpose"]
     precomputed = analysis.rows_of(eqn.invars[2])

@@ -14,7 +14,9 @@ Traces (DESIGN.md §2), per traced relation `k` into group `A` with `S` states:
   nonlinear ones approximately), advanced and read by `credit`.
 
 This module only orders the work: forward values, learning signals, each group's derivatives and its
-relations' traces, the chains, then one weight product per factorised relation.
+relations' traces, the chains, then one weight product per factorised relation. Each part runs under a
+`jax.named_scope` (`SCOPES`), so the fused program's equations (and XLA's ops in a profile) say which part
+they come from.
 
 Sharp edges: the direct terms `∂L_t/∂W` (instantaneous readouts) and `∂L_t/∂h_{t-1}·ε_{t-1}` are
 always added; a traced relation whose group's credit cannot reach the loss gets a diagnostic.
@@ -36,6 +38,15 @@ from .layout import layout_kind, trace_shape
 from .structure import output_sources
 
 ALGORITHMS = ("d_rtrl", "es_d_rtrl", "e_prop")
+SCOPES = (  # the named scopes of the fused step's parts, in the order they run
+    "forward",
+    "learning_signal",
+    "derivatives",
+    "traces",
+    "credit_chains",
+    "same_step",
+    "weight_products",
+)
 DEFAULT_CREDIT_DEPTH = 4  # downstream groups a credit chain may cross
 
 
@@ -290,37 +301,41 @@ def fused_step(
     leaves = list(leaves)
     for leaf, value in weights.items():
         leaves[leaf] = value
-    values = derive.forward(analysis, inputs, leaves)
+    with jax.named_scope("forward"):
+        values = derive.forward(analysis, inputs, leaves)
     cache: dict = {}  # per-step derivatives the chains share
     if not gradient:  # only the traces move (the credit chains' included)
-        own, _, _ = _update_traces(analysis, plan, values, traces, step, None)
-        new_traces = credit.advance(
-            analysis, plan, values, factorised.align_chains(analysis, plan, traces, own), own, cache
-        )
+        own, _, _ = _update_traces(analysis, plan, values, traces, step, None, cache)
+        with jax.named_scope("credit_chains"):
+            aligned = factorised.align_chains(analysis, plan, traces, own)
+            new_traces = credit.advance(analysis, plan, values, aligned, own, cache)
         return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
     weight_leaves = sorted(weights)
-    loss, delta_new, delta_prev, direct = derive.learning_signals(
-        analysis, values, loss_of_outputs, weight_leaves, plan.feedback
-    )
-    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev))
-    new_traces = credit.advance(
-        analysis, plan, values, factorised.align_chains(analysis, plan, traces, own), own, cache
-    )
-    chain_terms, chain_cotangents = credit.gradients(
-        analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
-    )
+    with jax.named_scope("learning_signal"):
+        loss, delta_new, delta_prev, direct = derive.learning_signals(
+            analysis, values, loss_of_outputs, weight_leaves, plan.feedback
+        )
+    own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev), cache)
+    with jax.named_scope("credit_chains"):
+        aligned = factorised.align_chains(analysis, plan, traces, own)
+        new_traces = credit.advance(analysis, plan, values, aligned, own, cache)
+        chain_terms, chain_cotangents = credit.gradients(
+            analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
+        )
     terms += chain_terms
     for key, cotangent in chain_cotangents.items():
         cotangents[key] = cotangents[key] + cotangent if key in cotangents else cotangent
-    terms += [(index, derive.same_step_grad(analysis, values, relations[index], delta_new)) for index in plan.same_step]
+    with jax.named_scope("same_step"):
+        terms += [(i, derive.same_step_grad(analysis, values, relations[i], delta_new)) for i in plan.same_step]
     products = {  # es_d_rtrl: (∂y(ε^u, W)/∂W)ᵀ Σ cotangents, one weight product per relation and factor
         key: ((new_traces if key[1] == "now" else traces)[plan.key(key[0])]["pre"], cotangent)
         for key, cotangent in cotangents.items()
     }
     if not defer:
-        for (index, _), (pre, cotangent) in products.items():
-            product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
-            terms.append((index, product))
+        with jax.named_scope("weight_products"):
+            for (index, _), (pre, cotangent) in products.items():
+                product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
+                terms.append((index, product))
         products = {}
     grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
     return values.new_leaves, new_traces, values.outputs, loss, (grads, products) if defer else grads
@@ -345,10 +360,11 @@ def by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:
     return grads
 
 
-def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals):
+def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, signals, cache: dict):
     """Every traced relation's new trace, group by group. Given `signals` = `(δ_new, δ_prev)` by hidden
     leaf, also its gradient: `(new_traces, [(relation index, gradient term)], cotangents)`, the cotangents
-    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end."""
+    being es_d_rtrl's op-layout ones, for ONE weight product per relation at the end. Each group's `D`
+    and `F` go into `cache` for the credit chains through it."""
     relations = analysis.relations
     by_group: dict[str, list[int]] = {}
     for index in plan.traced:
@@ -358,23 +374,36 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         group = analysis.group_named(name)
         owners = {i: factorised.post_owner(plan.algorithm, relations, i) for i in indices}
         needs_f = [i for i in indices if owners[i] == i]  # a shared postsynaptic factor needs one F
-        d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
+        with jax.named_scope("derivatives"):
+            d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
         f = dict(zip(needs_f, f_list, strict=True))
+        cache[(credit.DERIVATIVES, name)] = (d, f)  # the chains through this group read them too
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
         for index in indices:
-            relation, key = relations[index], plan.key(index)
-            grad = None
-            if not factorised.factorised(plan.algorithm, relation):
-                new_traces[key], grad = per_weight.update(
-                    analysis, plan, relation, values, d, f[index], traces[key], group_signals
+            with jax.named_scope("traces"):
+                more_traces, grad, more = _relation_trace(
+                    analysis, plan, values, traces, step, index, indices, owners, d, f, group_signals
                 )
-            elif owners[index] == index:  # the owner updates every relation sharing its factor
-                members = [i for i in indices if owners[i] == index]
-                more_traces, more = factorised.update_owner(
-                    analysis, plan, index, members, values, d, f[index], traces, group_signals, step
-                )
-                new_traces.update(more_traces)
-                cotangents.update(more)
+            new_traces.update(more_traces)
             if grad is not None:
                 terms.append((index, grad))
+            cotangents.update(more)
     return new_traces, terms, cotangents
+
+
+def _relation_trace(analysis: Analysis, plan: Plan, values, traces, step, index, indices, owners, d, f, signals):
+    """One relation's new trace and gradient term, `({trace key: new trace}, term or None, {})`; for an
+    es_d_rtrl relation that owns a postsynaptic factor, the new factors of every relation of the group
+    sharing it and their op-layout cotangents (`factorised.update_owner`, keyed `(index, "now"|"prev")`),
+    and nothing for the others (their owner updates them)."""
+    relation, key = analysis.relations[index], plan.key(index)
+    if not factorised.factorised(plan.algorithm, relation):
+        new, grad = per_weight.update(analysis, plan, relation, values, d, f[index], traces[key], signals)
+        return {key: new}, grad, {}
+    if owners[index] != index:
+        return {}, None, {}
+    members = [i for i in indices if owners[i] == index]
+    new, cotangents = factorised.update_owner(
+        analysis, plan, index, members, values, d, f[index], traces, signals, step
+    )
+    return new, None, cotangents

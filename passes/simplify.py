@@ -4,7 +4,7 @@ Consumes: a `Captured` step. Produces: a `Captured` with the same inputs, output
 whose jaxpr has (1) every nested `jit` inlined, (2) control flow made straight-line where that is an
 exact program transformation — an effect-free `cond` whose branches hold a contraction is if-converted
 (every branch evaluated, `select_n` on the index), an effect-free `scan` of static length at most
-`fusetrace.interpret.UNROLL_MAX_LENGTH` is unrolled — (3) unit residue folded (`x * 1.0` and same-dtype
+`fusetrace.rules.control.UNROLL_MAX_LENGTH` is unrolled — (3) unit residue folded (`x * 1.0` and same-dtype
 `convert_element_type`, left behind by brainunit), (4) identical equations merged (CSE; a second pass
 merges equations that inlining brought to one level, e.g. the same product in every unrolled iteration),
 and (5) dead code removed (`brainstate.transform.vmap` traces its body three times).

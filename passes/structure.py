@@ -82,16 +82,23 @@ def prev_read_states(analysis: Analysis, group) -> tuple[int, ...]:
 
 
 def group_edges(analysis: Analysis) -> list[tuple[str, str, int]]:
-    """`(A, B, relation index)` for every weight op into group B whose presynaptic input reads A's new or
-    previous values, in relation order."""
+    """`(A, B, relation index)` for every weight op whose output reaches group B and whose presynaptic input
+    reads A's new or previous values — from the dependency facts, whether or not the op's relation into B
+    could be traced (then the index is that of one of its op's relations, which says why not)."""
     by_leaf = {leaf: group.name for group in analysis.groups for leaf in group.leaves}
+    relations = analysis.relations
     edges = []
-    for index, relation in enumerate(analysis.relations):
-        if relation.contraction is None or relation.group is None:
+    for contraction in analysis.facts.contractions:
+        mine = [i for i, r in enumerate(relations) if r.contraction == contraction.index]
+        if not mine:
             continue
-        pre_fact = analysis.facts.contractions[relation.contraction].pre_fact
-        sources = dict.fromkeys(by_leaf[leaf] for kind, leaf in sorted(pre_fact) if kind in ("new", "hidden"))
-        edges.extend((source, relation.group, index) for source in sources)
+        source_of = ("relation", contraction.index)
+        targets = [g.name for g in analysis.groups if any(source_of in analysis.facts.new_fact(i) for i in g.leaves)]
+        pre = contraction.pre_fact
+        sources = dict.fromkeys(by_leaf[leaf] for kind, leaf in sorted(pre) if kind in ("new", "hidden"))
+        for target in targets:
+            via = next((i for i in mine if relations[i].group == target), mine[0])
+            edges.extend((source, target, via) for source in sources)
     return edges
 
 

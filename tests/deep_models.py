@@ -8,7 +8,8 @@ Linear time-invariant paths (d_rtrl / e_prop must be exact through them):
   `per_unit_tau`, `trainable_tau` (scalar or per unit), `previous_spikes`, `readouts_in_series`.
 Nonlinear paths (approximate): `deep` (2-3 feed-forward spiking layers, LIF or ALIF, Expon or DualExpon,
 leaky or instantaneous readout), `spiking_output`, `ei` (E and I populations, I reads E's new spikes,
-E reads I's previous ones; dense or EventFixedProb), `stacked_recurrent`.
+E reads I's previous ones; dense or EventFixedProb), `stacked_recurrent`; `Ring(populations)`: any number
+of populations in a loop (the program-size test grows it).
 """
 
 import brainpy  # noqa: F401  (brainpy.state lives inside brainpy >= 2.9)
@@ -195,6 +196,27 @@ class NormalisedReadout(brainstate.nn.Module):
         self.neuron(0.0 * u.mA)
         potential = u.get_mantissa(self.neuron.V.value - self.neuron.V_th)
         return self.out(jax.nn.standardize(potential, axis=-1))
+
+
+class Ring(brainstate.nn.Module):
+    """`populations` LIF populations in a ring: population k reads population k−1's spikes of the previous
+    step and the input, a leaky readout reads every population's new spikes."""
+
+    def __init__(self, populations: int, n: int = 4, n_out: int = 2):
+        super().__init__()
+        self.populations = populations
+        for k in range(populations):
+            setattr(self, f"pop{k}", neuron(n))
+            setattr(self, f"inp{k}", current(N_IN, n, getattr(self, f"pop{k}")))
+            setattr(self, f"ring{k}", current(n, n, getattr(self, f"pop{k}")))
+        self.out = bps.LeakyRateReadout(populations * n, n_out, tau=4.0 * u.ms)
+
+    def update(self, x):
+        pops = [getattr(self, f"pop{k}") for k in range(self.populations)]
+        for k in range(self.populations):
+            getattr(self, f"ring{k}")(pops[k - 1].get_spike())
+            getattr(self, f"inp{k}")(x)
+        return self.out(jnp.concatenate([pop(0.0 * u.mA) for pop in pops], axis=-1))
 
 
 BUILDERS = {

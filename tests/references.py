@@ -409,7 +409,7 @@ def rtrl_reference(
 
     def step_loss(theta, h2, others, target):
         out = jax.vmap(out_one, in_axes=(None, 0, None))(theta, h2, others)
-        return loss_fn(out if batched else out[0], target)
+        return loss_fn(out if batched else jax.tree.map(lambda o: o[0], out), target)
 
     @jax.jit
     def body(carry, inputs):
@@ -590,7 +590,8 @@ def es_d_rtrl_naive(
     batch_size: int | None = None,
     factorisation: str = "filtered",
 ) -> Params:
-    """`es_d_rtrl` of DESIGN.md §2 by its dense formulas, for a `RecurrentLIF` with a linear readout.
+    """`es_d_rtrl` of DESIGN.md §2 by its dense formulas, for a `RecurrentLIF` with a linear readout (or a
+    model with the same methods, such as tests/fuzz_models.py's single-population networks).
 
     Per hidden-layer weight `W` (`relations()`: input and recurrent) and per example, from `t = 0`:
 
@@ -609,8 +610,13 @@ def es_d_rtrl_naive(
     Degenerate exact cases: `T = 1` (any α), and α → 1 when a weight's `u_t` is constant in time (then
     `ε^u_t / c_t = u / (1 − α)` and `ε^f_t / (1 − α)` tends to the `d_rtrl` trace).
     """
-    if not isinstance(model, RecurrentLIF) or model.readout != "linear":
-        raise NotImplementedError("es_d_rtrl_naive is written for RecurrentLIF(readout='linear') only")
+    protocol = ("update_hidden", "output", "relations", "presynaptic", "groups", "n_rec", "stop_recurrent_grad")
+    if any(not hasattr(model, name) for name in protocol) or getattr(model, "readout", None) != "linear":
+        raise NotImplementedError(
+            "es_d_rtrl_naive is written for one spiking group with a stateless readout: a RecurrentLIF(readout="
+            "'linear') or a model with its protocol (update_hidden(x, y_shift), output(), relations(), "
+            "presynaptic(x), groups(), n_rec, stop_recurrent_grad and readout == 'linear')"
+        )
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
     gains = {"filtered": (1.0, alpha, 1.0 - alpha), "averaged": (1.0 - alpha, 1.0, 1.0)}
@@ -658,7 +664,7 @@ def es_d_rtrl_naive(
 
     def step_loss(theta, h1, others, target):
         out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
-        return loss_fn(out if batched else out[0], target)
+        return loss_fn(out if batched else jax.tree.map(lambda o: o[0], out), target)
 
     @jax.jit
     def body(carry, inputs):

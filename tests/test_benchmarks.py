@@ -29,14 +29,14 @@ def _run_quick(out: pathlib.Path) -> dict:
         timeout=RUN_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    names = ("speed", "memory", "fidelity", "scale", "run_all")
+    names = ("speed", "memory", "fidelity", "scale", "compile", "run_all")
     return {name: json.loads((out / "results" / f"{name}.json").read_text()) for name in names}
 
 
 def test_run_all_quick_writes_every_result(tmp_path):
     results = _run_quick(tmp_path)
 
-    for name in ("speed", "memory", "fidelity", "scale"):
+    for name in ("speed", "memory", "fidelity", "scale", "compile"):
         assert (tmp_path / "images" / f"bench-{name}.png").stat().st_size > 0
         assert results[name]["machine"]["braintrace"] == "not installed"
 
@@ -66,4 +66,12 @@ def test_run_all_quick_writes_every_result(tmp_path):
     for method in ("es_d_rtrl", "bptt"):
         assert _positive(results["scale"]["methods"][method]["largest_ok"])
 
-    assert set(results["run_all"]["seconds"]) == {"speed", "memory", "fidelity", "scale"}
+    for sweep in ("by_populations", "by_states"):
+        measured = results["compile"][sweep]
+        assert set(measured) == {"forward", "bptt", "es_d_rtrl", "d_rtrl", "e_prop"}
+        for method, sizes in measured.items():
+            assert sizes and all(_positive(r["equations"]) and _positive(r["first_call_s"]) for r in sizes.values())
+            if method not in ("forward", "bptt"):
+                assert all(sum(r["by_part"].values()) == r["equations"] for r in sizes.values())
+
+    assert set(results["run_all"]["seconds"]) == {"speed", "memory", "fidelity", "scale", "compile"}

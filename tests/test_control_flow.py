@@ -22,8 +22,9 @@ from fusetrace.capture import capture
 from fusetrace.errors import UnsupportedPrimitiveError
 from fusetrace.interpret import UNROLL_MAX_LENGTH, retrace
 from fusetrace.passes.simplify import simplify
-from fusetrace.propagate import CONTROL, propagate
+from fusetrace.propagate import propagate
 from fusetrace.rules import ALIGNED_AFFINE
+from fusetrace.rules.base import CONTROL
 
 RTOL_F64 = 1e-12  # the same arithmetic, re-traced (float64)
 RTOL_EXACT = 1e-6  # the acceptance bound for d_rtrl vs BPTT; observed ~1e-16

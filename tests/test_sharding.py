@@ -80,6 +80,14 @@ def test_sharded_steps_equal_the_single_device_step(four_devices):
         assert case["spikes"] > 0, f"{name} {mode}: no spike in 50 steps; the comparison would prove little"
 
 
+RTOL_F32_SUM = 1e-5  # 50 float32 steps summed in another order (and es_d_rtrl's products deferred: one GEMM)
+
+
+def test_sharded_scan_equals_the_summed_single_device_steps(four_devices):
+    for name, mode, case in _cases(four_devices):
+        assert case["scan_relative_error"] <= RTOL_F32_SUM, f"{name} {mode}: {case['scan_relative_error']:.3g}"
+
+
 def _float_arrays(case: dict, ops: tuple[str, ...]) -> list[int]:
     """Sizes of the float arrays moved by the given collectives."""
     return [
@@ -311,8 +319,22 @@ def _devices_main() -> dict:
                 "local_shapes": _local_shapes(params, state, v_path),
                 "replicated": list(sharded.replicated),
                 "spikes": _spike_count(reference, v_path, threshold),
+                "scan_relative_error": _scan_error(sharded, learner, inputs, targets, reference),
             }
     return report
+
+
+def _scan_error(sharded, learner, inputs, targets, reference) -> float:
+    """`ShardedStep.scan` over the whole sequence against the sum of the single-device steps' gradients."""
+    params, state = sharded.place(learner.params, learner.init())
+    stack = lambda items: jax.tree.map(lambda *leaves: np.stack([np.asarray(leaf) for leaf in leaves]), *items)
+    _, result = sharded.scan(params, state, stack(inputs), stack(targets), np.ones(len(inputs), bool))
+    summed = jax.tree.map(
+        lambda *leaves: sum(np.asarray(leaf, np.float64) for leaf in leaves), *[r.grads for _, r in reference]
+    )
+    return max(
+        _relative(got, want) for got, want in zip(jax.tree.leaves(result.grads), jax.tree.leaves(summed), strict=True)
+    )
 
 
 def _process_main(process: int, port: str) -> dict:

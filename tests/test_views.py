@@ -202,7 +202,8 @@ def test_repr_html_holds_tables_and_drawing(ei_learner, engine, monkeypatch):
     if engine == "matplotlib":
         monkeypatch.setattr(plots, "dot_program", lambda: None)
     learner_view = _parsed(ei_learner._repr_html_())
-    assert "svg" in learner_view.tags and learner_view.tags.count("table") == 3
+    assert "svg" in learner_view.tags and learner_view.tags.count("table") == 4
+    assert {"the fused program by part (estimated)", "forward dynamics", "total"} <= set(learner_view.cells)
     assert "per weight (d_rtrl)" in learner_view.cells
     assert {f"{w}.weight" if w != "out.weight" else w for w in WEIGHTS} <= set(learner_view.cells)
     assert {"exact", "approximate", "E.V, E.syn[inE,EE].g, E.syn[IE].g"} <= set(learner_view.cells)
@@ -229,7 +230,11 @@ def test_cli_inspect_report(tmp_path, monkeypatch, capsys):
     assert report["groups"][1]["states"][0] == {"name": "I.V", "path": "EI.post.V"}
     exact = {w["weight"]: w["exact"] for w in report["learner"]["weights"]}
     assert exact == {**{f"{w}.weight": False for w in WEIGHTS[:4]}, "out.weight": True}
+    program = report["learner"]["program"]
+    assert {"forward", "derivatives", "traces", "credit_chains"} <= set(program)
+    assert all(part["equations"] > 0 for part in program.values())
     markdown = (folder / "report.md").read_text()
+    assert "## The fused program by part" in markdown and "| D and F derivatives |" in markdown
     assert "## Per weight (d_rtrl)" in markdown and "| I | 10 | 2 | nonlinear | I.V, I.syn[EI].g |" in markdown
     for name in ("summary.txt", "report.md", "graph.svg"):
         assert not any(bad in (folder / name).read_text() for bad in FORBIDDEN), name

@@ -5,6 +5,7 @@ from .analysis import Analysis
 from .api import Learner, StepResult, analyze, compile, online
 from .passes.hidden import Group
 from .passes.relations import Relation
+from .program import ProgramSummary
 from .regularize import firing_rate_regularizer
 from .sequence import ScanResult
 from .shard import ShardedStep, shard_step
@@ -13,6 +14,7 @@ __all__ = [
     "Analysis",
     "Group",
     "Learner",
+    "ProgramSummary",
     "Relation",
     "ScanResult",
     "ShardedStep",

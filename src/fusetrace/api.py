@@ -2,6 +2,7 @@
 capture -> simplify -> step facts -> hidden groups -> relations -> graph (-> derive -> fuse)."""
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import checks, sequence
+from . import leaves as flat
 from .analysis import Analysis
 from .capture import capture, states_of
 from .drawing import Drawing, build_drawing, to_dot
@@ -24,6 +26,7 @@ from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.report import weight_reports
 from .passes.simplify import simplify
+from .program import ProgramSummary, summarize_program
 from .stepfacts import step_facts
 
 
@@ -69,6 +72,9 @@ def analyze(
     return Analysis(
         captured=captured, facts=facts, groups=groups, relations=relations, graph=build_graph(facts, groups, relations)
     )
+
+
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # plan -> its fused step's ProgramSummary
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,8 +185,8 @@ class Learner(eqx.Module):
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
-        leaves = _leaves_from(captured, params, state["model"])
-        weights = {leaf: leaves[leaf] for leaf in _weight_leaves(captured)}
+        leaves = flat.leaves_from(captured, params, state["model"])
+        weights = {leaf: leaves[leaf] for leaf in flat.weight_leaves(captured)}
 
         new_leaves, traces, outputs, loss, grads = fused_step(
             analysis,
@@ -198,11 +204,11 @@ class Learner(eqx.Module):
         if defer and gradient:
             grads, products = grads
         new_state = {
-            "model": _states_from(captured, new_leaves, state["model"]),
+            "model": flat.states_from(captured, new_leaves, state["model"]),
             "traces": traces,
             "step": state["step"] + 1,
         }
-        grads = None if grads is None else _grads_like(captured, params, grads)
+        grads = None if grads is None else flat.grads_like(captured, params, grads)
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads), products
 
     def _contract(self, params: dict, state: dict, x_t, products: dict, constants: dict | None = None) -> dict:
@@ -211,7 +217,7 @@ class Learner(eqx.Module):
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
-        leaves = _leaves_from(captured, params, state["model"])
+        leaves = flat.leaves_from(captured, params, state["model"])
         values = derive.forward(analysis, inputs, leaves)
         terms = []
         for (index, _), (pre, cot) in products.items():
@@ -219,8 +225,8 @@ class Learner(eqx.Module):
             pre_shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
             pre, cot = factorised.per_step_products(self.plan, pre, cot, pre_shape)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
-        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in _weight_leaves(captured)}
-        return _grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
+        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
+        return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
 
     def scan(
         self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None, chunk=None
@@ -229,13 +235,13 @@ class Learner(eqx.Module):
 
         Arguments:
             params: as for `step`.
-            state: as for `step`.
-            constants: as for `step`.
+            state: as for `step`: the state the sequence starts from.
             xs: the inputs of every step, time first (`x_t = xs[t]`; a tuple when `model.update` takes
                 several arguments).
             targets: what `loss` takes at every step, time first.
             loss_mask: optional, one value per step: where it is 0 (or False) the step's loss forms no
                 gradient (the step advances the states and traces only; its loss is still reported).
+            constants: as for `step`.
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
                 factors under 256 MiB (`summary()` shows a step's share); 0: no deferral, each step that
@@ -275,9 +281,18 @@ class Learner(eqx.Module):
         """The dependency graph of the analysis (a frozen networkx `DiGraph`; schema in `fusetrace.graph`)."""
         return self.analysis.graph
 
-    def summary(self) -> str:
+    def program_summary(self) -> ProgramSummary:
+        """The fused step by part (forward dynamics, learning signal, D and F derivatives, trace updates,
+        credit traces, same-step gradients, gradient contraction): equations, and estimated FLOPs and bytes
+        per step (`fusetrace.program`). Traced once per compiled learner; `print` it for a table."""
+        if self.plan not in _PROGRAMS:
+            _PROGRAMS[self.plan] = summarize_program(self.fused_jaxpr)
+        return _PROGRAMS[self.plan]
+
+    def summary(self, program: bool = True) -> str:
         """The analysis summary, then the algorithm and, for every weight: what it gets (trace, same-step
-        gradient, ...), its trace shapes and bytes, exact or approximate, and why."""
+        gradient, ...), its trace shapes and bytes, exact or approximate, and why; with `program`, the fused
+        step by part (`program_summary`, which traces the step once)."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
         lines += [f"  {report.line()}" for report in self.report()]
         lines.append(f"traces of this learner: {self._trace_bytes()} bytes{factorised.memory_note(self.plan)}")
@@ -288,6 +303,8 @@ class Learner(eqx.Module):
                 f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "
                 f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB)"
             )
+        if program:
+            lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"
 
     def _trace_bytes(self) -> int:
@@ -351,87 +368,9 @@ class Learner(eqx.Module):
             display.html_table(display.group_rows(self.analysis), "hidden groups"),
             display.html_table(display.report_rows(self.report()), f"per weight ({self.algorithm})"),
             display.html_table(display.memory_rows(self.analysis.trace_memory()), "trace memory"),
+            display.html_table(self.program_summary().rows(), "the fused program by part (estimated)"),
         ]
         return display.html_view(f"fusetrace learner ({self.algorithm})", tables, plots.svg(self.drawing()))
-
-
-def _weight_leaves(captured) -> list[int]:
-    return [i for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"]
-
-
-def _mantissa(value, unit):
-    if u.math.is_quantity(value):
-        return value.to_decimal(unit) if not unit.is_unitless else u.get_mantissa(value)
-    return jnp.asarray(value)
-
-
-def _leaf_of(tree, key):
-    for part in key:
-        tree = tree[part]
-    return tree
-
-
-def _leaves_from(captured, params: dict, model: dict) -> list:
-    leaves = []
-    for leaf in captured.leaves:
-        source = params if leaf.role == "weight" else model
-        if leaf.state_path not in source:
-            raise CompileError(
-                four_part(
-                    what=f"`{leaf.state_name}` is missing from the {'params' if leaf.role == 'weight' else 'state'}",
-                    where="Learner.step(params, state, x_t, target_t)",
-                    why="every state the step reads must be given",
-                    fix="pass learner.params / learner.init() (or values of the same structure)",
-                )
-            )
-        leaves.append(_mantissa(_leaf_of(source[leaf.state_path], leaf.key), leaf.unit))
-    return leaves
-
-
-def _rebuild(captured, template: dict, values: dict[int, Any], roles) -> dict:
-    """A dict shaped like `template` with each captured leaf replaced by `values[leaf]` (with units).
-
-    A state's captured leaves come in the flatten order of its value, so they pair with the template's
-    leaves one to one."""
-    out = dict(template)
-    by_state: dict[str, list[int]] = {}
-    for index, leaf in enumerate(captured.leaves):
-        if leaf.role in roles and index in values:
-            by_state.setdefault(leaf.state_path, []).append(index)
-    for path, indices in by_state.items():
-        flat, tree = jax.tree.flatten(template[path], is_leaf=u.math.is_quantity)
-        if len(flat) != len(indices):
-            raise CompileError(
-                four_part(
-                    what=f"`{captured.leaves[indices[0]].state_name}` has {len(flat)} array(s) here but {len(indices)} "
-                    "in the compiled step",
-                    where="Learner.step(params, state, ...)",
-                    why="params and state must keep the structure of learner.params / learner.init()",
-                    fix="pass values with the same structure (e.g. the {'weight': ...} dict of a Linear)",
-                )
-            )
-        replaced = [
-            _wrap_like(values[index], old, captured.leaves[index].unit)
-            for index, old in zip(indices, flat, strict=True)
-        ]
-        out[path] = jax.tree.unflatten(tree, replaced)
-    return out
-
-
-def _wrap_like(value, old, unit):
-    if unit is not None and not unit.is_unitless:
-        return u.Quantity(value, unit=unit)
-    return value if not u.math.is_quantity(old) else u.Quantity(value, unit=u.get_unit(old))
-
-
-def _states_from(captured, new_leaves, model: dict) -> dict:
-    values = {i: v for i, v in enumerate(new_leaves) if captured.leaves[i].role != "weight"}
-    return _rebuild(captured, model, values, roles=("hidden", "short_term", "long_term", "random"))
-
-
-def _grads_like(captured, params: dict, grads: dict[int, Any]) -> dict:
-    zeros = jax.tree.map(lambda x: x * 0, params, is_leaf=u.math.is_quantity)
-    return _rebuild(captured, zeros, grads, roles=("weight",))
 
 
 def compile(

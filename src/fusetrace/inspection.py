@@ -2,9 +2,11 @@
 
 Consumes an `Analysis` and, optionally, a `Learner` compiled from the same model. Produces, in `folder`:
 
-* `summary.txt`: `analysis.summary()`, or `learner.summary()` (the same, then the per-weight report);
-* `report.md`: the drawing, then tables of groups, weight relations, the per-weight report and trace
-  memory, every state and weight by the user's name;
+* `summary.txt`: `analysis.summary()`, or `learner.summary()` (the same, then the per-weight report and
+  the fused program by part);
+* `report.md`: the drawing, then tables of groups, weight relations, the per-weight report, trace
+  memory and the fused program by part (`Learner.program_summary`), every state and weight by the user's
+  name;
 * `report.json`: the same as data, each name beside its raw path (`path`: the key in `Learner.params`,
   `learner.init()["model"]` and checkpoints);
 * `graph.svg`, `graph.png`: the drawing (`fusetrace.plots.draw`).
@@ -58,6 +60,14 @@ def markdown(analysis, learner=None, title: str = "") -> str:
             display.markdown_table(display.report_rows(learner.report())),
         ]
     parts += ["## Trace memory", "", display.markdown_table(display.memory_rows(analysis.trace_memory()))]
+    if learner is not None:
+        parts += [
+            "## The fused program by part",
+            "",
+            "Estimated from the step's jaxpr before XLA fuses it (`fusetrace.program`).",
+            "",
+            display.markdown_table(learner.program_summary().rows()),
+        ]
     return "\n".join(parts)
 
 
@@ -73,7 +83,11 @@ def data(analysis, learner=None, title: str = "") -> dict:
         "trace_memory": analysis.trace_memory(),
     }
     if learner is not None:
-        found["learner"] = {"algorithm": learner.algorithm, "weights": [_report(r) for r in learner.report()]}
+        found["learner"] = {
+            "algorithm": learner.algorithm,
+            "weights": [_report(r) for r in learner.report()],
+            "program": learner.program_summary().as_dict(),
+        }
     return found
 
 

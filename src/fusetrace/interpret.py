@@ -13,9 +13,19 @@
 * `fold`: drop unit residue (`x * 1.0`, `convert_element_type` to the same dtype) and reuse the
   result of an identical earlier equation (common-subexpression elimination).
 
+Local re-evaluation (`known`): the derivatives of a step re-evaluate it with a few values changed (a
+group's previous states as JVP tracers, a relation's op output substituted). Given the values of the
+plain evaluation (`environment`), `evaluate` runs only the equations on a path from a changed value to a
+wanted one and reads every other operand from those values: a derivative of one group then costs that
+group's part of the step, not the whole step (which made the fused program quadratic in the number of
+groups). The equations to run are computed once per (jaxpr, wanted, changed, substituted, transformed)
+vars and cached with the jaxpr.
+
 Rewrites call `jax.make_jaxpr` on a function that calls `evaluate`; nothing here builds equations.
 """
 
+import heapq
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,14 +33,7 @@ import numpy as np
 from jax import lax
 
 from ._compat import ClosedJaxpr, Jaxpr, Literal, Var, aval_dtype, aval_shape, bind_eqn, jit_p
-from .rules.control import holds_contraction, scan_parts
-
-UNROLL_MAX_LENGTH = 32
-"""Scans (`brainstate.transform.for_loop`, `lax.scan`, static `fori_loop`) of at most this many iterations
-are unrolled before analysis: sub-steps of a neuron, or a weight applied inside the loop body, then become
-straight-line code (a weight inside the body gives one contraction per iteration, or one after CSE when
-its operands do not change). Longer scans stay whole: the analysis propagates facts through their body
-to a fixed point, and a contraction inside them cannot become a weight relation."""
+from .rules.control import UNROLL_MAX_LENGTH, holds_contraction, scan_parts
 
 
 def evaluate(
@@ -43,10 +46,22 @@ def evaluate(
     transform: Mapping[Var, Callable[[Any, list[Any]], Any]] | None = None,
     inline: bool = False,
     fold: bool = False,
+    known: Mapping[Var, Any] | None = None,
 ) -> list[Any]:
-    """Values of `want` (default: the jaxpr's outputs) given `consts` and `args`."""
+    """Values of `want` (default: the jaxpr's outputs) given `consts` and `args`.
+
+    `known`: every var's value at the same `consts` and the plain `args` (`environment`). Then only the
+    equations between the changed values and `want` run (see the module docstring); an arg, const or
+    substituted value counts as changed unless it IS (identity) the known value. The results are those
+    of the full evaluation, in value and in derivative (what is read from `known` does not depend on any
+    changed value). Unneeded equations with effects are not run again.
+    """
     substitute = substitute or {}
     transform = transform or {}
+    if known is not None:
+        if inline or fold:
+            raise ValueError("a local evaluation (`known`) neither inlines nor folds")
+        return _evaluate_local(jaxpr, consts, args, want, substitute, transform, known)
     env: dict[Var, Any] = {}
     seen: dict[tuple, list[Var]] = {}  # CSE: equation key -> outvars of its first occurrence
     canon: dict[Var, Var] = {}  # a var computed twice -> its first occurrence
@@ -75,6 +90,100 @@ def evaluate(
         if key is not None:
             seen[key] = list(eqn.outvars)
     return [read(v) for v in (jaxpr.outvars if want is None else want)]
+
+
+def environment(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> dict[Var, Any]:
+    """The value of every var of `jaxpr` (constvars, invars, every equation's outputs) given `consts` and
+    `args`: the `known` values of a local `evaluate`."""
+    env: dict[Var, Any] = {}
+    for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [atom.val if isinstance(atom, Literal) else env[atom] for atom in eqn.invars]
+        env.update(zip(eqn.outvars, bind_eqn(eqn, invals), strict=True))
+    return env
+
+
+def _evaluate_local(jaxpr, consts, args, want, substitute, transform, known) -> list[Any]:
+    env: dict[Var, Any] = {}
+    for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
+        value = substitute.get(var, value)
+        if value is not known[var]:
+            env[var] = value
+    for var, value in substitute.items():
+        if value is not known[var]:
+            env[var] = value
+    wanted = jaxpr.outvars if want is None else want
+    plan = _local_plan(jaxpr, tuple(v for v in wanted if isinstance(v, Var)), tuple(env), substitute, transform)
+
+    def read(atom):
+        if isinstance(atom, Literal):
+            return atom.val
+        return env[atom] if atom in env else known[atom]
+
+    for eqn in plan:
+        invals = [read(a) for a in eqn.invars]
+        for var, value in zip(eqn.outvars, bind_eqn(eqn, invals), strict=True):
+            if var in transform:
+                value = transform[var](value, invals)
+            env[var] = substitute.get(var, value)
+    return [read(v) for v in wanted]
+
+
+class _Index:
+    """Where each var of a jaxpr is produced and read (equation indices), built once per jaxpr."""
+
+    def __init__(self, jaxpr: Jaxpr):
+        self.producer: dict[Var, int] = {}
+        self.readers: dict[Var, list[int]] = {}
+        for index, eqn in enumerate(jaxpr.eqns):
+            for atom in eqn.invars:
+                if isinstance(atom, Var):
+                    self.readers.setdefault(atom, []).append(index)
+            for var in eqn.outvars:
+                self.producer[var] = index
+        self.plans: dict[tuple, tuple] = {}
+
+
+_INDEX: "weakref.WeakKeyDictionary[Jaxpr, _Index]" = weakref.WeakKeyDictionary()
+
+
+def _local_plan(jaxpr: Jaxpr, want: tuple, changed: tuple, cut: Mapping, transformed: Mapping) -> tuple:
+    """The equations (in order) on a path from a `changed` var (or the equation of a `transformed` one) to
+    a var of `want`, a path never passing through a `cut` (substituted) var unless it is changed itself.
+
+    Cost: the equations reachable from the changed vars that come before the last wanted var (a jaxpr
+    is in dependency order), not the whole jaxpr; cached per key."""
+    index = _INDEX.get(jaxpr)
+    if index is None:
+        index = _INDEX[jaxpr] = _Index(jaxpr)
+    key = (want, frozenset(changed), frozenset(cut), frozenset(transformed))
+    if key in index.plans:
+        return index.plans[key]
+    last = max((index.producer.get(v, -1) for v in want), default=-1)
+    live, reached = set(changed), []
+    seen = {i for v in changed for i in index.readers.get(v, ()) if i <= last}
+    seen.update(index.producer[v] for v in transformed if index.producer.get(v, last + 1) <= last)
+    frontier = sorted(seen)  # a sorted list is a heap
+    while frontier:  # the forward cone of the changed vars, in equation order
+        i = heapq.heappop(frontier)
+        reached.append(i)
+        for var in jaxpr.eqns[i].outvars:
+            if var in cut or var in live:
+                continue
+            live.add(var)
+            for j in index.readers.get(var, ()):
+                if j <= last and j not in seen:
+                    seen.add(j)
+                    heapq.heappush(frontier, j)
+    needed, run = set(want), []
+    for i in reversed(reached):  # ... that the wanted vars need
+        eqn = jaxpr.eqns[i]
+        if any(v in needed and v in live and v not in cut for v in eqn.outvars):
+            run.append(eqn)
+            needed.update(a for a in eqn.invars if isinstance(a, Var))
+    index.plans[key] = tuple(reversed(run))
+    return index.plans[key]
 
 
 def _run(eqn, invals, inline, fold):

@@ -26,11 +26,9 @@ import jax.numpy as jnp
 
 from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var, aval_dtype, aval_shape, source_line
 from .errors import UnsupportedPrimitiveError, four_part
-from .rules import ALIGNED_AFFINE, Dep, Fact, Operand, Source, lookup
-from .rules.control import check_weight_inside
-
-CONTROL = Dep(True, False)
-"""A dependency without derivative (through a boolean or integer value): see the module docstring."""
+from .rules import ALIGNED_AFFINE, Fact, Operand, Source, lookup
+from .rules.base import join, with_control
+from .rules.control import check_weight_inside, register_control_rules
 
 OnContract = Callable[[int, JaxprEqn, list[Operand]], Fact | None]
 
@@ -130,28 +128,10 @@ def _apply_rule(index, eqn, operands, on_contract, describe, control) -> Sequenc
     return rule.propagate(eqn, operands)
 
 
-def join(*facts: Fact) -> dict[Source, Dep]:
-    """What a value that may be any of `facts` depends on: every source of any of them; a dependency is
-    aligned / affine / permuted only if it is so in every fact that carries the source."""
-    out: dict[Source, Dep] = {}
-    for fact in facts:
-        for source, dep in fact.items():
-            out[source] = out[source] & dep if source in out else dep
-    return out
-
-
-def with_control(fact: Fact, control: Fact) -> Fact:
-    """`fact` of a value whose computation is also steered by values that depend on `control`'s sources
-    without derivative (see the module docstring)."""
-    if not control:
-        return fact
-    out = {source: Dep(dep.aligned, False, dep.perm) for source, dep in fact.items()}
-    for source in control:
-        out.setdefault(source, CONTROL)
-    return out
-
-
 def propagate_closed(closed: ClosedJaxpr, in_facts: Sequence[Fact]) -> list[Fact]:
     """Facts of the outputs of a closed sub-jaxpr (used by recursing control rules)."""
     result = propagate(closed.jaxpr, in_facts)
     return [result.of(v) for v in closed.jaxpr.outvars]
+
+
+register_control_rules(propagate_closed)  # the control rules recurse into sub-jaxprs with this engine

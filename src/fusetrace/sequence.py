@@ -74,14 +74,23 @@ def _mask(loss_mask, steps: int) -> jax.Array:
 
 
 def deferrable(learner) -> bool:
-    """Whether the learner's weight products can be deferred: es_d_rtrl, and every factorised relation's
-    op reads nothing that changes from step to step but its input and weight (so one evaluation of the
-    op stands for all the steps of a chunk)."""
+    """Whether the learner's weight products can be deferred: es_d_rtrl, every factorised relation's op
+    reads nothing that changes from step to step but its input and weight (so one evaluation of the op
+    stands for all the steps of a chunk), and none is a binary CSR product whose weight cotangent is
+    formed in one pass per step (vmapped over a chunk it would hold a connection-sized row per step:
+    those keep their per-step products)."""
     analysis, plan = learner.analysis, learner.plan
     if plan.algorithm != "es_d_rtrl":
         return False
     relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
-    return bool(relations) and all(derive.step_invariant_operands(analysis, r.contraction) for r in relations)
+    contractions = [analysis.facts.contractions[r.contraction] for r in relations]
+    # a binary CSR op's one-pass weight cotangent, vmapped over time, would hold one E-sized row per step
+    one_pass = any(derive.one_pass_csr(c.eqn) for c in contractions)
+    return (
+        bool(relations)
+        and not one_pass
+        and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
+    )
 
 
 def deferred_bytes(learner) -> int:
@@ -105,7 +114,7 @@ def deferred_bytes(learner) -> int:
 def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants=None, chunk=None):
     """`(final state, ScanResult)` of `learner` over the steps of `xs` (see `Learner.scan`)."""
     steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
-    mask = _mask(loss_mask, steps)
+    mask = None if loss_mask is None else _mask(loss_mask, steps)  # None: every step learns (no branch)
     zeros = jax.tree.map(jnp.zeros_like, params)
     if not deferrable(learner) or chunk == 0:  # chunk 0: a weight product at every step that forms one
         (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
@@ -119,6 +128,11 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
         losses.append(loss)
     outputs = jax.tree.map(lambda *parts: jnp.concatenate(parts), *outputs)
     return carry[0], ScanResult(outputs, jnp.concatenate(losses), carry[1])
+
+
+def _per_step(mask, xs) -> jax.Array:
+    """What the scan hands each step for its mask: the mask, or (none given) a placeholder it ignores."""
+    return jnp.zeros((_length(xs),), bool) if mask is None else mask
 
 
 def _steps(learner, params, carry, xs, targets, mask, constants):
@@ -137,10 +151,13 @@ def _steps(learner, params, carry, xs, targets, mask, constants):
             state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
             return state, res.output, res.loss, zeros
 
-        state, output, loss, grads = lax.cond(forms, learning, advancing, state)
+        if mask is None:
+            state, output, loss, grads = learning(state)
+        else:
+            state, output, loss, grads = lax.cond(forms, learning, advancing, state)
         return (state, jax.tree.map(jnp.add, total, grads)), (output, loss)
 
-    return lax.scan(body, carry, (xs, targets, mask))
+    return lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
 
 
 def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
@@ -163,9 +180,12 @@ def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
             state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
             return state, res.output, res.loss, zeros, no_products
 
-        state, output, loss, grads, products = lax.cond(forms, learning, advancing, state, x, target)
+        if mask is None:
+            state, output, loss, grads, products = learning(state, x, target)
+        else:
+            state, output, loss, grads, products = lax.cond(forms, learning, advancing, state, x, target)
         return (state, jax.tree.map(jnp.add, total, grads)), (output, loss, products)
 
-    (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, mask))
+    (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
     contracted = learner._contract(params, state, x0, products, constants=constants)
     return (state, jax.tree.map(jnp.add, total, contracted)), (outputs, losses)

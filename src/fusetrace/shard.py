@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from .api import Learner, StepResult
 from .errors import CompileError, four_part
 from .passes.layout import layout_kind
+from .sequence import ScanResult
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,6 +58,8 @@ class ShardedStep:
             the learner's `constants` (a graph's index arrays) are a replicated argument of that program,
             placed once, not constants embedded in it.
         replicated: `(what, why)` for each array left whole on an axis it could have been split on.
+        scan: `scan(params, state, xs, targets, loss_mask) -> (state, ScanResult)`: `Learner.scan` with the
+            same shardings (the time axis of the sequence and of its outputs replicated), jit-compiled.
     """
 
     learner: Learner
@@ -68,6 +71,7 @@ class ShardedStep:
     result: Any
     step: Any  # a jax.jit-wrapped function with the constants bound (has .lower)
     replicated: tuple[tuple[str, str], ...]
+    scan: Any = None  # `scan(params, state, xs, targets, loss_mask) -> (state, ScanResult)`, sharded likewise
 
     def place(self, params, state) -> tuple[Any, Any]:
         """`params` and `state` moved onto the mesh with their shardings (single process, or every process
@@ -155,8 +159,35 @@ def shard_step(
         out_shardings=(state, result),
         donate_argnums=(1,) if donate_state else (),
     )
-    step = _Bound(jitted, jax.device_put(learner.constants, constants))
-    return ShardedStep(learner, mesh, params, state, x_sharding, target_sharding, result, step, tuple(rules.left))
+    placed = jax.device_put(learner.constants, constants)
+    ins = (params, state, x_sharding, target_sharding, constants)
+    scan = _Bound(_scan(learner, mesh, ins, (state, result), donate_state), placed)
+    left = tuple(rules.left)
+    return ShardedStep(
+        learner, mesh, params, state, x_sharding, target_sharding, result, _Bound(jitted, placed), left, scan
+    )
+
+
+def _scan(learner: Learner, mesh: Mesh, ins: tuple, outs: tuple, donate_state: bool):
+    """`Learner.scan` jit-compiled with the step's shardings `ins` = (params, state, input, target,
+    constants) and `outs` = (state, result), a leading time axis added (replicated) to the sequence and
+    its outputs, the loss mask replicated."""
+    params, state, x_sharding, target_sharding, constants = ins
+
+    def scan_with(params, state, xs, targets, loss_mask, constants):
+        return learner.scan(params, state, xs, targets, loss_mask=loss_mask, constants=constants)
+
+    def over_time(tree):
+        return jax.tree.map(lambda sharding: NamedSharding(mesh, P(None, *sharding.spec)), tree)
+
+    whole = NamedSharding(mesh, P())
+    result = ScanResult(output=over_time(outs[1].output), loss=whole, grads=params)  # pyright: ignore[reportArgumentType]
+    return jax.jit(
+        scan_with,
+        in_shardings=(params, state, over_time(x_sharding), over_time(target_sharding), whole, constants),
+        out_shardings=(outs[0], result),
+        donate_argnums=(1,) if donate_state else (),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

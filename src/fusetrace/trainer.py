@@ -31,8 +31,8 @@ import optax
 
 from . import checks
 from .api import Learner
-from .api import _leaves_from as api_leaves
 from .errors import CompileError, NonFiniteError, four_part
+from .leaves import leaves_from
 
 NONFINITE_MODES = ("stop", "skip")
 
@@ -244,7 +244,7 @@ class Trainer:
             loss = learner.step_loss(outputs, target)
             return new_leaves, (loss, captured.wrap_outputs(outputs))
 
-        initial = api_leaves(captured, params, learner.init()["model"])
+        initial = leaves_from(captured, params, learner.init()["model"])
         _, (losses, outputs) = jax.lax.scan(body, initial, (inputs, targets))
         return losses, outputs
 

@@ -63,6 +63,31 @@ MIXED = Dep(False, False)
 Fact = Mapping[Source, Dep]
 """What one value depends on. An empty fact: the value depends on no tracked source."""
 
+CONTROL = Dep(True, False)
+"""A dependency without derivative (through a boolean or integer value): see `fusetrace.propagate`."""
+
+
+def join(*facts: Fact) -> dict[Source, Dep]:
+    """What a value that may be any of `facts` depends on: every source of any of them; a dependency is
+    aligned / affine / permuted only if it is so in every fact that carries the source."""
+    out: dict[Source, Dep] = {}
+    for fact in facts:
+        for source, dep in fact.items():
+            out[source] = out[source] & dep if source in out else dep
+    return out
+
+
+def with_control(fact: Fact, control: Fact) -> Fact:
+    """`fact` of a value whose computation is also steered by values that depend on `control`'s sources
+    without derivative (see `fusetrace.propagate`)."""
+    if not control:
+        return fact
+    out = {source: Dep(dep.aligned, False, dep.perm) for source, dep in fact.items()}
+    for source in control:
+        out.setdefault(source, CONTROL)
+    return out
+
+
 Family = TypingLiteral["elementwise", "structural", "contracting", "control", "opaque"]
 
 

@@ -10,12 +10,16 @@ precise as their bodies.
 * `while`: likewise over `body_jaxpr`; the predicate decides only how many times the body runs, so
   its sources give the outputs a dependency without derivative (never affine), never a mixing one.
 
+The rules recurse with the engine `register_control_rules` is given (`propagate.propagate_closed`, which
+registers them when it is imported), so this module imports nothing of the engine.
+
 A contraction inside a sub-jaxpr is not seen by `propagate`'s `on_contract` hook, so it cannot become a
 weight relation: `passes/simplify.py` if-converts conds and unrolls short scans to lift them to the top
 level (see `fusetrace.interpret`), and `describe_construct` names what remains for diagnostics.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 from jax import lax
 
@@ -30,7 +34,17 @@ from .._compat import (
     source_line,
 )
 from ..errors import UnsupportedPrimitiveError, four_part
-from .base import Fact, Operand, Rule, lookup, mixed, register
+from .base import Fact, Operand, Rule, join, lookup, mixed, register, with_control
+
+UNROLL_MAX_LENGTH = 32
+"""Scans (`brainstate.transform.for_loop`, `lax.scan`, static `fori_loop`) of at most this many iterations
+are unrolled before analysis (`fusetrace.interpret`): sub-steps of a neuron, or a weight applied inside the
+loop body, then become straight-line code (a weight inside the body gives one contraction per iteration,
+or one after CSE when its operands do not change). Longer scans stay whole: the analysis propagates facts
+through their body to a fixed point, and a contraction inside them cannot become a weight relation."""
+
+Engine = Callable[[ClosedJaxpr, Sequence[Fact]], list[Fact]]
+"""Facts of a closed sub-jaxpr's outputs from its inputs' facts (`propagate.propagate_closed`)."""
 
 
 def sub_jaxpr(eqn):
@@ -52,6 +66,12 @@ def sub_jaxprs(eqn) -> tuple[ClosedJaxpr, ...]:
             elif isinstance(item, Jaxpr):
                 found.append(new_closed_jaxpr(item, []))
     return tuple(found)
+
+
+def count_equations(jaxpr: Jaxpr) -> int:
+    """The equations of `jaxpr`, those of every nested sub-jaxpr (a loop body, a cond branch, a call)
+    counted too: the size of a program as XLA receives it."""
+    return sum(1 + sum(count_equations(inner.jaxpr) for inner in sub_jaxprs(eqn)) for eqn in jaxpr.eqns)
 
 
 def holds_contraction(jaxpr: Jaxpr) -> bool:
@@ -91,8 +111,6 @@ def describe_construct(eqn: JaxprEqn) -> str:
 
 
 def _why_kept(eqn: JaxprEqn) -> str:
-    from ..interpret import UNROLL_MAX_LENGTH  # the simplify pass's bound; imported late (interpret uses us)
-
     if eqn.primitive is lax.while_p:
         return "a while loop runs a data-dependent number of iterations, so it cannot be unrolled"
     if eqn.effects:
@@ -124,67 +142,59 @@ def check_weight_inside(eqn: JaxprEqn, operands: Sequence[Operand], describe) ->
     )
 
 
-def _propagate_closed(closed: ClosedJaxpr, in_facts: Sequence[Fact]) -> list[Fact]:
-    from ..propagate import propagate_closed  # the engine; imported late to keep rules leaf modules
-
-    return propagate_closed(closed, in_facts)
-
-
-def _join(*facts: Fact) -> dict:
-    from ..propagate import join
-
-    return join(*facts)
-
-
-def _recurse(eqn, operands: list[Operand]):
+def _recurse(engine: Engine, eqn, operands: list[Operand]):
     inner = sub_jaxpr(eqn)
     assert inner is not None, f"{eqn.primitive} has no sub-jaxpr"
     n_in = len(inner.jaxpr.invars)
-    return _propagate_closed(inner, [op.fact for op in operands[len(operands) - n_in :]])
+    return engine(inner, [op.fact for op in operands[len(operands) - n_in :]])
 
 
-def _cond_rule(eqn, operands: list[Operand]):
+def _cond_rule(engine: Engine, eqn, operands: list[Operand]):
     in_facts = [op.fact for op in operands[1:]]
-    per_branch = [_propagate_closed(branch, in_facts) for branch in eqn.params["branches"]]
-    return [_join(*facts) for facts in zip(*per_branch, strict=True)]
+    per_branch = [engine(branch, in_facts) for branch in eqn.params["branches"]]
+    return [join(*facts) for facts in zip(*per_branch, strict=True)]
 
 
 def _fixed_point(
-    body: ClosedJaxpr, before: Sequence[Fact], carry: Sequence[Fact], after: Sequence[Fact]
+    engine: Engine, body: ClosedJaxpr, before: Sequence[Fact], carry: Sequence[Fact], after: Sequence[Fact]
 ) -> tuple[Sequence[Fact], Sequence[Fact]]:
     """(carry facts, other outputs' facts) of `body(*before, *carry, *after)` iterated to a fixed point
     over the carry; the facts only ever weaken, so this terminates."""
     while True:
-        outs = _propagate_closed(body, [*before, *carry, *after])
-        joined: list[Fact] = [_join(old, new) for old, new in zip(carry, outs[: len(carry)], strict=True)]
+        outs = engine(body, [*before, *carry, *after])
+        joined: list[Fact] = [join(old, new) for old, new in zip(carry, outs[: len(carry)], strict=True)]
         if joined == list(carry):
             return carry, outs[len(carry) :]
         carry = joined
 
 
-def _scan_rule(eqn, operands: list[Operand]):
+def _scan_rule(engine: Engine, eqn, operands: list[Operand]):
     consts, carry, xs = scan_parts(eqn, operands)
     sliced = [mixed([op], linear=True) for op in xs]
     carry_facts, ys_facts = _fixed_point(
-        eqn.params["jaxpr"], [op.fact for op in consts], [op.fact for op in carry], sliced
+        engine, eqn.params["jaxpr"], [op.fact for op in consts], [op.fact for op in carry], sliced
     )
     return [*carry_facts, *ys_facts]
 
 
-def _while_rule(eqn, operands: list[Operand]):
-    from ..propagate import with_control
-
+def _while_rule(engine: Engine, eqn, operands: list[Operand]):
     n_cond, n_body = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
     facts = [op.fact for op in operands]
     cond_consts, body_consts, carry = facts[:n_cond], facts[n_cond : n_cond + n_body], facts[n_cond + n_body :]
-    carry, _ = _fixed_point(eqn.params["body_jaxpr"], body_consts, carry, [])
-    (predicate,) = _propagate_closed(eqn.params["cond_jaxpr"], [*cond_consts, *carry])
+    carry, _ = _fixed_point(engine, eqn.params["body_jaxpr"], body_consts, carry, [])
+    (predicate,) = engine(eqn.params["cond_jaxpr"], [*cond_consts, *carry])
     return [with_control(fact, predicate) for fact in carry]
 
 
-register(jit_p, Rule("control", _recurse))
-register(custom_jvp_call_p, Rule("control", _recurse))
-register(custom_vjp_call_p, Rule("control", _recurse))
-register(lax.cond_p, Rule("control", _cond_rule))
-register(lax.scan_p, Rule("control", _scan_rule))
-register(lax.while_p, Rule("control", _while_rule))
+def register_control_rules(engine: Engine) -> None:
+    """Register the rules of `jit`, the custom-derivative calls, `cond`, `scan` and `while`, recursing with
+    `engine`."""
+    for primitive, rule in (
+        (jit_p, _recurse),
+        (custom_jvp_call_p, _recurse),
+        (custom_vjp_call_p, _recurse),
+        (lax.cond_p, _cond_rule),
+        (lax.scan_p, _scan_rule),
+        (lax.while_p, _while_rule),
+    ):
+        register(primitive, Rule("control", functools.partial(rule, engine)))
