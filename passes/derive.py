@@ -380,13 +380,18 @@ def pullback_map(
 ) -> Callable[[jax.Array], jax.Array]:
     """`pullback` as a linear map, traced once and applied to any number of cotangents. `linear=False`:
     `target` is a nonlinear function of `source` (a normalisation across neurons), pulled back by its VJP
-    at this step's values."""
+    at this step's values.
+
+    Every hidden group's new values other than `source` are held at their step values: a target that also
+    reads a group computed from `source` in the same step (a readout of two populations in series) takes
+    only its direct part here; the path through that group's dynamics is a credit chain of its own."""
     if source is target:
         return lambda cotangent: cotangent
     (primal,) = _evaluate_with(analysis, values, values.leaves, {}, [source])
+    held = _held_new_values(analysis, values, source)
 
     def forward(value):
-        return _evaluate_with(analysis, values, values.leaves, {source: value}, [target])[0]
+        return _evaluate_with(analysis, values, values.leaves, {**held, source: value}, [target])[0]
 
     if not linear:
         _, vjp = jax.vjp(forward, primal)
@@ -395,6 +400,14 @@ def pullback_map(
     # concatenates many groups' values, a zero cotangent for every other part (O(groups) per pullback)
     transpose = jax.linear_transpose(forward, primal)
     return lambda cotangent: transpose(cotangent)[0]
+
+
+def _held_new_values(analysis: Analysis, values: StepValues, source) -> dict:
+    """`{var: its step value}` for every hidden leaf's new-value var except `source`."""
+    new_vars = [var for var in analysis.facts.new_vars.values() if var is not source]
+    if values.known:
+        return {var: values.known[var] for var in new_vars}
+    return dict(zip(new_vars, _evaluate_with(analysis, values, values.leaves, {}, new_vars), strict=True))
 
 
 def op_output(
