@@ -83,9 +83,27 @@ def prev_read_states(analysis: Analysis, group) -> tuple[int, ...]:
 
 def group_edges(analysis: Analysis) -> list[tuple[str, str, int]]:
     """`(A, B, relation index)` for every weight op whose output reaches group B and whose presynaptic input
-    reads A's new or previous values — from the dependency facts, whether or not the op's relation into B
+    reads A's new or previous values — directly, or through other weight ops (a readout of a readout's
+    output: a weight -> weight path) — from the dependency facts, whether or not the op's relation into B
     could be traced (then the index is that of one of its op's relations, which says why not)."""
     by_leaf = {leaf: group.name for group in analysis.groups for leaf in group.leaves}
+    contractions = analysis.facts.contractions
+    sources_of: dict[int, dict] = {}
+
+    def pre_sources(index: int, seen: frozenset = frozenset()) -> dict:
+        """The groups the op's input reads, through any chain of earlier weight ops (once each)."""
+        if index not in sources_of:
+            found: dict = {}
+            for kind, leaf in sorted(contractions[index].pre_fact):
+                if kind in ("new", "hidden"):
+                    found[by_leaf[leaf]] = None
+                elif kind == "relation" and leaf not in seen:
+                    found.update(pre_sources(leaf, seen | {index}))
+            if seen:  # a partial answer inside a recursion is not kept
+                return found
+            sources_of[index] = found
+        return sources_of[index]
+
     relations = analysis.relations
     edges = []
     for contraction in analysis.facts.contractions:
@@ -94,8 +112,7 @@ def group_edges(analysis: Analysis) -> list[tuple[str, str, int]]:
             continue
         source_of = ("relation", contraction.index)
         targets = [g.name for g in analysis.groups if any(source_of in analysis.facts.new_fact(i) for i in g.leaves)]
-        pre = contraction.pre_fact
-        sources = dict.fromkeys(by_leaf[leaf] for kind, leaf in sorted(pre) if kind in ("new", "hidden"))
+        sources = pre_sources(contraction.index)
         for target in targets:
             via = next((i for i in mine if relations[i].group == target), mine[0])
             edges.extend((source, target, via) for source in sources)

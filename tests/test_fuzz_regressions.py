@@ -142,19 +142,12 @@ def test_the_references_read_an_unbatched_dict_of_outputs():
     _holds(spec, ("d_rtrl", "e_prop"))
 
 
-CREDIT_THROUGH_A_WEIGHT_TO_WEIGHT_PATH = (
-    "fusetrace: credit that reaches a group only through a weight -> weight path (a Linear readout whose output "
-    "is the input of a LeakyRateReadout's weight) is cut without a note on the upstream group's weights: when "
-    "the outputs also read the Linear readout directly, report() calls the input weight exact"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CREDIT_THROUGH_A_WEIGHT_TO_WEIGHT_PATH)
 def test_credit_cut_at_a_readout_in_series_is_reported():
     """LIF p0 from the input; r0 = Linear(p0's spikes) and r1 = LeakyRateReadout(r0), both outputs (a
-    tuple). d_rtrl calls p0's input weight exact ("no loop through weights"); it is 0.82 relative off BPTT:
+    tuple). d_rtrl called p0's input weight exact ("no loop through weights"); it is 0.82 relative off BPTT:
     the credit through r1 (r0 -> r1's weight -> r1's state -> loss) is dropped, the direct r0 path kept.
-    With r1 the only output the same drop is reported (a zero gradient with a note); with two leaky
+    The group graph now has the edge p0 -> r1 through the weight -> weight path
+    (`structure.group_edges`), so the drop is a note and the weight is reported approximate. With two leaky
     readouts in series it is exact. Found by the fuzz (an AdEx network with this readout pair, shrunk)."""
     spec = Spec(
         populations=(Population("lif", 3),),
@@ -169,20 +162,13 @@ def test_credit_cut_at_a_readout_in_series_is_reported():
     _holds(spec, ("d_rtrl",))
 
 
-LINK_PULLBACK_IS_NOT_LINEAR = (
-    "fusetrace (since derive.pullback_map uses jax.linear_transpose, 47f5296): a credit chain's pullback from a "
-    "population's new spikes to a readout input that concatenates it with a population computed from those "
-    "spikes in the same step is not linear (it runs through the second population's dynamics), and the "
-    "compiled step raises NotImplementedError (no transpose rule for the spike function, or tanh)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=LINK_PULLBACK_IS_NOT_LINEAR)
 @pytest.mark.parametrize("second", ["lif", "rate"])
 def test_a_readout_of_two_populations_in_series_compiles_and_runs(second):
     """LIF p0 from the input; p1 (a LIF through an AlignPost Expon, or a tanh rate cell through a plain
     current) from p0's new spikes; one LeakyRateReadout of p0 and p1 concatenated. d_rtrl's compiled step
-    raises while tracing the credit chain's pullback. Found by the fuzz (a LIF -> rate network, shrunk)."""
+    raised while tracing the credit chain's pullback (`derive.pullback_map` transposed the path through p1's
+    dynamics too; it now holds p1's values, whose path is a chain of its own). Found by the fuzz (a LIF ->
+    rate network, shrunk)."""
     synapse = "post_expon" if second == "lif" else "current"
     spec = Spec(
         populations=(Population("lif", 4), Population(second, 3)),
