@@ -74,6 +74,7 @@ class Stage:
     link_affine: bool
     classes: UnitClasses = dataclasses.field(repr=False)
     contraction: int = -1  # the via's contraction index
+    mixing: bool = False  # the via's input is computed from `link` by ops that mix the neurons
 
     @property
     def source(self) -> tuple[str, int]:
@@ -160,6 +161,12 @@ def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
                 f"credit from `{args[0]}` into `{args[1]}`'s input is approximate: it is read through a nonlinear "
                 "function whose derivative is taken at the current step"
             )
+        elif kind == "mixing":
+            into = f"`{args[1]}`'s input" if args[0] is None else f"`{args[1]}`'s input from `{args[0]}`"
+            notes.append(
+                f"credit into {into} is approximate: that input mixes the neurons it reads (a normalisation "
+                "across them), and the mixing's derivative is taken at the current step"
+            )
         elif kind == "dropped":
             notes.append(f"credit through `{args[0]}` into `{args[1]}` is dropped: {args[2]}")
         elif kind == "depth":
@@ -235,8 +242,11 @@ class _Planner:
         if relation.status != "traced" or relation.contraction is None:
             return None, f"that op is not a traced weight relation ({relation.reason or relation.status})"
         links = [(var, new) for group, var, new in relation.pre_links if group == source]
+        mixing = not links
+        if mixing:  # the input mixes the group's neurons (a normalisation across them)
+            links = [(var, new) for group, var, new in relation.pre_mixing if group == source]
         if len(links) != 1:
-            return None, f"its input is not one linear view of `{source}`'s new or previous values"
+            return None, f"its input is not one view of `{source}`'s new or previous values"
         ((link, new),) = links
         group = analysis.group_named(source)
         kind = "new" if new else "hidden"
@@ -245,7 +255,8 @@ class _Planner:
         if key not in self.classes:
             self.classes[key] = unit_classes(analysis, analysis.group_named(relation.group), relation, self.values)
         affine = all(d.affine for d in deps)
-        return Stage(via, relation.group, link, new, affine, self.classes[key], relation.contraction), ""
+        stage = Stage(via, relation.group, link, new, affine, self.classes[key], relation.contraction, mixing)
+        return stage, ""
 
     def _read_choices(self, parent: Node | None, stage: Stage) -> list[int | None]:
         """The previous group's states the link reads (one child node each); None for a first stage (A's
@@ -259,7 +270,8 @@ class _Planner:
 
     def _exact_stage(self, stage: Stage, first: bool) -> bool:
         group = self.analysis.group_named(stage.group)
-        return group.lti and stage.group not in self.looping and stage.classes.exact and (first or stage.link_affine)
+        linked = (first or stage.link_affine) and not stage.mixing
+        return group.lti and stage.group not in self.looping and stage.classes.exact and linked
 
     def _approximations(self, stage: Stage, previous: Stage | None) -> list[tuple]:
         """Why a kept stage is not exact (none: it is)."""
@@ -273,6 +285,9 @@ class _Planner:
             reasons.append(("crowded", stage.group))
         if previous is not None and not stage.link_affine and self.analysis.group_named(previous.group).lti:
             reasons.append(("link", previous.group, stage.group))  # (after a nonlinear group, its note covers it)
+        if stage.mixing:
+            source = previous.group if previous is not None else None
+            reasons.append(("mixing", source, stage.group))
         return reasons
 
 

@@ -88,8 +88,7 @@ def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
     kind = "new" if node.stages[0].link_new else "hidden"
     states = [s for s, leaf in enumerate(source.leaves) if (kind, leaf) in fact]  # others: ∂u/∂h ≡ 0
     if factorised.factorised(plan.algorithm, owner):
-        post = traces[plan.key(node.owner)]["post"]
-        return jnp.sum(_some_states(p, states) * _some_states(post, states), axis=-1)
+        return factorised.chain_injection(analysis, plan, traces[plan.key(node.owner)], p, states)
     layout = layout_of(analysis, owner, values)
     signal = dict(zip(states, per_state(p[..., states]), strict=True))
     total = contract(layout, signal, used_trace(plan, traces[plan.key(node.owner)]), states)
@@ -97,13 +96,6 @@ def _injection(analysis, plan, values, node, old, new, cache) -> jax.Array:
     if owner.elementwise:  # a parameter that also computes the link (a threshold in the spikes): ∂u/∂θ
         total = total + derive.param_sensitivity(analysis, values, node.stages[0].link, owner.weight_leaf)
     return total
-
-
-def _some_states(x: jax.Array, states: list[int]) -> jax.Array:
-    """`x[..., states]` without a gather: `x` itself, or a slice, when `states` are consecutive."""
-    if states == list(range(states[0], states[-1] + 1)):
-        return x if len(states) == x.shape[-1] else x[..., states[0] : states[-1] + 1]
-    return jnp.stack([x[..., s] for s in states], axis=-1)
 
 
 def _stage_scalars(analysis, plan, values, stage, unit_class: int, cache: dict) -> tuple[list, list]:
@@ -191,10 +183,12 @@ def _to_input(analysis, plan, values, via, cache: dict):
 
 def _to_link(analysis, values, stage, cache: dict):
     """The pullback from the via's input to the stage's link (the previous group's values), traced once
-    per step."""
+    per step (a VJP at this step's values when the input mixes the neurons: `Stage.mixing`)."""
     pre_var = analysis.facts.contractions[stage.contraction].pre_var
     return _once(
-        cache, ("pullback map", stage.link, pre_var), lambda: derive.pullback_map(analysis, values, stage.link, pre_var)
+        cache,
+        ("pullback map", stage.link, pre_var),
+        lambda: derive.pullback_map(analysis, values, stage.link, pre_var, linear=not stage.mixing),
     )
 
 
@@ -216,24 +210,24 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
                     for s in read
                 }
             q = dict(zip(node.states, traces[node.key], strict=True))
-            _add_terms(analysis, plan, values, node, pulled, q, traces is old, step, terms, cotangents)
+            _add_terms(analysis, plan, values, node, pulled, q, traces, traces is old, step, terms, cotangents)
     return terms, cotangents
 
 
-def _add_terms(analysis, plan, values, node, pulled, q, previous: bool, step, terms, cotangents):
+def _add_terms(analysis, plan, values, node, pulled, q, traces, previous: bool, step, terms, cotangents):
     owner = analysis.relations[node.owner]
     if not factorised.factorised(plan.algorithm, owner):
         layout = layout_of(analysis, owner, values)
         settled = lax.optimization_barrier([q[s] for s in pulled])
         terms.append((node.owner, layout.reduce([(pulled[s], e) for s, e in zip(pulled, settled, strict=True)])))
         return
-    signal = functools.reduce(jnp.add, [pulled[s] * q[s] for s in pulled])
+    signal = factorised.chain_signal(analysis, plan, traces[plan.key(node.owner)], pulled, q)
     for index in plan.traced:
         relation = analysis.relations[index]
         if relation.elementwise or factorised.post_owner(plan.algorithm, analysis.relations, index) != node.owner:
             continue
         if previous:  # pairs with the previous presynaptic factor
-            key, cotangent = (index, "prev"), factorised.prev_cotangent(plan, relation, signal, step)
+            key, cotangent = (index, "prev"), factorised.prev_cotangent(analysis, plan, relation, signal, step)
         else:
-            key, cotangent = (index, "now"), factorised.now_cotangent(plan, relation, signal, step)
+            key, cotangent = (index, "now"), factorised.now_cotangent(analysis, plan, relation, signal, step)
         cotangents[key] = cotangent if key not in cotangents else cotangents[key] + cotangent

@@ -375,8 +375,12 @@ def pullback(analysis: Analysis, values: StepValues, source, target, cotangent: 
     return pullback_map(analysis, values, source, target)(cotangent)
 
 
-def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Callable[[jax.Array], jax.Array]:
-    """`pullback` as a linear map, traced once and applied to any number of cotangents.
+def pullback_map(
+    analysis: Analysis, values: StepValues, source, target, *, linear: bool = True
+) -> Callable[[jax.Array], jax.Array]:
+    """`pullback` as a linear map, traced once and applied to any number of cotangents. `linear=False`:
+    `target` is a nonlinear function of `source` (a normalisation across neurons), pulled back by its VJP
+    at this step's values.
 
     Every hidden group's new values other than `source` are held at their step values: a target that also
     reads a group computed from `source` in the same step (a readout of two populations in series) takes
@@ -389,6 +393,9 @@ def pullback_map(analysis: Analysis, values: StepValues, source, target) -> Call
     def forward(value):
         return _evaluate_with(analysis, values, values.leaves, {**held, source: value}, [target])[0]
 
+    if not linear:
+        _, vjp = jax.vjp(forward, primal)
+        return lambda cotangent: vjp(cotangent)[0]
     # the transpose of the linear map alone: a VJP would also emit the forward and, for a target that
     # concatenates many groups' values, a zero cotangent for every other part (O(groups) per pullback)
     transpose = jax.linear_transpose(forward, primal)

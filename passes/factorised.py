@@ -8,14 +8,20 @@ once per chunk of steps: `sequence`).
 
     ε^u ← α ε^u + a·u,     ε^f ← β·D ε^f + b·F,     grad = (∂y(ε^u, W)/∂W)ᵀ (δ·ε^f) / (1 − α^{t+1})
 
-with `(a, β, b)` by factorisation (`FACTORISATIONS`). Relations whose op outputs enter their group
-through one sum share one postsynaptic factor (`post_owner`).
+with `(a, β, b)` by factorisation ("filtered", "averaged"). Relations whose op outputs enter their group
+through one sum share one postsynaptic factor (`post_owner`). The factorisations "matched" and "low_rank"
+keep a sum of K such pairs (`passes.components`); this module is the one entry point for all of them
+(`init_factors`, `update_owner`, `weight_product`, the credit-chain hooks).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from . import derive
+from fusetrace.errors import CompileError, four_part
+
+from . import components, derive
 from .structure import prev_read_states
 
 # es_d_rtrl's two factorisations of the trace ε ≈ ε^u ⊗ ε^f, as (pre gain, post decay, post gain) in
@@ -24,7 +30,62 @@ from .structure import prev_read_states
 #   comes out near (1−α)/(1−αλ) of the true one on a neuron of decay λ.
 # "averaged": ε^u the bias-corrected moving average of u, ε^f the exact d_rtrl sensitivity to a constant
 #   input (a=1−α, β=1, b=1); exact (equal to d_rtrl) whenever u is constant in time.
-FACTORISATIONS = ("filtered", "averaged")
+# "matched" and "low_rank": a sum of K pairs, filters matched to the group's own dynamics or the best
+#   rank-r trace (`passes.components`).
+FACTORISATIONS = ("filtered", "averaged", *components.COMPONENT_FACTORISATIONS)
+
+
+DEFAULT_RANK = 4  # "low_rank": components per batch entry (chosen by measurement: docs/results.md)
+
+
+def check_options(analysis, algorithm: str, factorisation: str, rank, traced) -> int:
+    """The rank the plan keeps (`DEFAULT_RANK` for None). Raises `CompileError` for a `rank` given to
+    another algorithm or factorisation than es_d_rtrl's "low_rank", a `rank` that is not a positive int,
+    or a "low_rank" relation whose presynaptic input has no leading batch axis (its basis is kept per
+    batch entry)."""
+    low_rank = algorithm == "es_d_rtrl" and factorisation == "low_rank"
+    if rank is not None and not low_rank:
+        raise CompileError(
+            four_part(
+                what=f"rank={rank!r} with algorithm={algorithm!r}, factorisation={factorisation!r}",
+                where="fusetrace.compile(..., rank=...)",
+                why="only es_d_rtrl's 'low_rank' factorisation keeps a trace of a chosen rank",
+                fix="drop rank, or pass algorithm='es_d_rtrl', factorisation='low_rank'",
+            )
+        )
+    rank = DEFAULT_RANK if rank is None else rank
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise CompileError(
+            four_part(
+                what=f"rank={rank!r}",
+                where="fusetrace.compile(..., rank=...)",
+                why="es_d_rtrl's 'low_rank' factorisation keeps a trace of that rank per batch entry",
+                fix="pass a positive int (memory grows with it: rank·(n_pre + n_post·S) per batch entry)",
+            )
+        )
+    if not low_rank or analysis.batch_size is None:
+        return rank
+    for index in traced:
+        relation = analysis.relations[index]
+        if relation.elementwise:
+            continue
+        shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
+        if not shape or shape[0] != analysis.batch_size:
+            raise CompileError(
+                four_part(
+                    what=f"factorisation='low_rank' for `{relation.weight}`",
+                    where=f"its `{relation.op}`, whose input has shape {tuple(shape)}",
+                    why=f"the low-rank basis is kept per batch entry, so the input's first axis must be the batch "
+                    f"({analysis.batch_size})",
+                    fix="use factorisation='matched' for this model",
+                )
+            )
+    return rank
+
+
+def has_components(plan) -> bool:
+    """Whether the plan's factors carry a leading component axis (K pairs)."""
+    return plan.algorithm == "es_d_rtrl" and plan.factorisation in components.COMPONENT_FACTORISATIONS
 
 
 def factor_gains(factorisation: str, alpha: float) -> tuple[float, float, float]:
@@ -76,21 +137,165 @@ def es_update(analysis, plan, index: int, values, pre_prev, post_prev, post, sig
     if signals is None:
         return {"pre": pre}, {}
     delta, delta_prev = signals
-    cotangents = {(index, "now"): now_cotangent(plan, relation, jnp.sum(delta * post, axis=-1), step)}
+    states = range(post.shape[-1])
+    signal = components.state_sum(delta, post, states)
+    cotangents = {(index, "now"): now_cotangent(analysis, plan, relation, signal, step)}
     if prev_read_states(analysis, analysis.group_named(relation.group)):  # δ_prev·ε_{t-1}
-        signal = jnp.sum(delta_prev * post_prev, axis=-1)
-        cotangents[(index, "prev")] = prev_cotangent(plan, relation, signal, step)
+        signal = components.state_sum(delta_prev, post_prev, states)
+        cotangents[(index, "prev")] = prev_cotangent(analysis, plan, relation, signal, step)
     return {"pre": pre}, cotangents
 
 
-def now_cotangent(plan, relation, signal: jax.Array, step) -> jax.Array:
+def now_cotangent(analysis, plan, relation, signal: jax.Array, step) -> jax.Array:
     """The op-layout cotangent `signal / (1 − α^{t+1})` to pair with this step's presynaptic factor
-    (`signal` in the group layout)."""
+    (`signal` in the group layout; with a leading component axis under "matched" / "low_rank", which
+    need no bias correction)."""
+    if has_components(plan):
+        return components.to_op_layout(analysis, relation, signal)
     return derive.to_op_layout(relation, signal) / bias_correction(plan.decay, step, signal.dtype)
 
 
-def prev_cotangent(plan, relation, signal: jax.Array, step) -> jax.Array:
+def prev_cotangent(analysis, plan, relation, signal: jax.Array, step) -> jax.Array:
     """The op-layout cotangent `signal / (1 − α^t)` of a term read from LAST step's factors (the previous
     presynaptic factor pairs with the previous postsynaptic one)."""
+    if has_components(plan):
+        return components.to_op_layout(analysis, relation, signal)
     correction = jnp.where(step > 0, 1 - plan.decay ** step.astype(signal.dtype), 1.0)
     return derive.to_op_layout(relation, signal) / correction
+
+
+def init_factors(analysis, plan, index: int) -> dict:
+    """Zero factors of relation `index`: `{"pre": ...}`, plus the postsynaptic factor (and the state of a
+    "matched" / "low_rank" owner) when the relation owns it."""
+    relation = analysis.relations[index]
+    owner = post_owner(plan.algorithm, analysis.relations, index) == index
+    if has_components(plan):
+        return components.init(analysis, plan, index, owner)
+    group = analysis.group_named(relation.group)
+    dtype = analysis.captured.leaves[relation.weight_leaf].dtype
+    factors = {"pre": jnp.zeros(analysis.facts.contractions[relation.contraction].pre_var.aval.shape, dtype)}
+    if owner:
+        factors["post"] = jnp.zeros((*group.shape, group.n_states), dtype)
+    return factors
+
+
+def update_owner(analysis, plan, owner: int, members, values, d, f, traces: dict, signals, step):
+    """One step of the factors of `owner` and of the `members` sharing its postsynaptic factor (the owner
+    first): `({trace key: new factors}, {(index, "now" or "prev"): op-layout cotangent})`, the cotangents
+    only given `signals` = `(δ, δ_prev)` in the group layout. `d`: the group's D, `f`: the owner's F."""
+    if has_components(plan):
+        return components.update(analysis, plan, owner, members, values, d, f, traces, signals, step)
+    previous = traces[plan.key(owner)]["post"]
+    post = es_post(plan, d, f, previous)
+    new, cotangents = {}, {}
+    for index in members:
+        key = plan.key(index)
+        new[key], more = es_update(analysis, plan, index, values, traces[key]["pre"], previous, post, signals, step)
+        cotangents.update(more)
+    new[plan.key(owner)]["post"] = post
+    return new, cotangents
+
+
+def weight_product(analysis, plan, relation, values, pre, cotangent) -> jax.Array:
+    """`(∂y(ε^u, W)/∂W)ᵀ c` summed over the batch (and over the components, when the factors have them)."""
+    if has_components(plan):
+        pre = components.components_first(pre, analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
+        return derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cotangent)
+    return derive.weight_vjp(analysis, relation.contraction, values, pre, cotangent, float_input=True)
+
+
+def per_step_products(plan, pre: jax.Array, cotangent: jax.Array, pre_shape) -> tuple[jax.Array, jax.Array]:
+    """Deferred products stacked over time as one stack of single products: `pre` `(T, B, K, ...)` and
+    `cotangent` `(T, K, ...)` with their component axis folded into the time axis."""
+    if not has_components(plan):
+        return pre, cotangent
+    first = jnp.swapaxes(pre, 1, 2)  # (T, K, B, ...)
+    count = first.shape[0] * first.shape[1]
+    return jnp.reshape(first, (count, *pre_shape)), jnp.reshape(cotangent, (count, *cotangent.shape[2:]))
+
+
+def n_products(plan, analysis, index: int) -> int:
+    """Weight products per step of relation `index` (the number of components)."""
+    if not has_components(plan):
+        return 1
+    return components.n_components(analysis, plan, post_owner(plan.algorithm, analysis.relations, index))
+
+
+def chain_shape(analysis, plan, owner: int) -> tuple[int, ...]:
+    """The shape of a credit-chain trace of the factorised relation `owner`: its group's neuron layout
+    (per component)."""
+    if has_components(plan):
+        return components.chain_shape(analysis, plan, owner)
+    return tuple(analysis.group_named(analysis.relations[owner].group).shape)
+
+
+def chain_injection(analysis, plan, factors: dict, p: jax.Array, states) -> jax.Array:
+    """What enters a credit chain from a factorised owner: `Σ_s p_s ε^f_s` over the link's `states`."""
+    if has_components(plan):
+        return components.chain_injection(analysis, plan, factors, p, states)
+    return components.state_sum(p, factors["post"], states)
+
+
+def chain_signal(analysis, plan, factors: dict, pulled: dict, q: dict) -> jax.Array:
+    """The group-layout signal a credit chain's gradient term pairs with the owner's presynaptic factor:
+    `Σ_s pull(δ)_s · q_s` (with the owner's `factors` of the same step)."""
+    if has_components(plan):
+        return components.chain_signal(analysis, plan, factors, pulled, q)
+    return functools.reduce(jnp.add, [pulled[s] * q[s] for s in pulled])
+
+
+def align_chains(analysis, plan, old: dict, new: dict) -> dict:
+    """`old` traces as the credit chains must read them after this step's own updates (`new`): rotated
+    into the new basis under "low_rank", unchanged otherwise."""
+    if not has_components(plan):
+        return old
+    return components.align_chains(analysis, plan, old, new)
+
+
+def describe(analysis, plan, index: int) -> str:
+    """The line `explain` prints for a factorised relation: which factorisation, with what."""
+    if plan.factorisation == "low_rank":
+        k = components.n_components(analysis, plan, post_owner(plan.algorithm, analysis.relations, index))
+        return (
+            f"es_d_rtrl keeps its trace as the best rank-{k} approximation per batch entry ('low_rank' factors, "
+            f"rank {plan.rank}{'' if k == plan.rank else f' capped at {k}, the largest the trace can have'}): "
+            "exact while the trace's rank stays within it"
+        )
+    if plan.factorisation == "matched":
+        return (
+            "es_d_rtrl factorises its trace with presynaptic filters matched to the group's own dynamics "
+            "('matched' factors, one per state): exact for a linear time-invariant group"
+        )
+    return f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})"
+
+
+def memory_note(plan) -> str:
+    """How the trace memory of `plan` grows, for `summary()`: empty unless es_d_rtrl."""
+    if plan.algorithm != "es_d_rtrl":
+        return ""
+    if plan.factorisation == "low_rank":
+        pairs = f"r = {plan.rank} pairs of factors (capped per relation at min(n_pre, N·S))"
+    elif plan.factorisation == "matched":
+        pairs = "S pairs of factors (one filter per state)"
+    else:
+        pairs = "one pair of factors"
+    return f" (es_d_rtrl '{plan.factorisation}': {pairs} per relation, O(B·(I + N·S)) each)"
+
+
+def trace_shapes(analysis, plan, index: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of relation `index`'s factors (for `summary()`): none is n_pre × n_post."""
+    return tuple(tuple(x.shape) for x in init_factors(analysis, plan, index).values())
+
+
+def dense_trace(analysis, plan, traces: dict, key: str, index: int, step) -> jax.Array:
+    """The per-weight trace the factors stand for, `(batch, n_pre, n_post, S)` (or, for a credit chain
+    `key`, one array per carried state stacked last): `ε^u ⊗ ε^f / (1 − α^{t+1})`. For tests and
+    diagnosis only (it is the n_pre × n_post array the factorisation avoids); `step` is the step counter
+    before the step that produced `traces`."""
+    owner = post_owner(plan.algorithm, analysis.relations, index)
+    if has_components(plan):
+        return components.dense_trace(analysis, plan, traces, key, index, owner)
+    pre = traces[plan.key(index)]["pre"]
+    post = traces[plan.key(owner)]["post"] if key == plan.key(index) else jnp.stack(list(traces[key]), axis=-1)
+    scale = 1 / bias_correction(plan.decay, step, pre.dtype)
+    return scale * pre[:, :, None, None] * post[:, None, :, :]

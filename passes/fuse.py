@@ -62,6 +62,7 @@ class Plan:
     kappa: float | None  # e_prop's optional trace filter
     feedback: dict  # contraction index -> fixed random matrix (e_prop's random feedback), else empty
     depth: int = DEFAULT_CREDIT_DEPTH  # the longest credit chain, in downstream groups
+    rank: int = factorised.DEFAULT_RANK  # es_d_rtrl "low_rank": the trace's rank per batch entry
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
@@ -117,6 +118,7 @@ def make_plan(
     feedback: str = "symmetric",
     feedback_seed: int = 0,
     depth: int = DEFAULT_CREDIT_DEPTH,
+    rank: int | None = None,
 ) -> Plan:
     _check_options(algorithm, decay, factorisation, depth)
     notes: dict[str, list[str]] = {}
@@ -138,6 +140,7 @@ def make_plan(
             )
             continue
         traced.append(index)
+    rank = factorised.check_options(analysis, algorithm, factorisation, rank, traced)
     chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth)
     for index in traced:
         owner = factorised.post_owner(algorithm, analysis.relations, index)
@@ -157,6 +160,7 @@ def make_plan(
         kappa,
         matrices,
         depth,
+        rank,
     )
 
 
@@ -245,10 +249,7 @@ def init_traces(analysis: Analysis, plan: Plan) -> dict:
         group = analysis.group_named(relation.group)
         dtype = analysis.captured.leaves[relation.weight_leaf].dtype
         if factorised.factorised(plan.algorithm, relation):
-            contraction = analysis.facts.contractions[relation.contraction]
-            traces[plan.key(index)] = {"pre": jnp.zeros(contraction.pre_var.aval.shape, dtype)}
-            if factorised.post_owner(plan.algorithm, analysis.relations, index) == index:
-                traces[plan.key(index)]["post"] = jnp.zeros((*group.shape, group.n_states), dtype)
+            traces[plan.key(index)] = factorised.init_factors(analysis, plan, index)
         else:
             # one array per state (not a stacked state axis): XLA's CPU fusions run several times faster
             shape = trace_shape(analysis, relation, per_weight.kind_of(analysis, relation))
@@ -268,7 +269,7 @@ def chain_trace_shape(analysis: Analysis, plan: Plan, node: Node) -> tuple[tuple
     owner = analysis.relations[node.owner]
     dtype = analysis.captured.leaves[owner.weight_leaf].dtype
     if factorised.factorised(plan.algorithm, owner):
-        return tuple(analysis.group_named(owner.group).shape), dtype
+        return factorised.chain_shape(analysis, plan, node.owner), dtype
     return trace_shape(analysis, owner, per_weight.kind_of(analysis, owner)), dtype
 
 
@@ -306,7 +307,8 @@ def fused_step(
     if not gradient:  # only the traces move (the credit chains' included)
         own, _, _ = _update_traces(analysis, plan, values, traces, step, None, cache)
         with jax.named_scope("credit_chains"):
-            new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+            aligned = factorised.align_chains(analysis, plan, traces, own)
+            new_traces = credit.advance(analysis, plan, values, aligned, own, cache)
         return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
     weight_leaves = sorted(weights)
     with jax.named_scope("learning_signal"):
@@ -315,7 +317,8 @@ def fused_step(
         )
     own, terms, cotangents = _update_traces(analysis, plan, values, traces, step, (delta_new, delta_prev), cache)
     with jax.named_scope("credit_chains"):
-        new_traces = credit.advance(analysis, plan, values, traces, own, cache)
+        aligned = factorised.align_chains(analysis, plan, traces, own)
+        new_traces = credit.advance(analysis, plan, values, aligned, own, cache)
         chain_terms, chain_cotangents = credit.gradients(
             analysis, plan, values, (delta_new, delta_prev), traces, new_traces, step, cache
         )
@@ -331,9 +334,7 @@ def fused_step(
     if not defer:
         with jax.named_scope("weight_products"):
             for (index, _), (pre, cotangent) in products.items():
-                product = derive.weight_vjp(
-                    analysis, relations[index].contraction, values, pre, cotangent, float_input=True
-                )
+                product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
                 terms.append((index, product))
         products = {}
     grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
@@ -378,33 +379,31 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
         f = dict(zip(needs_f, f_list, strict=True))
         cache[(credit.DERIVATIVES, name)] = (d, f)  # the chains through this group read them too
         group_signals = None if signals is None else tuple(_group_delta(group, delta) for delta in signals)
-        posts = {}  # owner -> (previous, new) postsynaptic factor
         for index in indices:
             with jax.named_scope("traces"):
-                new_traces[plan.key(index)], grad, more = _relation_trace(
-                    analysis, plan, values, traces, step, index, owners[index], d, f, posts, group_signals
+                more_traces, grad, more = _relation_trace(
+                    analysis, plan, values, traces, step, index, indices, owners, d, f, group_signals
                 )
+            new_traces.update(more_traces)
             if grad is not None:
                 terms.append((index, grad))
             cotangents.update(more)
     return new_traces, terms, cotangents
 
 
-def _relation_trace(analysis: Analysis, plan: Plan, values, traces, step, index, owner, d, f, posts, signals):
-    """One relation's new trace, gradient term and es_d_rtrl cotangents (keyed as `factorised.es_update`'s;
-    `posts`: the group's postsynaptic factors so far, owner -> (previous, new), extended with this
-    relation's own)."""
+def _relation_trace(analysis: Analysis, plan: Plan, values, traces, step, index, indices, owners, d, f, signals):
+    """One relation's new trace and gradient term, `({trace key: new trace}, term or None, {})`; for an
+    es_d_rtrl relation that owns a postsynaptic factor, the new factors of every relation of the group
+    sharing it and their op-layout cotangents (`factorised.update_owner`, keyed `(index, "now"|"prev")`),
+    and nothing for the others (their owner updates them)."""
     relation, key = analysis.relations[index], plan.key(index)
     if not factorised.factorised(plan.algorithm, relation):
         new, grad = per_weight.update(analysis, plan, relation, values, d, f[index], traces[key], signals)
-        return new, grad, {}
-    if owner == index:
-        previous = traces[key]["post"]
-        posts[index] = (previous, factorised.es_post(plan, d, f[index], previous))
-    post_prev, post = posts[owner]
-    new, cotangents = factorised.es_update(
-        analysis, plan, index, values, traces[key]["pre"], post_prev, post, signals, step
+        return {key: new}, grad, {}
+    if owners[index] != index:
+        return {}, None, {}
+    members = [i for i in indices if owners[i] == index]
+    new, cotangents = factorised.update_owner(
+        analysis, plan, index, members, values, d, f[index], traces, signals, step
     )
-    if owner == index:
-        new["post"] = post
     return new, None, cotangents

@@ -42,6 +42,10 @@ class Relation:
     n_pre: int = 0  # elements per batch entry of the presynaptic input
     pre_new: tuple[str, ...] = ()
     pre_links: tuple = dataclasses.field(default=(), repr=False, compare=False)  # ((group, Var, new), ...)
+    # when `pre_links` is empty: the aligned values the input is computed from through ops that mix a
+    # group's neurons (a normalisation across them): ((group, Var, new), ...), read by the credit chains
+    # with the mixing's derivative taken at the current step
+    pre_mixing: tuple = dataclasses.field(default=(), repr=False, compare=False)
     pre_recurrent: tuple[str, ...] = ()
     shared: bool = False  # one weight element reaches many neurons (scalar weight)
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
@@ -192,6 +196,53 @@ def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], 
     return tuple(links)
 
 
+def mixing_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], ...]:
+    """`(group, aligned var, new)` from which `var` is computed by any ops (one that mixes the group's
+    neurons included: `standardize(V − V_th)` across a population), all aligned with ONE group's new or
+    previous values; empty when the input also reads other hidden values, or reads them some other way."""
+    by_leaf = _group_of_leaf(groups)
+    producer = {out: eqn for eqn in facts.captured.jaxpr.jaxpr.eqns for out in eqn.outvars}
+    links, frontier, seen = [], [var], set()
+    while frontier:
+        current = frontier.pop(0)
+        if any(current is v for v in seen):
+            continue
+        seen.add(current)
+        fact = facts.propagation.of(current)
+        if not any(k in ("new", "hidden") for k, _ in fact):
+            continue  # inputs and constants carry no credit
+        found = _aligned_group(fact, aval_shape(current), by_leaf)
+        if found is not None:
+            if not any(current is v for _, v, _ in links):
+                links.append((found[0], current, found[1]))
+            continue
+        eqn = producer.get(current)
+        if eqn is None:
+            return ()
+        frontier.extend(a for a in eqn.invars if not isinstance(a, Literal))
+    links = [
+        link for link in links if not _computed_from(link[1], [v for _, v, _ in links if v is not link[1]], producer)
+    ]
+    return tuple(links) if len({(name, new) for name, _, new in links}) == 1 else ()
+
+
+def _computed_from(var, others, producer) -> bool:
+    """Whether `var` is computed from one of the vars `others` (an aligned value derived from another
+    aligned value: `square(x)` beside `x`; the link is then `x`)."""
+    frontier, seen = [var], []
+    while frontier:
+        current = frontier.pop()
+        if any(current is v for v in seen):
+            continue
+        seen.append(current)
+        if current is not var and any(current is v for v in others):
+            return True
+        eqn = producer.get(current)
+        if eqn is not None:
+            frontier.extend(a for a in eqn.invars if not isinstance(a, Literal))
+    return False
+
+
 def _instantaneous(common: dict) -> Relation:
     return Relation(
         group=None,
@@ -303,6 +354,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
         "contraction": contraction.index,
         "n_pre": n_pre,
         "pre_links": (links := pre_links(facts, groups, pre_var)),
+        "pre_mixing": () if links else mixing_links(facts, groups, pre_var),
         "pre_new": tuple(dict.fromkeys(name for name, _, new in links if new)),
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,

@@ -49,10 +49,7 @@ def _traces(analysis, plan: Plan, index: int) -> tuple[tuple[int, ...], ...]:
     group = analysis.group_named(relation.group)
     chained = tuple(chain_trace_shape(analysis, plan, n)[0] for n in plan.chains if n.owner == index for _ in n.states)
     if factorised.factorised(plan.algorithm, relation):
-        pre = tuple(analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
-        if factorised.post_owner(plan.algorithm, analysis.relations, index) != index:  # a shared factor
-            return (pre,)
-        return (pre, (*group.shape, group.n_states), *chained)
+        return (*factorised.trace_shapes(analysis, plan, index), *chained)
     kind = layout_kind(analysis, relation)
     assert kind is not None, "the plan traces only relations with a layout"
     return (trace_shape(analysis, relation, kind),) * group.n_states + chained  # one array per state
@@ -80,7 +77,7 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
             if i not in plan.traced:
                 continue
             if factorised.factorised(plan.algorithm, relation):
-                reasons.append(f"es_d_rtrl factorises its trace ('{plan.factorisation}' factors, decay {plan.decay})")
+                reasons.append(factorised.describe(analysis, plan, i))
                 owner = factorised.post_owner(plan.algorithm, analysis.relations, i)
                 if owner != i:
                     reasons.append(

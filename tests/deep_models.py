@@ -17,6 +17,7 @@ import brainpy.state as bps
 import brainstate
 import braintools
 import brainunit as u
+import jax
 import jax.numpy as jnp
 
 N_IN = 4
@@ -180,6 +181,23 @@ class StackedRecurrent(brainstate.nn.Module):
         return self.out(self.l1(0.0 * u.mA))
 
 
+class NormalisedReadout(brainstate.nn.Module):
+    """One LIF layer whose leaky readout reads `standardize(V − V_th)` across the layer's neurons (the
+    readout of braintrace's DMS experiment): an input that mixes the neurons it reads."""
+
+    def __init__(self, n: int = 8, n_out: int = 3):
+        super().__init__()
+        self.neuron = neuron(n)
+        self.inp = current(N_IN, n, self.neuron)
+        self.out = bps.LeakyRateReadout(n, n_out, tau=4.0 * u.ms)
+
+    def update(self, x):
+        self.inp(x)
+        self.neuron(0.0 * u.mA)
+        potential = u.get_mantissa(self.neuron.V.value - self.neuron.V_th)
+        return self.out(jax.nn.standardize(potential, axis=-1))
+
+
 class Ring(brainstate.nn.Module):
     """`populations` LIF populations in a ring: population k reads population k−1's spikes of the previous
     step and the input, a leaky readout reads every population's new spikes."""
@@ -216,6 +234,7 @@ BUILDERS = {
     "ei_dense": lambda: EI("dense"),
     "ei_sparse": lambda: EI("sparse"),
     "stacked_recurrent": StackedRecurrent,
+    "normalised_readout": NormalisedReadout,
 }
 LTI = ("per_unit_tau", "trainable_tau", "trainable_tau_per_unit", "previous_spikes", "readouts_in_series")
 

@@ -690,3 +690,137 @@ def es_d_rtrl_naive(
     carry = (h, trace_u, trace_f, others, grad, 0)
     (*_, grad, _), _ = lax.scan(body, carry, (xs, targets))
     return grad
+
+
+def es_d_rtrl_components_naive(
+    model: RecurrentLIF,
+    xs,
+    targets,
+    loss_fn: Callable,
+    factorisation: str,
+    rank: int = 1,
+    batch_size: int | None = None,
+    stacked: bool = False,
+    pinv_rtol: float = 1e-10,
+) -> Params:
+    """`es_d_rtrl`'s "matched" and "low_rank" factorisations by their dense definitions, for a
+    `RecurrentLIF` with a linear readout. Per hidden-layer weight (or, `stacked`, for all of them at once:
+    their inputs stacked into one presynaptic vector, valid when they share `F`), per example:
+
+    "low_rank": the dense trace `E (I × H)` over the raveled hidden vector, with its best rank-r
+    approximation (SVD) taken after every step: `E_t = trunc_r(E_{t-1} D_tᵀ + u_t f_tᵀ)`,
+    `dW += Σ_b E_t[b] δ_t[b]` summed per neuron.
+
+    "matched": with `A_t` the mean over the batch and the neurons of the per-neuron `S×S` blocks of `D_t`:
+    `ū_t = A_t ū_{t-1} + 1 ⊗ u_t` (S filters of the input), `b_t = (A_t ⊗ D_t) b_{t-1} + 1 ⊗ f_t`,
+    `G_t = A_t G_{t-1} A_tᵀ + 1 1ᵀ`, `c_t = pinv(G_t) b_t`, `dW += Σ_b Σ_k ū_{t,k}[b] ⊗ (δ_t[b] · c_{t,k}[b])`.
+
+    `D_t`, `f_t`, `δ_t` as in `es_d_rtrl_naive`.
+    """
+    if not isinstance(model, RecurrentLIF) or model.readout != "linear":
+        raise NotImplementedError("es_d_rtrl_components_naive is written for RecurrentLIF(readout='linear') only")
+    if factorisation not in ("matched", "low_rank"):
+        raise ValueError(f"unknown factorisation {factorisation!r}")
+    xs = _mantissa(xs)
+    relations = model.relations()
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    batch = () if batch_size is None else (batch_size,)
+    shift0 = {name: jnp.zeros((*batch, model.n_rec)) for name in relations}
+    with stop_recurrent(model):
+        traced_hidden = _trace(model, model.update_hidden, (x0, shift0), batch_size)
+    stage_hidden = _pure(traced_hidden)
+    presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
+    output = _pure(_trace(model, model.output, (), batch_size))
+
+    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
+    theta, unravel_params = ravel_pytree(params)
+    _, unravel_hidden = ravel_pytree(hidden_one)
+    ravel_hidden = lambda tree: ravel_pytree(tree)[0]
+    groups, _ = model.groups()
+    mask = hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]])
+    labels, neurons, paths = _index_labels(hidden_one)
+    in_group = np.isin(np.array(paths)[labels], groups[0])
+    to_neuron = np.eye(model.n_rec)[neurons] * in_group[:, None]
+    # index[s, n]: the raveled entry of the group's state s of neuron n
+    index = np.array(
+        [
+            [np.flatnonzero((labels == paths.index(p)) & (neurons == n))[0] for n in range(model.n_rec)]
+            for p in groups[0]
+        ]
+    )
+    sets = [list(relations)] if stacked else [[name] for name in relations]
+
+    def stage1(h, others, x, shift):
+        _, new_hidden, new_others = stage_hidden(params, unravel_hidden(h), others, x, shift)
+        return ravel_hidden(new_hidden), new_others
+
+    def example_derivatives(h, others, x):
+        zero = {name: jnp.zeros(model.n_rec) for name in relations}
+        presyn = presynaptic(params, unravel_hidden(h), others, x)[0]
+        h1, others1 = stage1(h, others, x, zero)
+        jacobian = mask * jax.jacfwd(stage1, argnums=0, has_aux=True)(h, others, x, zero)[0]
+        fs = {}
+        for name in relations:
+            tangent = {key: jnp.ones(model.n_rec) if key == name else zero[key] for key in relations}
+            fs[name] = jax.jvp(lambda s: stage1(h, others, x, s)[0], (zero,), (tangent,))[1]
+        return h1, others1, jacobian, presyn, fs
+
+    def step_loss(theta, h1, others, target):
+        out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
+        return loss_fn(out if batched else out[0], target)
+
+    def truncate(e):
+        left, values, right = jnp.linalg.svd(e, full_matrices=False)
+        return (left[:, :rank] * values[:rank]) @ right[:rank]
+
+    def advance(state, names, jacobian, presyn, fs, a):
+        u_t = jnp.concatenate([presyn[name] for name in names], axis=-1)  # (B, I)
+        f = fs[names[0]]  # (B, H): the stacked relations share it
+        if factorisation == "low_rank":
+            moved = jnp.einsum("bih,bgh->big", state, jacobian) + u_t[:, :, None] * f[:, None, :]
+            return jax.vmap(truncate)(moved)
+        filters, moments, gram = state
+        filters = jnp.einsum("kl,bli->bki", a, filters) + u_t[:, None, :]
+        moments = jnp.einsum("kl,bgh,blh->bkg", a, jacobian, moments) + f[:, None, :]
+        gram = a @ gram @ a.T + 1.0
+        return filters, moments, gram
+
+    def gradient(state, delta):
+        if factorisation == "low_rank":
+            return jnp.einsum("bih,bh,hn->in", state, delta, to_neuron)
+        filters, moments, gram = state
+        coefficients = jnp.einsum("kl,blh->bkh", jnp.linalg.pinv(gram, rtol=pinv_rtol, hermitian=True), moments)
+        return jnp.einsum("bki,bkh,bh,hn->in", filters, coefficients, delta, to_neuron)
+
+    @jax.jit
+    def body(carry, inputs):
+        h, states, others, grad = carry
+        x, target = inputs
+        h1, others1, jacobian, presyn, fs = jax.vmap(
+            example_derivatives, in_axes=(0, None, 0), out_axes=(0, None, 0, 0, 0)
+        )(h, others, x)
+        blocks = jacobian[:, index[:, None, :], index[None, :, :]]  # (B, S, S, N)
+        a = jnp.mean(blocks, axis=(0, 3))
+        grad_theta, delta = jax.grad(step_loss, argnums=(0, 1))(theta, h1, others1, target)
+        grad = jax.tree.map(jnp.add, grad, unravel_params(grad_theta))
+        states = [advance(state, names, jacobian, presyn, fs, a) for state, names in zip(states, sets, strict=True)]
+        for state, names in zip(states, sets, strict=True):
+            total = gradient(state, delta)
+            sizes = np.cumsum([0] + [jnp.shape(params[relations[name]]["weight"])[0] for name in names])
+            for name, lo, hi in zip(names, sizes[:-1], sizes[1:], strict=True):
+                grad[relations[name]] = jax.tree.map(jnp.add, grad[relations[name]], {"weight": total[lo:hi]})
+        return (h1, states, others1, grad), None
+
+    h = jax.vmap(ravel_hidden)(hidden)
+    n_batch, n_hidden, n_states = h.shape[0], h.shape[1], len(groups[0])
+    states = []
+    for names in sets:
+        n_pre = sum(jnp.shape(params[relations[name]]["weight"])[0] for name in names)
+        if factorisation == "low_rank":
+            states.append(jnp.zeros((n_batch, n_pre, n_hidden)))
+        else:
+            zeros = (jnp.zeros((n_batch, n_states, n_pre)), jnp.zeros((n_batch, n_states, n_hidden)))
+            states.append((*zeros, jnp.zeros((n_states, n_states))))
+    grad = jax.tree.map(jnp.zeros_like, params)
+    (*_, grad), _ = lax.scan(body, (h, states, others, grad), (xs, targets))
+    return grad

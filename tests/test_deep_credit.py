@@ -139,3 +139,14 @@ def test_the_e_to_i_weights_of_an_ei_loop_get_credit_through_e(conn):
     cos_e, _ = _cos_ratio(online["EE.comm.weight"], reference["EE.comm.weight"])
     assert cos_e >= COS_EI, f"E -> E: cos {cos_e:.4f}"
     assert "(nonlinear) is approximate" in learner.explain("EI.comm.weight")
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl"])
+def test_a_readout_of_a_normalisation_across_the_neurons_passes_credit(algorithm):
+    """`standardize(V − V_th)` across the layer mixes its neurons: the chain injects the per-neuron trace
+    of `V − V_th` and carries the learning signal back through the normalisation's derivative at the
+    current step (approximate; before, the hidden weight got no credit at all)."""
+    learner, online = _online("normalised_readout", BATCH, 60, algorithm)
+    cos, _ = _cos_ratio(online["inp.comm.weight"], _bptt("normalised_readout", BATCH, 60)["inp.comm.weight"])
+    assert cos >= (COS_DEEP if algorithm == "d_rtrl" else COS_DEEP_ES), f"cos {cos:.4f}"
+    assert "mixes the neurons it reads" in learner.explain("inp.comm.weight")

@@ -20,7 +20,7 @@ from .drawing import Drawing, build_drawing, to_dot
 from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
 from .naming import Names
-from .passes import derive
+from .passes import derive, factorised
 from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, by_weight_leaf, fused_step, init_traces, make_plan
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
@@ -219,10 +219,12 @@ class Learner(eqx.Module):
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
         leaves = flat.leaves_from(captured, params, state["model"])
         values = derive.forward(analysis, inputs, leaves)
-        terms = [
-            (index, derive.weight_vjp_over_time(analysis, analysis.relations[index].contraction, values, pre, cot))
-            for (index, _), (pre, cot) in products.items()
-        ]
+        terms = []
+        for (index, _), (pre, cot) in products.items():
+            relation = analysis.relations[index]
+            pre_shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
+            pre, cot = factorised.per_step_products(self.plan, pre, cot, pre_shape)  # components: more steps
+            terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
         zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
         return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
 
@@ -242,7 +244,8 @@ class Learner(eqx.Module):
             constants: as for `step`.
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
-                factors under 256 MiB (`summary()` shows a step's share).
+                factors under 256 MiB (`summary()` shows a step's share); 0: no deferral, each step that
+                forms a gradient takes its own products (faster when `loss_mask` leaves most steps out).
 
         Returns:
             `(state, result)`: `result.output` and `result.loss` stacked over time, `result.grads` the sum
@@ -292,6 +295,7 @@ class Learner(eqx.Module):
         step by part (`program_summary`, which traces the step once)."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
         lines += [f"  {report.line()}" for report in self.report()]
+        lines.append(f"traces of this learner: {self._trace_bytes()} bytes{factorised.memory_note(self.plan)}")
         per_step = sequence.deferred_bytes(self)
         if per_step:
             chunk = max(1, sequence.DEFERRED_BYTES // per_step)
@@ -302,6 +306,11 @@ class Learner(eqx.Module):
         if program:
             lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"
+
+    def _trace_bytes(self) -> int:
+        """Bytes of the traces `init()` allocates (credit chains and factors' bookkeeping included)."""
+        shapes = jax.eval_shape(lambda: self.init()["traces"])
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
     def drawing(self, title: str = "") -> Drawing:
         """The drawing: groups as boxes holding their states, each weight an arrow labelled with its name
@@ -378,6 +387,7 @@ def compile(
     feedback_seed: int = 0,
     regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
     credit_depth: int = DEFAULT_CREDIT_DEPTH,
+    rank: int | None = None,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -393,7 +403,13 @@ def compile(
         decay: es_d_rtrl's smoothing factor α.
         factorisation: es_d_rtrl's factorisation of the trace: "filtered" (both factors low-pass filtered
             with α, as pp-prop) or "averaged" (the moving average of the presynaptic input times the exact
-            postsynaptic sensitivity; equals d_rtrl when the input is constant in time).
+            postsynaptic sensitivity; equals d_rtrl when the input is constant in time), "matched" (S
+            presynaptic filters driven by the group's own mean dynamics, the postsynaptic factors their
+            least-squares fit of each neuron's kernel; exact for a linear time-invariant group whose
+            neurons share their dynamics) or "low_rank" (the trace of each batch entry kept at rank
+            `rank` by the exact recursion and a truncation at every step; exact while the trace's rank
+            stays within it). The last two keep K pairs of factors (K = S, or the rank), K times the
+            memory, and ignore `decay`.
         kappa: e_prop's optional low-pass filter of the trace (None: no filter).
         feedback: e_prop's learning signal through the readout weights ("symmetric") or through fixed
             random matrices of the same shape and scale ("random", seeded by `feedback_seed`).
@@ -405,6 +421,8 @@ def compile(
             (through a readout, further spiking layers, another area): exact through linear time-invariant
             groups, approximate through nonlinear ones (docs/concepts.md); longer paths are dropped with
             a note in `explain`. 0 keeps only the credit of groups the loss reads directly.
+        rank: the rank of es_d_rtrl's trace per batch entry under factorisation="low_rank" (default
+            `fusetrace.passes.factorised.DEFAULT_RANK`); an error with any other factorisation.
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -460,6 +478,7 @@ def compile(
         feedback=feedback,
         feedback_seed=feedback_seed,
         depth=credit_depth,
+        rank=rank,
     )
     analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]

@@ -26,7 +26,7 @@ import numpy as np
 from jax import lax
 
 from .errors import CompileError, four_part
-from .passes import derive
+from .passes import derive, factorised
 
 DEFERRED_BYTES = 1 << 28  # the largest buffer of deferred factors (256 MiB) before a chunk is contracted
 
@@ -106,7 +106,8 @@ def deferred_bytes(learner) -> int:
         contraction = analysis.facts.contractions[relation.contraction]
         itemsize = np.dtype(analysis.captured.leaves[relation.weight_leaf].dtype).itemsize
         sizes = (contraction.pre_var.aval.size, contraction.out_var.aval.size)
-        total += sum(sizes) * itemsize * 2  # this step's factors, and last step's (for δ_prev terms)
+        components = factorised.n_products(plan, analysis, index)  # pairs of factors per step
+        total += sum(sizes) * itemsize * 2 * components  # this step's factors, and last step's (for δ_prev terms)
     return total
 
 
@@ -115,7 +116,7 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
     steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
     mask = None if loss_mask is None else _mask(loss_mask, steps)  # None: every step learns (no branch)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    if not deferrable(learner):
+    if not deferrable(learner) or chunk == 0:  # chunk 0: a weight product at every step that forms one
         (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
         return state, ScanResult(outputs, losses, grads)
     size = chunk or max(1, min(steps, DEFERRED_BYTES // max(deferred_bytes(learner), 1)))

@@ -67,6 +67,11 @@ class Trainer:
         clip_norm: optional global-norm clipping of each update's accumulated gradient.
         seed: base seed of the batches (iteration i uses `seed + i`).
         metric: optional `metric(outputs, batch) -> dict` of extra numbers per iteration.
+        step_mask: optional `step_mask(batch) -> (T,) bool`, the steps whose loss can be non-zero (the
+            others form no gradient: exact, and checked like `gradient_every`'s skipped steps); e.g. a
+            task's recall window. None: every step.
+        chunk: `Learner.scan`'s deferred-contraction chunk (None: its default; 0: products step by step,
+            faster when `step_mask` leaves most steps out).
         on_nonfinite: "stop" (default): a non-finite loss, gradient or updated weight raises
             `NonFiniteError` naming the iteration and time step; "skip": such an update is not applied
             (params and optimizer state stay as they were) and the metrics count `skipped_updates`.
@@ -92,6 +97,8 @@ class Trainer:
         seed: int = 0,
         metric: Callable[[Any, Batch], dict] | None = None,
         on_nonfinite: str = "stop",
+        step_mask: Callable[[Batch], Any] | None = None,
+        chunk: int | None = None,
     ):
         if update_every < 0:
             raise CompileError(
@@ -123,6 +130,7 @@ class Trainer:
         self.learner, self.sample, self.seed, self.metric = learner, sample, seed, metric
         self.on_nonfinite = on_nonfinite
         self.update_every, self.gradient_every = update_every, gradient_every
+        self.step_mask, self.chunk = step_mask, chunk
         self.optimizer = optax.chain(optax.clip_by_global_norm(clip_norm), optimizer) if clip_norm else optimizer
         self._sequence = jax.jit(self._run_sequence)
         self._evaluate = jax.jit(self._forward)
@@ -159,14 +167,15 @@ class Trainer:
                     fix="make the sequence length a multiple of gradient_every",
                 )
             )
+        active = np.ones(n_steps, bool) if self.step_mask is None else np.asarray(self.step_mask(batch), bool)
         params, opt_state, losses, outputs, quiet, health = self._sequence(
-            state["params"], state["opt_state"], batch.inputs, batch.targets, self.learner.constants
+            state["params"], state["opt_state"], batch.inputs, batch.targets, self.learner.constants, active
         )
         self._check_finite(iteration, losses, health)
         if float(quiet) != 0.0:
             raise CompileError(
                 four_part(
-                    what=f"steps skipped by gradient_every={self.gradient_every} had a non-zero loss "
+                    what=f"steps skipped by gradient_every={self.gradient_every} (or step_mask) had a non-zero loss "
                     f"({float(quiet):.3g})",
                     where=f"fusetrace.Trainer.iteration, iteration {iteration + 1}",
                     why="only steps t with (t + 1) % gradient_every == 0 form a gradient; the others' would be lost",
@@ -251,19 +260,22 @@ class Trainer:
         kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_params, new_opt_state), (params, opt_state))
         return *kept, 1 - ok.astype(jnp.int32)
 
-    def _window(self, params, state, inputs, targets, constants, learn: bool = True):
+    def _window(self, params, state, inputs, targets, constants, active, learn: bool = True):
         """`Learner.scan` over one update window (its steps' gradients summed; es_d_rtrl's weight products
         contracted once). Only steps t with (t + 1) % gradient_every == 0 form a gradient (none when not
         `learn`). Returns the new state, the losses, outputs and gradient, and the summed |loss| of the
         steps without a gradient (finite ones)."""
         steps = jax.tree.leaves(inputs)[0].shape[0]
-        forms = ((jnp.arange(steps) + 1) % self.gradient_every == 0) & learn
-        state, result = self.learner.scan(params, state, inputs, targets, loss_mask=forms, constants=constants)
+        forms = ((jnp.arange(steps) + 1) % self.gradient_every == 0) & active & learn
+        state, result = self.learner.scan(
+            params, state, inputs, targets, loss_mask=forms, constants=constants, chunk=self.chunk
+        )
         quiet = jnp.sum(jnp.where(~forms & jnp.isfinite(result.loss), jnp.abs(result.loss), 0.0))
         return state, result.loss, result.output, result.grads, quiet
 
-    def _run_sequence(self, params, opt_state, inputs, targets, constants):
-        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded. The steps
+    def _run_sequence(self, params, opt_state, inputs, targets, constants, active):
+        """One sequence, compiled; `constants` (`Learner.constants`) are arguments, not embedded; `active`
+        (T,) marks the steps that may form a gradient (`step_mask`). The steps
         run in windows of `update_every` (the whole sequence when 0), each one `Learner.scan` followed by
         its optimizer update; a tail shorter than a window forms no gradient (as no update would use it).
         Returns params, optimizer state, per-step losses and outputs, the summed |loss| of steps without a
@@ -275,20 +287,20 @@ class Trainer:
 
         def body(carry, part):
             params, opt_state, state, skipped = carry
-            inputs, targets = part
-            state, losses, outputs, grads, quiet = self._window(params, state, inputs, targets, constants)
+            inputs, targets, active = part
+            state, losses, outputs, grads, quiet = self._window(params, state, inputs, targets, constants, active)
             params, opt_state, count = self._guarded_apply(params, opt_state, grads, _finite(losses))
             return (params, opt_state, state, skipped + count), (losses, outputs, _leaf_finite(grads), quiet)
 
-        windows = jax.tree.map(lambda a: a[:full].reshape(-1, window, *a.shape[1:]), (inputs, targets))
+        windows = jax.tree.map(lambda a: a[:full].reshape(-1, window, *a.shape[1:]), (inputs, targets, active))
         carry = (params, opt_state, self.learner.init(), jnp.zeros((), jnp.int32))
         (params, opt_state, state, skipped), (losses, outputs, finite, quiet) = jax.lax.scan(body, carry, windows)
         losses, outputs = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), (losses, outputs))
         quiet = jnp.sum(quiet)
         if full < steps:  # the tail: no update follows it
-            tail_inputs, tail_targets = jax.tree.map(lambda a: a[full:], (inputs, targets))
+            tail_inputs, tail_targets, tail_active = jax.tree.map(lambda a: a[full:], (inputs, targets, active))
             _, tail_losses, tail_outputs, _, _ = self._window(
-                params, state, tail_inputs, tail_targets, constants, learn=False
+                params, state, tail_inputs, tail_targets, constants, tail_active, learn=False
             )
             losses, outputs = jax.tree.map(
                 lambda a, b: jnp.concatenate([a, b]), (losses, outputs), (tail_losses, tail_outputs)
@@ -359,7 +371,9 @@ class BPTTTrainer(Trainer):
             )
         super().__init__(learner, sample, optimizer, **{**options, "update_every": 0})
 
-    def _run_sequence(self, params, opt_state, inputs, targets, constants):
+    def _run_sequence(self, params, opt_state, inputs, targets, constants, active):
+        del active  # BPTT differentiates the whole sequence at once
+
         def total_loss(params):
             losses, outputs = self._forward(params, inputs, targets, constants)
             return jnp.sum(losses), (losses, outputs)

@@ -1,0 +1,268 @@
+"""Learning side by side: braintrace's pp_prop against fusetrace (es_d_rtrl, d_rtrl, BPTT) on the same
+network, initial weights and batches (issue 16, item 3).
+
+    python benchmarks/learning.py peer --task dms --seed 0 [--iterations 300 ...]   # one pp_prop run
+    python benchmarks/learning.py figure                                            # curves and table
+
+fusetrace's runs are ordinary `fusetrace train` runs (the commands are in benchmarks/learning_runs.sh);
+this script trains the peer the same way: the task's reference network is built twice from the same
+seed, once with brainstate's layers (fusetrace compiles it unchanged) and once with braintrace's
+(`braintrace.nn.Linear`, `braintrace.nn.LeakyRateReadout`, put in place of brainstate's while the
+network is built, so every other part is the same object type), the peer's weights set to the first's.
+Each iteration draws the batch `config.seed + iteration` (`fusetrace.cli.build`'s sampler), resets the
+model's states and traces, accumulates pp_prop's online gradient over the trial (`etrace_grad`,
+summed), and takes one Adam step after global-norm clipping, the learning rate schedule as fusetrace's.
+The held-out evaluation is fusetrace's own (`Trainer.evaluate`, forward only, on the same validation
+and test seeds), run on the plain twin with the peer's weights: both sides are scored by one program.
+
+Every run writes `metrics.json` in the format of `fusetrace train` (history, test, seconds), so the
+figure reads both kinds alike.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import brainpy.state as bps
+import brainstate
+import common
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fusetrace.cli import TEST_SEEDS, VALIDATION_SEEDS, RunConfig, build
+
+RUNS = common.ROOT / "runs" / "learning"
+sys.path.insert(0, str(common.ROOT))  # `--network benchmarks.peer_networks:...` as `fusetrace train` reads it
+
+
+@contextlib.contextmanager
+def peer_layers():
+    """brainstate's `Linear` and brainpy.state's `LeakyRateReadout` replaced by braintrace's while a
+    network is built (the task networks name them at construction time)."""
+    braintrace = common.peer()
+    if braintrace is None:
+        raise SystemExit("braintrace is not installed: pip install -e '.[bench]'")
+    saved = brainstate.nn.Linear, bps.LeakyRateReadout
+    brainstate.nn.Linear, bps.LeakyRateReadout = braintrace.nn.Linear, braintrace.nn.LeakyRateReadout
+    try:
+        yield braintrace
+    finally:
+        brainstate.nn.Linear, bps.LeakyRateReadout = saved
+
+
+def _peer_path(path: tuple) -> tuple:
+    """braintrace's LeakyRateReadout names its weight `W`; every other path is the same."""
+    return (*path[:-1], "W") if path[-1] == "weight" and path[-2:-1] == ("out",) else path
+
+
+@dataclasses.dataclass
+class PeerRun:
+    """pp_prop's learner on the twin of a fusetrace run's network, with fusetrace's trainer beside it
+    (its sampler, schedule and held-out evaluation)."""
+
+    config: RunConfig
+    decay: float
+
+    def __post_init__(self):
+        self.model, self.learner_plain, self.trainer, self.spec = build(self.config)
+        first = self.trainer.batch(0)
+        network = self.config.network
+        with peer_layers() as braintrace:
+            brainstate.random.seed(self.config.seed)
+            self.twin = self._factory(network)()  # the same seed: the same draws
+            x0 = first.inputs[0]
+            self.learner = braintrace.compile(
+                self.twin, "pp_prop", x0, batch_size=self.config.batch, decay_or_rank=self.decay
+            )
+        self.weights = self.twin.states(brainstate.ParamState)
+        plain = self.model.states(brainstate.ParamState)
+        for path, state in self.weights.items():  # identical initial weights, whatever the draws did
+            state.value = plain[_reverse_path(path)].value
+        self.optimizer = optax.chain(
+            optax.clip_by_global_norm(self.config.clip_norm or np.inf),
+            optax.adam(_learning_rate(self.config, first.inputs.shape[0])),
+        )
+        self.opt_state = self.optimizer.init(self.values())
+        self._train = brainstate.transform.jit(self._train_step)
+
+    def _factory(self, network: str | None):
+        if network is None:
+            return self.spec.network
+        from fusetrace.cli import _factory
+
+        return _factory(network)
+
+    def values(self) -> dict:
+        return {path: state.value for path, state in self.weights.items()}
+
+    def _train_step(self, inputs, targets):
+        batch = self.config.batch
+        brainstate.nn.reset_all_states(self.twin, batch_size=batch)
+        self.learner.reset_state(batch_size=batch)
+
+        def step_loss(x, target):
+            output = self.learner(x)
+            return self.spec.loss(output, target), output
+
+        return self.learner.etrace_grad(
+            inputs, targets, step_fn=step_loss, reduction="sum", has_aux=True, return_value=True
+        )
+
+    def iteration(self, iteration: int) -> dict:
+        batch = self.trainer.batch(iteration)
+        grads, losses, outputs = self._train(batch.inputs, batch.targets)
+        updates, self.opt_state = self.optimizer.update(grads, self.opt_state, self.values())
+        for path, value in optax.apply_updates(self.values(), updates).items():
+            self.weights[path].value = value
+        metrics = {"loss": float(jnp.mean(losses))}
+        metrics.update(self.spec.metric(outputs, batch))
+        return metrics
+
+    def plain_params(self) -> dict:
+        """The peer's weights in the structure of fusetrace's `Learner.params` (the plain twin's)."""
+        params = dict(self.learner_plain.params)
+        for path, state in self.weights.items():
+            plain = _reverse_path(path)
+            params[".".join(map(str, plain))] = state.value
+        return params
+
+
+def _reverse_path(path: tuple) -> tuple:
+    return (*path[:-1], "weight") if path[-1] == "W" else path
+
+
+def _learning_rate(config: RunConfig, steps: int):
+    if config.schedule == "constant":
+        return config.learning_rate
+    return optax.cosine_decay_schedule(config.learning_rate, decay_steps=config.iterations)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    peer = sub.add_parser("peer")
+    peer.add_argument("--task", required=True)
+    peer.add_argument("--network", default=None)
+    peer.add_argument("--seed", type=int, default=0)
+    peer.add_argument("--iterations", type=int, default=300)
+    peer.add_argument("--batch", type=int, default=32)
+    peer.add_argument("--lr", type=float, default=2e-3)
+    peer.add_argument("--schedule", default="cosine")
+    peer.add_argument("--clip", type=float, default=1.0)
+    peer.add_argument("--decay", type=float, default=0.99)
+    peer.add_argument("--validate-every", type=int, default=10)
+    peer.add_argument("--validation-batches", type=int, default=8)
+    peer.add_argument("--test-batches", type=int, default=32)
+    peer.add_argument("--option", action="append", default=[])
+    peer.add_argument("--run-dir", default=None)
+    peer.add_argument("--time-only", type=int, default=0, help="time this many iterations and stop")
+    figure = sub.add_parser("figure")
+    figure.add_argument("--runs", default=str(RUNS), help="the folder of the runs (one sub-folder per run)")
+    figure.add_argument("--out", default=None, help="where the figures go (default docs/images)")
+    args = parser.parse_args(argv)
+    if args.what == "peer":
+        return _peer(args)
+    return _figure(pathlib.Path(args.runs), pathlib.Path(args.out) if args.out else common.IMAGES)
+
+
+def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
+    """One figure per task (validation accuracy against iteration, every run) and a table of the held-out
+    test accuracy (final weights) per algorithm and seed. Run folders are named `<task>-<name>-s<seed>`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found: dict[str, dict[str, dict[int, dict]]] = {}
+    for path in sorted(runs.glob("*/metrics.json")):
+        task, rest = path.parent.name.split("-", 1)
+        name, seed = rest.rsplit("-s", 1)
+        found.setdefault(task, {}).setdefault(name, {})[int(seed)] = json.loads(path.read_text())
+    for task, names in found.items():
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        print(f"\n{task}: held-out test accuracy, final weights\n| run | iterations | seeds | mean | s/iteration |")
+        print("|---|---|---|---|---|")
+        for colour, (name, seeds) in zip(plt.get_cmap("tab10").colors, sorted(names.items()), strict=False):
+            for seed, metrics in sorted(seeds.items()):
+                points = [
+                    (i + 1, h["validation_accuracy"])
+                    for i, h in enumerate(metrics["history"])
+                    if "validation_accuracy" in h
+                ]
+                if points:
+                    ax.plot(
+                        *zip(*points, strict=True), color=colour, alpha=0.8, label=name if seed == min(seeds) else None
+                    )
+            tests = {seed: m.get("test", {}).get("final", {}).get("accuracy") for seed, m in sorted(seeds.items())}
+            scored = [v for v in tests.values() if v is not None]
+            per_iteration = np.mean([m["seconds"] / max(m["iterations"], 1) for m in seeds.values()])
+            iterations = sorted({m["iterations"] for m in seeds.values()})
+            row = ", ".join(f"{v:.3f}" if v is not None else "-" for v in tests.values())
+            mean = f"{np.mean(scored):.3f}" if scored else "-"
+            print(f"| {name} | {iterations} | {row} | {mean} | {per_iteration:.2f} |")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("validation accuracy (held out)")
+        ax.set_title(f"{task}: learning side by side")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / f"learning-{task}.png", dpi=110)
+        plt.close(fig)
+    return 0
+
+
+def _peer(args) -> int:
+    options = dict(item.split("=", 1) for item in args.option)
+    options = {k: float(v) for k, v in options.items()}
+    config = RunConfig(
+        task=args.task,
+        algorithm="d_rtrl",  # the plain learner only serves the evaluation
+        iterations=args.iterations,
+        batch=args.batch,
+        learning_rate=args.lr,
+        update_every=0,
+        seed=args.seed,
+        checkpoint_every=args.iterations,
+        clip_norm=args.clip,
+        schedule=args.schedule,
+        task_options=options,
+        network=args.network,
+    )
+    run = PeerRun(config, args.decay)
+    history, start = [], time.perf_counter()
+    for iteration in range(args.time_only or args.iterations):
+        begin = time.perf_counter()
+        metrics = run.iteration(iteration)
+        metrics["seconds"] = time.perf_counter() - begin
+        history.append(metrics)
+        print(f"iteration {iteration + 1}: {metrics}", flush=True)
+        if args.validate_every and (iteration + 1) % args.validate_every == 0 and not args.time_only:
+            seeds = range(args.seed + VALIDATION_SEEDS, args.seed + VALIDATION_SEEDS + args.validation_batches)
+            found = run.trainer.evaluate(run.plain_params(), (run.trainer.sample(s) for s in seeds))
+            history[-1].update({f"validation_{k}": v for k, v in found.items()})
+    if args.time_only:
+        print(json.dumps({"seconds_per_iteration": [h["seconds"] for h in history]}))
+        return 0
+    seeds = range(args.seed + TEST_SEEDS, args.seed + TEST_SEEDS + args.test_batches)
+    test = run.trainer.evaluate(run.plain_params(), (run.trainer.sample(s) for s in seeds))
+    summary = {
+        "config": {**dataclasses.asdict(config), "algorithm": "pp_prop", "decay": args.decay},
+        "iterations": len(history),
+        "seconds": time.perf_counter() - start,
+        "history": history,
+        "test": {"trials": args.test_batches * args.batch, "final": test},
+    }
+    folder = pathlib.Path(args.run_dir or RUNS / f"{args.task}-pp_prop-s{args.seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
+    print(f"test ({args.test_batches * args.batch} trials): {test}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The learning benchmark of issue 16 (docs/results.md, "es_d_rtrl's factorisations, learning"): es_d_rtrl's
+# factorisations against d_rtrl, BPTT and braintrace's pp_prop on the same network, initial weights and
+# batches, held out (validation every k iterations, test on unseen batches), three seeds each.
+#   bash benchmarks/learning_runs.sh                 # the full sizes (hours on a 2-core CPU)
+#   ITER=20 SEEDS=0 bash benchmarks/learning_runs.sh # a quick pass
+# Each run writes runs/learning/<task>-<name>-s<seed>/metrics.json; `python benchmarks/learning.py figure`
+# draws the curves and prints the table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+F=(${PY} -m fusetrace.cli)
+SEEDS=${SEEDS:-"0 1 2"}
+DMS_ITER=${ITER:-300}
+EVIDENCE_ITER=${ITER:-600}
+DMS=(--task dms --batch 32 --lr 2e-3 --clip 1.0 --schedule cosine
+  --validate-every 10 --validation-batches 8 --test-batches 32 --iterations "${DMS_ITER}")
+EVIDENCE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine
+  --validate-every 10 --validation-batches 4 --test-batches 16 --iterations "${EVIDENCE_ITER}")
+run() {  # task-args name seed fusetrace-args...
+  local -n args=$1; local name=$2 seed=$3; shift 3
+  local dir="runs/learning/${args[1]}-${name}-s${seed}"
+  [ -f "${dir}/metrics.json" ] || "${F[@]}" train "${args[@]}" --seed "${seed}" "$@" --run-dir "${dir}"
+}
+for seed in ${SEEDS}; do
+  for task in DMS EVIDENCE; do
+    run $task bptt "$seed" --algorithm bptt
+    run $task es_d_rtrl "$seed" --algorithm es_d_rtrl
+    run $task es_d_rtrl-low_rank8 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 8
+    run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
+    run $task d_rtrl "$seed" --algorithm d_rtrl
+  done
+  $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
+    --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
+    --run-dir "runs/learning/dms-pp_prop-s${seed}"
+  $PY benchmarks/learning.py peer --task evidence --seed "$seed" --iterations "${EVIDENCE_ITER}" --batch 64 \
+    --lr 2e-3 --schedule cosine --clip 1.0 --decay 0.9 --validate-every 10 --validation-batches 4 \
+    --test-batches 16 --run-dir "runs/learning/evidence-pp_prop-s${seed}"
+done

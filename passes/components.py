@@ -1,0 +1,343 @@
+"""es_d_rtrl's trace as a sum of K pairs of factors, O(K·B·(I + N·S)): "matched" and "low_rank".
+
+Consumes: an `Analysis`, the relations that share one postsynaptic factor (an owner and its members,
+`factorised.post_owner`), the step's values, the group's `D` and the owner's `F`, and the factors'
+previous values. Produces their new values and, given the learning signals, op-layout cotangents with a
+leading component axis (the weight product sums over it: `factorised.weight_product`).
+
+    ε_t ≈ Σ_k ε^u_k ⊗ c_k,    ε^u_k: (batch, n_pre),  c_k: (batch, n_post, S)
+
+* "matched": the presynaptic factors are the input filtered by the group's own mean dynamics,
+  `ū ← A_t ū + 1·u` with `A_t` the mean of `D_t` over the batch and the neurons (S filters); the
+  postsynaptic ones carry, per neuron and state, the same filters' moments of the neuron's own kernel,
+  `b ← (A_t ⊗ D_t) b + 1 ⊗ F`, and `c = G⁺ b` with `G ← A G Aᵀ + 1 1ᵀ` (the least-squares fit of each
+  neuron's kernel `h(t, k) = (D_t ⋯ D_{k+1} F_k)` by the filters' kernels, weighting every lag alike: the
+  fit that is best for white-noise input). Exact when the group is linear time-invariant and its neurons
+  share `(D, F)`: the kernel is then a combination of the filters' (`ε = Σ_m P_m F ⊗ ū_{λ_m}` in
+  eigen-coordinates). Elsewhere (spikes make `D` time-varying) the fit is approximate.
+* "low_rank": the trace of every batch entry as a rank-r matrix `L Rᵀ` (`L`: n_pre × r with orthonormal
+  columns, the presynaptic factors; `R`: n_post·S × r), kept by the exact recursion followed by the best
+  rank-r truncation at each step: `ε D_tᵀ + u Fᵀ = [L, ρ̂] [D_t R + F pᵀ, |ρ| F]ᵀ` with `p = Lᵀu`,
+  `ρ = u − L p`, then the top r eigenvectors `V` of the (r+1)² Gram matrix of the right factor give
+  `L ← [L, ρ̂] V`, `R ← [...] V`. Exact while the trace's rank stays ≤ r (a linear time-invariant group
+  with shared `(D, F)` has rank ≤ S). Relations sharing a postsynaptic factor share one basis: their
+  inputs are stacked into one presynaptic vector.
+
+Credit chains (`passes.credit`) carry, for such an owner, one neuron-layout trace per component; under
+"low_rank" they are rotated with the basis at every step (`align_chains`).
+
+Layout: every factor carries its K components right after the batch axis, `(B, K, ...)` (a unit batch
+axis when the model is unbatched), so that the per-step arithmetic runs as batched matrix products; the
+weight products see them component first (`components_first`).
+
+Sharp edges: under "low_rank" the presynaptic input's leading axis is the batch (checked by the plan);
+each step costs one (r+1)² symmetric eigendecomposition per batch entry. The rank is capped at what the
+trace can have: `min(rank, n_pre, n_post·S)` of the relations sharing the factor.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float
+
+from . import derive
+
+COMPONENT_FACTORISATIONS = ("matched", "low_rank")
+
+# a pseudo-inverse cut-off for the filters' Gram matrix, relative to its largest eigenvalue (after the
+# matrix is scaled to a unit diagonal): below it, two filters' kernels are the same on the lags seen so far
+PINV_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+# an input whose part outside the basis is below this fraction of its norm adds no new direction
+NEW_DIRECTION_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+Pre = Float[Array, "batch component n_pre"]
+Post = Float[Array, "batch component n_post n_states"]
+
+
+def n_components(analysis, plan, index: int) -> int:
+    """K of the factors `index` shares: the group's number of states ("matched"), or the rank capped at
+    the largest rank the trace can have, `min(n_pre, n_post·S)` ("low_rank")."""
+    relation = analysis.relations[index]
+    group = analysis.group_named(relation.group)
+    if plan.factorisation == "matched":
+        return group.n_states
+    n_pre = sum(_pre_size(analysis, m) for m in members_of(analysis, plan, index))
+    n_post = int(np.prod(group.shape, dtype=int)) // _batch(analysis) * group.n_states
+    return max(1, min(plan.rank, n_pre, n_post))
+
+
+def init(analysis, plan, index: int, owner: bool) -> dict:
+    """Zero factors of relation `index` (with the postsynaptic ones when it owns them), `(B, K, ...)`."""
+    relation = analysis.relations[index]
+    group = analysis.group_named(relation.group)
+    dtype = analysis.captured.leaves[relation.weight_leaf].dtype
+    k, batch = n_components(analysis, plan, index), _batch(analysis)
+    factors = {"pre": jnp.zeros((batch, k, _pre_size(analysis, index)), dtype)}
+    if plan.factorisation == "low_rank":  # an orthonormal basis from the start (the trace is zero)
+        factors["pre"] = _first_basis(analysis, plan, index, k, dtype)
+    if owner:
+        factors["post"] = jnp.zeros((batch, k, *_units(analysis, group), group.n_states), dtype)
+        if plan.factorisation == "matched":
+            factors["gram"] = jnp.zeros((k, k), dtype)
+            factors["mixing"] = jnp.zeros((k, k), dtype)
+        else:
+            factors["rotation"] = jnp.zeros((batch, k + 1, k), dtype)
+    return factors
+
+
+def _batch(analysis) -> int:
+    return analysis.batch_size or 1
+
+
+def _units(analysis, group) -> tuple[int, ...]:
+    """The group's shape without its batch axis."""
+    return tuple(group.shape[1:]) if analysis.batch_size is not None else tuple(group.shape)
+
+
+def _first_basis(analysis, plan, index: int, k: int, dtype) -> jax.Array:
+    """Orthonormal columns for the stacked presynaptic vector of `index`'s owner, this relation's rows."""
+    offset = 0
+    for member in members_of(analysis, plan, index):
+        if member == index:
+            break
+        offset += _pre_size(analysis, member)
+    size = _pre_size(analysis, index)
+    total = sum(_pre_size(analysis, m) for m in members_of(analysis, plan, index))
+    rows = np.eye(max(total, k), k, dtype=dtype)[offset : offset + size]  # (size, k)
+    return jnp.asarray(np.broadcast_to(rows.T[None], (_batch(analysis), k, size)))
+
+
+def _pre_size(analysis, index: int) -> int:
+    shape = analysis.facts.contractions[analysis.relations[index].contraction].pre_var.aval.shape
+    return int(np.prod(shape, dtype=int)) // _batch(analysis)
+
+
+def members_of(analysis, plan, index: int) -> list[int]:
+    """The traced relations that share `index`'s postsynaptic factor, the owner first."""
+    from .factorised import post_owner
+
+    owner = post_owner(plan.algorithm, analysis.relations, index)
+    return [i for i in plan.traced if post_owner(plan.algorithm, analysis.relations, i) == owner]
+
+
+def state_sum(a: jax.Array, b: jax.Array, states) -> jax.Array:
+    """`Σ_s a_s b_s` over the trailing state axis, `states` only, as a sum of products: a reduction over
+    that short axis ran 10x slower in XLA's CPU fusions (measured, batch 32, 200 neurons, K = 4)."""
+    return functools.reduce(jnp.add, [a[..., s] * b[..., s] for s in states])
+
+
+def with_components(x: jax.Array, batched: bool) -> jax.Array:
+    """A group-layout array `(B, ...)` (or unbatched `(...)`) seen beside `(B, K, ...)` factors."""
+    return x[:, None] if batched else x[None, None]
+
+
+def components_first(x: jax.Array, shape) -> jax.Array:
+    """`(B, K, ...)` factors as K arrays of `shape` (an op's input or output layout), component first."""
+    k = x.shape[1]
+    return jnp.reshape(jnp.swapaxes(x, 0, 1), (k, *shape))
+
+
+def update(analysis, plan, owner: int, members, values, d, f, traces: dict, signals, step):
+    """New factors of `owner` and its `members` (`{key: factors}`) and, given `signals` = `(δ, δ_prev)`
+    in the group layout, the op-layout cotangents `{(index, "now" or "prev"): (K, *op output)}`."""
+    del step
+    relations = analysis.relations
+    batch, batched = _batch(analysis), analysis.batch_size is not None
+    inputs = [
+        jnp.reshape(
+            derive.op_input(
+                analysis.facts.contractions[relations[i].contraction].eqn,
+                values.u[relations[i].contraction],
+                traces[plan.key(i)]["pre"].dtype,
+            ),
+            (batch, -1),
+        )
+        for i in members
+    ]
+    old = traces[plan.key(owner)]
+    pres = [traces[plan.key(i)]["pre"] for i in members]
+    d, f = jnp.reshape(d, (batch, -1, *d.shape[-2:])), jnp.reshape(f, (batch, -1, f.shape[-1]))
+    # settle D and F once: else XLA fuses their derivation into every component's arithmetic and
+    # recomputes it K·S times per neuron (measured: 3x the cost of the whole "low_rank" step)
+    d, f, inputs = lax.optimization_barrier((d, f, inputs))
+    if plan.factorisation == "matched":
+        new_pres, post, extra = _matched_step(pres, old, inputs, d, f)
+    else:
+        new_pres, post, extra = _low_rank_step(pres, old, inputs, d, f)
+    new = {plan.key(i): {"pre": pre} for i, pre in zip(members, new_pres, strict=True)}
+    new[plan.key(owner)].update(post=post, **extra)
+    if signals is None:
+        return new, {}
+    cotangents = {}
+    for which, delta, factors in (("now", signals[0], new[plan.key(owner)]), ("prev", signals[1], old)):
+        if which == "prev" and not _reads_previous(analysis, relations[owner]):
+            continue
+        signal = state_sum(with_components(delta, batched), coefficients_of(plan, factors), range(delta.shape[-1]))
+        for index in members:
+            cotangents[(index, which)] = to_op_layout(analysis, relations[index], signal)
+    return new, cotangents
+
+
+def _reads_previous(analysis, relation) -> bool:
+    from .structure import prev_read_states
+
+    return bool(prev_read_states(analysis, analysis.group_named(relation.group)))
+
+
+def to_op_layout(analysis, relation, signal: jax.Array) -> jax.Array:
+    """`derive.to_op_layout` of every component of a `(B, K, ...)` group-layout signal: `(K, *op output)`."""
+    first = jnp.swapaxes(signal, 0, 1)
+    if analysis.batch_size is None:
+        first = first[:, 0]  # the unit batch axis of an unbatched model
+    return jax.vmap(lambda s: derive.to_op_layout(relation, s))(first)
+
+
+def coefficients_of(plan, factors: dict) -> Post:
+    """The postsynaptic coefficients `c_k` the presynaptic factors multiply: `G⁺ b` ("matched") or `R`."""
+    if plan.factorisation == "low_rank":
+        return factors["post"]
+    return jnp.einsum("kl,bl...->bk...", _gram_pinv(factors["gram"]), factors["post"])
+
+
+def _gram_pinv(gram: jax.Array) -> jax.Array:
+    """`G⁺`, taken on the unit-diagonal rescaling of `G` (the filters' kernels differ in scale by orders)."""
+    scale = jnp.sqrt(jnp.diagonal(gram))
+    safe = jnp.where(scale > 0, scale, 1.0)
+    unit = gram / (safe[:, None] * safe[None, :])
+    inverse = jnp.linalg.pinv(unit, rtol=PINV_RTOL[np.dtype(gram.dtype)], hermitian=True)
+    return jnp.where((scale > 0)[:, None] & (scale > 0)[None, :], inverse / (safe[:, None] * safe[None, :]), 0.0)
+
+
+def _matched_step(pres, old: dict, inputs, d, f):
+    """One step of the "matched" factors: filters driven by the group's mean dynamics `A_t`. `d`
+    `(B, P, S, S)`, `f` `(B, P, S)`, inputs `(B, I)`."""
+    a = jnp.mean(d, axis=(0, 1))  # (S, S), the same for every neuron
+    new_pres = [jnp.einsum("kl,bli->bki", a, pre) + u[:, None] for pre, u in zip(pres, inputs, strict=True)]
+    post = jnp.reshape(old["post"], (*old["post"].shape[:2], -1, old["post"].shape[-1]))  # (B, K, P, S)
+    moved = _apply_d(d, post)
+    post = jnp.einsum("kl,blps->bkps", a, moved) + f[:, None]
+    gram = a @ old["gram"] @ a.T + jnp.ones_like(old["gram"])
+    return new_pres, jnp.reshape(post, old["post"].shape), {"gram": gram, "mixing": a}
+
+
+def _apply_d(d: jax.Array, post: jax.Array) -> jax.Array:
+    """`D post` per neuron: `d` `(B, P, S, S)`, `post` `(B, K, P, S)`, as S broadcast products added up
+    (measured on this CPU: 2x faster than the contraction, which XLA ran as B·P tiny matrix products,
+    and 10x faster than one broadcast product summed over its last axis)."""
+    terms = [d[:, None, :, :, t] * post[:, :, :, None, t] for t in range(post.shape[-1])]
+    return functools.reduce(jnp.add, terms)
+
+
+def _low_rank_step(pres, old: dict, inputs, d, f):
+    """One step of the rank-r trace of every batch entry: the exact update, then the best rank-r truncation.
+    The arithmetic runs with each factor's own axis last (`(B, K, ·)`): batched matrix products that XLA
+    vectorises well (with K innermost it ran 5x slower)."""
+    sizes = [p.shape[-1] for p in pres]
+    basis = jnp.concatenate(pres, axis=-1)  # (B, K, I)
+    u = jnp.concatenate(inputs, axis=-1)
+    post_shape = old["post"].shape
+    batch, k, n_states = post_shape[0], post_shape[1], post_shape[-1]
+    right = _apply_d(d, jnp.reshape(old["post"], (batch, k, -1, n_states)))
+    right = jnp.reshape(right, (batch, k, -1))
+    basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)))
+    cuts = np.cumsum([0, *sizes])
+    new_pres = [basis[:, :, lo:hi] for lo, hi in itertools.pairwise(cuts)]
+    return new_pres, jnp.reshape(right, post_shape), {"rotation": rotation}
+
+
+def _extend_and_truncate(basis, right, u, f):
+    """`(L, R, V)` after `L Rᵀ ← L Rᵀ + u Fᵀ` (R already moved by D; `L` `(B, K, I)` with orthonormal rows,
+    `R` `(B, K, P·S)`) and the rank-r truncation; V `(B, r+1, r)` maps the extended basis `[L, ρ̂]` to the
+    new one. The extended factors `[L, ρ̂]`, `[R + F pᵀ, |ρ| F]` are never concatenated: their Gram matrix
+    is assembled from blocks and the rotation applied to each part (a concatenation cost as much as the
+    rest of the step)."""
+    dtype = np.dtype(basis.dtype)
+    p = jnp.einsum("bki,bi->bk", basis, u)
+    rho = u - jnp.einsum("bki,bk->bi", basis, p)
+    again = jnp.einsum("bki,bi->bk", basis, rho)  # a second Gram-Schmidt pass ("twice is enough")
+    rho, p = rho - jnp.einsum("bki,bk->bi", basis, again), p + again
+    norm = jnp.linalg.norm(rho, axis=-1)
+    new = norm > NEW_DIRECTION_RTOL[dtype] * jnp.linalg.norm(u, axis=-1)
+    unit = jnp.where(new[:, None], rho / jnp.where(new, norm, 1.0)[:, None], 0.0)
+    norm = jnp.where(new, norm, 0.0)
+    moved = right + p[:, :, None] * f[:, None, :]  # (B, K, P·S); the new column is norm · f
+    cross = jnp.einsum("bkx,bx->bk", moved, f) * norm[:, None]
+    corner = (norm**2 * jnp.sum(f * f, axis=-1))[:, None, None]
+    gram = jnp.concatenate(
+        [
+            jnp.concatenate([jnp.einsum("bkx,blx->bkl", moved, moved), cross[:, :, None]], axis=2),
+            jnp.concatenate([cross[:, None, :], corner], axis=2),
+        ],
+        axis=1,
+    )
+    _, vectors = jnp.linalg.eigh(gram)
+    keep = vectors[..., 1:]  # eigenvalues ascending: drop the smallest
+    k = basis.shape[1]
+    basis = jnp.einsum("bkl,bki->bli", keep[:, :k], basis) + keep[:, k, :, None] * unit[:, None, :]
+    right = jnp.einsum("bkl,bkx->blx", keep[:, :k], moved) + (keep[:, k] * norm[:, None])[:, :, None] * f[:, None, :]
+    return basis, right, keep
+
+
+def chain_shape(analysis, plan, owner_index: int) -> tuple[int, ...]:
+    group = analysis.group_named(analysis.relations[owner_index].group)
+    return (_batch(analysis), n_components(analysis, plan, owner_index), *_units(analysis, group))
+
+
+def chain_injection(analysis, plan, factors: dict, p: jax.Array, states) -> jax.Array:
+    """`Σ_s p_s post_{k,s}` per component: what enters a credit chain from the owner's factors (under
+    "matched" the chain carries the filters' moments of the chain's kernel, like `b`)."""
+    return state_sum(with_components(p, analysis.batch_size is not None), factors["post"], states)
+
+
+def chain_signal(analysis, plan, factors: dict, pulled: dict, q: dict) -> jax.Array:
+    """`Σ_s pull(δ)_s · q_s` per component, as coefficients of the presynaptic factors: `G⁺ ...` ("matched":
+    the chain's moments, fitted like the owner's own) or itself ("low_rank")."""
+    batched = analysis.batch_size is not None
+    signal = functools.reduce(jnp.add, [with_components(pulled[s], batched) * q[s] for s in pulled])
+    if plan.factorisation == "low_rank":
+        return signal
+    return jnp.einsum("kl,bl...->bk...", _gram_pinv(factors["gram"]), signal)
+
+
+def align_chains(analysis, plan, old: dict, new: dict) -> dict:
+    """`old` with the credit-chain traces and postsynaptic factors carried into this step's components
+    (`_rotate`), so that the chains advance in the basis the new presynaptic factors span."""
+    aligned = dict(old)
+    for node in plan.chains:
+        aligned[node.key] = tuple(_rotate(plan, q, new[plan.key(node.owner)]) for q in old[node.key])
+    for index in plan.traced:
+        key = plan.key(index)
+        if "post" in new.get(key, {}):
+            aligned[key] = {**old[key], "post": _rotate(plan, old[key]["post"], new[key])}
+    return aligned
+
+
+def _rotate(plan, components: jax.Array, factors: dict) -> jax.Array:
+    """Components `(B, K, ...)` of last step carried into this step's: by the filters' mixing `A_t`
+    ("matched": `b ← A_t (D b) + ...`, the chain's moments alike), or by the basis rotation `(B, K+1, K)`
+    ("low_rank"; the part outside the new basis, the truncation's error, is dropped)."""
+    if plan.factorisation == "matched":
+        return jnp.einsum("kl,bl...->bk...", factors["mixing"], components)
+    rotation = factors["rotation"]
+    batch, k = components.shape[:2]
+    flat = jnp.reshape(components, (batch, k, -1))
+    return jnp.reshape(jnp.einsum("bkx,bkl->blx", flat, rotation[:, :k, :]), components.shape)
+
+
+def dense_trace(analysis, plan, traces: dict, key: str, index: int, owner: int) -> jax.Array:
+    """`Σ_k ε^u_k ⊗ c_k`: `(batch, n_pre, n_post, S)` (for a chain `key`, its states last). Tests and
+    diagnosis only."""
+    pre = traces[plan.key(index)]["pre"]  # (B, K, I)
+    if key == plan.key(index):
+        post = coefficients_of(plan, traces[plan.key(owner)])
+    else:
+        factors, q = traces[plan.key(owner)], dict(enumerate(traces[key]))
+        ones = {s: jnp.ones(x.shape[:1] + x.shape[2:]) for s, x in q.items()}  # each state's chain alone
+        post = jnp.stack([chain_signal(analysis, plan, factors, {s: ones[s]}, q) for s in q], axis=-1)
+    batch, k = pre.shape[:2]
+    post = jnp.reshape(post, (batch, k, -1, post.shape[-1]))
+    return jnp.einsum("bki,bkns->bins", pre, post)

@@ -1,0 +1,147 @@
+"""es_d_rtrl's "matched" and "low_rank" factorisations (passes/components.py), float64.
+
+* Tier 2, reference: each equals its dense definition (tests/references.py, which does not import
+  fusetrace) on a tiny recurrent LIF layer, input and recurrent weights apart or sharing `F` — to 1e-8.
+* Tier 2, exact regimes: on a linear time-invariant group whose neurons share `(D, F)` both equal d_rtrl
+  (which is BPTT there), with distinct decays and with a repeated one (a Jordan block); "low_rank" with a
+  rank of at least n_pre equals d_rtrl on the recurrent layer, credit through the leaky readout included.
+* Tier 3/4: the state holds no n_pre × n_post array; the options are checked.
+"""
+
+import brainstate
+import braintools
+import brainunit as u
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusetrace
+import references as ref
+from fusetrace.errors import CompileError
+from test_compile_exact import assert_matches, online_grads
+
+RTOL_REFERENCE = 1e-8  # the implementation against its dense definition (float64; observed ~1e-13)
+RTOL_EXACT = 1e-8  # exact regimes against d_rtrl (float64 algebra; observed ~1e-14)
+N_IN, N_REC, N_OUT, STEPS, BATCH = 3, 4, 2, 8, 2
+
+
+@pytest.fixture(autouse=True)
+def _dt():
+    brainstate.environ.set(dt=1.0 * u.ms)
+
+
+def _loss(output, target):
+    return jnp.sum((output - target) ** 2)
+
+
+def _data(batch=BATCH, seed=1, n_in=N_IN, n_out=N_OUT, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray((rng.random((steps, batch, n_in)) < 0.6).astype(np.float64))
+    ys = jnp.asarray(rng.normal(size=(steps, batch, n_out)))
+    return xs, ys
+
+
+def _model(readout="linear", **kw):
+    return ref.build_recurrent_lif(N_IN, N_REC, N_OUT, batch_size=BATCH, readout=readout, seed=0, **kw)
+
+
+@pytest.mark.parametrize(
+    ("factorisation", "rank", "merged"),
+    [("low_rank", 1, False), ("low_rank", 2, True), ("matched", None, False), ("matched", None, True)],
+    ids=["rank1-apart", "rank2-shared_F", "matched-apart", "matched-shared_F"],
+)
+def test_equals_its_dense_definition(factorisation, rank, merged):
+    """Apart: input and recurrent synapses at 5 and 8 ms (each weight its own factors). Shared F: both at
+    5 ms (brainpy merges them; one postsynaptic factor, and under "low_rank" one basis for both inputs)."""
+    xs, ys = _data()
+    options = {"rec_tau": 5.0 * u.ms} if merged else {}
+    online = online_grads(_model(**options), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, rank=rank)
+    reference = ref.es_d_rtrl_components_naive(
+        _model(**options), xs, ys, _loss, factorisation, rank=rank, batch_size=BATCH, stacked=merged
+    )
+    assert_matches(online, reference, RTOL_REFERENCE)
+
+
+def test_low_rank_of_full_rank_is_d_rtrl_through_the_leaky_readout():
+    """With a rank of at least n_pre nothing is ever truncated: the trace and the credit chain through the
+    readout (rotated with the basis) are d_rtrl's."""
+    xs, ys = _data(seed=2)
+    online = online_grads(_model("leaky"), xs, ys, "es_d_rtrl", BATCH, factorisation="low_rank", rank=max(N_IN, N_REC))
+    assert_matches(online, online_grads(_model("leaky"), xs, ys, "d_rtrl", BATCH), RTOL_EXACT)
+
+
+class TwoStates(brainstate.nn.Module):
+    """A linear time-invariant group: `h1 ← λ1 h1 + x W`, `h2 ← λ2 h2 + c·h1`; the output reads h2."""
+
+    def __init__(self, decays, n_in=3, n=4, coupling=0.3):
+        super().__init__()
+        self.decays, self.n, self.coupling = decays, n, coupling
+        self.weight = brainstate.ParamState(braintools.init.KaimingNormal()((n_in, n)))
+
+    def init_state(self, batch_size=None, **kwargs):
+        zeros = braintools.init.Constant(0.0)
+        self.h1 = brainstate.HiddenState(braintools.init.param(zeros, (self.n,), batch_size))
+        self.h2 = brainstate.HiddenState(braintools.init.param(zeros, (self.n,), batch_size))
+
+    def update(self, x):
+        self.h1.value = self.decays[0] * self.h1.value + x @ self.weight.value
+        self.h2.value = self.decays[1] * self.h2.value + self.coupling * self.h1.value
+        return self.h2.value
+
+
+def _two_states(decays):
+    brainstate.random.seed(0)
+    model = TwoStates(decays)
+    brainstate.nn.init_all_states(model, batch_size=BATCH)
+    return model
+
+
+@pytest.mark.parametrize("decays", [(0.9, 0.6), (0.8, 0.8)], ids=["distinct", "repeated"])
+@pytest.mark.parametrize(("factorisation", "rank"), [("matched", None), ("low_rank", 2)], ids=["matched", "rank2"])
+def test_exact_on_a_linear_time_invariant_group(decays, factorisation, rank):
+    """The kernel of each neuron is a combination of the group's own (S = 2 filters; rank S), also when
+    the two decays are equal (the kernel n·λ^(n-1) of a Jordan block)."""
+    xs, ys = _data(seed=3, n_out=4, steps=12)
+    online = online_grads(_two_states(decays), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, rank=rank)
+    assert_matches(online, online_grads(_two_states(decays), xs, ys, "d_rtrl", BATCH), RTOL_EXACT)
+
+
+@pytest.mark.parametrize(("factorisation", "rank"), [("matched", None), ("low_rank", 3)])
+def test_state_holds_no_pre_by_post_array(factorisation, rank):
+    n_in, n_rec = 5, 7  # sizes apart from the number of components
+    xs, _ = _data(n_in=n_in)
+    model = ref.build_recurrent_lif(n_in, n_rec, N_OUT, batch_size=BATCH, readout="leaky", seed=0)
+    learner = fusetrace.compile(
+        model,
+        xs[0],
+        loss=_loss,
+        algorithm="es_d_rtrl",
+        batch_size=BATCH,
+        factorisation=factorisation,
+        rank=rank,
+    )
+    for leaf in jax.tree.leaves(learner.init()["traces"]):
+        assert not (n_in in leaf.shape and n_rec in leaf.shape), f"trace of shape {leaf.shape} is n_pre x n_post"
+    assert f"'{factorisation}' factors" in learner.explain("inp.comm.weight")
+    assert f"es_d_rtrl '{factorisation}'" in learner.summary()
+
+
+@pytest.mark.parametrize("rank", [0, 2.5, True])
+def test_a_bad_rank_is_refused(rank):
+    xs, _ = _data()
+    with pytest.raises(CompileError, match="rank"):
+        fusetrace.compile(
+            _model(), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH, factorisation="low_rank", rank=rank
+        )
+
+
+@pytest.mark.parametrize(("algorithm", "factorisation"), [("es_d_rtrl", "filtered"), ("d_rtrl", "filtered")])
+def test_a_rank_without_the_low_rank_factorisation_is_refused(algorithm, factorisation):
+    """A rank would be ignored there: refused, naming the option and what to pass instead."""
+    xs, _ = _data()
+    with pytest.raises(CompileError, match="only es_d_rtrl's 'low_rank' factorisation") as caught:
+        fusetrace.compile(
+            _model(), xs[0], loss=_loss, algorithm=algorithm, batch_size=BATCH, factorisation=factorisation, rank=4
+        )
+    assert "factorisation='low_rank'" in str(caught.value)
