@@ -581,6 +581,71 @@ def build_recurrent_lif(n_in=3, n_rec=4, n_out=2, batch_size=None, seed=0, **kw)
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _FactorSetup:
+    """What the factorised references share: the model's stages as pure functions of its raveled hidden
+    vector (recurrent spikes detached), the per-example values, and the raveled vector's layout."""
+
+    relations: dict
+    stage_hidden: Callable
+    presynaptic: Callable
+    output: Callable
+    params: Any
+    hidden: Any
+    others: Any
+    xs: Any
+    batched: bool
+    theta: jax.Array
+    unravel_params: Callable
+    unravel_hidden: Callable
+    ravel_hidden: Callable
+    groups: Any
+    mask: np.ndarray | None
+    labels: np.ndarray  # the state path index of every raveled hidden entry
+    neurons: np.ndarray  # its neuron index
+    paths: list
+    to_neuron: np.ndarray  # (hidden entry, neuron) membership of the spiking group: sums each neuron's S states
+
+
+def _factor_setup(model, xs, batch_size) -> _FactorSetup:
+    xs = _mantissa(xs)
+    relations = model.relations()
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    batch = () if batch_size is None else (batch_size,)
+    shift0 = {name: jnp.zeros((*batch, model.n_rec)) for name in relations}
+    with stop_recurrent(model):
+        traced_hidden = _trace(model, model.update_hidden, (x0, shift0), batch_size)
+    presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
+    output = _pure(_trace(model, model.output, (), batch_size))
+    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
+    theta, unravel_params = ravel_pytree(params)
+    _, unravel_hidden = ravel_pytree(hidden_one)
+    groups, _ = model.groups()
+    labels, neurons, paths = _index_labels(hidden_one)
+    in_group = np.isin(np.array(paths)[labels], groups[0])
+    return _FactorSetup(
+        relations=relations,
+        stage_hidden=_pure(traced_hidden),
+        presynaptic=presynaptic,
+        output=output,
+        params=params,
+        hidden=hidden,
+        others=others,
+        xs=xs,
+        batched=batched,
+        theta=theta,
+        unravel_params=unravel_params,
+        unravel_hidden=unravel_hidden,
+        ravel_hidden=lambda tree: ravel_pytree(tree)[0],
+        groups=groups,
+        mask=hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]]),
+        labels=labels,
+        neurons=neurons,
+        paths=paths,
+        to_neuron=np.eye(model.n_rec)[neurons] * in_group[:, None],
+    )
+
+
 def es_d_rtrl_naive(
     model: RecurrentLIF,
     xs,
@@ -623,26 +688,11 @@ def es_d_rtrl_naive(
     if factorisation not in gains:
         raise ValueError(f"unknown factorisation {factorisation!r}")
     pre_gain, post_decay, post_gain = gains[factorisation]
-    xs = _mantissa(xs)
-    relations = model.relations()
-    x0 = jax.tree.map(lambda a: a[0], xs)
-    batch = () if batch_size is None else (batch_size,)
-    shift0 = {name: jnp.zeros((*batch, model.n_rec)) for name in relations}
-    with stop_recurrent(model):
-        traced_hidden = _trace(model, model.update_hidden, (x0, shift0), batch_size)
-    stage_hidden = _pure(traced_hidden)
-    presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
-    output = _pure(_trace(model, model.output, (), batch_size))
-
-    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
-    theta, unravel_params = ravel_pytree(params)
-    _, unravel_hidden = ravel_pytree(hidden_one)
-    ravel_hidden = lambda tree: ravel_pytree(tree)[0]
-    groups, _ = model.groups()
-    mask = hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]])
-    in_group = np.isin(np.array(list(hidden_one))[_index_labels(hidden_one)[0]], groups[0])
-    # (hidden entry, neuron) membership of the spiking group: sums the S states of each neuron
-    to_neuron = np.eye(model.n_rec)[_index_labels(hidden_one)[1]] * in_group[:, None]
+    s = _factor_setup(model, xs, batch_size)
+    relations, stage_hidden, presynaptic, output = s.relations, s.stage_hidden, s.presynaptic, s.output
+    params, hidden, others, xs, batched = s.params, s.hidden, s.others, s.xs, s.batched
+    theta, unravel_params, unravel_hidden, ravel_hidden = s.theta, s.unravel_params, s.unravel_hidden, s.ravel_hidden
+    mask, to_neuron = s.mask, s.to_neuron
 
     def stage1(h, others, x, shift):
         _, new_hidden, new_others = stage_hidden(params, unravel_hidden(h), others, x, shift)
@@ -721,26 +771,12 @@ def es_d_rtrl_components_naive(
         raise NotImplementedError("es_d_rtrl_components_naive is written for RecurrentLIF(readout='linear') only")
     if factorisation not in ("matched", "low_rank"):
         raise ValueError(f"unknown factorisation {factorisation!r}")
-    xs = _mantissa(xs)
-    relations = model.relations()
-    x0 = jax.tree.map(lambda a: a[0], xs)
-    batch = () if batch_size is None else (batch_size,)
-    shift0 = {name: jnp.zeros((*batch, model.n_rec)) for name in relations}
-    with stop_recurrent(model):
-        traced_hidden = _trace(model, model.update_hidden, (x0, shift0), batch_size)
-    stage_hidden = _pure(traced_hidden)
-    presynaptic = _pure(_trace(model, model.presynaptic, (x0,), batch_size))
-    output = _pure(_trace(model, model.output, (), batch_size))
-
-    params, hidden, others, xs, hidden_one, batched = _per_example(model, xs, batch_size)
-    theta, unravel_params = ravel_pytree(params)
-    _, unravel_hidden = ravel_pytree(hidden_one)
-    ravel_hidden = lambda tree: ravel_pytree(tree)[0]
-    groups, _ = model.groups()
-    mask = hidden_mask(hidden_one, groups, [[p] for p in hidden_one if p not in groups[0]])
-    labels, neurons, paths = _index_labels(hidden_one)
-    in_group = np.isin(np.array(paths)[labels], groups[0])
-    to_neuron = np.eye(model.n_rec)[neurons] * in_group[:, None]
+    s = _factor_setup(model, xs, batch_size)
+    relations, stage_hidden, presynaptic, output = s.relations, s.stage_hidden, s.presynaptic, s.output
+    params, hidden, others, xs, batched = s.params, s.hidden, s.others, s.xs, s.batched
+    theta, unravel_params, unravel_hidden, ravel_hidden = s.theta, s.unravel_params, s.unravel_hidden, s.ravel_hidden
+    groups, mask, to_neuron = s.groups, s.mask, s.to_neuron
+    labels, neurons, paths = s.labels, s.neurons, s.paths
     # index[s, n]: the raveled entry of the group's state s of neuron n
     index = np.array(
         [
