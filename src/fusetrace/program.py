@@ -28,9 +28,8 @@ import re
 
 import numpy as np
 
-from fusetrace.passes.fuse import SCOPES
-
 from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, aval_shape
+from .passes.fuse import SCOPES
 from .rules.control import sub_jaxprs
 
 LABELS = {
