@@ -403,11 +403,9 @@ def pullback_map(
 
 
 def _held_new_values(analysis: Analysis, values: StepValues, source) -> dict:
-    """`{var: its step value}` for every hidden leaf's new-value var except `source`."""
-    new_vars = [var for var in analysis.facts.new_vars.values() if var is not source]
-    if values.known:
-        return {var: values.known[var] for var in new_vars}
-    return dict(zip(new_vars, _evaluate_with(analysis, values, values.leaves, {}, new_vars), strict=True))
+    """`{var: its step value}` for every hidden leaf's new-value var except `source` (the very objects of
+    `values.known`, so a local evaluation reads them as unchanged)."""
+    return {var: values.known[var] for var in analysis.facts.new_vars.values() if var is not source}
 
 
 def op_output(

@@ -90,24 +90,27 @@ def group_edges(analysis: Analysis) -> list[tuple[str, str, int]]:
     contractions = analysis.facts.contractions
     sources_of: dict[int, dict] = {}
 
-    def pre_sources(index: int, seen: frozenset = frozenset()) -> dict:
-        """The groups the op's input reads, through any chain of earlier weight ops (once each)."""
+    def pre_sources(index: int) -> dict:
+        """The groups the op's input reads, through any chain of earlier weight ops in the same step (an
+        op's input never depends on its own output within a step, so the recursion ends)."""
         if index not in sources_of:
             found: dict = {}
             for kind, leaf in sorted(contractions[index].pre_fact):
                 if kind in ("new", "hidden"):
                     found[by_leaf[leaf]] = None
-                elif kind == "relation" and leaf not in seen:
-                    found.update(pre_sources(leaf, seen | {index}))
-            if seen:  # a partial answer inside a recursion is not kept
-                return found
+                elif kind == "relation":
+                    found.update(pre_sources(leaf))
             sources_of[index] = found
         return sources_of[index]
 
     relations = analysis.relations
+    by_contraction: dict[int, list[int]] = {}
+    for i, relation in enumerate(relations):
+        if relation.contraction is not None:
+            by_contraction.setdefault(relation.contraction, []).append(i)
     edges = []
-    for contraction in analysis.facts.contractions:
-        mine = [i for i, r in enumerate(relations) if r.contraction == contraction.index]
+    for contraction in contractions:
+        mine = by_contraction.get(contraction.index)
         if not mine:
             continue
         source_of = ("relation", contraction.index)
