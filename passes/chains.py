@@ -306,7 +306,9 @@ def _feeds_loss(analysis: Analysis, edges) -> set[str]:
 
 def _carried(analysis: Analysis, group, via) -> tuple[int, ...]:
     """The states of `group` that the via's op output reaches through the group's own dynamics."""
-    reads, injected, _ = state_structure(analysis, group, ("relation", via.contraction))
+    reads, injected, _ = state_structure(
+        analysis, group, ("relation", via.contraction), *(("relation", c) for c in via.crossings)
+    )
     carried = set(injected)
     changed = True
     while changed:

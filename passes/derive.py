@@ -171,10 +171,40 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):
     """`(D, F)`: D of shape (..., S, S) with `D[..., s_out, s_in]`, and F, parallel to `relations` (all
     feeding `group`), each of shape (..., S): `∂h_t/∂y` with a ones tangent on the relation's op output,
-    or for an element-wise parameter on the parameter itself."""
+    or for an element-wise parameter on the parameter itself.
+
+    A relation with `crossings` (its op output or parameter also reaches the group through square
+    products of values aligned with it: a gate read by the cell's other weight) has its F taken with each
+    crossed product's tangent by its diagonal only (`d(pre @ W)_i = d(pre)_i · W[i, i]`): the per-neuron
+    part of that path, as D keeps the per-neuron part of the recurrent one. D itself never crosses them."""
+    crossing = [r for r in relations if r.crossings]
+    plain = [r for r in relations if not r.crossings]
+    d, f_plain = _derivatives(analysis, group, plain, values)
+    if not crossing:
+        return d, f_plain
+    _, f_cross = _derivatives(analysis, group, crossing, values, {i for r in crossing for i in r.crossings})
+    f_cross, f_plain = iter(f_cross), iter(f_plain)
+    return d, [next(f_cross) if r.crossings else next(f_plain) for r in relations]
+
+
+def _through_diagonal(contraction):
+    """The transform of a square product's output that keeps its value and passes its input's tangent
+    through the weight's diagonal only."""
+
+    def transform(value, invals):
+        pre, weight = invals[contraction.pre_operand], invals[contraction.weight_operand]
+        return jax.lax.stop_gradient(value) + (pre - jax.lax.stop_gradient(pre)) * jnp.diagonal(weight)
+
+    return transform
+
+
+def _derivatives(
+    analysis: Analysis, group, relations: Sequence, values: StepValues, crossed: frozenset | set = frozenset()
+):
     facts = analysis.facts
     contractions = facts.contractions
-    cut_y = {c.out_var: values.y[c.index] for c in contractions}
+    cut_y = {c.out_var: values.y[c.index] for c in contractions if c.index not in crossed}
+    transform = {contractions[i].out_var: _through_diagonal(contractions[i]) for i in crossed} or None
     new_vars = [facts.new_vars[leaf] for leaf in group.leaves]
     through_op = [r for r in relations if not r.elementwise]
     through_param = [r for r in relations if r.elementwise]
@@ -188,7 +218,7 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
         substitute = dict(cut_y)
         for relation, y in zip(through_op, ys, strict=True):
             substitute[contractions[relation.contraction].out_var] = y
-        return _evaluate_with(analysis, values, leaves, substitute, new_vars)
+        return _evaluate_with(analysis, values, leaves, substitute, new_vars, transform)
 
     primals = (
         [values.leaves[leaf] for leaf in group.leaves],
@@ -618,6 +648,29 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
 
     _, vjp = jax.vjp(new_hidden, values.leaves[relation.weight_leaf])
     return vjp(cotangent)[0]
+
+
+def crossing_correction(
+    analysis: Analysis, values: StepValues, relation, f: jax.Array, delta: jax.Array, delta_new: Mapping[int, jax.Array]
+) -> jax.Array:
+    """For a relation with `crossings` under a per-weight trace: its exact same-step gradient (every path of
+    this step, the crossed products in full: `same_step_grad`) minus what the newest term `F ⊗ u` of its
+    trace gives (their diagonal), so that the step's own credit is exact and only the credit carried from
+    earlier steps keeps the diagonal. `f` and `delta` (`δ_t`) are in the group layout, (..., S)."""
+    diagonal = jnp.sum(delta * f, axis=-1)
+    if relation.elementwise:
+        theta = values.leaves[relation.weight_leaf]
+        if jnp.size(theta) > 1 and analysis.batch_size is not None:
+            diagonal = jnp.sum(diagonal, axis=0)  # a per-neuron parameter is shared over the batch
+        newest = (
+            jnp.reshape(diagonal, jnp.shape(theta))
+            if jnp.size(theta) > 1
+            else jnp.sum(diagonal).reshape(jnp.shape(theta))
+        )
+    else:
+        index = relation.contraction
+        newest = weight_vjp(analysis, index, values, values.u[index], to_op_layout(relation, diagonal))
+    return same_step_grad(analysis, values, relation, delta_new) - newest
 
 
 def to_op_layout(relation, array: jax.Array) -> jax.Array:

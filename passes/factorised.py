@@ -98,17 +98,19 @@ def factorised(algorithm: str, relation) -> bool:
     """Whether the relation's trace is es_d_rtrl's pair of factors. Element-wise parameters keep their
     exact per-neuron trace under every algorithm (it is already O(N)). A binary event op factorises too:
     its presynaptic factor filters the op's activity mask, and its gradient is formed with the op's
-    value-weighted twin (`derive.op_output`)."""
-    return algorithm == "es_d_rtrl" and not relation.elementwise
+    value-weighted twin (`derive.op_output`). A product with one constant presynaptic element (a bias
+    written as `ones @ b`, `Relation.per_neuron`) keeps its per-weight trace: it is a per-neuron trace."""
+    return algorithm == "es_d_rtrl" and not relation.elementwise and not relation.per_neuron
 
 
 def post_owner(algorithm: str, relations, index: int) -> int:
     """The relation whose es_d_rtrl postsynaptic factor this one uses: its own, or that of the relation
     whose op output enters the group summed with its own (`Relation.same_injection`: the same F)."""
     relation = relations[index]
-    if algorithm != "es_d_rtrl" or relation.elementwise or relation.same_injection is None:
+    if not factorised(algorithm, relation) or relation.same_injection is None:
         return index
-    return relation.same_injection
+    owner = relation.same_injection
+    return owner if factorised(algorithm, relations[owner]) else index
 
 
 def bias_correction(decay: float, step: jax.Array, dtype) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .layout import Layout, layout_kind, make_layout
-from .structure import read_states, relation_source, state_structure
+from .structure import read_states, relation_sources, state_structure
 
 
 def kind_of(analysis, relation) -> str:
@@ -55,7 +55,7 @@ def update(analysis, plan, relation, values, d, f, trace, signals):
     XLA recomputes them, or reads them strided, at every weight element."""
     layout = layout_of(analysis, relation, values)
     group = analysis.group_named(relation.group)
-    reads, injected, prev_read = state_structure(analysis, group, relation_source(relation))
+    reads, injected, prev_read = state_structure(analysis, group, *relation_sources(relation))
     d = tuple(per_state(d[..., s, :]) for s in range(d.shape[-1]))  # d[s][t] = D_st
     f, signals = per_state(f), None if signals is None else tuple(map(per_state, signals))
     d, f, signals = lax.optimization_barrier((d, f, signals))

@@ -57,6 +57,13 @@ class Relation:
     weight_leaves: tuple[int, ...] = ()  # every weight the op's weight operand is computed from
     transformed: bool = False  # the op reads a transform of the weight(s): its effective weight is traced
     weight_shape: tuple[int, ...] = ()  # the traced weight's shape (the leaf's, or the effective weight's)
+    # contractions (StepFacts indices) through which the op output also reaches the group within the step,
+    # each a square product of values aligned with the group's neurons (a gate read by the cell's other
+    # weight): `F` crosses them by their diagonal (`derive.transition_derivatives`)
+    crossings: tuple[int, ...] = ()
+    # one presynaptic element per batch entry that depends on nothing tracked (a bias written as `ones @ b`
+    # by `passes.gates`): its per-weight trace is a per-neuron trace, as an element-wise parameter's
+    per_neuron: bool = False
 
     def __post_init__(self):
         if not self.weight_leaves:
@@ -363,10 +370,15 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
         "weight_leaves": contraction.weight_leaves,
         "transformed": contraction.transformed,
         "weight_shape": tuple(aval_shape(contraction.weight_var)) if contraction.transformed else tuple(leaf.shape),
+        "per_neuron": n_pre == 1 and not contraction.pre_fact,
     }
     if contraction.transformed:
         common["shared"] = int(np.prod(common["weight_shape"], dtype=int)) == 1
     downstream = _feeds(facts, ("relation", contraction.index))
+    crossed = _crossed(facts, groups, ("relation", contraction.index), reached) if downstream else None
+    if crossed is not None:
+        name, tail, crossings = crossed
+        return [Relation(group=name, status="traced", tail_perm=tail.perm, crossings=crossings, **common)]
     if downstream:
         return [
             Relation(
@@ -388,6 +400,44 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
             )
         ]
     return [_into_group(op, name, tail, common) for name, tail in reached.items()]
+
+
+def _diagonal_product(contraction) -> bool:
+    """`pre @ W` with `W` square and `pre`'s last axis contracted: element `i` of the output reads element
+    `i` of `pre` through `W[i, i]`."""
+    eqn = contraction.eqn
+    weight = aval_shape(contraction.weight_var)
+    rank = len(aval_shape(contraction.pre_var))
+    numbers = eqn.params.get("dimension_numbers")
+    return (
+        eqn.primitive.name == "dot_general"
+        and (contraction.pre_operand, contraction.weight_operand) == (0, 1)
+        and len(weight) == 2
+        and weight[0] == weight[1]
+        and numbers == (((rank - 1,), (0,)), ((), ()))
+    )
+
+
+def _crossed(facts: StepFacts, groups, source, reached: dict) -> tuple[str, Dep, tuple[int, ...]] | None:
+    """`(group, tail, crossings)` when `source` (a relation's op output, or a per-neuron parameter)
+    reaches one group element-wise except through square products whose input is aligned with it and
+    whose output reaches that group element-wise (the gate `r` of a GRU, read as `(r * h) @ W_h[N_in:]`);
+    None otherwise."""
+    crossings, names = [], set(reached)
+    for contraction in facts.contractions:
+        dep = contraction.pre_fact.get(source)
+        if dep is None:
+            continue
+        if not (dep.aligned and _diagonal_product(contraction)) or _feeds(facts, ("relation", contraction.index)):
+            return None
+        into, _ = _reaches(facts, ("relation", contraction.index), groups)
+        if len(into) != 1 or not all(d is not None and d.aligned for d in into.values()):
+            return None
+        names.update(into)
+        crossings.append(contraction.index)
+    if len(names) != 1 or any(d is None or not d.aligned for d in reached.values()):
+        return None
+    return names.pop(), Dep(True, False), tuple(crossings)
 
 
 def _into_group(op: str, name: str, tail, common: dict) -> Relation:
@@ -431,6 +481,13 @@ def _without_contraction(facts: StepFacts, groups, leaf_index: int) -> Relation:
     common = {"weight": leaf.path, "weight_leaf": leaf_index, "op": "elementwise" if used else "none"}
     if downstream and len(reached) == 1 and _read_with_its_group(facts, groups, leaf_index, next(iter(reached))):
         downstream = ()  # e.g. a threshold read by the spikes a readout takes: the credit chains carry it
+    crossed = _crossed(facts, groups, ("weight", leaf_index), reached) if downstream else None
+    if crossed is not None:  # a gate's bias, its gate read by the cell's other weight
+        name, dep, crossings = crossed
+        group = next(g for g in groups if g.name == name)
+        size = int(np.prod(leaf.shape, dtype=int))
+        if size == 1 or size == group.n_neurons:
+            return Relation(group=name, status="traced", shared=size == 1, crossings=crossings, **common)
     if downstream:
         return Relation(
             group=next(iter(reached)) if len(reached) == 1 else None,

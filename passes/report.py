@@ -84,6 +84,18 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
                         f"its postsynaptic factor is `{analysis.relations[owner].weight}`'s (both op outputs enter "
                         "the group through one sum)"
                     )
+            if relation.crossings:
+                leaves = analysis.captured.leaves
+                crossed = ", ".join(
+                    dict.fromkeys(
+                        f"`{leaves[analysis.facts.contractions[c].weight_leaf].path}`" for c in relation.crossings
+                    )
+                )
+                reasons.append(
+                    f"its op output also reaches group `{relation.group}` through {crossed} (a gate read by the "
+                    "cell's other weight): the trace keeps that path's diagonal — each neuron's own gate through "
+                    "the weight's diagonal element — and drops its cross-neuron part"
+                )
             if relation.group in looping:
                 reasons.append(
                     f"group `{relation.group}` lies on a loop through weights (its values come back to it through "

@@ -42,15 +42,21 @@ def relation_source(relation) -> tuple[str, int]:
     return ("weight", relation.weight_leaf) if relation.elementwise else ("relation", relation.contraction)
 
 
-def state_structure(analysis: Analysis, group, source) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...], bool]:
-    """`(reads, injected, prev_read)` of `group` fed by `source`: for each state s the states t with
+def relation_sources(relation) -> tuple[tuple[str, int], ...]:
+    """Every source through which a relation reaches its group: its own, and the outputs of the products
+    it crosses (`Relation.crossings`: the dependency facts stop at each product's output)."""
+    return (relation_source(relation), *(("relation", index) for index in relation.crossings))
+
+
+def state_structure(analysis: Analysis, group, *sources) -> tuple[dict[int, tuple[int, ...]], tuple[int, ...], bool]:
+    """`(reads, injected, prev_read)` of `group` fed by `sources`: for each state s the states t with
     `D[s, t]` not identically zero, the states whose `F` is not identically zero, and whether the output
     reads the group's previous values. From the dependency facts, closed over the group's own new values."""
     facts = analysis.facts
     leaves = list(group.leaves)
     direct = [facts.new_fact(leaf) for leaf in leaves]
     reads = [{t for t, other in enumerate(leaves) if ("hidden", other) in fact} for fact in direct]
-    injected = [source in fact for fact in direct]
+    injected = [any(source in fact for source in sources) for fact in direct]
     changed = True
     while changed:  # a new value read by another new value: inherit its dependencies
         changed = False

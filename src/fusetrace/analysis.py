@@ -133,8 +133,9 @@ class Analysis:
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
             size = int(np.prod(relation.weight_shape or leaf.shape, dtype=int))  # the effective weight's
-            if algorithm == "es_d_rtrl":  # element-wise parameters: n_pre 0, per neuron
-                post = 0 if relation.same_injection is not None else group.n_neurons * group.n_states
+            if algorithm == "es_d_rtrl" and not relation.per_neuron:  # element-wise parameters: n_pre 0
+                shared = relation.same_injection is not None and not self.relations[relation.same_injection].per_neuron
+                post = 0 if shared else group.n_neurons * group.n_states
                 total += batch * (relation.n_pre + post) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
                 total += batch * group.n_neurons * group.n_states * itemsize

@@ -22,6 +22,7 @@ from .graph import build_graph
 from .naming import Names
 from .passes import derive, factorised
 from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, by_weight_leaf, fused_step, init_traces, make_plan
+from .passes.gates import split_gates
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
 from .passes.report import weight_reports
@@ -61,7 +62,7 @@ def analyze(
         print(analysis.explain("inp.comm.weight"))
         ```
     """
-    captured = simplify(capture(model, *example_inputs, batch_size=batch_size, regularizer=regularizer))
+    captured = split_gates(simplify(capture(model, *example_inputs, batch_size=batch_size, regularizer=regularizer)))
     try:
         facts = step_facts(captured)
         groups = find_groups(facts)
