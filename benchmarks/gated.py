@@ -13,7 +13,7 @@ gradients are put back in brainstate's layout. The online estimate is Σ_t of ea
 the weights held fixed; BPTT is `brainstate.transform.grad` of Σ_t loss. The table gives the mean over
 seeds (weights, inputs and targets drawn from the seed) and the worst seed.
 
-Writes benchmarks/results/gated.json (or under --out).
+Writes benchmarks/results/gated.json (or under --out); `benchmarks/tables.py` renders its table.
 """
 
 import argparse
@@ -28,6 +28,7 @@ import common
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tables
 
 import fusetrace
 
@@ -198,7 +199,7 @@ def main(argv=None):
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gated.json").write_text(json.dumps(result, indent=1))
-    print(table(result["summary"]))
+    print(tables.gated(result))
     return result
 
 
@@ -226,22 +227,6 @@ def summarize(rows: list[dict]) -> list[dict]:
             }
         )
     return out
-
-
-def table(summary: list[dict]) -> str:
-    lines = [
-        "| cell | weight | library | algorithm | cosine (worst) | norm ratio (worst) | bar |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for s in summary:
-        if s["weight"].startswith("out."):
-            continue
-        lines.append(
-            f"| {s['cell']} | {s['weight']} | {s['library']} | {s['algorithm']} | {s['cosine']:.3f} "
-            f"({s['worst_cosine']:.3f}) | {s['norm_ratio']:.3f} ({s['worst_ratio']:.3f}) | "
-            f"{'met' if s['bar'] else 'missed'} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,32 @@ def compile_cost(result: dict) -> str:
     return "\n".join(lines)
 
 
+def gated(result: dict, before: dict | None = None) -> str:
+    """Gated cells: cosine as mean (worst seed) / mean norm ratio per method; `before`, a run of the same
+    benchmark on an earlier commit (`gated_before.json`), adds its d_rtrl column."""
+    rows = {(s["cell"], s["library"], s["algorithm"], s["weight"]): s for s in result["summary"]}
+    columns = [
+        ("fusetrace", "d_rtrl"),
+        ("braintrace", "D_RTRL"),
+        ("fusetrace", "es_d_rtrl(0.9)"),
+        ("braintrace", "pp_prop"),
+    ]
+    previous = (
+        {} if before is None else {(s["cell"], s["weight"]): s for s in before["summary"] if s["algorithm"] == "d_rtrl"}
+    )
+    cell = lambda s: "—" if s is None else f"{s['cosine']:.3f} ({s['worst_cosine']:.3f}) / {s['norm_ratio']:.2f}"
+    head = ["cell", "weight", *(f"{lib} {alg}" for lib, alg in columns[:1]), *(["before: d_rtrl"] if previous else [])]
+    head += [f"{lib} {alg}" for lib, alg in columns[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    weights = dict.fromkeys((s["cell"], s["weight"]) for s in result["summary"] if not s["weight"].startswith("out."))
+    for name, weight in weights:
+        values = [cell(rows.get((name, *columns[0], weight)))]
+        values += [cell(previous.get((name, weight)))] if previous else []
+        values += [cell(rows.get((name, lib, alg, weight))) for lib, alg in columns[1:]]
+        lines.append(f"| {name} | `{weight}` | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": speed,
     "memory": memory,
@@ -236,6 +262,8 @@ def main(argv=None):
         result = _load(folder, name)
         if result is not None:
             tables[name] = render(result).strip()
+    if (result := _load(folder, "gated")) is not None:
+        tables["gated"] = gated(result, _load(folder, "gated_before"))
     if args.update:
         update(pathlib.Path(args.update), tables)
     else:

@@ -64,6 +64,9 @@ class Relation:
     # one presynaptic element per batch entry that depends on nothing tracked (a bias written as `ones @ b`
     # by `passes.gates`): its per-weight trace is a per-neuron trace, as an element-wise parameter's
     per_neuron: bool = False
+    # the part of the weight the op reads when its operand is a slice of it (a gate's columns `[:, 5:10]`,
+    # a concatenation piece's rows `[0:3, :]`: `passes.gates`), in the leaf's indices; "" otherwise
+    view: str = ""
 
     def __post_init__(self):
         if not self.weight_leaves:
@@ -332,6 +335,32 @@ def _with_same_injections(facts: StepFacts, relations: list[Relation]) -> tuple[
     return tuple(result)
 
 
+_VIEWS = ("reshape", "broadcast_in_dim", "squeeze", "convert_element_type")
+
+
+def _view(facts: StepFacts, contraction, leaf_index: int) -> str:
+    """`[a:b, ...]`, the leaf's elements that the op's weight operand holds, when the operand is one
+    slice of the leaf up to reshapes and broadcasts; "" otherwise."""
+    jaxpr = facts.captured.jaxpr.jaxpr
+    leaf_var = jaxpr.invars[facts.captured.n_inputs + leaf_index]
+    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    shape = tuple(facts.captured.leaves[leaf_index].shape)
+    var, found = contraction.weight_var, None
+    while var is not leaf_var:
+        eqn = None if isinstance(var, Literal) else producer.get(var)
+        if eqn is None or (eqn.primitive.name != "slice" and eqn.primitive.name not in _VIEWS):
+            return ""
+        if eqn.primitive.name == "slice":
+            if found is not None:
+                return ""
+            found = eqn.params["start_indices"][-len(shape) :], eqn.params["limit_indices"][-len(shape) :]
+        var = eqn.invars[0]
+    if found is None or not shape:
+        return ""
+    parts = [":" if (a, b) == (0, n) else f"{a}:{b}" for a, b, n in zip(*found, shape, strict=True)]
+    return "[" + ", ".join(parts) + "]"
+
+
 def _positions(contraction, batch: int | None) -> int:
     """Output positions per batch entry of a convolution (each kernel element is used at each); 1 else."""
     eqn = contraction.eqn
@@ -371,6 +400,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
         "transformed": contraction.transformed,
         "weight_shape": tuple(aval_shape(contraction.weight_var)) if contraction.transformed else tuple(leaf.shape),
         "per_neuron": n_pre == 1 and not contraction.pre_fact,
+        "view": _view(facts, contraction, leaf_index) if contraction.transformed else "",
     }
     if contraction.transformed:
         common["shared"] = int(np.prod(common["weight_shape"], dtype=int)) == 1

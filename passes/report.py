@@ -72,7 +72,10 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         shapes = tuple(s for i in filed for s in _traces(analysis, plan, i))  # a shared trace counts once
         nbytes = sum(int(np.prod(s, dtype=int)) for s in shapes) * itemsize
         reasons = [note for relation in relations for note in plan.notes.get(relation.weight, ())]
-        remarks = [_chain_rule(analysis, relation, leaf_index) for relation in relations if relation.transformed]
+        views = [r.view for r in relations if r.view and r.weight_leaf == leaf_index]
+        remarks = [_chain_rule(analysis, r, leaf_index) for r in relations if r.transformed and not r.view]
+        if views:
+            remarks.append(_parts(leaves[leaf_index].path, views))
         for i, relation in zip(indices, relations, strict=True):
             if i not in plan.traced:
                 continue
@@ -120,6 +123,17 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
             why = "; ".join(dict.fromkeys([why, *remarks]))
         reports.append(WeightReport(path, treatment, shapes, nbytes, not reasons, why))
     return tuple(reports)
+
+
+def _parts(path: str, views: list[str]) -> str:
+    """The remark on a weight whose ops read parts of it: the gates of a split product, the rows of each
+    piece of a concatenated input (`passes.gates`)."""
+    parts = ", ".join(f"`{path}`{view}" for view in dict.fromkeys(views))
+    return (
+        f"its ops read it in parts ({parts}: the gates of a split "
+        "product, or the pieces of a concatenated input); each part is traced as a weight of its own and its "
+        "gradient put back in place (exact wherever each part's trace is)"
+    )
 
 
 def _chain_rule(analysis, relation, leaf_index: int) -> str:

@@ -140,15 +140,17 @@ def d_rtrl_reference(kind: str, model, xs, ys, batch) -> dict:
         out = jax.vmap(output, in_axes=(None, 0))(theta, states)
         return _loss(out if batch else out[0], y)
 
-    b = batch or 1
-    states = jnp.zeros((b, n_states * N))
-    sensitivity = jnp.zeros((b, n_states * N, theta.size))
-    total = jnp.zeros_like(theta)
-    for x, y in zip(xs, ys, strict=True):
+    def body(carry, inputs):
+        states, sensitivity, total = carry
+        x, y = inputs
         x = x if batch else x[None]
         states, sensitivity, now = jax.vmap(example, in_axes=(None, 0, 0, 0))(theta, states, sensitivity, x)
         direct, delta = jax.grad(loss, argnums=(0, 1))(theta, states, y)
-        total = total + direct + jnp.einsum("bs,bsp->p", delta, now)
+        return (states, sensitivity, total + direct + jnp.einsum("bs,bsp->p", delta, now)), None
+
+    b = batch or 1
+    carry = (jnp.zeros((b, n_states * N)), jnp.zeros((b, n_states * N, theta.size)), jnp.zeros_like(theta))
+    (_, _, total), _ = jax.lax.scan(body, carry, (xs, ys))
     return unravel(total)
 
 

@@ -32,6 +32,10 @@ def _relation_lines(analysis, relation) -> list[str]:
         lines.append("    a parameter added element-wise: its trace is per neuron")
     elif relation.status == "traced":
         lines.append(f"    presynaptic input: {relation.n_pre} per batch entry")
+    if relation.view:
+        lines.append(
+            f"    reads {names.name_of(relation.weight)}{relation.view} (a gate, or a piece of a concatenated input)"
+        )
     if relation.positions > 1:
         lines.append(
             f"    d_rtrl trace per output position: {relation.positions} positions share each kernel element "
