@@ -39,6 +39,7 @@ MODELS = {
     "two_layer_recurrent": {"layers": 2, "recurrent": True},
 }
 FUSETRACE = [("d_rtrl", {}), ("e_prop", {})] + [("es_d_rtrl", {"decay": d}) for d in (0.5, 0.9, 0.99)]
+FUSETRACE += [("es_d_rtrl", {"decay": 0.9, "factorisation": f}) for f in ("matched", "low_rank")]  # rank 4
 PEER = [
     ("D_RTRL", "d_rtrl", {"vjp_method": "single-step"}),
     ("D_RTRL", "d_rtrl", {"vjp_method": "multi-step"}),
@@ -111,7 +112,7 @@ def configs(quick: bool):
     fuse = FUSETRACE if not quick else [("d_rtrl", {}), ("es_d_rtrl", {"decay": common.DECAY})]
     out = []
     for algorithm, options in fuse:
-        label = algorithm + (f"({options['decay']})" if options else "")
+        label = algorithm + (f"({', '.join(str(v) for v in options.values())})" if options else "")
         out.append(("fusetrace", label, functools.partial(fusetrace_grads, algorithm=algorithm, **options)))
     if common.peer() is not None:
         for name, algorithm, options in PEER if not quick else PEER[:1]:

@@ -45,9 +45,11 @@ def _loop(learner, xs, targets, mask):
 CASES = [
     ("leaky_readout", "d_rtrl"),  # dense, with a credit chain through the readout
     ("ei_net_sparse", "es_d_rtrl"),  # event / sparse, factorised
+    ("csr_event", "es_d_rtrl"),  # a binary CSR product over a batch: one loop over steps and batch entries
     ("fixed_prob_scalar", "e_prop"),  # a shared scalar weight
     ("conv1d", "es_d_rtrl"),  # a convolution
     ("bias_current", "d_rtrl"),  # a per-neuron parameter
+    ("gru", "es_d_rtrl"),  # per-gate relations, a gate crossing a product, per-neuron bias products
 ]
 
 

@@ -74,23 +74,16 @@ def _mask(loss_mask, steps: int) -> jax.Array:
 
 
 def deferrable(learner) -> bool:
-    """Whether the learner's weight products can be deferred: es_d_rtrl, every factorised relation's op
+    """Whether the learner's weight products can be deferred: es_d_rtrl, and every factorised relation's op
     reads nothing that changes from step to step but its input and weight (so one evaluation of the op
-    stands for all the steps of a chunk), and none is a binary CSR product whose weight cotangent is
-    formed in one pass per step (vmapped over a chunk it would hold a connection-sized row per step:
-    those keep their per-step products)."""
+    stands for all the steps of a chunk). A binary CSR product's deferred products are one loop over the
+    chunk's steps and batch entries (`derive.connection_products`)."""
     analysis, plan = learner.analysis, learner.plan
     if plan.algorithm != "es_d_rtrl":
         return False
     relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
     contractions = [analysis.facts.contractions[r.contraction] for r in relations]
-    # a binary CSR op's one-pass weight cotangent, vmapped over time, would hold one E-sized row per step
-    one_pass = any(derive.one_pass_csr(c.eqn) for c in contractions)
-    return (
-        bool(relations)
-        and not one_pass
-        and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
-    )
+    return bool(relations) and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
 
 
 def deferred_bytes(learner) -> int:
