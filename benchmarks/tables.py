@@ -230,6 +230,28 @@ def gated(result: dict, before: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+def sparse_batch(result: dict, before: dict | None = None) -> str:
+    """The sparse gradient over a batch: temporary MiB and ms per step, this commit beside `before`."""
+    previous = {} if before is None else {row["batch"]: row for row in before["rows"]}
+    head = "| B | step temp. MiB | step ms | window temp. MiB | window ms/step |"
+    if previous:
+        head += f" {before['label']}: step temp. MiB | step ms | window temp. MiB | window ms/step |"
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for row in result["rows"]:
+        cells = [row["batch"], row["step_temp_bytes"] / MIB, row["step_ms"], row["window_temp_bytes"] / MIB]
+        cells.append(row["window_ms_per_step"])
+        if row["batch"] in previous:
+            old = previous[row["batch"]]
+            cells += [
+                old["step_temp_bytes"] / MIB,
+                old["step_ms"],
+                old["window_temp_bytes"] / MIB,
+                old["window_ms_per_step"],
+            ]
+        lines.append("| " + " | ".join(str(c) if isinstance(c, int) else f"{c:,.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": speed,
     "memory": memory,
@@ -264,6 +286,8 @@ def main(argv=None):
             tables[name] = render(result).strip()
     if (result := _load(folder, "gated")) is not None:
         tables["gated"] = gated(result, _load(folder, "gated_before"))
+    if (result := _load(folder, "sparse_batch")) is not None:
+        tables["sparse_batch"] = sparse_batch(result, _load(folder, "sparse_batch_before"))
     if args.update:
         update(pathlib.Path(args.update), tables)
     else:
