@@ -253,6 +253,23 @@ def fusetrace_learner(model: Network, batch: int, algorithm: str, **options) -> 
     return fusetrace.compile(model, x0, loss=loss, algorithm=algorithm, batch_size=batch, **options)
 
 
+def summed_grads(learner: fusetrace.Learner, xs, ys):
+    """Σ_t of `learner.step`'s gradients over the sequence `(xs, ys)` with the weights held fixed, in one
+    compiled `lax.scan` (the online estimate that the fidelity benchmarks compare with BPTT)."""
+    params = learner.params
+
+    @jax.jit
+    def run(xs, ys):
+        def body(state, inputs):
+            state, result = learner.step(params, state, *inputs)
+            return state, result.grads
+
+        _, grads = jax.lax.scan(body, learner.init(), (xs, ys))
+        return jax.tree.map(lambda g: g.sum(0), grads, is_leaf=u.math.is_quantity)
+
+    return run(xs, ys)
+
+
 def fusetrace_step(learner: fusetrace.Learner, bank) -> Program:
     """fusetrace's fused step, `jax.jit(learner.step)`, with its state carried from call to call. The state is
     donated (each call's old state is dropped), so XLA updates the traces in place instead of writing fresh

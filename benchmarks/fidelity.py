@@ -72,19 +72,7 @@ def bptt(model, xs, ys):
 
 
 def fusetrace_grads(model, xs, ys, batch, algorithm, **options):
-    learner = common.fusetrace_learner(model, batch, algorithm, **options)
-    params = learner.params
-
-    @jax.jit
-    def run(xs, ys):
-        def body(state, inputs):
-            state, result = learner.step(params, state, *inputs)
-            return state, result.grads
-
-        _, grads = jax.lax.scan(body, learner.init(), (xs, ys))
-        return jax.tree.map(lambda g: g.sum(0), grads, is_leaf=u.math.is_quantity)
-
-    return run(xs, ys)
+    return common.summed_grads(common.fusetrace_learner(model, batch, algorithm, **options), xs, ys)
 
 
 def peer_grads(model, xs, ys, batch, algorithm, **options):

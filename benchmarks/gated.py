@@ -93,18 +93,7 @@ def bptt(model, xs, ys) -> dict:
 
 def fusetrace_grads(model, xs, ys, batch, algorithm, **options) -> dict:
     learner = fusetrace.compile(model, xs[0], loss=loss, algorithm=algorithm, batch_size=batch, **options)
-    params = learner.params
-
-    @jax.jit
-    def run(xs, ys):
-        def body(state, inputs):
-            state, result = learner.step(params, state, *inputs)
-            return state, result.grads
-
-        _, grads = jax.lax.scan(body, learner.init(), (xs, ys))
-        return jax.tree.map(lambda g: g.sum(0), grads)
-
-    grads = run(xs, ys)
+    grads = common.summed_grads(learner, xs, ys)
     return {(*path.split(".")[:-1], key): value for path, g in grads.items() for key, value in g.items()}
 
 

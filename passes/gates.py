@@ -39,6 +39,7 @@ from jax import lax
 
 from fusetrace._compat import JaxprEqn, Literal, Var, aval_dtype, aval_shape, bind_eqn, dce, new_closed_jaxpr
 from fusetrace.capture import Captured
+from fusetrace.interpret import uses_of
 from fusetrace.rules import lookup
 
 # element-wise primitives whose params hold sub-programs of fixed shapes cannot be re-bound per gate
@@ -178,18 +179,6 @@ def _weight_only_vars(captured: Captured) -> set:
     return found
 
 
-def _uses(jaxpr) -> dict:
-    uses: dict = {}
-    for eqn in jaxpr.eqns:
-        for atom in eqn.invars:
-            if not isinstance(atom, Literal):
-                uses.setdefault(atom, []).append(eqn)
-    for atom in jaxpr.outvars:
-        if not isinstance(atom, Literal):
-            uses.setdefault(atom, []).append(None)
-    return uses
-
-
 def _weight_axis(eqn, weight_operand: int) -> int | None:
     """The weight operand's one free axis, when the op puts it last in its output; None otherwise."""
     (contracting, batch) = eqn.params["dimension_numbers"]
@@ -207,7 +196,7 @@ def _weight_axis(eqn, weight_operand: int) -> int | None:
 def _find(captured: Captured) -> list[_Gated]:
     jaxpr = captured.jaxpr.jaxpr
     weight_only = _weight_only_vars(captured)
-    uses = _uses(jaxpr)
+    uses = uses_of(jaxpr)
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive is not lax.dot_general_p:

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 
 from fusetrace._compat import Literal, aval_shape
+from fusetrace.interpret import uses_of
 from fusetrace.rules import Dep, Fact
 from fusetrace.stepfacts import StepFacts
 
@@ -291,15 +292,7 @@ def _with_same_injections(facts: StepFacts, relations: list[Relation]) -> tuple[
     follow the chain of same-shape `add`s while the value has no other use; two chains that meet make the
     outputs enter through the same value, so `∂h/∂y` (the F of DESIGN.md §2) is the same array for both —
     es_d_rtrl then keeps one postsynaptic factor for them. Each relation points at the first such one."""
-    jaxpr = facts.captured.jaxpr.jaxpr
-    uses: dict = {}
-    for eqn in jaxpr.eqns:
-        for atom in eqn.invars:
-            if not isinstance(atom, Literal):
-                uses.setdefault(atom, []).append(eqn)
-    for atom in jaxpr.outvars:
-        if not isinstance(atom, Literal):
-            uses.setdefault(atom, []).append(None)
+    uses = uses_of(facts.captured.jaxpr.jaxpr)
 
     def chain(var) -> set:
         seen = {var}

@@ -130,6 +130,20 @@ def _evaluate_local(jaxpr, consts, args, want, substitute, transform, known) -> 
     return [read(v) for v in wanted]
 
 
+def uses_of(jaxpr: Jaxpr) -> dict[Var, list]:
+    """Every var's readers: the equations that take it as an input, in order, and None once for each
+    time it is an output of `jaxpr`."""
+    uses: dict[Var, list] = {}
+    for eqn in jaxpr.eqns:
+        for atom in eqn.invars:
+            if isinstance(atom, Var):
+                uses.setdefault(atom, []).append(eqn)
+    for atom in jaxpr.outvars:
+        if isinstance(atom, Var):
+            uses.setdefault(atom, []).append(None)
+    return uses
+
+
 class _Index:
     """Where each var of a jaxpr is produced and read (equation indices), built once per jaxpr."""
 
