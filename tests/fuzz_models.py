@@ -8,7 +8,8 @@ The hypothesis strategies that draw specs live in `tests/fuzz_strategies.py`.
 
 Grammar (docs/reliability.md lists what is covered):
 * populations: LIF, LIFRef (the step takes the clock `t` as an input), ALIF, AdEx, Izhikevich, a
-  user-written leaky tanh rate cell; one τ or one per neuron; a learnable per-neuron bias current or
+  user-written leaky tanh rate cell, brainstate.nn's gated cells (GRU, LSTM, MGU: per-gate traces, a gate
+  crossing the cell's other weight); one τ or one per neuron; a learnable per-neuron bias current or
   threshold (the threshold is read wherever the population's spikes are);
 * projections: from an input, from a population's new spikes (an earlier population: feed-forward, skip)
   or its previous ones (any population: recurrent, lateral, backward); comms Linear with or without
@@ -40,7 +41,9 @@ import numpy as np
 
 DT = 1.0 * u.ms
 SPIKING = ("lif", "lif_ref", "alif", "adex", "izhikevich")
-NEURON_KINDS = (*SPIKING, "rate")
+GATED = ("gru", "lstm", "mgu")  # brainstate.nn's gated cells, fed their population's summed current
+RATE = ("rate", *GATED)
+NEURON_KINDS = (*SPIKING, *RATE)
 COMMS = ("linear", "linear_bias", "event_linear", "fixed_prob", "fixed_prob_scalar", "csr", "transformed", "conv")
 TRANSFORMS = ("abs", "mask", "normalise")
 SYNAPSES = ("post_expon", "post_dual_expon", "pre_expon", "pre_alpha", "user_expon", "user_alpha", "current", "delta")
@@ -212,6 +215,7 @@ SCALES = {
     "adex": Scale(u.mA, 14.0, 4.0),
     "izhikevich": Scale(u.mV / u.ms, 26.0, 0.0),  # its update ignores delta inputs
     "rate": Scale(1.0, 1.5, 0.0),
+    **{kind: Scale(1.0, 1.5, 0.0) for kind in GATED},
 }
 # Current per unit of drive that gives the same firing as an AlignPost Expon (measured: 0.2-0.3 spikes per
 # neuron and step at scale 1 with half the inputs active, 16 steps).
@@ -289,6 +293,30 @@ class LeakyTanh(brainstate.nn.Module):
         return self.h.value
 
 
+class GatedCell(brainstate.nn.Module):
+    """A `brainstate.nn` gated cell (`GRUCell`, `LSTMCell`, `MGUCell`, as users build them, weights drawn
+    on the host) whose input is its population's summed current; `get_spike()` returns `h`."""
+
+    def __init__(self, kind: str, n: int, rng: np.random.Generator):
+        super().__init__()
+        cell = {"gru": brainstate.nn.GRUCell, "lstm": brainstate.nn.LSTMCell, "mgu": brainstate.nn.MGUCell}[kind]
+        weights, biases = HostInit(rng, 0.0, 1.0 / np.sqrt(2 * n)), HostInit(rng, 0.0, 0.1)
+        self.cell = cell(n, n, w_init=weights, b_init=biases)
+
+    @property
+    def h(self) -> brainstate.HiddenState:
+        return self.cell.h
+
+    def get_spike(self):
+        return self.cell.h.value
+
+    def update(self, current=0.0):
+        return self.cell(jnp.broadcast_to(current, jnp.shape(self.cell.h.value)))
+
+
+RATE_CELLS = (LeakyTanh, GatedCell)
+
+
 def make_neuron(pop: Population, rng: np.random.Generator):
     """The brainpy.state population of `pop` (every constant explicit: brainpy's defaults may be float32)."""
     spk = _spk_fun(pop.surrogate)
@@ -329,19 +357,21 @@ def make_neuron(pop: Population, rng: np.random.Generator):
         )
     if pop.kind == "izhikevich":
         return bps.Izhikevich(pop.shape, spk_fun=spk, V_initializer=HostInit(rng, -50.0, 20.0, u.mV, uniform=True))
+    if pop.kind in GATED:
+        return GatedCell(pop.kind, pop.size, rng)
     return LeakyTanh(pop.size, _tau(pop, 4.0))
 
 
 def membrane(neuron):
     """A population's membrane potential relative to threshold, `V − V_th` (mV), or a rate cell's `h`."""
-    if isinstance(neuron, LeakyTanh):
+    if isinstance(neuron, RATE_CELLS):
         return neuron.h.value
     return neuron.V.value - neuron.V_th
 
 
 def normalised_v(neuron) -> jax.Array:
     """A population's membrane potential in threshold units, `(V − V_th) / (V_th − V_reset)`."""
-    if isinstance(neuron, LeakyTanh):
+    if isinstance(neuron, RATE_CELLS):
         return neuron.h.value
     reset = getattr(neuron, "V_reset", getattr(neuron, "c", 0.0 * u.mV))
     return u.get_mantissa((neuron.V.value - neuron.V_th) / (neuron.V_th - reset))
@@ -540,7 +570,7 @@ class FuzzNet(brainstate.nn.Module):
             if proj.synapse == "pre_alpha":
                 pre = bps.Alpha(n_pre, tau=tau, g_initializer=braintools.init.Constant(0.0))
             setattr(self, f"pre{index}", pre)
-        unit = None if post_pop.kind == "rate" else (u.siemens if proj.coba else scale.current)
+        unit = None if post_pop.kind in RATE else (u.siemens if proj.coba else scale.current)
         size = proj.sign * proj.scale * (scale.delta_mv if proj.synapse == "delta" else scale.drive)
         size *= SYNAPSE_GAIN[proj.synapse]
         if proj.source.startswith("p") and spec.populations[int(proj.source[1:])].spiking:
@@ -558,7 +588,7 @@ class FuzzNet(brainstate.nn.Module):
         """The projection module delivering `comm`'s output to `post` (None: the step adds it itself)."""
         zero = braintools.init.Constant(0.0 if unit is None else 0.0 * unit)
         tau = (6.0 if proj.delay else 3.0) * u.ms
-        if isinstance(post, LeakyTanh):
+        if isinstance(post, RATE_CELLS):
             module = _UserSynapse(comm, None)
         elif proj.synapse in ("post_expon", "post_dual_expon"):
             if proj.synapse == "post_expon":
@@ -650,14 +680,14 @@ class FuzzNet(brainstate.nn.Module):
     def _current(self, k: int, currents: list, noise):
         """The input current of population `k`: user synapses' and rate comms' outputs, bias, noise."""
         pop, unit = self.spec.populations[k], SCALES[self.spec.populations[k].kind].current
-        total = 0.0 if pop.kind == "rate" else 0.0 * unit
+        total = 0.0 if pop.kind in RATE else 0.0 * unit
         for current in currents:
             total = total + current
         if pop.param == "bias":
             bias = getattr(self, f"bias{k}").value
-            total = total + (bias if pop.kind == "rate" else bias * unit)
+            total = total + (bias if pop.kind in RATE else bias * unit)
         if noise is not None and self.spec.noise == k:
-            total = total + (noise if pop.kind == "rate" else noise * unit)
+            total = total + (noise if pop.kind in RATE else noise * unit)
         return total
 
     def _control(self, pop):
@@ -666,8 +696,8 @@ class FuzzNet(brainstate.nn.Module):
         control = self.spec.control
         if control not in ("cond", "scan"):
             return
-        state = pop.h if isinstance(pop, LeakyTanh) else pop.V
-        scale = 1.0 if isinstance(pop, LeakyTanh) else u.mV
+        state = pop.h if isinstance(pop, RATE_CELLS) else pop.V
+        scale = 1.0 if isinstance(pop, RATE_CELLS) else u.mV
         active = jnp.mean(u.get_mantissa(pop.get_spike())) > 0.3
         if control == "cond":
             state.value = brainstate.transform.cond(active, lambda v: 0.9 * v, lambda v: v, state.value)

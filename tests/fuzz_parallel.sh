@@ -22,7 +22,7 @@ for ((i = 0; i < processes; i++)); do
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-.venv/bin/python tests/fuzz_report.py "$folder"/seed"$run_seed"-shard*of"$processes".jsonl \
-  >"$folder/seed$run_seed-x$processes.md"
+if ((processes == 1)); then reports=("$folder/seed$run_seed.jsonl"); else reports=("$folder"/seed"$run_seed"-shard*of"$processes".jsonl); fi
+.venv/bin/python tests/fuzz_report.py "${reports[@]}" >"$folder/seed$run_seed-x$processes.md"
 head -n 3 "$folder/seed$run_seed-x$processes.md"
 exit $status

@@ -63,7 +63,7 @@ def _binary_source(spec_pops, source: str, stp: bool, synapse: str) -> bool:
 def projections(draw, pops, target: int, source: str, timing: str, batch) -> fm.Projection:
     post = pops[target]
     spikes_in = source.startswith("x") or pops[int(source[1:])].spiking
-    if post.kind == "rate":
+    if post.kind in fm.RATE:
         synapse = "current"
     else:  # Izhikevich's update ignores delta (voltage) inputs
         synapse = draw(st.sampled_from([s for s in fm.SYNAPSES if s != "delta" or post.kind != "izhikevich"]))
