@@ -19,6 +19,8 @@ the plain step exactly. Only the part between what changes and what is wanted is
 of the step, not the whole step.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import weakref
@@ -495,18 +497,39 @@ def one_pass_csr(eqn) -> bool:
     )
 
 
+_BATCH_GROUPS: contextvars.ContextVar[int] = contextvars.ContextVar("batch_groups", default=1)
+
+
+@contextlib.contextmanager
+def batch_groups(count: int):
+    """Trace the steps within as split into `count` parts over the batch (the devices of a data-parallel
+    mesh, `fusetrace.shard_step`): `connection_products` then forms each part's sum on its own."""
+    token = _BATCH_GROUPS.set(count)
+    try:
+        yield
+    finally:
+        _BATCH_GROUPS.reset(token)
+
+
 def connection_products(xs: jax.Array, cts: jax.Array, pre: jax.Array, post: jax.Array) -> jax.Array:
-    """`Σ_m xs[m, pre(k)] · cts[m, post(k)]` for every connection k: the weight cotangent of a sparse product
-    summed over `m` (batch entries, or steps times batch entries), one `m` at a time — the E-long
-    accumulator is the only temporary, never an `M × E` array (which XLA would materialise for the gathers;
-    the loop was also 3x faster on this CPU at M = 16 and 256, E = 400k)."""
-    if xs.shape[0] == 1:
-        return xs[0][pre] * cts[0][post]
+    """`Σ_{t,b} xs[t, b, pre(k)] · cts[t, b, post(k)]` for every connection k: the weight cotangent of a
+    sparse product summed over steps `t` and batch entries `b`, one entry at a time — the E-long sum is
+    the only temporary, never a `T·B × E` array (which XLA materialises for the gathers; the loop was also
+    3× faster on this CPU at 16 and 256 entries, E = 400k). Under `batch_groups(g)` (a batch split over g
+    devices) the g parts of the batch are formed side by side, so that each device sums its own part and
+    the sums are all-reduced (a `g × E` temporary), instead of the factors being gathered everywhere."""
+    steps, batch = xs.shape[:2]
+    groups = _BATCH_GROUPS.get()
+    groups = groups if groups > 1 and batch % groups == 0 else 1
+    xs, cts = (jnp.reshape(a, (steps, groups, batch // groups, a.shape[-1])) for a in (xs, cts))
+    xs, cts = (jnp.reshape(jnp.moveaxis(a, 1, 0), (groups, -1, a.shape[-1])) for a in (xs, cts))
+    if xs.shape[1] == 1:
+        return jnp.sum(xs[:, 0][:, pre] * cts[:, 0][:, post], axis=0)
 
-    def add(m, total):
-        return total + xs[m][pre] * cts[m][post]
+    def add(i, total):
+        return total + jnp.sum(xs[:, i][:, pre] * cts[:, i][:, post], axis=0)
 
-    return jax.lax.fori_loop(0, xs.shape[0], add, jnp.zeros(pre.shape, jnp.result_type(xs, cts)))
+    return jax.lax.fori_loop(0, xs.shape[1], add, jnp.zeros(pre.shape, jnp.result_type(xs, cts)))
 
 
 def _endpoints(eqn, analysis: Analysis, invals) -> tuple[jax.Array, jax.Array]:
@@ -518,7 +541,7 @@ def _endpoints(eqn, analysis: Analysis, invals) -> tuple[jax.Array, jax.Array]:
 
 
 def _as_rows(value: jax.Array, eqn) -> jax.Array:
-    """A CSR op's vector operand or output as rows `(M, n)`: one row for a vector, one per batch entry for
+    """A CSR op's vector operand or output as rows `(B, n)`: one row for a vector, one per batch entry for
     the `(n, B)` matrix of `binary_csrmm`."""
     return value[None] if eqn.primitive.name == "binary_csrmv" else value.T
 
@@ -545,7 +568,7 @@ def _weighted_twin(eqn, analysis: Analysis):
             return product(w, x), x
 
         def backward(x, ct):
-            grad = connection_products(_as_rows(x, eqn), _as_rows(ct, eqn), pre, post)
+            grad = connection_products(_as_rows(x, eqn)[None], _as_rows(ct, eqn)[None], pre, post)
             return grad.astype(weights.dtype), jnp.zeros_like(x)
 
         product.defvjp(forward, backward)
@@ -631,9 +654,8 @@ def weight_vjp_over_time(
         invals = list(values.operands[contraction])
         pre, post = _endpoints(c.eqn, analysis, invals)
 
-        def rows(stack):  # (T, n) or (T, n, B) -> (T·M, n)
-            per_step = jax.vmap(lambda value: _as_rows(value, c.eqn))(stack)
-            return jnp.reshape(per_step, (-1, per_step.shape[-1]))
+        def rows(stack):  # (T, n) or (T, n, B) -> (T, B, n)
+            return jax.vmap(lambda value: _as_rows(value, c.eqn))(stack)
 
         grad = connection_products(rows(pres), rows(cotangents), pre, post)
         return grad.astype(weight_of(analysis, values, contraction).dtype)

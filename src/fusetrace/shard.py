@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from .api import Learner, StepResult
 from .errors import CompileError, four_part
+from .passes.derive import batch_groups
 from .passes.layout import layout_kind
 from .sequence import ScanResult
 
@@ -150,8 +151,11 @@ def shard_step(
     result = StepResult(output=rules.batched(output, "output"), loss=rules.sharding(P()), grads=params)  # pyright: ignore[reportArgumentType]
     constants = jax.tree.map(lambda _: rules.sharding(P()), learner.constants)
 
+    groups = mesh.shape[batch_axis] if batch_axis is not None else 1
+
     def step_with(params, state, x_t, target_t, constants):
-        return learner.step(params, state, x_t, target_t, constants=constants)
+        with batch_groups(groups):  # each device sums its part of a sparse gradient (then all-reduced)
+            return learner.step(params, state, x_t, target_t, constants=constants)
 
     jitted = jax.jit(
         step_with,
@@ -161,21 +165,22 @@ def shard_step(
     )
     placed = jax.device_put(learner.constants, constants)
     ins = (params, state, x_sharding, target_sharding, constants)
-    scan = _Bound(_scan(learner, mesh, ins, (state, result), donate_state), placed)
+    scan = _Bound(_scan(learner, mesh, ins, (state, result), donate_state, groups), placed)
     left = tuple(rules.left)
     return ShardedStep(
         learner, mesh, params, state, x_sharding, target_sharding, result, _Bound(jitted, placed), left, scan
     )
 
 
-def _scan(learner: Learner, mesh: Mesh, ins: tuple, outs: tuple, donate_state: bool):
+def _scan(learner: Learner, mesh: Mesh, ins: tuple, outs: tuple, donate_state: bool, groups: int):
     """`Learner.scan` jit-compiled with the step's shardings `ins` = (params, state, input, target,
     constants) and `outs` = (state, result), a leading time axis added (replicated) to the sequence and
     its outputs, the loss mask replicated."""
     params, state, x_sharding, target_sharding, constants = ins
 
     def scan_with(params, state, xs, targets, loss_mask, constants):
-        return learner.scan(params, state, xs, targets, loss_mask=loss_mask, constants=constants)
+        with batch_groups(groups):
+            return learner.scan(params, state, xs, targets, loss_mask=loss_mask, constants=constants)
 
     def over_time(tree):
         return jax.tree.map(lambda sharding: NamedSharding(mesh, P(None, *sharding.spec)), tree)
