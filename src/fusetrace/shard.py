@@ -7,7 +7,9 @@ nothing here communicates by hand.
 
 * **Data-parallel** (`batch_axis`): the batch axis of the model states, of every trace and of the inputs
   and targets is split over that mesh axis; weights are replicated, so each step's gradient — a sum over
-  the batch — comes out of an all-reduce.
+  the batch — comes out of an all-reduce. A sparse weight's gradient is formed by a loop over the batch
+  (`derive.connection_products`); the step is traced under `derive.batch_groups(devices)`, so each
+  device's part of the batch is summed on that device, then all-reduced.
 * **Neuron-parallel** (`neuron_axis`): the neuron axis of the hidden states (and of the other states of
   the same shape), of the traces' postsynaptic factors, of presynaptic factors that are a neuron
   population, and the post axis of the weights are split: a dense `(n_pre, n_post)` weight by its columns,
