@@ -38,7 +38,7 @@ import numpy as np
 from fusetrace.analysis import Analysis
 
 from . import derive, factorised
-from .structure import group_edges, looping_groups, prev_read_states, read_states, state_structure
+from .structure import group_edges, looping_groups, prev_read_states, read_states, relation_sources, state_structure
 
 MAX_CLASSES = 16  # distinct (D, F) per LTI stage kept exactly; beyond, one averaged class (approximate)
 PERTURBATION = 0.37  # relative change of every weight for the second look at an LTI stage's classes
@@ -306,9 +306,7 @@ def _feeds_loss(analysis: Analysis, edges) -> set[str]:
 
 def _carried(analysis: Analysis, group, via) -> tuple[int, ...]:
     """The states of `group` that the via's op output reaches through the group's own dynamics."""
-    reads, injected, _ = state_structure(
-        analysis, group, ("relation", via.contraction), *(("relation", c) for c in via.crossings)
-    )
+    reads, injected, _ = state_structure(analysis, group, *relation_sources(via))  # a via has a contraction
     carried = set(injected)
     changed = True
     while changed:

@@ -34,7 +34,7 @@ from jax import lax
 
 from fusetrace._compat import Jaxpr, Literal, aval_shape, bind_eqn, custom_vjp_call_p
 from fusetrace.analysis import Analysis
-from fusetrace.interpret import environment, evaluate
+from fusetrace.interpret import environment, evaluate, producers
 from fusetrace.rules import lookup, reads_values
 
 
@@ -613,7 +613,7 @@ def step_invariant_operands(analysis: Analysis, contraction: int) -> bool:
     c = analysis.facts.contractions[contraction]
     fixed = {jaxpr.invars[captured.n_inputs + i] for i, leaf in enumerate(captured.leaves) if leaf.role == "weight"}
     inputs = set(jaxpr.invars) - fixed
-    producer = {out: eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+    producer = producers(jaxpr)
     pending = [v for i, v in enumerate(c.eqn.invars) if i not in (c.pre_operand, c.weight_operand)]
     seen = set()
     while pending:
@@ -650,7 +650,7 @@ def weight_vjp_over_time(
     (`float_input`, as es_d_rtrl's). A binary CSR product folds the steps and batch entries into one
     `connection_products` loop (vmapping its one-pass gradient would write a steps × connections array)."""
     c = analysis.facts.contractions[contraction]
-    if one_pass_csr(c.eqn) and not reads_values(c.eqn):  # the steps and batch entries folded into one loop
+    if one_pass_csr(c.eqn):  # a binary op (never reads values): the steps and batch entries folded into one loop
         invals = list(values.operands[contraction])
         pre, post = _endpoints(c.eqn, analysis, invals)
 

@@ -39,7 +39,7 @@ from jax import lax
 
 from fusetrace._compat import JaxprEqn, Literal, Var, aval_dtype, aval_shape, bind_eqn, dce, new_closed_jaxpr
 from fusetrace.capture import Captured
-from fusetrace.interpret import uses_of
+from fusetrace.interpret import producers, uses_of
 from fusetrace.rules import lookup
 
 # element-wise primitives whose params hold sub-programs of fixed shapes cannot be re-bound per gate
@@ -72,13 +72,13 @@ class _Concatenated:
 def split_gates(captured: Captured) -> Captured:
     """`captured` with every gated contraction computed gate by gate (see the module docstring)."""
     jaxpr = captured.jaxpr.jaxpr
-    gated = _find(captured)
-    concatenated = {id(c.eqn): c for c in _find_concatenated(captured)}
+    weight_only = _weight_only_vars(captured)
+    gated = _find(captured, weight_only)
+    concatenated = {id(c.eqn): c for c in _find_concatenated(captured, weight_only)}
     if not gated and not concatenated:
         return captured
     skip = {id(e) for g in gated for e in (g.eqn, *g.chain)}
     at_end = {id(end): g for g in gated for end in g.ends}
-    weight_only = _weight_only_vars(captured)
 
     def step(*args):
         env: dict = dict(zip([*jaxpr.constvars, *jaxpr.invars], [*captured.jaxpr.consts, *args], strict=True))
@@ -193,9 +193,8 @@ def _weight_axis(eqn, weight_operand: int) -> int | None:
     return free[0]
 
 
-def _find(captured: Captured) -> list[_Gated]:
+def _find(captured: Captured, weight_only: set) -> list[_Gated]:
     jaxpr = captured.jaxpr.jaxpr
-    weight_only = _weight_only_vars(captured)
     uses = uses_of(jaxpr)
     found = []
     for eqn in jaxpr.eqns:
@@ -211,12 +210,11 @@ def _find(captured: Captured) -> list[_Gated]:
     return found
 
 
-def _find_concatenated(captured: Captured) -> list[_Concatenated]:
+def _find_concatenated(captured: Captured, weight_only: set) -> list[_Concatenated]:
     """Products of a weight with a concatenation along the contracted axis one of whose pieces is computed
     from a weight op's output within the step (not through a hidden state)."""
     jaxpr = captured.jaxpr.jaxpr
-    weight_only = _weight_only_vars(captured)
-    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    producer = producers(jaxpr)
     from_ops = _from_weight_ops(captured, weight_only)
     found = []
     for eqn in jaxpr.eqns:

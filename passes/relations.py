@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from fusetrace._compat import Literal, aval_shape
-from fusetrace.interpret import uses_of
+from fusetrace.interpret import producers, uses_of
 from fusetrace.rules import Dep, Fact
 from fusetrace.stepfacts import StepFacts
 
@@ -189,7 +189,7 @@ def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], 
     the var reads the group's new values, else its previous ones); empty when some part of `var` comes
     from hidden values another way."""
     by_leaf = _group_of_leaf(groups)
-    producer = {out: eqn for eqn in facts.captured.jaxpr.jaxpr.eqns for out in eqn.outvars}
+    producer = producers(facts.captured.jaxpr.jaxpr)
     links, frontier = [], [var]
     while frontier:
         current = frontier.pop(0)
@@ -212,7 +212,7 @@ def mixing_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool
     neurons included: `standardize(V − V_th)` across a population), all aligned with ONE group's new or
     previous values; empty when the input also reads other hidden values, or reads them some other way."""
     by_leaf = _group_of_leaf(groups)
-    producer = {out: eqn for eqn in facts.captured.jaxpr.jaxpr.eqns for out in eqn.outvars}
+    producer = producers(facts.captured.jaxpr.jaxpr)
     links, frontier, seen = [], [var], set()
     while frontier:
         current = frontier.pop(0)
@@ -336,7 +336,7 @@ def _view(facts: StepFacts, contraction, leaf_index: int) -> str:
     slice of the leaf up to reshapes and broadcasts; "" otherwise."""
     jaxpr = facts.captured.jaxpr.jaxpr
     leaf_var = jaxpr.invars[facts.captured.n_inputs + leaf_index]
-    producer = {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+    producer = producers(jaxpr)
     shape = tuple(facts.captured.leaves[leaf_index].shape)
     var, found = contraction.weight_var, None
     while var is not leaf_var:

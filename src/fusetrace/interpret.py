@@ -144,6 +144,17 @@ def uses_of(jaxpr: Jaxpr) -> dict[Var, list]:
     return uses
 
 
+_PRODUCERS: "weakref.WeakKeyDictionary[Jaxpr, dict]" = weakref.WeakKeyDictionary()
+
+
+def producers(jaxpr: Jaxpr) -> dict[Var, Any]:
+    """Every var's producing equation (computed once per jaxpr; do not modify the dict)."""
+    found = _PRODUCERS.get(jaxpr)
+    if found is None:
+        found = _PRODUCERS[jaxpr] = {var: eqn for eqn in jaxpr.eqns for var in eqn.outvars}
+    return found
+
+
 class _Index:
     """Where each var of a jaxpr is produced and read (equation indices), built once per jaxpr."""
 
