@@ -139,17 +139,20 @@ def bptt(spec: fm.Spec) -> tuple[dict, dict]:
         value = loss(model.update(*xs), y)
         if spec.regularizer:
             value = value + regularizer(model)
-        return value, [jnp.mean(model.pops[k].get_spike()) for k in spiking]
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u.get_mantissa(s.value))) for s in hidden]))
+        return value, ([jnp.mean(model.pops[k].get_spike()) for k in spiking], finite)
 
     def total():
-        losses, rates = brainstate.transform.for_loop(one_step, *inputs, target)
-        return jnp.sum(losses), [jnp.mean(r) for r in rates]
+        losses, (rates, finite) = brainstate.transform.for_loop(one_step, *inputs, target)
+        return jnp.sum(losses), ([jnp.mean(r) for r in rates], jnp.all(finite))
 
-    grads, rates = brainstate.transform.jit(
+    hidden = list(model.states(brainstate.HiddenState).values())
+    grads, (rates, finite) = brainstate.transform.jit(
         brainstate.transform.grad(total, weights, has_aux=True), compiler_options=FAST_COMPILE
     )()
     grads = {".".join(map(str, path)): value for path, value in grads.items()}
-    return grads, {k: float(r) for k, r in zip(spiking, rates, strict=True)}
+    rates = {k: float(r) for k, r in zip(spiking, rates, strict=True)}
+    return grads, rates, bool(finite)
 
 
 def firing_rates(spec: fm.Spec) -> dict:
@@ -462,9 +465,12 @@ def check_model(spec: fm.Spec, algorithms: tuple[str, ...] = ALGORITHMS) -> Outc
     """Run the whole oracle on `spec` (see the module docstring), for `algorithms` (all by default)."""
     outcome = Outcome(spec)
     try:
-        reference, outcome.rates = bptt(spec)
+        reference, outcome.rates, finite = bptt(spec)
     except Exception as error:  # the generator built something brainstate cannot run: fix the generator
         outcome.rejected = f"BPTT failed: {_error_summary(error)}"
+        return outcome
+    if not finite:  # the model itself diverges (an AdEx exponential overflows), read by the loss or not
+        outcome.rejected = "not finite: the model's hidden state overflows"
         return outcome
     if not all(np.all(np.isfinite(g)) for g in leaves(reference).values()):
         outcome.rejected = "not finite: the BPTT gradient overflows"  # the model itself diverges

@@ -66,8 +66,9 @@ def summary(records: list[dict]) -> str:
     lines = [
         "# Fuzz report",
         "",
-        f"models generated: {len(records)}; tested: {len(tested)}; rejected (silent, saturated or not runnable): "
-        f"{len(records) - len(tested)}; disagreements: {sum(len(r['disagreements']) for r in records)}; "
+        f"models generated: {len(records)}; tested: {len(tested)}; "
+        f"rejected (silent, saturated, diverging or not runnable): {len(records) - len(tested)}; "
+        f"disagreements: {sum(len(r['disagreements']) for r in records)}; "
         f"seconds: {sum(r['seconds'] for r in records):.0f}",
         "",
         *_per_algorithm(tested),

@@ -178,3 +178,31 @@ def test_a_readout_of_two_populations_in_series_compiles_and_runs(second):
         batch=None,
     )
     _holds(spec, ("d_rtrl",))
+
+
+def test_a_network_whose_state_overflows_is_rejected_not_blamed_on_the_compiler():
+    """Fuzz seed 5 network 193, shrunk: an AdEx population driven by a delta (voltage) input overflows
+    (its exponential term: V = inf at step 7). No loss reads it, so BPTT's gradient stays finite, while
+    es_d_rtrl's factorised trace of the weights into it carries the overflowed state and was reported as a
+    non-finite gradient. The model diverges, not the compiler: the oracle now checks the hidden state too."""
+    spec = Spec(
+        populations=(Population("lif", 6), Population("lif", 4), Population("adex", 4)),
+        projections=(
+            Projection("x0", 0, comm="linear", synapse="post_expon", scale=1.1),
+            Projection("p0", 0, comm="linear_bias", synapse="post_expon", timing="prev", scale=0.66),
+            Projection("x0", 1, comm="linear", synapse="post_expon", scale=1.5),
+            Projection("x0", 2, comm="linear", synapse="delta", scale=1.1),
+            Projection("p0", 2, comm="linear", synapse="pre_expon", scale=1.1),
+        ),
+        readouts=(Readout("linear", ("p1",), "prev_spikes", 3),),
+        n_inputs=(5,),
+        input_rate=0.5,
+        batch=None,
+        loss="mse",
+        steps=8,
+        seed=193,
+    )
+    reference, _, finite = fuzz_oracle.bptt(spec)
+    assert all(np.all(np.isfinite(g)) for g in fuzz_oracle.leaves(reference).values())
+    assert not finite
+    assert fuzz_oracle.check_model(spec).rejected == "not finite: the model's hidden state overflows"
