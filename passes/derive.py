@@ -182,9 +182,11 @@ def transition_derivatives(analysis: Analysis, group, relations: Sequence, value
     crossing = [r for r in relations if r.crossings]
     plain = [r for r in relations if not r.crossings]
     d, f_plain = _derivatives(analysis, group, plain, values)
+    assert d is not None, "D is formed with_d"
     if not crossing:
         return d, f_plain
-    _, f_cross = _derivatives(analysis, group, crossing, values, {i for r in crossing for i in r.crossings})
+    crossed = {i for r in crossing for i in r.crossings}
+    _, f_cross = _derivatives(analysis, group, crossing, values, crossed, with_d=False)
     f_cross, f_plain = iter(f_cross), iter(f_plain)
     return d, [next(f_cross) if r.crossings else next(f_plain) for r in relations]
 
@@ -201,8 +203,15 @@ def _through_diagonal(contraction):
 
 
 def _derivatives(
-    analysis: Analysis, group, relations: Sequence, values: StepValues, crossed: frozenset | set = frozenset()
+    analysis: Analysis,
+    group,
+    relations: Sequence,
+    values: StepValues,
+    crossed: frozenset | set = frozenset(),
+    with_d: bool = True,
 ):
+    """`(D, [F])` of `transition_derivatives`, the products in `crossed` passed through their diagonal;
+    without `with_d`, F alone (D is None where forward mode is used: its S columns are not formed)."""
     facts = analysis.facts
     contractions = facts.contractions
     cut_y = {c.out_var: values.y[c.index] for c in contractions if c.index not in crossed}
@@ -229,11 +238,12 @@ def _derivatives(
     )
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
-    columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of))]
+    columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of)) if with_d or part]
     stacked = stack_states(jvp_columns(transition, primals, columns))  # (column, ..., S)
-    d = jnp.moveaxis(stacked[: group.n_states], 0, -1)
-    f_op = iter([stacked[group.n_states + i] for i in range(len(through_op))])
-    f_param = iter([stacked[group.n_states + len(through_op) + i] for i in range(len(through_param))])
+    n_d = group.n_states if with_d else 0
+    d = jnp.moveaxis(stacked[:n_d], 0, -1) if with_d else None
+    f_op = iter([stacked[n_d + i] for i in range(len(through_op))])
+    f_param = iter([stacked[n_d + len(through_op) + i] for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
@@ -710,29 +720,6 @@ def same_step_grad(analysis: Analysis, values: StepValues, relation, delta_new: 
 
     _, vjp = jax.vjp(new_hidden, values.leaves[relation.weight_leaf])
     return vjp(cotangent)[0]
-
-
-def crossing_correction(
-    analysis: Analysis, values: StepValues, relation, f: jax.Array, delta: jax.Array, delta_new: Mapping[int, jax.Array]
-) -> jax.Array:
-    """For a relation with `crossings` under a per-weight trace: its exact same-step gradient (every path of
-    this step, the crossed products in full: `same_step_grad`) minus what the newest term `F ⊗ u` of its
-    trace gives (their diagonal), so that the step's own credit is exact and only the credit carried from
-    earlier steps keeps the diagonal. `f` and `delta` (`δ_t`) are in the group layout, (..., S)."""
-    diagonal = jnp.sum(delta * f, axis=-1)
-    if relation.elementwise:
-        theta = values.leaves[relation.weight_leaf]
-        if jnp.size(theta) > 1 and analysis.batch_size is not None:
-            diagonal = jnp.sum(diagonal, axis=0)  # a per-neuron parameter is shared over the batch
-        newest = (
-            jnp.reshape(diagonal, jnp.shape(theta))
-            if jnp.size(theta) > 1
-            else jnp.sum(diagonal).reshape(jnp.shape(theta))
-        )
-    else:
-        index = relation.contraction
-        newest = weight_vjp(analysis, index, values, values.u[index], to_op_layout(relation, diagonal))
-    return same_step_grad(analysis, values, relation, delta_new) - newest
 
 
 def to_op_layout(relation, array: jax.Array) -> jax.Array:

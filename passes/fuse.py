@@ -388,7 +388,7 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
             if grad is not None and relations[index].crossings:  # the step's own credit, exact
                 assert signals is not None and group_signals is not None  # a term is formed with signals only
                 with jax.named_scope("same_step"):
-                    grad = grad + derive.crossing_correction(
+                    grad = grad + per_weight.crossing_correction(
                         analysis, values, relations[index], f[index], group_signals[0], signals[0]
                     )
             if grad is not None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import derive
 from .layout import Layout, layout_kind, make_layout
 from .structure import read_states, relation_sources, state_structure
 
@@ -87,6 +88,22 @@ def update(analysis, plan, relation, values, d, f, trace, signals):
     settled = lax.optimization_barrier([used[s] for s in read])
     grad = layout.reduce([(signals[0][s], e) for s, e in zip(read, settled, strict=True)])
     return new, grad if previous is None else grad + previous
+
+
+def crossing_correction(analysis, values, relation, f: jax.Array, delta: jax.Array, delta_new) -> jax.Array:
+    """For a relation with `crossings` under a per-weight trace: its exact same-step gradient (every path of
+    this step, the crossed products in full: `derive.same_step_grad`) minus what the newest term `F ⊗ u`
+    of its trace gives (their diagonal), so that the step's own credit is exact and only the credit
+    carried from earlier steps keeps the diagonal. `f` and `delta` (`δ_t`) are in the group layout,
+    (..., S); `delta_new` is `δ_t` by hidden leaf."""
+    if relation.elementwise:  # `F` is already ∂h/∂θ: the layout's reduction is the whole newest term
+        layout = layout_of(analysis, relation, values)
+        newest = layout.reduce([(delta[..., s], f[..., s]) for s in range(f.shape[-1])])
+    else:  # Σ_s δ_s F_s through the op's own transpose: no (..., n_pre, n_post) outer product
+        diagonal = derive.to_op_layout(relation, jnp.sum(delta * f, axis=-1))
+        index = relation.contraction
+        newest = derive.weight_vjp(analysis, index, values, values.u[index], diagonal)
+    return derive.same_step_grad(analysis, values, relation, delta_new) - newest
 
 
 def used_trace(plan, trace: dict) -> tuple[jax.Array, ...]:
