@@ -143,6 +143,7 @@ class Spec:
     steps: int = 8
     seed: int = 0
     check: str = "none"  # the extra invariant checked on this model (CHECKS)
+    dropout: bool = False  # `brainstate.nn.Dropout` on what every weighted readout reads (random inside `update`)
 
     @property
     def clock(self) -> bool:
@@ -160,6 +161,7 @@ class Spec:
         found = [f"batch:{self.batch}", f"outputs:{self.outputs}", f"loss:{self.loss}", f"control:{self.control}"]
         found += [f"populations:{len(self.populations)}", f"inputs:{len(self.n_inputs)}"]
         found += ["regularizer"] * self.regularizer + ["noise_input"] * (self.noise is not None)
+        found += ["dropout"] * self.dropout
         for p in self.populations:
             found += [f"neuron:{p.kind}", f"param:{p.param}", f"surrogate:{p.surrogate}"]
             found += ["hetero_tau"] * p.hetero_tau
@@ -229,6 +231,7 @@ SYNAPSE_GAIN = {
     "current": 2.8,
     "delta": 1.0,
 }
+DROPOUT_KEEP = 0.8  # the keep probability of the readouts' dropout
 COBA_SIEMENS = 0.4  # conductance per unit of scale of a conductance-based synapse (E = 5 mV, V_th = 1 mV)
 
 
@@ -547,6 +550,8 @@ class FuzzNet(brainstate.nn.Module):
         self.projs = []
         for i, proj in enumerate(spec.projections):
             self.projs.append(self._make_projection(i, proj, np.random.default_rng([spec.seed, 1, i])))
+        if spec.dropout:  # its mask is drawn from brainstate's global key, which `build` seeds
+            self.dropout = brainstate.nn.Dropout(DROPOUT_KEEP)
         self.readouts = []
         for i, readout in enumerate(spec.readouts):
             rng = np.random.default_rng([spec.seed, 2, i])
@@ -716,7 +721,12 @@ class FuzzNet(brainstate.nn.Module):
             return parts[0]  # an output with units when it is a membrane potential
         parts = [u.get_mantissa(p) for p in parts]
         x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
-        return x if module is None else module(x)
+        if module is None:
+            return x
+        if self.spec.dropout:
+            with brainstate.environ.context(fit=True):  # Dropout acts only while fitting
+                x = self.dropout(x)
+        return module(x)
 
     def _late_readouts(self, values: dict):
         for i, readout in enumerate(self.spec.readouts):

@@ -359,8 +359,10 @@ def reference_shape(spec: fm.Spec) -> tuple[str, ...]:
     (pop, *others) = spec.populations
     if others or pop.kind not in ("lif", "alif") or pop.channels or len(spec.n_inputs) != 1:
         return ()
-    if spec.noise is not None or spec.clock or spec.regularizer or spec.control in ("cond", "scan"):
-        return ()  # (the split step re-reads spikes from states, which a cond or loop on V changes after the spike)
+    if spec.noise is not None or spec.clock or spec.regularizer or spec.dropout or spec.control in ("cond", "scan"):
+        # (the split step re-reads spikes from states, which a cond or loop on V changes after the spike; the
+        # references' own calls would draw other dropout masks)
+        return ()
     for readout in spec.readouts:
         if readout.read == "prev_spikes":
             return ()
@@ -416,14 +418,19 @@ def _check_references(spec: fm.Spec, learners: dict, sums: dict, outcome: Outcom
 # --------------------------------------------------------------------------- invariants
 
 
+def _numbers(x) -> np.ndarray:
+    """A leaf's numbers: a quantity's mantissa, a random key's data (dropout's key is part of the state)."""
+    x = u.get_mantissa(x)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+        x = jax.random.key_data(x)
+    return np.asarray(x, float)
+
+
 def _close(a, b) -> float:
     """The largest relative difference between two pytrees' leaves (mantissas): each leaf's against its own
     norm, or against `SAME_FLOOR` times the largest leaf's norm when it is smaller than that."""
     leaves_a, leaves_b = (jax.tree.leaves(tree, is_leaf=u.math.is_quantity) for tree in (a, b))
-    pairs = [
-        (np.asarray(u.get_mantissa(x), float), np.asarray(u.get_mantissa(y), float))
-        for x, y in zip(leaves_a, leaves_b, strict=True)
-    ]
+    pairs = [(_numbers(x), _numbers(y)) for x, y in zip(leaves_a, leaves_b, strict=True)]
     floor = SAME_FLOOR * max((float(np.linalg.norm(y)) for _, y in pairs), default=0.0)
     worst = 0.0
     for x, y in pairs:

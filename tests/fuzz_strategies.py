@@ -205,4 +205,5 @@ def specs(draw, max_populations: int = 3) -> fm.Spec:
         steps=8,
         seed=draw(st.integers(0, 2**16)),
         check=check,
+        dropout=any(r.kind != "none" for r in reads) and sometimes(draw, 6),
     )

@@ -123,7 +123,7 @@ def grammar() -> set[str]:
     wanted |= {f"read:{r}" for r in fuzz_models.READS} | {f"loss:{x}" for x in fuzz_models.LOSSES}
     wanted |= {f"control:{c}" for c in fuzz_models.CONTROLS} | {f"batch:{b}" for b in (None, 1, 2, 3)}
     wanted |= {f"wiring:{w}" for w in ("input", "feed_forward", "skip", "recurrent", "lateral_or_backward")}
-    wanted |= {"stp", "coba", "tied", "regularizer", "noise_input", "hetero_tau", "readout:series"}
+    wanted |= {"stp", "coba", "tied", "regularizer", "noise_input", "dropout", "hetero_tau", "readout:series"}
     wanted |= {"readout:concat", "delay:1", "delay:2", "param:bias", "param:threshold", "inputs:2"}
     wanted |= {f"transform:{t}" for t in fuzz_models.TRANSFORMS} | {"outputs:tuple", "outputs:dict"}
     wanted |= {f"populations:{n}" for n in (1, 2, 3)} | {f"surrogate:{s}" for s in ("relu", "sigmoid")}

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import re
 
+import jax
 import numpy as np
 
 from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, aval_shape
@@ -144,8 +145,13 @@ def _size(aval) -> int:
 
 
 def _nbytes(aval) -> int:
+    """Bytes of an abstract value; a random key (an extended dtype, `key<fry>`) counts its key data."""
     dtype = getattr(aval, "dtype", None)
-    return _size(aval) * (np.dtype(dtype).itemsize if dtype is not None and dtype != np.dtype("O") else 0)
+    if dtype is None or dtype == np.dtype("O"):
+        return 0
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return _size(aval) * int(getattr(dtype, "itemsize", 0) or 0)
+    return _size(aval) * np.dtype(dtype).itemsize
 
 
 def _flops(eqn: JaxprEqn) -> int:
