@@ -53,6 +53,13 @@ def summary(analysis, trace_memory: dict[str, int]) -> str:
     for group in analysis.groups:
         lines.append(_group_line(analysis, group))
         lines.extend(f"    - {analysis.names.name_of(path)}" for path in group.states)
+    if any(leaf.role == "random" for leaf in analysis.captured.leaves):
+        lines += [
+            "",
+            "random numbers: the step draws from brainstate's global key, carried in the learner's state as",
+            "  state['model']['<random>'] (the key at compile time); the gradients are those of the model run",
+            "  from that key",
+        ]
     lines += ["", "weight relations:"]
     for relation in analysis.relations:
         lines += _relation_lines(analysis, relation)
