@@ -207,53 +207,76 @@ def test_splitting_gates_keeps_the_step(kind, batch):
 
 
 class SplitGRU(brainstate.nn.Module):
-    """brainstate's GRU written with one `Linear` per gate (as braintrace's cell is)."""
+    """brainstate's GRU written with one `Linear` per gate (as braintrace's cell is); with
+    `elementwise_bias`, each gate's bias is a ParamState of its own added element-wise (the reset gate's
+    then crosses the candidate's product as a per-neuron parameter, not as a product's bias slice)."""
 
-    def __init__(self):
+    def __init__(self, elementwise_bias: bool = False):
         super().__init__()
-        self.Wr = brainstate.nn.Linear(N_IN + N, N)
-        self.Wz = brainstate.nn.Linear(N_IN + N, N)
-        self.Wh = brainstate.nn.Linear(N_IN + N, N)
+        self.elementwise_bias = elementwise_bias
+        bias = None if elementwise_bias else braintools.init.ZeroInit()
+        self.Wr = brainstate.nn.Linear(N_IN + N, N, b_init=bias)
+        self.Wz = brainstate.nn.Linear(N_IN + N, N, b_init=bias)
+        self.Wh = brainstate.nn.Linear(N_IN + N, N, b_init=bias)
+        if elementwise_bias:
+            self.br, self.bz, self.bh = (brainstate.ParamState(jnp.zeros(N)) for _ in range(3))
         self.out = brainstate.nn.Linear(N, N_OUT)
 
     def init_state(self, batch_size=None, **kwargs):
         self.h = brainstate.HiddenState(jnp.zeros((batch_size, N) if batch_size else (N,)))
 
+    def _gate(self, name: str, x):
+        y = getattr(self, f"W{name}")(x)
+        return y + getattr(self, f"b{name}").value if self.elementwise_bias else y
+
     def update(self, x):
         old = self.h.value
         xh = jnp.concatenate([x, old], axis=-1)
-        r, z = jax.nn.sigmoid(self.Wr(xh)), jax.nn.sigmoid(self.Wz(xh))
-        candidate = jnp.tanh(self.Wh(jnp.concatenate([x, r * old], axis=-1)))
+        r, z = jax.nn.sigmoid(self._gate("r", xh)), jax.nn.sigmoid(self._gate("z", xh))
+        candidate = jnp.tanh(self._gate("h", jnp.concatenate([x, r * old], axis=-1)))
         self.h.value = (1 - z) * old + z * candidate
         return self.out(self.h.value)
 
 
-def _as_split(model: Net, batch) -> SplitGRU:
-    other = SplitGRU()
+def _as_split(model: Net, batch, elementwise_bias: bool = False) -> SplitGRU:
+    other = SplitGRU(elementwise_bias)
     brainstate.nn.init_all_states(other, batch_size=batch)
-    wrz = model.cell.Wrz.weight.value
-    other.Wr.weight.value = {k: v[..., :N] for k, v in wrz.items()}
-    other.Wz.weight.value = {k: v[..., N:] for k, v in wrz.items()}
-    other.Wh.weight.value = dict(model.cell.Wh.weight.value)
+    wrz, wh = model.cell.Wrz.weight.value, model.cell.Wh.weight.value
+    parts = {"r": {k: v[..., :N] for k, v in wrz.items()}, "z": {k: v[..., N:] for k, v in wrz.items()}, "h": wh}
+    for name, value in parts.items():
+        getattr(other, f"W{name}").weight.value = {"weight": value["weight"]} if elementwise_bias else dict(value)
+        if elementwise_bias:
+            getattr(other, f"b{name}").value = value["bias"]
     other.out.weight.value = dict(model.out.weight.value)
     return other
 
 
-@pytest.mark.parametrize(("algorithm", "options"), [("d_rtrl", {}), ("es_d_rtrl", {"decay": 0.8})])
-def test_a_split_linear_and_one_linear_per_gate_learn_alike(algorithm, options):
+def _bias(grads: dict, name: str, elementwise_bias: bool):
+    return grads[f"b{name}"] if elementwise_bias else grads[f"W{name}.weight"]["bias"]
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "options", "elementwise_bias"),
+    [("d_rtrl", {}, False), ("es_d_rtrl", {"decay": 0.8}, False), ("d_rtrl", {}, True), ("es_d_rtrl", {}, True)],
+)
+def test_a_split_linear_and_one_linear_per_gate_learn_alike(algorithm, options, elementwise_bias):
     batch = 2
     xs, ys = _data(batch)
     model = build("gru", batch)
-    other = _as_split(model, batch)
+    other = _as_split(model, batch, elementwise_bias)
     _, joint = online_learner(model, xs, ys, algorithm, batch, loss=_loss, **options)
-    _, split = online_learner(other, xs, ys, algorithm, batch, loss=_loss, **options)
+    learner, split = online_learner(other, xs, ys, algorithm, batch, loss=_loss, **options)
+    if elementwise_bias:  # the reset gate's bias crosses the candidate's product as a per-neuron parameter
+        (br,) = [r for r in learner.analysis.relations if r.weight == "br"]
+        assert br.elementwise and br.crossings
     wrz = joint["cell.Wrz.weight"]
     pairs = [
         (wrz["weight"][:, :N], split["Wr.weight"]["weight"]),
         (wrz["weight"][:, N:], split["Wz.weight"]["weight"]),
-        (wrz["bias"][:N], split["Wr.weight"]["bias"]),
-        (wrz["bias"][N:], split["Wz.weight"]["bias"]),
+        (wrz["bias"][:N], _bias(split, "r", elementwise_bias)),
+        (wrz["bias"][N:], _bias(split, "z", elementwise_bias)),
         (joint["cell.Wh.weight"]["weight"], split["Wh.weight"]["weight"]),
+        (joint["cell.Wh.weight"]["bias"], _bias(split, "h", elementwise_bias)),
     ]
     for got, want in pairs:
         assert np.linalg.norm(want) > 0
