@@ -125,6 +125,10 @@ def test_state_holds_no_pre_by_post_array(factorisation, rank):
         assert not (n_in in leaf.shape and n_rec in leaf.shape), f"trace of shape {leaf.shape} is n_pre x n_post"
     assert f"'{factorisation}' factors" in learner.explain("inp.comm.weight")
     assert f"es_d_rtrl '{factorisation}'" in learner.summary()
+    # the learner's trace memory counts its K pairs of factors (the analysis' figure is the default's one pair)
+    allocated = sum(leaf.nbytes for leaf in jax.tree.leaves(learner.init()["traces"]))
+    assert learner.trace_bytes() == allocated > learner.analysis.trace_bytes("es_d_rtrl")
+    assert f"traces of this learner: {allocated} bytes" in learner.summary()
 
 
 @pytest.mark.parametrize("rank", [0, 2.5, True])

@@ -296,7 +296,7 @@ class Learner(eqx.Module):
         step by part (`program_summary`, which traces the step once)."""
         lines = [self.analysis.summary(), f"algorithm: {self.algorithm}", "per weight:"]
         lines += [f"  {report.line()}" for report in self.report()]
-        lines.append(f"traces of this learner: {self._trace_bytes()} bytes{factorised.memory_note(self.plan)}")
+        lines.append(f"traces of this learner: {self.trace_bytes()} bytes{factorised.memory_note(self.plan)}")
         per_step = sequence.deferred_bytes(self)
         if per_step:
             chunk = max(1, sequence.DEFERRED_BYTES // per_step)
@@ -308,8 +308,9 @@ class Learner(eqx.Module):
             lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"
 
-    def _trace_bytes(self) -> int:
-        """Bytes of the traces `init()` allocates (credit chains and factors' bookkeeping included)."""
+    def trace_bytes(self) -> int:
+        """Bytes of the traces `init()` allocates, for this learner's algorithm and options (a factorisation's
+        K pairs of factors, credit chains and the factors' bookkeeping included)."""
         shapes = jax.eval_shape(lambda: self.init()["traces"])
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 

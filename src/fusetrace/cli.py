@@ -590,7 +590,7 @@ def _finish(config, run_dir, model, learner, trainer, spec, state, history, seco
         "final_accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
         "accuracy_window": window,
         "history": history,
-        "trace_bytes": None if config.algorithm in BASELINES else learner.analysis.trace_bytes(config.algorithm),
+        "trace_bytes": None if config.algorithm in BASELINES else learner.trace_bytes(),  # with its options
     }
     if config.test_batches:
         summary["test"] = _test(trainer, config, run_dir, state)
