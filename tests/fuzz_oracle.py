@@ -421,7 +421,7 @@ def _check_references(spec: fm.Spec, learners: dict, sums: dict, outcome: Outcom
 def _numbers(x) -> np.ndarray:
     """A leaf's numbers: a quantity's mantissa, a random key's data (dropout's key is part of the state)."""
     x = u.get_mantissa(x)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended):
+    if jnp.issubdtype(x.dtype, jax.dtypes.extended):
         x = jax.random.key_data(x)
     return np.asarray(x, float)
 

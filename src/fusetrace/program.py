@@ -27,6 +27,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._compat import ClosedJaxpr, Jaxpr, JaxprEqn, aval_shape
@@ -149,7 +150,7 @@ def _nbytes(aval) -> int:
     dtype = getattr(aval, "dtype", None)
     if dtype is None or dtype == np.dtype("O"):
         return 0
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if jnp.issubdtype(dtype, jax.dtypes.extended):
         return _size(aval) * int(getattr(dtype, "itemsize", 0) or 0)
     return _size(aval) * np.dtype(dtype).itemsize
 
