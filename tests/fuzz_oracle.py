@@ -5,7 +5,8 @@ For a `fuzz_models.Spec` (float64, `spec.steps` steps, weights fixed; the online
 
 1. BPTT through brainstate (`brainstate.transform.grad` of Σ_t loss over `for_loop`) on a twin model, with
    every spiking population's firing rate; a model whose spiking populations are silent or saturated is
-   rejected (it would test nothing).
+   rejected (it would test nothing), and so is one whose hidden state overflows (the model diverges, read
+   by the loss or not).
 2. Per algorithm: `fusetrace.compile` either succeeds or raises a `FusetraceError` with the four-part
    message; anything else is a bug. A compiled learner runs the sequence (all algorithms in one jitted
    program); the step must not fail.
@@ -126,8 +127,9 @@ def _step_input(inputs: tuple):
 # --------------------------------------------------------------------------- BPTT
 
 
-def bptt(spec: fm.Spec) -> tuple[dict, dict]:
-    """`({weight path: BPTT gradient}, {population index: spikes per neuron and step})` on a twin model."""
+def bptt(spec: fm.Spec) -> tuple[dict, dict, bool]:
+    """`({weight path: BPTT gradient}, {population index: spikes per neuron and step}, finite)` on a twin
+    model, `finite` whether every hidden state stayed finite at every step."""
     model = fm.build(spec)
     inputs, target = sequence(spec)
     loss = make_loss(spec)
