@@ -10,8 +10,9 @@ with τ 20 ms, squared error against random targets every step):
   recurrent            — the same layer with a recurrent projection (its own synapse, τ 8 ms);
   two_layer            — two feed-forward LIF layers + readout;
   three_layer          — three feed-forward LIF layers + readout (hidden weights scaled so that the
-                         deeper layers fire: 15, 5 and 0.7 Hz; at the two-layer model's scale the
-                         third layer is silent and the second fires at 0.5 Hz);
+                         deeper layers fire: 15, 5 and 0.7 Hz);
+  three_layer_silent   — the same at the two-layer model's scale: the third layer is silent and the
+                         second fires at 0.5 Hz (the readout's weight gets no gradient at all);
   two_layer_recurrent  — two recurrent LIF layers + readout.
 The online estimate is Σ_t of each step's gradient with the weights held fixed; BPTT is
 brainstate.transform.grad of Σ_t loss. braintrace runs through `etrace_grad(..., reduction="sum")`,
@@ -36,6 +37,7 @@ MODELS = {
     "recurrent": {"layers": 1, "recurrent": True},
     "two_layer": {"layers": 2, "recurrent": False},
     "three_layer": {"layers": 3, "recurrent": False, "hidden_scale": 10.0},  # deeper layers fire (15, 5, 0.7 Hz)
+    "three_layer_silent": {"layers": 3, "recurrent": False},  # third layer silent, second at 0.5 Hz
     "two_layer_recurrent": {"layers": 2, "recurrent": True},
 }
 FUSETRACE = [("d_rtrl", {}), ("e_prop", {})] + [("es_d_rtrl", {"decay": d}) for d in (0.5, 0.9, 0.99)]

@@ -9,7 +9,8 @@ weight (per-weight traces) or op-layout cotangents for every relation sharing th
 The recursion and its exactness are in `passes.chains`. Per step, each stage's dynamics are reduced to
 one `(S, S)` block `D̄_c` and one `S`-vector `F̄_c` per class of units: the class representative's
 (exact classes), or the class mean weighted by the surrogate derivatives of the units' spikes (a
-nonlinear or crowded group).
+nonlinear or crowded group); a resolved node (`Node.resolved`) keeps each unit's own `D` and `F` and
+enters the path's pullback of each unit at this step (`_advance_resolved`).
 """
 
 import functools
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import derive, factorised
+from . import components, derive, factorised
 from .per_weight import contract, layout_of, per_state, used_trace
 from .structure import state_structure
 
@@ -115,7 +116,6 @@ def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
     new = dict(new)
     nodes = {node.key: node for node in plan.chains}
     for node in plan.chains:
-        f, d = _stage_scalars(analysis, plan, values, node.stage, node.unit_class[-1], cache)
         if node.parent is None:
             with jax.named_scope("injection"):
                 entering = _injection(analysis, plan, values, node, old, new, cache)
@@ -123,6 +123,10 @@ def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
             parent = nodes[node.parent]
             source = new if node.stage.link_new else old
             entering = source[node.parent][parent.states.index(node.read_state[-1])]
+        if node.resolved:
+            new[node.key] = _advance_resolved(analysis, plan, values, node, entering, old, cache)
+            continue
+        f, d = _stage_scalars(analysis, plan, values, node.stage, node.unit_class[-1], cache)
         previous = dict(zip(node.states, old[node.key], strict=True))
         reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
         values_new = []
@@ -134,6 +138,89 @@ def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
             values_new.append(total)
         new[node.key] = tuple(values_new)
     return new
+
+
+def _advance_resolved(analysis, plan, values, node, entering, old: dict, cache: dict) -> tuple:
+    """A resolved node's new trace (`Node.resolved`), one slice per unit `o` of its last stage (a trailing
+    axis): `q_o ← D_o q_o + F_o · (C_o ⊙ In)`, with `D_o`, `F_o` the unit's own dynamics and `C_o` the
+    unit's op output pulled back through the whole path at this step, the step the credit enters it."""
+    times = _times(analysis, plan, values, node.owner)
+    paths = _unit_paths(analysis, plan, values, node, entering.dtype, cache)  # (owner's group layout, U)
+    entering = jax.vmap(lambda c: times(c, entering), in_axes=-1, out_axes=-1)(paths)
+    d, f = _unit_factors(analysis, plan, values, node.stage, cache)
+    previous = dict(zip(node.states, old[node.key], strict=True))
+    reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
+    out = []
+    for s in node.states:
+        total = _per_unit(analysis, node, times, f[..., s], entering) if s in injected else jnp.zeros_like(entering)
+        for t in reads[s]:
+            if t in previous:
+                total = total + _per_unit(analysis, node, times, d[..., s, t], previous[t])
+        out.append(total)
+    return tuple(out)
+
+
+def _times(analysis, plan, values, owner_index: int):
+    """`(c, q) -> c ⊙ q`: a signal in the owner's group layout times a trace laid out like the owner's
+    (per weight, or the factorised owner's neuron layout)."""
+    owner = analysis.relations[owner_index]
+    if not factorised.factorised(plan.algorithm, owner):
+        layout = layout_of(analysis, owner, values)
+        return lambda c, q: layout.gather(c) * q
+    if factorised.has_components(plan):
+        batched = analysis.batch_size is not None
+        return lambda c, q: components.with_components(c, batched) * q
+    return lambda c, q: c * q
+
+
+def _per_unit(analysis, node, times, x: jax.Array, q: jax.Array) -> jax.Array:
+    """A resolved trace `q (..., U)` times `x (B, U)` (or `(U,)` unbatched): unit `o`'s slice scaled by
+    `x[..., o]`, the same number for every element of a batch entry."""
+    shape = analysis.group_named(analysis.relations[node.owner].group).shape
+    batched = analysis.batch_size is not None
+
+    def one(x_o, q_o):
+        c = jnp.reshape(x_o, x_o.shape + (1,) * (len(shape) - 1)) if batched else x_o
+        return times(jnp.broadcast_to(c, shape).astype(q_o.dtype), q_o)
+
+    return jax.vmap(one, in_axes=(-1, -1), out_axes=-1)(x, q)
+
+
+def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
+    """`(D, F)` of a resolved stage, per unit: `(B, U, S, S)` and `(B, U, S)` (no batch axis unbatched)."""
+    key = ("unit factors", stage.group, stage.via)
+    if key not in cache:
+        group = analysis.group_named(stage.group)
+        d, by_relation = cache.get((DERIVATIVES, stage.group), (None, {}))
+        f = by_relation.get(factorised.post_owner(plan.algorithm, analysis.relations, stage.via))
+        if d is None or f is None:
+            d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
+        lead = () if analysis.batch_size is None else (analysis.batch_size,)
+        units = stage.classes.masks[0].size
+        cache[key] = (jnp.reshape(d, (*lead, units, *d.shape[-2:])), jnp.reshape(f, (*lead, units, f.shape[-1])))
+    return cache[key]
+
+
+def _unit_paths(analysis, plan, values, node, dtype, cache: dict) -> jax.Array:
+    """`C`: per unit `o` of a resolved node's last stage, a unit cotangent on its op output pulled back
+    through every stage to the owner's group at this step — `(owner's group layout, U)`."""
+    group = analysis.group_named(node.stage.group)
+    units = node.stage.classes.masks[0].size
+    lead = () if analysis.batch_size is None else (analysis.batch_size,)
+    eye = jnp.eye(units, dtype=dtype)
+    pulls = [
+        _pull(
+            analysis,
+            plan,
+            values,
+            node,
+            ("unit", o),
+            jnp.reshape(jnp.broadcast_to(eye[o], (*lead, units)), group.shape),
+            cache,
+        )
+        for o in range(units)
+    ]
+    return jnp.stack(pulls, axis=-1)
 
 
 def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cache: dict) -> jax.Array:
@@ -202,6 +289,34 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
         group = analysis.group_named(node.stage.group)
         for read, delta, traces in ((node.read, delta_new, new), (node.read_prev, delta_prev, old)):
             if not read:
+                continue
+            if node.resolved:  # pulled where the credit entered: Σ_s Σ_o δ_s[o] q_s[..., o]
+                q = dict(zip(node.states, traces[node.key], strict=True))
+                times = _times(analysis, plan, values, node.owner)
+                lead = () if analysis.batch_size is None else (analysis.batch_size,)
+                read_out = functools.reduce(
+                    jnp.add,
+                    [
+                        jnp.sum(
+                            _per_unit(analysis, node, times, jnp.reshape(delta[group.leaves[s]], (*lead, -1)), q[s]), -1
+                        )
+                        for s in read
+                    ],
+                )
+                ones = jnp.ones(analysis.group_named(analysis.relations[node.owner].group).shape, read_out.dtype)
+                _add_terms(
+                    analysis,
+                    plan,
+                    values,
+                    node,
+                    {0: ones},
+                    {0: read_out},
+                    traces,
+                    traces is old,
+                    step,
+                    terms,
+                    cotangents,
+                )
                 continue
             kind = "new" if traces is new else "previous"
             with jax.named_scope("pull"):

@@ -32,7 +32,7 @@ from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
 
 from . import credit, derive, factorised, per_weight
-from .chains import Node, plan_chains
+from .chains import Node, group_units, plan_chains
 from .factorised import FACTORISATIONS
 from .layout import layout_kind, trace_shape
 from .structure import output_sources
@@ -269,8 +269,12 @@ def chain_trace_shape(analysis: Analysis, plan: Plan, node: Node) -> tuple[tuple
     owner = analysis.relations[node.owner]
     dtype = analysis.captured.leaves[owner.weight_leaf].dtype
     if factorised.factorised(plan.algorithm, owner):
-        return factorised.chain_shape(analysis, plan, node.owner), dtype
-    return trace_shape(analysis, owner, per_weight.kind_of(analysis, owner)), dtype
+        shape = factorised.chain_shape(analysis, plan, node.owner)
+    else:
+        shape = trace_shape(analysis, owner, per_weight.kind_of(analysis, owner))
+    if node.resolved:  # one slice per unit of the last stage
+        shape = (*shape, group_units(analysis, analysis.group_named(node.stage.group)))
+    return tuple(shape), dtype
 
 
 def _group_delta(group, delta: dict) -> jax.Array:

@@ -6,10 +6,12 @@ benchmarks/fidelity.py.
 
 Linear time-invariant paths (d_rtrl / e_prop must be exact through them):
   `per_unit_tau`, `trainable_tau` (scalar or per unit), `previous_spikes`, `readouts_in_series`.
-Nonlinear paths (approximate): `deep` (2-3 feed-forward spiking layers, LIF or ALIF, Expon or DualExpon,
-leaky or instantaneous readout), `spiking_output`, `ei` (E and I populations, I reads E's new spikes,
-E reads I's previous ones; dense or EventFixedProb), `stacked_recurrent`; `Ring(populations)`: any number
-of populations in a loop (the program-size test grows it).
+Nonlinear paths: `deep` (2-3 feed-forward spiking layers, LIF or ALIF, Expon or DualExpon, leaky or
+instantaneous readout), `spiking_output`, `ei` (E and I populations, I reads E's new spikes, E reads I's
+previous ones; dense or EventFixedProb), `stacked_recurrent`; `Ring(populations)`: any number of
+populations in a loop (the program-size test grows it). Exact under d_rtrl / e_prop where the only
+nonlinear stage is a small last one (`SMALL_LAST`: kept per unit); approximate through a nonlinear group
+in the middle of a path or a wide last one (`two_layer_wide_linear`).
 """
 
 import brainpy  # noqa: F401  (brainpy.state lives inside brainpy >= 2.9)
@@ -227,6 +229,7 @@ BUILDERS = {
     "readouts_in_series": lambda: OneLayer("series"),
     "two_layer_leaky": lambda: Deep((8, 6), "leaky"),
     "two_layer_linear": lambda: Deep((8, 6), "linear"),
+    "two_layer_wide_linear": lambda: Deep((8, 20), "linear"),  # a last layer too wide to keep per unit
     "two_layer_alif_dualexpon": lambda: Deep((8, 6), "leaky", alif=True, syn="dualexpon"),
     "three_layer_leaky": lambda: Deep((8, 6, 5), "leaky"),
     "three_layer_alif_linear": lambda: Deep((8, 6, 5), "linear", alif=True),
@@ -237,6 +240,8 @@ BUILDERS = {
     "normalised_readout": NormalisedReadout,
 }
 LTI = ("per_unit_tau", "trainable_tau", "trainable_tau_per_unit", "previous_spikes", "readouts_in_series")
+# a nonlinear group (or a mixing link) as the last stage of every credit path, small enough to keep per unit
+SMALL_LAST = ("two_layer_linear", "spiking_output", "normalised_readout")
 
 
 def build(name: str, batch_size: int | None, seed: int = 0):

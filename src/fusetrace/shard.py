@@ -329,8 +329,15 @@ class _Rules:
         for node in plan.chains:  # credit traces are laid out like their owner's trace (one array per state)
             relation = relations[node.owner]
             part = "post" if plan.algorithm == "es_d_rtrl" and not relation.elementwise else "eps"
-            out[node.key] = self._trace_tree(node.key, values[node.key], relation, part)
+            if node.resolved:  # the owner's layout and a trailing axis of the last stage's units (kept whole)
+                out[node.key] = tuple(self._with_units(node.key, x.shape, relation, part) for x in values[node.key])
+            else:
+                out[node.key] = self._trace_tree(node.key, values[node.key], relation, part)
         return out
+
+    def _with_units(self, what: str, shape, relation, part: str) -> NamedSharding:
+        inner = self._trace(what, shape[:-1], relation, part)
+        return NamedSharding(inner.mesh, P(*inner.spec, *([None] * (len(shape) - 1 - len(inner.spec))), None))
 
     def _trace_tree(self, what: str, value, relation, part: str):
         """Shardings of one trace entry: an array, or a tuple of arrays (one per state)."""
