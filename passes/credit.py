@@ -186,6 +186,11 @@ def _per_unit(analysis, node, times, x: jax.Array, q: jax.Array) -> jax.Array:
     return jax.vmap(one, in_axes=(-1, -1), out_axes=-1)(x, q)
 
 
+def _lead(analysis) -> tuple[int, ...]:
+    """The batch axis of a group-layout array, as a shape prefix (empty unbatched)."""
+    return () if analysis.batch_size is None else (analysis.batch_size,)
+
+
 def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
     """`(D, F)` of a resolved stage, per unit: `(B, U, S, S)` and `(B, U, S)` (no batch axis unbatched)."""
     key = ("unit factors", stage.group, stage.via)
@@ -195,7 +200,7 @@ def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array
         f = by_relation.get(factorised.post_owner(plan.algorithm, analysis.relations, stage.via))
         if d is None or f is None:
             d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
-        lead = () if analysis.batch_size is None else (analysis.batch_size,)
+        lead = _lead(analysis)
         units = stage.classes.masks[0].size
         cache[key] = (jnp.reshape(d, (*lead, units, *d.shape[-2:])), jnp.reshape(f, (*lead, units, f.shape[-1])))
     return cache[key]
@@ -206,7 +211,7 @@ def _unit_paths(analysis, plan, values, node, dtype, cache: dict) -> jax.Array:
     through every stage to the owner's group at this step — `(owner's group layout, U)`."""
     group = analysis.group_named(node.stage.group)
     units = node.stage.classes.masks[0].size
-    lead = () if analysis.batch_size is None else (analysis.batch_size,)
+    lead = _lead(analysis)
     eye = jnp.eye(units, dtype=dtype)
     pulls = [
         _pull(
@@ -290,32 +295,9 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
         for read, delta, traces in ((node.read, delta_new, new), (node.read_prev, delta_prev, old)):
             if not read:
                 continue
-            if node.resolved:  # pulled where the credit entered: Σ_s Σ_o δ_s[o] q_s[..., o]
-                q = dict(zip(node.states, traces[node.key], strict=True))
-                times = _times(analysis, plan, values, node.owner)
-                lead = () if analysis.batch_size is None else (analysis.batch_size,)
-                read_out = functools.reduce(
-                    jnp.add,
-                    [
-                        jnp.sum(
-                            _per_unit(analysis, node, times, jnp.reshape(delta[group.leaves[s]], (*lead, -1)), q[s]), -1
-                        )
-                        for s in read
-                    ],
-                )
-                ones = jnp.ones(analysis.group_named(analysis.relations[node.owner].group).shape, read_out.dtype)
-                _add_terms(
-                    analysis,
-                    plan,
-                    values,
-                    node,
-                    {0: ones},
-                    {0: read_out},
-                    traces,
-                    traces is old,
-                    step,
-                    terms,
-                    cotangents,
+            if node.resolved:
+                _add_resolved_terms(
+                    analysis, plan, values, node, read, delta, traces, traces is old, step, terms, cotangents
                 )
                 continue
             kind = "new" if traces is new else "previous"
@@ -327,6 +309,21 @@ def gradients(analysis, plan, values, signals, old: dict, new: dict, step, cache
             q = dict(zip(node.states, traces[node.key], strict=True))
             _add_terms(analysis, plan, values, node, pulled, q, traces, traces is old, step, terms, cotangents)
     return terms, cotangents
+
+
+def _add_resolved_terms(analysis, plan, values, node, read, delta, traces, previous: bool, step, terms, cotangents):
+    """A resolved node's gradient terms: its trace was pulled back where the credit entered, so the learning
+    signal is read per unit, `Σ_s Σ_o δ_s[o] q_s[..., o]`, and paired with ones in the owner's layout."""
+    group = analysis.group_named(node.stage.group)
+    q = dict(zip(node.states, traces[node.key], strict=True))
+    times = _times(analysis, plan, values, node.owner)
+    per_unit = [
+        _per_unit(analysis, node, times, jnp.reshape(delta[group.leaves[s]], (*_lead(analysis), -1)), q[s])
+        for s in read
+    ]
+    total = functools.reduce(jnp.add, [jnp.sum(x, -1) for x in per_unit])
+    ones = jnp.ones(analysis.group_named(analysis.relations[node.owner].group).shape, total.dtype)
+    _add_terms(analysis, plan, values, node, {0: ones}, {0: total}, traces, previous, step, terms, cotangents)
 
 
 def _add_terms(analysis, plan, values, node, pulled, q, traces, previous: bool, step, terms, cotangents):
