@@ -208,32 +208,23 @@ def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array
 
 def _unit_paths(analysis, plan, values, node, dtype, cache: dict) -> jax.Array:
     """`C`: per unit `o` of a resolved node's last stage, a unit cotangent on its op output pulled back
-    through every stage to the owner's group at this step — `(owner's group layout, U)`."""
+    through every stage to the owner's group at this step — `(owner's group layout, U)`, the units pulled
+    together (one vmapped map per stage)."""
     group = analysis.group_named(node.stage.group)
-    units = node.stage.classes.masks[0].size
-    lead = _lead(analysis)
-    eye = jnp.eye(units, dtype=dtype)
-    pulls = [
-        _pull(
-            analysis,
-            plan,
-            values,
-            node,
-            ("unit", o),
-            jnp.reshape(jnp.broadcast_to(eye[o], (*lead, units)), group.shape),
-            cache,
-        )
-        for o in range(units)
-    ]
-    return jnp.stack(pulls, axis=-1)
+    units, lead = node.stage.classes.masks[0].size, _lead(analysis)
+    eye = jnp.eye(units, dtype=dtype).reshape((units, *(1 for _ in lead), units))
+    eye = jnp.broadcast_to(eye, (units, *lead, units))
+    pulled = _pull(analysis, plan, values, node, ("units",), jnp.reshape(eye, (units, *group.shape)), cache, True)
+    return jnp.moveaxis(pulled, 0, -1)
 
 
-def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cache: dict) -> jax.Array:
+def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cache: dict, stacked=False) -> jax.Array:
     """The learning signal `cotangent` on the last stage's units, carried back through every stage to the
     values of the owner's group that the first link reads. `signal` names `cotangent` (a hashable key):
     each partial pull is named by what it is made of and computed once per step, so chains that share
     their last stages (other owners upstream, d_rtrl's several owners per group, the readout's pull to
-    every population) share those pulls."""
+    every population) share those pulls. `stacked`: `cotangent` holds several signals along a leading
+    axis, each pulled alike (one vmapped map per stage)."""
     stages = node.stages
     last = stages[-1]
     key = ("pull", signal, last.via, node.unit_class[-1])
@@ -242,9 +233,15 @@ def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cac
         stage = stages[j]
         via = analysis.relations[stage.via]
         key = (key, "credit", stage.via)
-        c = _once(cache, key, functools.partial(_to_input(analysis, plan, values, via, cache), via, c))
+        c = _once(
+            cache,
+            key,
+            functools.partial(
+                _apply, functools.partial(_to_input(analysis, plan, values, via, cache), via), c, stacked
+            ),
+        )
         key = (key, "link", stage.link)
-        c = _once(cache, key, functools.partial(_to_link(analysis, values, stage, cache), c))
+        c = _once(cache, key, functools.partial(_apply, _to_link(analysis, values, stage, cache), c, stacked))
         if j > 0:
             before, read, unit_class = stages[j - 1], node.read_state[j], node.unit_class[j - 1]
             key = (key, "sensitivity", stage.link_new, read, before.via, unit_class)
@@ -255,6 +252,10 @@ def _pull(analysis, plan, values, node, signal: tuple, cotangent: jax.Array, cac
 
             c = _once(cache, key, scaled)
     return c
+
+
+def _apply(linear_map, c: jax.Array, stacked: bool) -> jax.Array:
+    return jax.vmap(linear_map)(c) if stacked else linear_map(c)
 
 
 def _once(cache: dict, key, compute):
