@@ -395,7 +395,7 @@ def _unit_shape(analysis: Analysis, group) -> tuple[int, ...]:
 def _signatures(analysis: Analysis, group, via, values) -> np.ndarray:
     """Per unit, its `D` and `F` over the batch entries: `(units, B·(S·S + S))`."""
     d, (f,) = derive.transition_derivatives(analysis, group, [via], values)
-    n_units = int(np.prod(_unit_shape(analysis, group), dtype=int))
+    n_units = group_units(analysis, group)
     rows = []
     for part in (np.asarray(d), np.asarray(f)):
         batch = part.shape[0] if analysis.batch_size is not None else 1

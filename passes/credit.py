@@ -43,14 +43,8 @@ def _stage_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Arra
     if key in cache:
         return cache[key]
     group = analysis.group_named(stage.group)
-    d, by_relation = cache.get((DERIVATIVES, stage.group), (None, {}))
-    f = by_relation.get(factorised.post_owner(plan.algorithm, analysis.relations, stage.via))
-    if d is None or f is None:
-        d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
-    batch = analysis.batch_size or 1
-    n_units = stage.classes.masks[0].size
-    d = jnp.reshape(d, (batch, n_units, *d.shape[-2:]))
-    f = jnp.reshape(f, (batch, n_units, f.shape[-1]))
+    d, f = _per_unit_factors(analysis, plan, values, stage, cache)
+    batch, n_units = f.shape[:2]
     if stage.classes.exact:
         reps = jnp.asarray(stage.classes.representatives)
         cache[key] = (d[0, reps], f[0, reps])
@@ -127,17 +121,25 @@ def advance(analysis, plan, values, old: dict, new: dict, cache: dict) -> dict:
             new[node.key] = _advance_resolved(analysis, plan, values, node, entering, old, cache)
             continue
         f, d = _stage_scalars(analysis, plan, values, node.stage, node.unit_class[-1], cache)
-        previous = dict(zip(node.states, old[node.key], strict=True))
-        reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
-        values_new = []
-        for s in node.states:
-            total = f[s] * entering if s in injected else jnp.zeros_like(entering)
-            for t in reads[s]:
-                if t in previous:
-                    total = total + d[s][t] * previous[t]
-            values_new.append(total)
-        new[node.key] = tuple(values_new)
+        new[node.key] = _recursion(
+            analysis, node, entering, old, lambda s, x, f=f: f[s] * x, lambda s, t, x, d=d: d[s][t] * x
+        )
     return new
+
+
+def _recursion(analysis, node, entering, old: dict, injected_term, carried_term) -> tuple:
+    """A node's new trace, state by state: `q_s ← Σ_t D_st q_t + F_s · In` over the terms the group's
+    structure keeps (`injected_term(s, In)`, `carried_term(s, t, q_t)`)."""
+    previous = dict(zip(node.states, old[node.key], strict=True))
+    reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
+    out = []
+    for s in node.states:
+        total = injected_term(s, entering) if s in injected else jnp.zeros_like(entering)
+        for t in reads[s]:
+            if t in previous:
+                total = total + carried_term(s, t, previous[t])
+        out.append(total)
+    return tuple(out)
 
 
 def _advance_resolved(analysis, plan, values, node, entering, old: dict, cache: dict) -> tuple:
@@ -147,17 +149,17 @@ def _advance_resolved(analysis, plan, values, node, entering, old: dict, cache: 
     times = _times(analysis, plan, values, node.owner)
     paths = _unit_paths(analysis, plan, values, node, entering.dtype, cache)  # (owner's group layout, U)
     entering = jax.vmap(lambda c: times(c, entering), in_axes=-1, out_axes=-1)(paths)
-    d, f = _unit_factors(analysis, plan, values, node.stage, cache)
-    previous = dict(zip(node.states, old[node.key], strict=True))
-    reads, injected, _ = state_structure(analysis, analysis.group_named(node.stage.group), node.stage.source)
-    out = []
-    for s in node.states:
-        total = _per_unit(analysis, node, times, f[..., s], entering) if s in injected else jnp.zeros_like(entering)
-        for t in reads[s]:
-            if t in previous:
-                total = total + _per_unit(analysis, node, times, d[..., s, t], previous[t])
-        out.append(total)
-    return tuple(out)
+    d, f = _per_unit_factors(analysis, plan, values, node.stage, cache)
+    if analysis.batch_size is None:
+        d, f = d[0], f[0]
+    return _recursion(
+        analysis,
+        node,
+        entering,
+        old,
+        lambda s, x: _per_unit(analysis, node, times, f[..., s], x),
+        lambda s, t, x: _per_unit(analysis, node, times, d[..., s, t], x),
+    )
 
 
 def _times(analysis, plan, values, owner_index: int):
@@ -191,8 +193,9 @@ def _lead(analysis) -> tuple[int, ...]:
     return () if analysis.batch_size is None else (analysis.batch_size,)
 
 
-def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
-    """`(D, F)` of a resolved stage, per unit: `(B, U, S, S)` and `(B, U, S)` (no batch axis unbatched)."""
+def _per_unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array, jax.Array]:
+    """`(D, F)` of a stage's group, per unit: `(B, U, S, S)` and `(B, U, S)` (B = 1 unbatched) — the
+    group's own traces' (`DERIVATIVES` in `cache`) where they hold the via's `F`."""
     key = ("unit factors", stage.group, stage.via)
     if key not in cache:
         group = analysis.group_named(stage.group)
@@ -200,9 +203,8 @@ def _unit_factors(analysis, plan, values, stage, cache: dict) -> tuple[jax.Array
         f = by_relation.get(factorised.post_owner(plan.algorithm, analysis.relations, stage.via))
         if d is None or f is None:
             d, (f,) = derive.transition_derivatives(analysis, group, [analysis.relations[stage.via]], values)
-        lead = _lead(analysis)
-        units = stage.classes.masks[0].size
-        cache[key] = (jnp.reshape(d, (*lead, units, *d.shape[-2:])), jnp.reshape(f, (*lead, units, f.shape[-1])))
+        batch, units = analysis.batch_size or 1, stage.classes.masks[0].size
+        cache[key] = (jnp.reshape(d, (batch, units, *d.shape[-2:])), jnp.reshape(f, (batch, units, f.shape[-1])))
     return cache[key]
 
 

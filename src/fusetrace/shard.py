@@ -337,7 +337,7 @@ class _Rules:
 
     def _with_units(self, what: str, shape, relation, part: str) -> NamedSharding:
         inner = self._trace(what, shape[:-1], relation, part)
-        return NamedSharding(inner.mesh, P(*inner.spec, *([None] * (len(shape) - 1 - len(inner.spec))), None))
+        return NamedSharding(inner.mesh, P(*inner.spec, None))  # `_spec` names every axis of shape[:-1]
 
     def _trace_tree(self, what: str, value, relation, part: str):
         """Shardings of one trace entry: an array, or a tuple of arrays (one per state)."""
