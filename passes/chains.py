@@ -30,6 +30,15 @@ like es_d_rtrl's factorisation. A group-to-group edge that cannot carry a chain 
 excluded, or its input is not a linear view of the group's values) and paths longer than the depth limit
 are dropped, with a note.
 
+A group that reads its own previous values through weights (a recurrent layer, the E population of an
+E/I loop) is a loop the chain cannot follow to the end, but it can unroll it: after a node whose stage is
+that group comes a node for one more round through the group's own recurrent weights (the same group,
+entered through the recurrent op), up to `hops` rounds (compile option `loop_hops`), each a stage toward
+the depth limit. The gradient is then the one with the loop truncated after that many rounds (exact for
+that truncation through a linear group; on a small sparse E/I network one round took the E -> I weights'
+cosine at one seed from 0.73 to 0.94). Not unrolled: the owner's own group (its recurrence is the
+algorithm's own trace), a node kept per unit, and loops through two or more groups.
+
 A last stage (no credit goes on from it) that would not be exact and has at most `RESOLVED_MAX_UNITS`
 units — a readout, a spiking output population, a second layer read by a `Linear` — is *resolved*: its
 node keeps one trace per unit `o` (a trailing axis), `q_o ← D_o q_o + F_o · (C_o ⊙ In)`, with the unit's
@@ -49,6 +58,7 @@ from fusetrace.analysis import Analysis
 from . import derive, factorised
 from .structure import group_edges, looping_groups, prev_read_states, read_states, relation_sources, state_structure
 
+DEFAULT_LOOP_HOPS = 1  # rounds a chain follows a downstream group's own recurrent weights
 MAX_CLASSES = 16  # distinct (D, F) per LTI stage kept exactly; beyond, one averaged class (approximate)
 RESOLVED_MAX_UNITS = 16  # a last stage of at most this many units gets one trace per unit (`Node.resolved`)
 PERTURBATION = 0.37  # relative change of every weight for the second look at an LTI stage's classes
@@ -132,21 +142,23 @@ def trace_owners(analysis: Analysis, algorithm: str, traced) -> list[int]:
     ]
 
 
-def plan_chains(analysis: Analysis, algorithm: str, traced, values, depth: int) -> tuple[tuple[Node, ...], dict]:
+def plan_chains(
+    analysis: Analysis, algorithm: str, traced, values, depth: int, hops: int = DEFAULT_LOOP_HOPS
+) -> tuple[tuple[Node, ...], dict]:
     """`(nodes, notes)`: every needed chain node (parents first) and, per owner relation index, the notes
     on its approximate or dropped credit paths."""
-    planner = _Planner(analysis, values, depth)
+    planner = _Planner(analysis, values, depth, hops)
     nodes, notes = [], {}
     for owner in trace_owners(analysis, algorithm, traced):
         group = analysis.relations[owner].group
         found, reasons = planner.grow(owner, None, (), (), (), (group,))
         nodes += found
         if reasons:
-            notes[owner] = _describe(reasons, planner.depth)
+            notes[owner] = _describe(reasons, planner.depth, planner.hops)
     return tuple(nodes), notes
 
 
-def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
+def _describe(reasons: list[tuple], depth: int, hops: int) -> tuple[str, ...]:
     """The notes of one owner: its nonlinear stage groups in one sentence, then each other reason once."""
     reasons = list(dict.fromkeys(reasons))
     nonlinear = [r[1] for r in reasons if r[0] == "nonlinear"]
@@ -185,6 +197,11 @@ def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
                 f"credit into `{args[0]}` is kept per unit (a trace for each of its {args[1]} units): its own "
                 "dynamics are exact, and the derivatives on the way into it are taken at the step the credit enters it"
             )
+        elif kind == "hops":
+            times = "once" if hops == 1 else f"{hops} times"
+            kept = f"followed {times} around the loop and further rounds are dropped" if hops else "dropped"
+            loop = f"credit around `{args[0]}`'s own recurrent weights (`{args[1]}`)"
+            notes.append(f"{loop} is {kept} (compile option loop_hops)")
         elif kind == "dropped":
             notes.append(f"credit through `{args[0]}` into `{args[1]}` is dropped: {args[2]}")
         elif kind == "depth":
@@ -197,8 +214,8 @@ def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
 class _Planner:
     """The static facts every chain reads (edges, loss reads, classes), computed once per compile."""
 
-    def __init__(self, analysis: Analysis, values, depth: int):
-        self.analysis, self.values, self.depth = analysis, values, depth
+    def __init__(self, analysis: Analysis, values, depth: int, hops: int):
+        self.analysis, self.values, self.depth, self.hops = analysis, values, depth, hops
         self.looping = looping_groups(analysis)
         self.edges = group_edges(analysis)
         self.feeds_loss = _feeds_loss(analysis, self.edges)
@@ -212,8 +229,12 @@ class _Planner:
         for source, target, via in self.edges:
             if source != current or target not in self.feeds_loss:
                 continue
-            if target in visited:  # a loop: its credit is not a finite chain
-                continue
+            if target in visited:  # a loop: its credit is not a finite chain, but a self-loop can be unrolled
+                if not self._round_loop(target, parent, visited):
+                    continue
+                if _rounds(visited) >= self.hops:
+                    reasons.append(("hops", target, analysis.relations[via].weight))
+                    continue
             if len(stages) >= self.depth:
                 reasons.append(("depth", target))
                 continue
@@ -231,6 +252,13 @@ class _Planner:
                     nodes += found
                     reasons += deeper
         return nodes, reasons
+
+    @staticmethod
+    def _round_loop(target: str, parent: Node | None, visited) -> bool:
+        """Whether an edge into a visited group is a downstream group's own recurrence, which a chain may
+        follow (`hops` rounds): not the owner's group (its trace is the algorithm's own) and not out of a
+        node kept per unit."""
+        return parent is not None and not parent.resolved and target == visited[-1] != visited[0]
 
     def _resolvable(self, stage: Stage, parent: Node | None, visited) -> bool:
         """Whether a stage gets one trace per unit (`Node.resolved`): it would not be exact with a trace
@@ -330,6 +358,12 @@ class _Planner:
             source = previous.group if previous is not None else None
             reasons.append(("mixing", source, stage.group))
         return reasons
+
+
+def _rounds(visited) -> int:
+    """How many times the path has gone round its last group's own recurrence (repeats at its end)."""
+    last = visited[-1]
+    return next((k for k, group in enumerate(reversed(visited[:-1])) if group != last), len(visited) - 1)
 
 
 def _feeds_loss(analysis: Analysis, edges) -> set[str]:

@@ -32,7 +32,7 @@ from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
 
 from . import credit, derive, factorised, per_weight
-from .chains import Node, group_units, plan_chains
+from .chains import DEFAULT_LOOP_HOPS, Node, group_units, plan_chains
 from .factorised import FACTORISATIONS
 from .layout import layout_kind, trace_shape
 from .structure import output_sources
@@ -63,12 +63,13 @@ class Plan:
     feedback: dict  # contraction index -> fixed random matrix (e_prop's random feedback), else empty
     depth: int = DEFAULT_CREDIT_DEPTH  # the longest credit chain, in downstream groups
     rank: int = factorised.DEFAULT_RANK  # es_d_rtrl "low_rank": the trace's rank per batch entry
+    hops: int = DEFAULT_LOOP_HOPS  # rounds a chain follows a downstream group's own recurrent weights
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
 
 
-def _check_options(algorithm: str, decay: float, factorisation: str, depth: int) -> None:
+def _check_options(algorithm: str, decay: float, factorisation: str, depth: int, hops: int) -> None:
     if algorithm not in ALGORITHMS:
         raise CompileError(
             four_part(
@@ -105,6 +106,15 @@ def _check_options(algorithm: str, decay: float, factorisation: str, depth: int)
                 fix=f"pass a non-negative int (default {DEFAULT_CREDIT_DEPTH})",
             )
         )
+    if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
+        raise CompileError(
+            four_part(
+                what=f"loop_hops={hops!r}",
+                where="fusetrace.compile(..., loop_hops=...)",
+                why="it counts the rounds a credit chain follows a downstream group's own recurrent weights (0: none)",
+                fix=f"pass a non-negative int (default {DEFAULT_LOOP_HOPS})",
+            )
+        )
 
 
 def make_plan(
@@ -119,8 +129,9 @@ def make_plan(
     feedback_seed: int = 0,
     depth: int = DEFAULT_CREDIT_DEPTH,
     rank: int | None = None,
+    hops: int = DEFAULT_LOOP_HOPS,
 ) -> Plan:
-    _check_options(algorithm, decay, factorisation, depth)
+    _check_options(algorithm, decay, factorisation, depth, hops)
     notes: dict[str, list[str]] = {}
     traced, same_step = [], []
     for index, relation in enumerate(analysis.relations):
@@ -141,7 +152,7 @@ def make_plan(
             continue
         traced.append(index)
     rank = factorised.check_options(analysis, algorithm, factorisation, rank, traced)
-    chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth)
+    chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth, hops)
     for index in traced:
         owner = factorised.post_owner(algorithm, analysis.relations, index)
         for note in chain_notes.get(owner, ()):
@@ -161,6 +172,7 @@ def make_plan(
         matrices,
         depth,
         rank,
+        hops,
     )
 
 

@@ -165,6 +165,43 @@ class EI(brainstate.nn.Module):
         return self.out(spikes)
 
 
+class LinearLoop(brainstate.nn.Module):
+    """A LIF layer read by a linear rate population with its own recurrent weights,
+    `r ← 0.8 r + s W_in + r_prev W_rec`, read by a `Linear`. With `rounds=k` the loop is unrolled into
+    `k + 1` copies of the population, copy `j` driven by copy `j − 1`'s previous values through the same
+    `W_rec` and the readout reading their sum: its gradient is the full model's truncated after `k`
+    rounds of the loop (the definition of `loop_hops=k`; exact under a loss linear in the output, whose
+    learning signal does not depend on the forward values the truncation changes)."""
+
+    DECAY = 0.8
+
+    def __init__(self, rounds: int | None = None, n: int = 6, n_rate: int = 20, n_out: int = 3):
+        super().__init__()
+        self.n_rate, self.copies = n_rate, 1 if rounds is None else rounds + 1
+        self.looped = rounds is None
+        self.neuron = neuron(n)
+        self.inp = current(N_IN, n, self.neuron)
+        self.w_in = brainstate.nn.Linear(n, n_rate, w_init=braintools.init.KaimingNormal(), b_init=None)
+        self.w_rec = brainstate.nn.Linear(n_rate, n_rate, w_init=braintools.init.KaimingNormal(scale=0.1), b_init=None)
+        self.out = brainstate.nn.Linear(n_rate, n_out, w_init=braintools.init.KaimingNormal(), b_init=None)
+
+    def init_state(self, batch_size=None, **kwargs):
+        for j in range(self.copies):
+            value = braintools.init.param(braintools.init.Constant(0.0), (self.n_rate,), batch_size)
+            setattr(self, f"r{j}", brainstate.HiddenState(value))
+
+    def update(self, x):
+        self.inp(x)
+        spikes = self.neuron(0.0 * u.mA)
+        rates = [getattr(self, f"r{j}") for j in range(self.copies)]
+        previous = [r.value for r in rates]
+        loop = self.w_rec(previous[0]) * (1.0 if self.looped else 0.0)  # (unrolled: read, so BPTT sees W_rec)
+        rates[0].value = self.DECAY * previous[0] + self.w_in(spikes) + loop
+        for j in range(1, self.copies):
+            rates[j].value = self.DECAY * previous[j] + self.w_rec(previous[j - 1])
+        return self.out(sum(r.value for r in rates))
+
+
 class StackedRecurrent(brainstate.nn.Module):
     """Two recurrent LIF layers in a stack (each reads its own previous spikes), then a leaky readout."""
 
@@ -237,6 +274,7 @@ BUILDERS = {
     "ei_dense": lambda: EI("dense"),
     "ei_sparse": lambda: EI("sparse"),
     "stacked_recurrent": StackedRecurrent,
+    "linear_loop": LinearLoop,
     "normalised_readout": NormalisedReadout,
 }
 LTI = ("per_unit_tau", "trainable_tau", "trainable_tau_per_unit", "previous_spikes", "readouts_in_series")

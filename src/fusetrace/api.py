@@ -21,7 +21,15 @@ from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
 from .naming import Names
 from .passes import derive, factorised
-from .passes.fuse import DEFAULT_CREDIT_DEPTH, Plan, by_weight_leaf, fused_step, init_traces, make_plan
+from .passes.fuse import (
+    DEFAULT_CREDIT_DEPTH,
+    DEFAULT_LOOP_HOPS,
+    Plan,
+    by_weight_leaf,
+    fused_step,
+    init_traces,
+    make_plan,
+)
 from .passes.gates import split_gates
 from .passes.hidden import find_groups
 from .passes.relations import find_relations
@@ -390,6 +398,7 @@ def compile(
     regularizer: Callable[[brainstate.nn.Module], Any] | None = None,
     credit_depth: int = DEFAULT_CREDIT_DEPTH,
     rank: int | None = None,
+    loop_hops: int = DEFAULT_LOOP_HOPS,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -425,6 +434,10 @@ def compile(
             a note in `explain`. 0 keeps only the credit of groups the loss reads directly.
         rank: the rank of es_d_rtrl's trace per batch entry under factorisation="low_rank" (default
             `fusetrace.passes.factorised.DEFAULT_RANK`); an error with any other factorisation.
+        loop_hops: how many times a credit chain follows a downstream group's own recurrent weights (the
+            E population of an E/I loop reading its own spikes, a recurrent second layer): each round is one
+            more credit trace per chain, and further rounds are dropped with a note (docs/concepts.md).
+            The weights' own group's recurrence is not followed: that is the algorithm's own trace.
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -481,6 +494,7 @@ def compile(
         feedback_seed=feedback_seed,
         depth=credit_depth,
         rank=rank,
+        hops=loop_hops,
     )
     analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]
