@@ -42,6 +42,7 @@ MODELS = {
 }
 FUSETRACE = [("d_rtrl", {}), ("e_prop", {})] + [("es_d_rtrl", {"decay": d}) for d in (0.5, 0.9, 0.99)]
 FUSETRACE += [("es_d_rtrl", {"decay": 0.9, "factorisation": f}) for f in ("matched", "low_rank")]  # rank 4
+FUSETRACE += [("d_rtrl", {"own_loop_hops": 1}), ("es_d_rtrl", {"decay": 0.9, "own_loop_hops": 1})]  # own recurrence
 PEER = [
     ("D_RTRL", "d_rtrl", {"vjp_method": "single-step"}),
     ("D_RTRL", "d_rtrl", {"vjp_method": "multi-step"}),
@@ -102,7 +103,8 @@ def configs(quick: bool):
     fuse = FUSETRACE if not quick else [("d_rtrl", {}), ("es_d_rtrl", {"decay": common.DECAY})]
     out = []
     for algorithm, options in fuse:
-        label = algorithm + (f"({', '.join(str(v) for v in options.values())})" if options else "")
+        named = [str(v) if k in ("decay", "factorisation") else f"{k}={v}" for k, v in options.items()]
+        label = algorithm + (f"({', '.join(named)})" if options else "")
         out.append(("fusetrace", label, functools.partial(fusetrace_grads, algorithm=algorithm, **options)))
     if common.peer() is not None:
         for name, algorithm, options in PEER if not quick else PEER[:1]:

@@ -40,6 +40,7 @@ CELLS = {
     "vanilla_rnn": ("ValinaRNNCell", {"W": ("W",)}),
 }
 FUSETRACE = [("d_rtrl", {}), ("e_prop", {}), ("es_d_rtrl", {"decay": 0.9})]
+FUSETRACE += [("d_rtrl", {"own_loop_hops": k}) for k in (1, 2)]  # credit round the cell's own recurrence
 PEER = [("D_RTRL", "d_rtrl", {}), ("pp_prop", "pp_prop", {"decay_or_rank": 0.9})]
 TINY = 1e-300
 
@@ -146,7 +147,7 @@ def compare(got: dict, want: dict) -> dict:
 def methods(quick: bool):
     out = []
     for algorithm, options in FUSETRACE if not quick else FUSETRACE[:1]:
-        label = algorithm + (f"({options['decay']})" if options else "")
+        label = algorithm + "".join(f"({v})" if k == "decay" else f"({k}={v})" for k, v in options.items())
         out.append(("fusetrace", label, functools.partial(fusetrace_grads, algorithm=algorithm, **options), False))
     if common.peer() is not None:
         for name, algorithm, options in PEER if not quick else PEER[:1]:

@@ -210,6 +210,8 @@ def gated(result: dict, before: dict | None = None) -> str:
     rows = {(s["cell"], s["library"], s["algorithm"], s["weight"]): s for s in result["summary"]}
     columns = [
         ("fusetrace", "d_rtrl"),
+        ("fusetrace", "d_rtrl(own_loop_hops=1)"),
+        ("fusetrace", "d_rtrl(own_loop_hops=2)"),
         ("braintrace", "D_RTRL"),
         ("fusetrace", "es_d_rtrl(0.9)"),
         ("braintrace", "pp_prop"),

@@ -36,8 +36,10 @@ that group comes a node for one more round through the group's own recurrent wei
 entered through the recurrent op), up to `hops` rounds (compile option `loop_hops`), each a stage toward
 the depth limit. The gradient is then the one with the loop truncated after that many rounds (exact for
 that truncation through a linear group; on a small sparse E/I network one round took the E -> I weights'
-cosine at one seed from 0.73 to 0.94). Not unrolled: the owner's own group (its recurrence is the
-algorithm's own trace), a node kept per unit, and loops through two or more groups.
+cosine at one seed from 0.73 to 0.94). The owner's own group is unrolled the same way, but only on request
+(`own_hops`, compile option `own_loop_hops`, default 0): its per-neuron trace is the algorithm's own
+definition, and each round costs one more trace of the owner's size. Not unrolled: a node kept per unit,
+and loops through two or more groups.
 
 A last stage (no credit goes on from it) that would not be exact and has at most `RESOLVED_MAX_UNITS`
 units — a readout, a spiking output population, a second layer read by a `Linear` — is *resolved*: its
@@ -59,6 +61,7 @@ from . import derive, factorised
 from .structure import group_edges, looping_groups, prev_read_states, read_states, relation_sources, state_structure
 
 DEFAULT_LOOP_HOPS = 1  # rounds a chain follows a downstream group's own recurrent weights
+DEFAULT_OWN_LOOP_HOPS = 0  # rounds it follows the weight's own group's recurrent weights
 MAX_CLASSES = 16  # distinct (D, F) per LTI stage kept exactly; beyond, one averaged class (approximate)
 RESOLVED_MAX_UNITS = 16  # a last stage of at most this many units gets one trace per unit (`Node.resolved`)
 PERTURBATION = 0.37  # relative change of every weight for the second look at an LTI stage's classes
@@ -143,22 +146,28 @@ def trace_owners(analysis: Analysis, algorithm: str, traced) -> list[int]:
 
 
 def plan_chains(
-    analysis: Analysis, algorithm: str, traced, values, depth: int, hops: int = DEFAULT_LOOP_HOPS
+    analysis: Analysis,
+    algorithm: str,
+    traced,
+    values,
+    depth: int,
+    hops: int = DEFAULT_LOOP_HOPS,
+    own_hops: int = DEFAULT_OWN_LOOP_HOPS,
 ) -> tuple[tuple[Node, ...], dict]:
     """`(nodes, notes)`: every needed chain node (parents first) and, per owner relation index, the notes
     on its approximate or dropped credit paths."""
-    planner = _Planner(analysis, values, depth, hops)
+    planner = _Planner(analysis, values, depth, hops, own_hops)
     nodes, notes = [], {}
     for owner in trace_owners(analysis, algorithm, traced):
         group = analysis.relations[owner].group
         found, reasons = planner.grow(owner, None, (), (), (), (group,))
         nodes += found
         if reasons:
-            notes[owner] = _describe(reasons, planner.depth, planner.hops)
+            notes[owner] = _describe(reasons, planner.depth)
     return tuple(nodes), notes
 
 
-def _describe(reasons: list[tuple], depth: int, hops: int) -> tuple[str, ...]:
+def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
     """The notes of one owner: its nonlinear stage groups in one sentence, then each other reason once."""
     reasons = list(dict.fromkeys(reasons))
     nonlinear = [r[1] for r in reasons if r[0] == "nonlinear"]
@@ -198,10 +207,12 @@ def _describe(reasons: list[tuple], depth: int, hops: int) -> tuple[str, ...]:
                 "dynamics are exact, and the derivatives on the way into it are taken at the step the credit enters it"
             )
         elif kind == "hops":
+            group, weight, hops, option = args
             times = "once" if hops == 1 else f"{hops} times"
             kept = f"followed {times} around the loop and further rounds are dropped" if hops else "dropped"
-            loop = f"credit around `{args[0]}`'s own recurrent weights (`{args[1]}`)"
-            notes.append(f"{loop} is {kept} (compile option loop_hops)")
+            notes.append(
+                f"credit around `{group}`'s own recurrent weights (`{weight}`) is {kept} (compile option {option})"
+            )
         elif kind == "dropped":
             notes.append(f"credit through `{args[0]}` into `{args[1]}` is dropped: {args[2]}")
         elif kind == "depth":
@@ -214,8 +225,9 @@ def _describe(reasons: list[tuple], depth: int, hops: int) -> tuple[str, ...]:
 class _Planner:
     """The static facts every chain reads (edges, loss reads, classes), computed once per compile."""
 
-    def __init__(self, analysis: Analysis, values, depth: int, hops: int):
-        self.analysis, self.values, self.depth, self.hops = analysis, values, depth, hops
+    def __init__(self, analysis: Analysis, values, depth: int, hops: int, own_hops: int):
+        self.analysis, self.values, self.depth = analysis, values, depth
+        self.hops, self.own_hops = hops, own_hops
         self.looping = looping_groups(analysis)
         self.edges = group_edges(analysis)
         self.feeds_loss = _feeds_loss(analysis, self.edges)
@@ -232,8 +244,11 @@ class _Planner:
             if target in visited:  # a loop: its credit is not a finite chain, but a self-loop can be unrolled
                 if not self._round_loop(target, parent, visited):
                     continue
-                if _rounds(visited) >= self.hops:
-                    reasons.append(("hops", target, analysis.relations[via].weight))
+                own = all(group == target for group in visited)
+                hops, option = (self.own_hops, "own_loop_hops") if own else (self.hops, "loop_hops")
+                if _rounds(visited) >= hops:
+                    if hops or not own:  # (unrolling none of its own loop is the algorithm's own trace: no note)
+                        reasons.append(("hops", target, analysis.relations[via].weight, hops, option))
                     continue
             if len(stages) >= self.depth:
                 reasons.append(("depth", target))
@@ -255,10 +270,10 @@ class _Planner:
 
     @staticmethod
     def _round_loop(target: str, parent: Node | None, visited) -> bool:
-        """Whether an edge into a visited group is a downstream group's own recurrence, which a chain may
-        follow (`hops` rounds): not the owner's group (its trace is the algorithm's own) and not out of a
-        node kept per unit."""
-        return parent is not None and not parent.resolved and target == visited[-1] != visited[0]
+        """Whether an edge into a visited group is the current group's own recurrence, which a chain may
+        follow round by round (`hops`, or `own_hops` for the owner's group): not out of a node kept per
+        unit (its units' own loop is not followed)."""
+        return (parent is None or not parent.resolved) and target == visited[-1]
 
     def _resolvable(self, stage: Stage, parent: Node | None, visited) -> bool:
         """Whether a stage gets one trace per unit (`Node.resolved`): it would not be exact with a trace

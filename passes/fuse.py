@@ -32,7 +32,7 @@ from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
 
 from . import credit, derive, factorised, per_weight
-from .chains import DEFAULT_LOOP_HOPS, Node, group_units, plan_chains
+from .chains import DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, Node, group_units, plan_chains
 from .factorised import FACTORISATIONS
 from .layout import layout_kind, trace_shape
 from .structure import output_sources
@@ -64,12 +64,13 @@ class Plan:
     depth: int = DEFAULT_CREDIT_DEPTH  # the longest credit chain, in downstream groups
     rank: int = factorised.DEFAULT_RANK  # es_d_rtrl "low_rank": the trace's rank per batch entry
     hops: int = DEFAULT_LOOP_HOPS  # rounds a chain follows a downstream group's own recurrent weights
+    own_hops: int = DEFAULT_OWN_LOOP_HOPS  # rounds it follows the weight's own group's recurrent weights
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
 
 
-def _check_options(algorithm: str, decay: float, factorisation: str, depth: int, hops: int) -> None:
+def _check_options(algorithm: str, decay: float, factorisation: str, depth: int, hops: int, own_hops: int) -> None:
     if algorithm not in ALGORITHMS:
         raise CompileError(
             four_part(
@@ -106,15 +107,20 @@ def _check_options(algorithm: str, decay: float, factorisation: str, depth: int,
                 fix=f"pass a non-negative int (default {DEFAULT_CREDIT_DEPTH})",
             )
         )
-    if not isinstance(hops, int) or isinstance(hops, bool) or hops < 0:
-        raise CompileError(
-            four_part(
-                what=f"loop_hops={hops!r}",
-                where="fusetrace.compile(..., loop_hops=...)",
-                why="it counts the rounds a credit chain follows a downstream group's own recurrent weights (0: none)",
-                fix=f"pass a non-negative int (default {DEFAULT_LOOP_HOPS})",
+    rounds = (
+        ("loop_hops", hops, DEFAULT_LOOP_HOPS, "a downstream group's"),
+        ("own_loop_hops", own_hops, DEFAULT_OWN_LOOP_HOPS, "the weight's own group's"),
+    )
+    for option, value, default, whose in rounds:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CompileError(
+                four_part(
+                    what=f"{option}={value!r}",
+                    where=f"fusetrace.compile(..., {option}=...)",
+                    why=f"it counts the rounds a credit chain follows {whose} own recurrent weights (0: none)",
+                    fix=f"pass a non-negative int (default {default})",
+                )
             )
-        )
 
 
 def make_plan(
@@ -130,8 +136,9 @@ def make_plan(
     depth: int = DEFAULT_CREDIT_DEPTH,
     rank: int | None = None,
     hops: int = DEFAULT_LOOP_HOPS,
+    own_hops: int = DEFAULT_OWN_LOOP_HOPS,
 ) -> Plan:
-    _check_options(algorithm, decay, factorisation, depth, hops)
+    _check_options(algorithm, decay, factorisation, depth, hops, own_hops)
     notes: dict[str, list[str]] = {}
     traced, same_step = [], []
     for index, relation in enumerate(analysis.relations):
@@ -152,7 +159,7 @@ def make_plan(
             continue
         traced.append(index)
     rank = factorised.check_options(analysis, algorithm, factorisation, rank, traced)
-    chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth, hops)
+    chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth, hops, own_hops)
     for index in traced:
         owner = factorised.post_owner(algorithm, analysis.relations, index)
         for note in chain_notes.get(owner, ()):
@@ -173,6 +180,7 @@ def make_plan(
         depth,
         rank,
         hops,
+        own_hops,
     )
 
 

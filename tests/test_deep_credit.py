@@ -185,22 +185,36 @@ def _linear(output, target):
 
 
 @pytest.mark.parametrize("batch, hops", [(BATCH, 0), (BATCH, 1), (BATCH, 2), (None, 1)])
-def test_a_downstream_loop_is_followed_round_by_round(batch, hops):
-    """`loop_hops=k` is the gradient truncated after k rounds of a downstream group's own recurrent weights:
-    d_rtrl on a LIF layer read by a linear recurrent rate population equals BPTT through the same model
-    with its loop unrolled into k + 1 copies (`deep_models.LinearLoop`), to rounding, and says so."""
+def test_a_loop_is_followed_round_by_round(batch, hops):
+    """`loop_hops=k` / `own_loop_hops=k` give the gradient truncated after k rounds of a group's own
+    recurrent weights: d_rtrl on a LIF layer read by a linear recurrent rate population equals BPTT through
+    the same model with its loop unrolled into k + 1 copies (`deep_models.LinearLoop`), to rounding — for
+    the LIF layer's input weight (a downstream loop) and for the population's own input weight (its own
+    loop, beyond d_rtrl's per-neuron trace) — and says so."""
     xs, ys = _data(batch, 30)
     learner, online = online_learner(
-        deep_models.build("linear_loop", batch), xs, ys, "d_rtrl", batch, loss=_linear, loop_hops=hops
+        deep_models.build("linear_loop", batch),
+        xs,
+        ys,
+        "d_rtrl",
+        batch,
+        loss=_linear,
+        loop_hops=hops,
+        own_loop_hops=hops,
     )
     brainstate.random.seed(0)
     unrolled = deep_models.LinearLoop(rounds=hops)
     brainstate.nn.init_all_states(unrolled, batch_size=batch)
     reference = bptt_grads(unrolled, xs, ys, loss=_linear)
-    got, want = _flat(online["inp.comm.weight"]), _flat(reference["inp.comm.weight"])
-    np.testing.assert_allclose(got, want, rtol=0, atol=RTOL_EXACT * np.abs(want).max())
+    for path in ("inp.comm.weight", "w_in.weight"):
+        got, want = _flat(online[path]), _flat(reference[path])
+        np.testing.assert_allclose(got, want, rtol=0, atol=RTOL_EXACT * np.abs(want).max(), err_msg=path)
     times = {0: "is dropped", 1: "is followed once around the loop", 2: "is followed 2 times around the loop"}
     assert times[hops] in learner.explain("inp.comm.weight")
+    if hops:  # (none of its own loop is the algorithm's own trace, said by its loop note)
+        assert f"{times[hops]} and further rounds are dropped (compile option own_loop_hops)" in learner.explain(
+            "w_in.weight"
+        )
 
 
 def test_a_readout_of_a_normalisation_across_the_neurons_passes_credit(monkeypatch):

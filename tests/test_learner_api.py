@@ -166,7 +166,7 @@ def test_bad_options_fail_clearly():
         fusetrace.compile(model, xs[0], loss=_loss, algorithm="es_d_rtrl", decay=1.5, batch_size=BATCH)
     with pytest.raises(fusetrace.errors.CompileError, match="kappa"):
         fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", kappa=0.5, batch_size=BATCH)
-    for option in ("credit_depth", "loop_hops"):
+    for option in ("credit_depth", "loop_hops", "own_loop_hops"):
         for bad in (-1, 1.5, True):
             with pytest.raises(fusetrace.errors.CompileError, match=option):
                 fusetrace.compile(model, xs[0], loss=_loss, algorithm="d_rtrl", batch_size=BATCH, **{option: bad})

@@ -203,17 +203,21 @@ def test_bptt_baseline_equals_d_rtrl_in_the_exact_regime():
 
 
 def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
-    """The es_d_rtrl factorisation and the firing-rate regulariser reach the learner from the command
-    line, are saved in config.json, and the regularised run differs from the plain one."""
+    """The es_d_rtrl factorisation, the credit rounds and the firing-rate regulariser reach the learner from
+    the command line, are saved in config.json, and the regularised run differs from the plain one."""
+    from fusetrace.cli import RunConfig, build
+
     args = ["train", "--task", "copy", "--algorithm", "es_d_rtrl", "--iterations", "2", "--batch", "2"]
     args += ["--factorisation", "averaged", "--option", "lag=5", "--checkpoint-every", "2"]
     assert cli_main([*args, "--run-dir", str(tmp_path / "plain")]) == 0
-    reg = ["--rate-reg", "5", "--target-rate", "0", "--schedule", "cosine"]
+    reg = ["--rate-reg", "5", "--target-rate", "0", "--schedule", "cosine", "--loop-hops", "2", "--own-loop-hops", "1"]
     assert cli_main([*args, *reg, "--run-dir", str(tmp_path / "reg")]) == 0
     capsys.readouterr()
     config = json.loads((tmp_path / "reg" / "config.json").read_text())
     assert config["factorisation"] == "averaged" and config["rate_reg"] == 5.0 and config["target_rate_hz"] == 0.0
-    assert config["schedule"] == "cosine"
+    assert config["schedule"] == "cosine" and (config["loop_hops"], config["own_loop_hops"]) == (2, 1)
+    learner = build(RunConfig(**config))[1]
+    assert (learner.plan.hops, learner.plan.own_hops, learner.plan.factorisation) == (2, 1, "averaged")
     plain, reg = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "reg"))
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 

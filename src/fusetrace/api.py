@@ -24,6 +24,7 @@ from .passes import derive, factorised
 from .passes.fuse import (
     DEFAULT_CREDIT_DEPTH,
     DEFAULT_LOOP_HOPS,
+    DEFAULT_OWN_LOOP_HOPS,
     Plan,
     by_weight_leaf,
     fused_step,
@@ -399,6 +400,7 @@ def compile(
     credit_depth: int = DEFAULT_CREDIT_DEPTH,
     rank: int | None = None,
     loop_hops: int = DEFAULT_LOOP_HOPS,
+    own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -438,6 +440,12 @@ def compile(
             E population of an E/I loop reading its own spikes, a recurrent second layer): each round is one
             more credit trace per chain, and further rounds are dropped with a note (docs/concepts.md).
             The weights' own group's recurrence is not followed: that is the algorithm's own trace.
+        own_loop_hops: how many times a credit chain follows the weight's own group's recurrent weights,
+            beyond the algorithm's per-neuron trace (which drops the credit that reaches other neurons
+            through them): 0 (the default) keeps each algorithm as defined; 1 or 2 bring a recurrent
+            layer's gradient close to BPTT's (docs/concepts.md) at one more trace of the weight's size
+            (d_rtrl, e_prop) or of its neurons (es_d_rtrl) per round, times the units of a small last
+            stage kept per unit.
 
     Returns:
         A `Learner` with `params`, `init()`, `step(params, state, x_t, target_t)`.
@@ -495,6 +503,7 @@ def compile(
         depth=credit_depth,
         rank=rank,
         hops=loop_hops,
+        own_hops=own_loop_hops,
     )
     analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]

@@ -28,7 +28,7 @@ from .capture import states_of
 from .errors import FusetraceError, NonFiniteError
 from .inspection import FILES, write_report
 from .passes.factorised import DEFAULT_RANK
-from .passes.fuse import FACTORISATIONS
+from .passes.fuse import DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, FACTORISATIONS
 from .regularize import firing_rate_regularizer, neurons_of
 from .trainer import BPTTTrainer, Trainer
 
@@ -66,6 +66,8 @@ class RunConfig:
     network: str | None = None  # "MODULE:FACTORY" of a network to train instead of the task's reference one
     freeze: tuple[str, ...] = ()  # parameter paths kept at their initial values (e.g. a first layer)
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
+    loop_hops: int = DEFAULT_LOOP_HOPS  # rounds of credit through a downstream group's own recurrence
+    own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS  # ... and through the weight's own group's
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -156,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=None,
         help=f"the trace's rank under --factorisation low_rank (default {DEFAULT_RANK})",
+    )
+    train.add_argument(
+        "--loop-hops",
+        type=_nonnegative_int,
+        default=DEFAULT_LOOP_HOPS,
+        help="rounds of credit through a downstream group's own recurrent weights",
+    )
+    train.add_argument(
+        "--own-loop-hops",
+        type=_nonnegative_int,
+        default=DEFAULT_OWN_LOOP_HOPS,
+        help="rounds of credit through the weight's own group's recurrent weights (0: the algorithm as defined)",
     )
     train.add_argument("--rate-reg", type=float, default=0.0, help="firing-rate regularisation strength (0: none)")
     train.add_argument("--target-rate", type=float, default=10.0, help="the regularised firing rate in Hz")
@@ -385,6 +399,8 @@ def _train(args) -> int:
         network=args.network,
         freeze=tuple(args.freeze),
         on_nonfinite=args.on_nonfinite or "stop",
+        loop_hops=args.loop_hops,
+        own_loop_hops=args.own_loop_hops,
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -415,6 +431,8 @@ def build(config: RunConfig):
         factorisation=config.factorisation if config.algorithm == "es_d_rtrl" else "filtered",
         rank=config.rank if config.algorithm == "es_d_rtrl" else None,
         regularizer=(firing_rate_regularizer(config.target_rate_hz, config.rate_reg) if config.rate_reg > 0 else None),
+        loop_hops=config.loop_hops,
+        own_loop_hops=config.own_loop_hops,
     )
     if baseline and config.update_every != 0:
         raise CliError("--algorithm bptt updates once per sequence: use --update-every 0")
