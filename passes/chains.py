@@ -170,6 +170,11 @@ def plan_chains(
 def _describe(reasons: list[tuple], depth: int) -> tuple[str, ...]:
     """The notes of one owner: its nonlinear stage groups in one sentence, then each other reason once."""
     reasons = list(dict.fromkeys(reasons))
+    rounds: dict[tuple, int] = {}  # (group, weight, option) -> the most rounds followed
+    for kind, *args in reasons:
+        if kind == "hops":
+            rounds[(args[0], args[1], args[3])] = max(rounds.get((args[0], args[1], args[3]), 0), args[2])
+    reasons = [r for r in reasons if r[0] != "hops"] + [("hops", g, w, n, o) for (g, w, o), n in rounds.items()]
     nonlinear = [r[1] for r in reasons if r[0] == "nonlinear"]
     resolved = [r[1] for r in reasons if r[0] == "resolved"]
     notes = []
@@ -246,9 +251,10 @@ class _Planner:
                     continue
                 own = all(group == target for group in visited)
                 hops, option = (self.own_hops, "own_loop_hops") if own else (self.hops, "loop_hops")
-                if _rounds(visited) >= hops:
-                    if hops or not own:  # (unrolling none of its own loop is the algorithm's own trace: no note)
-                        reasons.append(("hops", target, analysis.relations[via].weight, hops, option))
+                done = _rounds(visited)  # (the note gives the most rounds any path took)
+                if hops or not own:  # (none of its own loop is the algorithm's own trace: no note)
+                    reasons.append(("hops", target, analysis.relations[via].weight, min(done + 1, hops), option))
+                if done >= hops:
                     continue
             if len(stages) >= self.depth:
                 reasons.append(("depth", target))
