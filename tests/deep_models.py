@@ -6,6 +6,8 @@ benchmarks/fidelity.py.
 
 Linear time-invariant paths (d_rtrl / e_prop must be exact through them):
   `per_unit_tau`, `trainable_tau` (scalar or per unit), `previous_spikes`, `readouts_in_series`.
+A linear loop: `linear_loop` (a LIF layer read by a linear recurrent rate population); `LinearLoop(rounds=k)`
+is the same model with its loop unrolled k rounds (the definition of `loop_hops` / `own_loop_hops`).
 Nonlinear paths: `deep` (2-3 feed-forward spiking layers, LIF or ALIF, Expon or DualExpon, leaky or
 instantaneous readout), `spiking_output`, `ei` (E and I populations, I reads E's new spikes, E reads I's
 previous ones; dense or EventFixedProb), `stacked_recurrent`; `Ring(populations)`: any number of

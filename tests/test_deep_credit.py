@@ -9,6 +9,9 @@ one-step windows, Σ_t of the online gradients with fixed weights against the gr
 * Approximate through nonlinear groups in the middle of a path, wide last ones and the E/I loop: the bars
   of issue 14 on direction (cosine) and magnitude (norm ratio), and the report says which path is
   approximate and why.
+* Loops followed round by round (`loop_hops`, `own_loop_hops`): equal to BPTT through the model with
+  the loop unrolled that many rounds; on the sparse E/I network one round of E's own loop is what takes
+  the E -> I weights over the bar at every seed (negative control: without it).
 * The claim machinery: a path the plan does not build (here: beyond `credit_depth`) makes the weight
   approximate, with a note, and its gradient really differs from BPTT.
 """
