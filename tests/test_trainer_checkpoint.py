@@ -222,6 +222,21 @@ def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 
 
+def test_a_run_saved_before_the_loop_options_resumes_as_it_ran(tmp_path, capsys):
+    """A config.json written before `loop_hops` existed followed no loop: `--resume` keeps it at 0 (its
+    traces are the checkpoint's), not the new default."""
+    args = ["train", "--task", "copy", "--algorithm", "es_d_rtrl", "--iterations", "1", "--batch", "2"]
+    assert cli_main([*args, "--checkpoint-every", "1", "--run-dir", str(tmp_path)]) == 0
+    config_file = tmp_path / "config.json"
+    old = json.loads(config_file.read_text())
+    del old["loop_hops"], old["own_loop_hops"]
+    config_file.write_text(json.dumps({**old, "iterations": 2}))
+    assert cli_main(["train", "--resume", str(tmp_path)]) == 0
+    capsys.readouterr()
+    resumed = json.loads(config_file.read_text())
+    assert (resumed["loop_hops"], resumed["own_loop_hops"], resumed["iterations"]) == (0, 0, 2)
+
+
 def test_cosine_schedule_spans_every_update_of_the_run():
     from fusetrace.cli import RunConfig, _learning_rate
 

@@ -438,8 +438,8 @@ def compile(
             `fusetrace.passes.factorised.DEFAULT_RANK`); an error with any other factorisation.
         loop_hops: how many times a credit chain follows a downstream group's own recurrent weights (the
             E population of an E/I loop reading its own spikes, a recurrent second layer): each round is one
-            more credit trace per chain, and further rounds are dropped with a note (docs/concepts.md).
-            The weights' own group's recurrence is not followed: that is the algorithm's own trace.
+            more credit trace per chain and counts as one group toward `credit_depth`; further rounds are
+            dropped with a note (docs/concepts.md). The weight's own group: `own_loop_hops`.
         own_loop_hops: how many times a credit chain follows the weight's own group's recurrent weights,
             beyond the algorithm's per-neuron trace (which drops the credit that reaches other neurons
             through them): 0 (the default) keeps each algorithm as defined; 1 or 2 bring a recurrent

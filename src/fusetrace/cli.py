@@ -363,9 +363,12 @@ def _train(args) -> int:
         config_file = run_dir / "config.json"
         if not config_file.exists():
             raise CliError(f"--resume {run_dir}: no config.json there (not a fusetrace run folder)")
-        config = RunConfig(**json.loads(config_file.read_text()))
+        saved = json.loads(config_file.read_text())
+        saved.setdefault("loop_hops", 0)  # a run saved before the option followed no loop: resume it as it was
+        config = RunConfig(**saved)
         if args.on_nonfinite not in (None, config.on_nonfinite):
             config = dataclasses.replace(config, on_nonfinite=args.on_nonfinite)
+        if dataclasses.asdict(config) != saved:  # (a changed option, or fields the saved file predates)
             config_file.write_text(json.dumps(dataclasses.asdict(config), indent=1))
         run(config, run_dir, resume=True)
         return 0
