@@ -256,18 +256,27 @@ def fusetrace_learner(model: Network, batch: int, algorithm: str, **options) -> 
 def summed_grads(learner: fusetrace.Learner, xs, ys):
     """Σ_t of `learner.step`'s gradients over the sequence `(xs, ys)` with the weights held fixed, in one
     compiled `lax.scan` (the online estimate that the fidelity benchmarks compare with BPTT)."""
-    params = learner.params
+    return summing(learner)(learner.params, xs, ys)
+
+
+def summing(learner: fusetrace.Learner):
+    """`jit((params, xs, ys) -> Σ_t of learner.step's gradients)` from the learner's initial state, the sum
+    carried through the scan (no per-step stack); compiled once, for any weights of the same shapes."""
 
     @jax.jit
-    def run(xs, ys):
-        def body(state, inputs):
+    def run(params, xs, ys):
+        def body(carry, inputs):
+            state, total = carry
             state, result = learner.step(params, state, *inputs)
-            return state, result.grads
+            return (state, jax.tree.map(lambda a, b: a + b, total, result.grads, is_leaf=u.math.is_quantity)), None
 
-        _, grads = jax.lax.scan(body, learner.init(), (xs, ys))
-        return jax.tree.map(lambda g: g.sum(0), grads, is_leaf=u.math.is_quantity)
+        first = jax.tree.map(lambda a: a[0], (xs, ys))  # (the first step's gradient starts the sum, units and all)
+        state, result = learner.step(params, learner.init(), *first)
+        rest = jax.tree.map(lambda a: a[1:], (xs, ys))
+        (_, total), _ = jax.lax.scan(body, (state, result.grads), rest)
+        return total
 
-    return run(xs, ys)
+    return run
 
 
 def fusetrace_step(learner: fusetrace.Learner, bank) -> Program:

@@ -17,8 +17,6 @@ import json
 
 import common
 import es_diagnosis
-import jax
-import jax.numpy as jnp
 
 from fusetrace.cli import RunConfig, build
 
@@ -44,22 +42,6 @@ def _config(task: str, seed: int, algorithm: str, **options) -> RunConfig:
     )
 
 
-def _summed(learner, batch):
-    """`params -> Σ_t learner.step's gradient` over the batch's trial, compiled."""
-
-    def run(params):
-        def body(carry, step_inputs):
-            state, total = carry
-            state, res = learner.step(params, state, *step_inputs)
-            return (state, jax.tree.map(jnp.add, total, res.grads)), None
-
-        zero = jax.tree.map(jnp.zeros_like, params)
-        (_, total), _ = jax.lax.scan(body, (learner.init(), zero), (batch.inputs, batch.targets))
-        return es_diagnosis._mantissas(total)
-
-    return jax.jit(run)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="dms")
@@ -77,7 +59,7 @@ def main(argv=None):
     }
     bptt = build(_config(args.task, args.seed, "bptt"))[2]
     batch = trainer.sample(PROBE_SEED)
-    methods = {training: _summed(learner, batch)} | {name: _summed(other, batch) for name, other in others.items()}
+    methods = {training: common.summing(learner)} | {name: common.summing(other) for name, other in others.items()}
     weights = list(learner.params)
     state, rows = trainer.init(), []
     for iteration in range(args.iterations + 1):
@@ -86,7 +68,7 @@ def main(argv=None):
             reference = es_diagnosis._bptt_total(bptt, params, batch)
             row = {"iteration": iteration, "methods": {}}
             for name, method in methods.items():
-                got = method(params)
+                got = es_diagnosis._mantissas(method(params, batch.inputs, batch.targets))
                 row["methods"][name] = {
                     w: {"cosine": float(es_diagnosis._cos(a, b)), "norm_ratio": float(es_diagnosis._ratio(a, b))}
                     for w, a, b in zip(weights, got, reference, strict=True)

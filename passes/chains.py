@@ -249,7 +249,7 @@ class _Planner:
             if target in visited:  # a loop: its credit is not a finite chain, but a self-loop can be unrolled
                 if not self._round_loop(target, parent, visited):
                     continue
-                own = all(group == target for group in visited)
+                own = visited[0] == target  # (a path never comes back to a group it left)
                 hops, option = (self.own_hops, "own_loop_hops") if own else (self.hops, "loop_hops")
                 done = _rounds(visited)  # (the note gives the most rounds any path took)
                 if hops or not own:  # (none of its own loop is the algorithm's own trace: no note)

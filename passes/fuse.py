@@ -98,26 +98,24 @@ def _check_options(algorithm: str, decay: float, factorisation: str, depth: int,
                 fix="pick one of those names (docs/concepts.md compares them)",
             )
         )
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
-        raise CompileError(
-            four_part(
-                what=f"credit_depth={depth!r}",
-                where="fusetrace.compile(..., credit_depth=...)",
-                why="it counts the downstream groups a weight's credit chain may cross (0: none)",
-                fix=f"pass a non-negative int (default {DEFAULT_CREDIT_DEPTH})",
-            )
-        )
-    rounds = (
-        ("loop_hops", hops, DEFAULT_LOOP_HOPS, "a downstream group's"),
-        ("own_loop_hops", own_hops, DEFAULT_OWN_LOOP_HOPS, "the weight's own group's"),
+    rounds = "it counts the rounds a credit chain follows {} own recurrent weights (0: none)"
+    counts = (  # (option, value, default, what it counts)
+        (
+            "credit_depth",
+            depth,
+            DEFAULT_CREDIT_DEPTH,
+            "it counts the downstream groups a weight's credit chain may cross (0: none)",
+        ),
+        ("loop_hops", hops, DEFAULT_LOOP_HOPS, rounds.format("a downstream group's")),
+        ("own_loop_hops", own_hops, DEFAULT_OWN_LOOP_HOPS, rounds.format("the weight's own group's")),
     )
-    for option, value, default, whose in rounds:
+    for option, value, default, why in counts:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CompileError(
                 four_part(
                     what=f"{option}={value!r}",
                     where=f"fusetrace.compile(..., {option}=...)",
-                    why=f"it counts the rounds a credit chain follows {whose} own recurrent weights (0: none)",
+                    why=why,
                     fix=f"pass a non-negative int (default {default})",
                 )
             )

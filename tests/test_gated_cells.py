@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 import fusetrace
 from fusetrace.interpret import evaluate
 from test_compile_exact import bptt_grads, online_learner
+from test_deep_credit import _cos_ratio
 
 N_IN, N, N_OUT, STEPS = 3, 5, 2, 15
 CELLS = ("gru", "lstm", "mgu")
@@ -302,10 +303,7 @@ def test_a_round_through_the_cells_own_recurrence_brings_every_weight_toward_bpt
     for hops in (0, 1):
         learner, online = online_learner(build(kind, 2), xs, ys, "d_rtrl", 2, loss=_loss, own_loop_hops=hops)
         cosines[hops] = {
-            path: float(np.vdot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-            for path in online
-            if path.startswith("cell")
-            for a, b in [(ravel_pytree(online[path])[0], ravel_pytree(reference[path])[0])]
+            path: _cos_ratio(online[path], reference[path])[0] for path in online if path.startswith("cell")
         }
     for path, before in cosines[0].items():
         assert cosines[1][path] >= before - 1e-9 and cosines[1][path] >= 0.95, (

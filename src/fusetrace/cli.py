@@ -364,12 +364,12 @@ def _train(args) -> int:
         if not config_file.exists():
             raise CliError(f"--resume {run_dir}: no config.json there (not a fusetrace run folder)")
         saved = json.loads(config_file.read_text())
-        saved.setdefault("loop_hops", 0)  # a run saved before the option followed no loop: resume it as it was
-        config = RunConfig(**saved)
+        config = RunConfig(**{"loop_hops": 0, **saved})  # a run saved before the option followed no loop
         if args.on_nonfinite not in (None, config.on_nonfinite):
             config = dataclasses.replace(config, on_nonfinite=args.on_nonfinite)
-        if dataclasses.asdict(config) != saved:  # (a changed option, or fields the saved file predates)
-            config_file.write_text(json.dumps(dataclasses.asdict(config), indent=1))
+        text = json.dumps(dataclasses.asdict(config), indent=1)
+        if json.loads(text) != saved:  # a changed option, or fields the saved file predates
+            config_file.write_text(text)
         run(config, run_dir, resume=True)
         return 0
     if args.task is None:
