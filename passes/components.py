@@ -28,11 +28,15 @@ Credit chains (`passes.credit`) carry, for such an owner, one neuron-layout trac
 
 Layout: every factor carries its K components right after the batch axis, `(B, K, ...)` (a unit batch
 axis when the model is unbatched), so that the per-step arithmetic runs as batched matrix products; the
-weight products see them component first (`components_first`).
+weight products see them component first, in the op's own input layout (`components_first`). An op that
+reads its input with the batch elsewhere (brainevent's batched event products read `(n_pre, B)`) has it
+moved first and back (`pre_batch_axis`: followed back through the step's transposes and slices to a
+batched state or input).
 
-Sharp edges: under "low_rank" the presynaptic input's leading axis is the batch (checked by the plan);
-each step costs one (r+1)² symmetric eigendecomposition per batch entry. The rank is capped at what the
-trace can have: `min(rank, n_pre, n_post·S)` of the relations sharing the factor.
+Sharp edges: under "low_rank" an input whose batch axis cannot be followed back, and whose leading axis
+is not the batch, is refused by the plan; each step costs one (r+1)² symmetric eigendecomposition per
+batch entry. The rank is capped at what the trace can have: `min(rank, n_pre, n_post·S)` of the relations
+sharing the factor (`min(rank, n_pre)` when credit chains ride on the basis).
 """
 
 import functools
@@ -43,6 +47,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Float
+
+from fusetrace._compat import Literal
+from fusetrace.interpret import producers
+from fusetrace.rules import lookup
 
 from . import derive
 
@@ -60,12 +68,16 @@ Post = Float[Array, "batch component n_post n_states"]
 
 def n_components(analysis, plan, index: int) -> int:
     """K of the factors `index` shares: the group's number of states ("matched"), or the rank capped at
-    the largest rank the trace can have, `min(n_pre, n_post·S)` ("low_rank")."""
+    the largest rank the trace can have, `min(n_pre, n_post·S)` ("low_rank"). A factor whose credit
+    chains ride on its basis is capped at n_pre only: a chain's sensitivities to the weights can span
+    presynaptic directions the trace's n_post·S columns do not."""
     relation = analysis.relations[index]
     group = analysis.group_named(relation.group)
     if plan.factorisation == "matched":
         return group.n_states
     n_pre = sum(_pre_size(analysis, m) for m in members_of(analysis, plan, index))
+    if any(node.owner == index for node in plan.chains):
+        return max(1, min(plan.rank, n_pre))
     n_post = int(np.prod(group.shape, dtype=int)) // _batch(analysis) * group.n_states
     return max(1, min(plan.rank, n_pre, n_post))
 
@@ -135,10 +147,70 @@ def with_components(x: jax.Array, batched: bool) -> jax.Array:
     return x[:, None] if batched else x[None, None]
 
 
-def components_first(x: jax.Array, shape) -> jax.Array:
-    """`(B, K, ...)` factors as K arrays of `shape` (an op's input or output layout), component first."""
-    k = x.shape[1]
-    return jnp.reshape(jnp.swapaxes(x, 0, 1), (k, *shape))
+def components_first(x: jax.Array, shape, batch_axis: int | None = 0) -> jax.Array:
+    """`(B, K, ...)` factors as K arrays of `shape` (an op's input or output layout, its batch at
+    `batch_axis`), component first."""
+    return to_input_layout(jnp.swapaxes(x, 0, 1), shape, batch_axis)
+
+
+def to_input_layout(x: jax.Array, shape, batch_axis: int | None) -> jax.Array:
+    """`(..., B, I)` batch-first rows as arrays of the op input's `shape`, whose batch is at `batch_axis`."""
+    lead = x.shape[:-2]
+    if not batch_axis:
+        return jnp.reshape(x, (*lead, *shape))
+    rest = tuple(n for axis, n in enumerate(shape) if axis != batch_axis)
+    rows = jnp.reshape(x, (*lead, shape[batch_axis], *rest))
+    return jnp.moveaxis(rows, len(lead), len(lead) + batch_axis)
+
+
+def batch_rows(x: jax.Array, batch: int, batch_axis: int | None) -> jax.Array:
+    """An op-input-layout array as `(B, I)` rows, one per batch entry (the inverse of `to_input_layout`)."""
+    return jnp.reshape(jnp.moveaxis(x, batch_axis, 0) if batch_axis else x, (batch, -1))
+
+
+def pre_batch_axis(analysis, relation) -> int | None:
+    """The axis of `relation`'s op input that is the batch: followed back through the step's layout ops
+    (`_batch_axis_of`) to a batched state or input, else 0 when the leading axis has the batch's size;
+    None when the model is unbatched or no axis can be told."""
+    batch = analysis.batch_size
+    if batch is None:
+        return None
+    var = analysis.facts.contractions[relation.contraction].pre_var
+    shape = var.aval.shape
+    captured = analysis.captured
+    invars = captured.jaxpr.jaxpr.invars
+    sources = set(invars[: captured.n_inputs]) | {
+        invars[captured.n_inputs + i] for i, leaf in enumerate(captured.leaves) if leaf.batch_axis == 0
+    }
+    axis = _batch_axis_of(var, sources, producers(captured.jaxpr.jaxpr), depth=64)
+    if axis is not None and shape[axis] == batch:
+        return axis
+    return 0 if shape and shape[0] == batch else None
+
+
+def _batch_axis_of(var, sources: set, made_by: dict, depth: int) -> int | None:
+    """The batch axis of `var`, followed back through transposes, slices that keep the batch whole and
+    element-wise ops (through an operand of the output's shape) to a batched source (its axis 0)."""
+    if var in sources:
+        return 0
+    eqn = made_by.get(var)
+    if eqn is None or depth == 0:
+        return None
+    name, rule = eqn.primitive.name, lookup(eqn.primitive)
+    if name == "transpose":
+        inner = _batch_axis_of(eqn.invars[0], sources, made_by, depth - 1)
+        return None if inner is None else eqn.params["permutation"].index(inner)
+    if name == "slice":
+        inner = _batch_axis_of(eqn.invars[0], sources, made_by, depth - 1)
+        whole = inner is not None and eqn.invars[0].aval.shape[inner] == var.aval.shape[inner]
+        return inner if whole else None
+    if rule is not None and rule.family == "elementwise":
+        for operand in eqn.invars:
+            if not isinstance(operand, Literal) and operand.aval.shape == var.aval.shape:
+                inner = _batch_axis_of(operand, sources, made_by, depth - 1)
+                if inner is not None:
+                    return inner
+    return None
 
 
 def update(analysis, plan, owner: int, members, values, d, f, traces: dict, signals, step):
@@ -148,13 +220,14 @@ def update(analysis, plan, owner: int, members, values, d, f, traces: dict, sign
     relations = analysis.relations
     batch, batched = _batch(analysis), analysis.batch_size is not None
     inputs = [
-        jnp.reshape(
+        batch_rows(
             derive.op_input(
                 analysis.facts.contractions[relations[i].contraction].eqn,
                 values.u[relations[i].contraction],
                 traces[plan.key(i)]["pre"].dtype,
             ),
-            (batch, -1),
+            batch,
+            pre_batch_axis(analysis, relations[i]),
         )
         for i in members
     ]
@@ -275,8 +348,11 @@ def _extend_and_truncate(basis, right, u, f):
         axis=1,
     )
     _, vectors = jnp.linalg.eigh(gram)
-    keep = vectors[..., 1:]  # eigenvalues ascending: drop the smallest
     k = basis.shape[1]
+    # eigenvalues ascending: drop the smallest. Without a new direction the trace keeps its rank and the
+    # basis stays as it is (the dropped vector is the empty new column: a tie among zero eigenvalues, as
+    # when the trace is still zero, could otherwise drop a direction the credit chains still hold)
+    keep = jnp.where(new[:, None, None], vectors[..., 1:], jnp.eye(k + 1, k, dtype=gram.dtype))
     basis = jnp.einsum("bkl,bki->bli", keep[:, :k], basis) + keep[:, k, :, None] * unit[:, None, :]
     right = jnp.einsum("bkl,bkx->blx", keep[:, :k], moved) + (keep[:, k] * norm[:, None])[:, :, None] * f[:, None, :]
     return basis, right, keep

@@ -70,13 +70,13 @@ def check_options(analysis, algorithm: str, factorisation: str, rank, traced) ->
         if relation.elementwise:
             continue
         shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
-        if not shape or shape[0] != analysis.batch_size:
+        if components.pre_batch_axis(analysis, relation) is None:
             raise CompileError(
                 four_part(
                     what=f"factorisation='low_rank' for `{relation.weight}`",
                     where=f"its `{relation.op}`, whose input has shape {tuple(shape)}",
-                    why=f"the low-rank basis is kept per batch entry, so the input's first axis must be the batch "
-                    f"({analysis.batch_size})",
+                    why="the low-rank basis is kept per batch entry, and no axis of the input is known to be the "
+                    f"batch ({analysis.batch_size}): it is not the leading one, nor a batched state's or input's",
                     fix="use factorisation='matched' for this model",
                 )
             )
@@ -201,19 +201,24 @@ def update_owner(analysis, plan, owner: int, members, values, d, f, traces: dict
 def weight_product(analysis, plan, relation, values, pre, cotangent) -> jax.Array:
     """`(∂y(ε^u, W)/∂W)ᵀ c` summed over the batch (and over the components, when the factors have them)."""
     if has_components(plan):
-        pre = components.components_first(pre, analysis.facts.contractions[relation.contraction].pre_var.aval.shape)
+        shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
+        pre = components.components_first(pre, shape, components.pre_batch_axis(analysis, relation))
         return derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cotangent)
     return derive.weight_vjp(analysis, relation.contraction, values, pre, cotangent, float_input=True)
 
 
-def per_step_products(plan, pre: jax.Array, cotangent: jax.Array, pre_shape) -> tuple[jax.Array, jax.Array]:
+def per_step_products(analysis, plan, relation, pre: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Deferred products stacked over time as one stack of single products: `pre` `(T, B, K, ...)` and
-    `cotangent` `(T, K, ...)` with their component axis folded into the time axis."""
+    `cotangent` `(T, K, ...)` with their component axis folded into the time axis (`pre` in the op's
+    input layout)."""
     if not has_components(plan):
         return pre, cotangent
     first = jnp.swapaxes(pre, 1, 2)  # (T, K, B, ...)
     count = first.shape[0] * first.shape[1]
-    return jnp.reshape(first, (count, *pre_shape)), jnp.reshape(cotangent, (count, *cotangent.shape[2:]))
+    shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
+    rows = jnp.reshape(first, (count, *first.shape[2:]))
+    stacked = components.to_input_layout(rows, shape, components.pre_batch_axis(analysis, relation))
+    return stacked, jnp.reshape(cotangent, (count, *cotangent.shape[2:]))
 
 
 def n_products(plan, analysis, index: int) -> int:

@@ -18,8 +18,9 @@ import pytest
 
 import fusetrace
 import references as ref
+import zoo
 from fusetrace.errors import CompileError
-from test_compile_exact import assert_matches, online_grads
+from test_compile_exact import assert_matches, online_grads, online_learner
 
 RTOL_REFERENCE = 1e-8  # the implementation against its dense definition (float64; observed ~1e-13)
 RTOL_EXACT = 1e-8  # exact regimes against d_rtrl (float64 algebra; observed ~1e-14)
@@ -149,3 +150,31 @@ def test_a_rank_without_the_low_rank_factorisation_is_refused(algorithm, factori
             _model(), xs[0], loss=_loss, algorithm=algorithm, batch_size=BATCH, factorisation=factorisation, rank=4
         )
     assert "factorisation='low_rank'" in str(caught.value)
+
+
+@pytest.mark.parametrize("conn", ["sparse"])  # binary_fcnmm, reading a slice of the spikes transposed
+def test_low_rank_reads_an_event_input_laid_out_batch_last(conn):
+    """brainevent's batched event products read their spikes as `(n_pre, B)`: the basis is kept per batch
+    entry all the same (the batch axis read from the input's facts). On a recurrent E/I layer with event
+    projections and a leaky readout, a rank that truncates nothing is d_rtrl (exact there), per step and
+    through `scan`'s deferred products; a layout mix-up would mix the batch entries' traces. (It also
+    holds the basis still when an input adds no new direction: dropping a tied zero direction of the
+    still-zero trace cost the input weight 1.5e-3 of d_rtrl's gradient before.)"""
+    rng, steps = np.random.default_rng(4), 40  # long enough for both populations to spike
+    xs = jnp.asarray((rng.random((steps, BATCH, 6)) < 0.5).astype(np.float64))
+    ys = jnp.asarray(rng.normal(size=(steps, BATCH, N_OUT)))
+
+    def loss(output, target):
+        return jnp.sum((u.get_mantissa(output[0]) - target) ** 2)
+
+    def model():
+        return zoo.ei_net(BATCH, conn=conn).model
+
+    full = 64  # above every factor's n_pre: capped, nothing truncated
+    options = {"factorisation": "low_rank", "rank": full}
+    learner, online = online_learner(model(), xs, ys, "es_d_rtrl", BATCH, loss=loss, **options)
+    event_ops = {r.op for r in learner.analysis.relations} & {"binary_fcnmm", "binary_densemm"}
+    assert event_ops, "the model has no batched event product"
+    assert_matches(online, online_grads(model(), xs, ys, "d_rtrl", BATCH, loss=loss), RTOL_EXACT)
+    _, result = jax.jit(learner.scan)(learner.params, learner.init(), xs, ys)
+    assert_matches(result.grads, online, RTOL_EXACT)

@@ -232,8 +232,7 @@ class Learner(eqx.Module):
         terms = []
         for (index, _), (pre, cot) in products.items():
             relation = analysis.relations[index]
-            pre_shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
-            pre, cot = factorised.per_step_products(self.plan, pre, cot, pre_shape)  # components: more steps
+            pre, cot = factorised.per_step_products(analysis, self.plan, relation, pre, cot)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
         zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
         return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
