@@ -3,6 +3,12 @@ network, initial weights and batches (issue 16, item 3).
 
     python benchmarks/learning.py peer --task dms --seed 0 [--iterations 300 ...]   # one pp_prop run
     python benchmarks/learning.py figure                                            # curves and table
+    python benchmarks/learning.py time --task evidence [--rounds 5]                 # time per iteration
+
+`time` builds pp_prop and fusetrace's learners (es_d_rtrl's factorisations, d_rtrl) on the same network
+and alternates their training iterations on the same batches, so that a varying load on a shared
+machine falls on all alike; it writes the median seconds per iteration and each one's ratio to pp_prop
+(`benchmarks/results/learning_time_<task>.json`).
 
 fusetrace's runs are ordinary `fusetrace train` runs (the commands are in benchmarks/learning_runs.sh);
 this script trains the peer the same way: the task's reference network is built twice from the same
@@ -161,12 +167,19 @@ def main(argv=None) -> int:
     peer.add_argument("--option", action="append", default=[])
     peer.add_argument("--run-dir", default=None)
     peer.add_argument("--time-only", type=int, default=0, help="time this many iterations and stop")
+    timing = sub.add_parser("time")
+    timing.add_argument("--task", required=True)
+    timing.add_argument("--batch", type=int, default=None, help="default: the learning runs' (DMS 32, evidence 64)")
+    timing.add_argument("--rounds", type=int, default=5)
+    timing.add_argument("--decay", type=float, default=None, help="pp_prop's (default: DMS 0.99, evidence 0.9)")
     figure = sub.add_parser("figure")
     figure.add_argument("--runs", default=str(RUNS), help="the folder of the runs (one sub-folder per run)")
     figure.add_argument("--out", default=None, help="where the figures go (default docs/images)")
     args = parser.parse_args(argv)
     if args.what == "peer":
         return _peer(args)
+    if args.what == "time":
+        return _time(args)
     return _figure(pathlib.Path(args.runs), pathlib.Path(args.out) if args.out else common.IMAGES)
 
 
@@ -213,6 +226,57 @@ def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / f"learning-{task}.png", dpi=110)
         plt.close(fig)
+    return 0
+
+
+# the learning runs' sizes and pp_prop's decay per task (benchmarks/learning_runs.sh)
+RUN_SIZES = {"dms": (32, 0.99), "evidence": (64, 0.9)}
+# fusetrace's side of the timing: name -> `RunConfig` fields
+TIMED = {
+    "es_d_rtrl": {"algorithm": "es_d_rtrl"},
+    "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
+    "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
+    "d_rtrl": {"algorithm": "d_rtrl"},
+}
+
+
+def _time(args) -> int:
+    """Seconds per training iteration, pp_prop and fusetrace alternating on the same batches."""
+    batch, decay = RUN_SIZES.get(args.task, (32, 0.9))
+    batch, decay = args.batch or batch, args.decay if args.decay is not None else decay
+    fields = {"task": args.task, "iterations": 100, "batch": batch, "learning_rate": 2e-3, "update_every": 0}
+    fields.update(seed=0, checkpoint_every=100, clip_norm=1.0, schedule="cosine")
+    peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
+    trainers = {}
+    for name, options in TIMED.items():
+        _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
+        trainers[name] = (trainer, trainer.init())
+
+    def run(name: str, iteration: int) -> float:
+        begin = time.perf_counter()
+        if name == "pp_prop":
+            peer.iteration(iteration)
+        else:
+            trainer, state = trainers[name]
+            trainers[name] = (trainer, trainer.iteration({**state, "iteration": jnp.asarray(iteration)})[0])
+        return time.perf_counter() - begin
+
+    names = ["pp_prop", *TIMED]
+    for name in names:  # compile
+        run(name, 0)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.rounds):
+        for name in names:
+            times[name].append(run(name, round_ + 1))
+            print(f"round {round_ + 1} {name}: {times[name][-1]:.3f} s", flush=True)
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    ratio = {name: median[name] / median["pp_prop"] for name in names}
+    for name in names:
+        print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
+    common.write_json(
+        common.RESULTS / f"learning_time_{args.task}.json",
+        {"task": args.task, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
+    )
     return 0
 
 
