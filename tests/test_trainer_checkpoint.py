@@ -20,6 +20,7 @@ import fusetrace
 from fusetrace import checkpoint
 from fusetrace.cli import main as cli_main
 from fusetrace.errors import CompileError
+from fusetrace.passes.fuse import DEFAULT_CREDIT_DEPTH
 from fusetrace.trainer import Trainer
 from test_compile_exact import BATCH, N_IN, N_OUT, STEPS, _build, _loss
 
@@ -211,13 +212,16 @@ def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
     args += ["--factorisation", "averaged", "--option", "lag=5", "--checkpoint-every", "2"]
     assert cli_main([*args, "--run-dir", str(tmp_path / "plain")]) == 0
     reg = ["--rate-reg", "5", "--target-rate", "0", "--schedule", "cosine", "--loop-hops", "2", "--own-loop-hops", "1"]
+    reg += ["--credit-depth", "3"]
     assert cli_main([*args, *reg, "--run-dir", str(tmp_path / "reg")]) == 0
     capsys.readouterr()
     config = json.loads((tmp_path / "reg" / "config.json").read_text())
     assert config["factorisation"] == "averaged" and config["rate_reg"] == 5.0 and config["target_rate_hz"] == 0.0
     assert config["schedule"] == "cosine" and (config["loop_hops"], config["own_loop_hops"]) == (2, 1)
+    assert config["credit_depth"] == 3
     learner = build(RunConfig(**config))[1]
     assert (learner.plan.hops, learner.plan.own_hops, learner.plan.factorisation) == (2, 1, "averaged")
+    assert learner.plan.depth == 3
     plain, reg = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("plain", "reg"))
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 
@@ -229,12 +233,13 @@ def test_a_run_saved_before_the_loop_options_resumes_as_it_ran(tmp_path, capsys)
     assert cli_main([*args, "--checkpoint-every", "1", "--run-dir", str(tmp_path)]) == 0
     config_file = tmp_path / "config.json"
     old = json.loads(config_file.read_text())
-    del old["loop_hops"], old["own_loop_hops"]
+    del old["loop_hops"], old["own_loop_hops"], old["credit_depth"]
     config_file.write_text(json.dumps({**old, "iterations": 2}))
     assert cli_main(["train", "--resume", str(tmp_path)]) == 0
     capsys.readouterr()
     resumed = json.loads(config_file.read_text())
     assert (resumed["loop_hops"], resumed["own_loop_hops"], resumed["iterations"]) == (0, 0, 2)
+    assert resumed["credit_depth"] == DEFAULT_CREDIT_DEPTH  # what every run had before the option (compile's default)
 
 
 def test_cosine_schedule_spans_every_update_of_the_run():

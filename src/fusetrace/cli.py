@@ -28,7 +28,7 @@ from .capture import states_of
 from .errors import FusetraceError, NonFiniteError
 from .inspection import FILES, write_report
 from .passes.factorised import DEFAULT_RANK
-from .passes.fuse import DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, FACTORISATIONS
+from .passes.fuse import DEFAULT_CREDIT_DEPTH, DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, FACTORISATIONS
 from .regularize import firing_rate_regularizer, neurons_of
 from .trainer import BPTTTrainer, Trainer
 
@@ -68,6 +68,7 @@ class RunConfig:
     on_nonfinite: str = "stop"  # a non-finite loss or gradient: "stop" the run, or "skip" that update
     loop_hops: int = DEFAULT_LOOP_HOPS  # rounds of credit through a downstream group's own recurrence
     own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS  # ... and through the weight's own group's
+    credit_depth: int = DEFAULT_CREDIT_DEPTH  # downstream groups a credit chain may cross (each round counts)
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -164,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_nonnegative_int,
         default=DEFAULT_LOOP_HOPS,
         help="rounds of credit through a downstream group's own recurrent weights",
+    )
+    train.add_argument(
+        "--credit-depth",
+        type=_nonnegative_int,
+        default=DEFAULT_CREDIT_DEPTH,
+        help="downstream groups a weight's credit chain may cross (0: its own group only; fewer: faster)",
     )
     train.add_argument(
         "--own-loop-hops",
@@ -404,6 +411,7 @@ def _train(args) -> int:
         on_nonfinite=args.on_nonfinite or "stop",
         loop_hops=args.loop_hops,
         own_loop_hops=args.own_loop_hops,
+        credit_depth=args.credit_depth,
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -436,6 +444,7 @@ def build(config: RunConfig):
         regularizer=(firing_rate_regularizer(config.target_rate_hz, config.rate_reg) if config.rate_reg > 0 else None),
         loop_hops=config.loop_hops,
         own_loop_hops=config.own_loop_hops,
+        credit_depth=config.credit_depth,
     )
     if baseline and config.update_every != 0:
         raise CliError("--algorithm bptt updates once per sequence: use --update-every 0")
