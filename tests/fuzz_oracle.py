@@ -21,12 +21,16 @@ For a `fuzz_models.Spec` (float64, `spec.steps` steps, weights fixed; the online
    `RTOL_SAME`, each leaf relative to its own norm or, for a leaf under `SAME_FLOOR` of the largest,
    to that floor (such a leaf is a cancellation: a saturated tanh's `1 − tanh²` carries the two programs'
    rounding at 1e-5 of itself, first seen in a gated cell, fuzz seed 4).
+6. In long runs (`FUSETRACE_FUZZ` set), a differential check between two algorithms: es_d_rtrl's
+   "low_rank" factorisation with a rank that truncates nothing equals d_rtrl, credit chains included, to
+   `RTOL_REFERENCE`, or is refused with the four-part message.
 
 `check_model(spec)` returns an `Outcome`; every broken promise is a string in `outcome.disagreements`.
 """
 
 import dataclasses
 import functools
+import os
 
 import brainstate
 import brainunit as u
@@ -48,6 +52,8 @@ SAME_FLOOR = 1e-6  # relative to the largest leaf: the smallest norm a leaf's RT
 ZERO = 1e-12  # relative to the largest BPTT gradient, a leaf norm below this counts as zero
 RATE_RANGE = (0.02, 0.8)  # spikes per neuron and step that make a spiking population worth testing
 FOUR_PARTS = ("\n  where:", "\n  why:", "\n  fix:")
+FULL_RANK = 10_000  # above every factor's n_pre: capped there, so "low_rank" truncates nothing
+CHECK_FULL_RANK = os.environ.get("FUSETRACE_FUZZ", "0") != "0"  # long runs only (one more program per model)
 # XLA's CPU compile dominates the fuzz's time; its backend optimisations change no value beyond rounding
 # and cost about a third of it, so the oracle's own programs skip them.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -467,6 +473,24 @@ def _check_invariant(spec: fm.Spec, learners: dict, sums: dict, outcome: Outcome
         outcome.disagree(f"{algorithm}: {spec.check} differs by {error:.3g}")
 
 
+def _check_full_rank(spec: fm.Spec, sums: dict, outcome: Outcome):
+    """es_d_rtrl's "low_rank" at full rank against d_rtrl (item 6 of the module docstring)."""
+    if not CHECK_FULL_RANK or "d_rtrl" not in sums or "es_d_rtrl" not in outcome.algorithms:
+        return
+    try:
+        learner = compile_learner(spec, "es_d_rtrl", factorisation="low_rank", rank=FULL_RANK)
+    except FusetraceError as error:
+        outcome.checks += ("full_rank_refused",)
+        if not all(part in str(error) for part in FOUR_PARTS):
+            outcome.disagree(f"es_d_rtrl low_rank: refused without the four-part message: {_error_summary(error)}")
+        return
+    (full,) = _fast_jit(functools.partial(scan_sums, (learner,)))(*sequence(spec))
+    outcome.checks += ("full_rank",)
+    error = _close(full, sums["d_rtrl"])
+    if error > RTOL_REFERENCE:
+        outcome.disagree(f"es_d_rtrl low_rank at full rank differs from d_rtrl by {error:.3g}")
+
+
 # --------------------------------------------------------------------------- one model
 
 
@@ -493,4 +517,5 @@ def check_model(spec: fm.Spec, algorithms: tuple[str, ...] = ALGORITHMS) -> Outc
         outcome.algorithms[algorithm] = _check_claims(algorithm, learners[algorithm], online, reference, outcome)
     _check_references(spec, learners, sums, outcome)
     _check_invariant(spec, learners, sums, outcome)
+    _check_full_rank(spec, sums, outcome)
     return outcome
