@@ -75,8 +75,9 @@ def n_components(analysis, plan, index: int) -> int:
     group = analysis.group_named(relation.group)
     if plan.factorisation == "matched":
         return group.n_states
-    n_pre = sum(_pre_size(analysis, m) for m in members_of(analysis, plan, index))
-    if any(node.owner == index for node in plan.chains):
+    members = members_of(analysis, plan, index)  # the owner first
+    n_pre = sum(_pre_size(analysis, m) for m in members)
+    if any(node.owner == members[0] for node in plan.chains):
         return max(1, min(plan.rank, n_pre))
     n_post = int(np.prod(group.shape, dtype=int)) // _batch(analysis) * group.n_states
     return max(1, min(plan.rank, n_pre, n_post))
@@ -384,7 +385,9 @@ def align_chains(analysis, plan, old: dict, new: dict) -> dict:
     (`_rotate`), so that the chains advance in the basis the new presynaptic factors span."""
     aligned = dict(old)
     for node in plan.chains:
-        aligned[node.key] = tuple(_rotate(plan, q, new[plan.key(node.owner)]) for q in old[node.key])
+        owner = new.get(plan.key(node.owner), {})
+        if "post" in owner:  # a chain of a weight kept per weight (an element-wise one) has no components
+            aligned[node.key] = tuple(_rotate(plan, q, owner) for q in old[node.key])
     for index in plan.traced:
         key = plan.key(index)
         if "post" in new.get(key, {}):

@@ -395,7 +395,8 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
     for name, indices in by_group.items():
         group = analysis.group_named(name)
         owners = {i: factorised.post_owner(plan.algorithm, relations, i) for i in indices}
-        needs_f = [i for i in indices if owners[i] == i]  # a shared postsynaptic factor needs one F
+        # a shared postsynaptic factor needs one F; a crossing relation its own (its same-step correction)
+        needs_f = [i for i in indices if owners[i] == i or relations[i].crossings]
         with jax.named_scope("derivatives"):
             d, f_list = derive.transition_derivatives(analysis, group, [relations[i] for i in needs_f], values)
         f = dict(zip(needs_f, f_list, strict=True))
@@ -407,12 +408,14 @@ def _update_traces(analysis: Analysis, plan: Plan, values, traces: dict, step, s
                     analysis, plan, values, traces, step, index, indices, owners, d, f, group_signals
                 )
             new_traces.update(more_traces)
-            if grad is not None and relations[index].crossings:  # the step's own credit, exact
-                assert signals is not None and group_signals is not None  # a term is formed with signals only
+            if signals is not None and group_signals is not None and relations[index].crossings:
+                # the step's own credit, exact: the crossed products in full, not their diagonal (a factorised
+                # relation forms the rest of its term through its cotangents)
                 with jax.named_scope("same_step"):
-                    grad = grad + per_weight.crossing_correction(
+                    correction = per_weight.crossing_correction(
                         analysis, values, relations[index], f[index], group_signals[0], signals[0]
                     )
+                grad = correction if grad is None else grad + correction
             if grad is not None:
                 terms.append((index, grad))
             cotangents.update(more)

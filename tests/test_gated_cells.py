@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 import fusetrace
 from fusetrace.interpret import evaluate
-from test_compile_exact import bptt_grads, online_learner
+from test_compile_exact import assert_matches, bptt_grads, online_grads, online_learner
 from test_deep_credit import _cos_ratio
 
 N_IN, N, N_OUT, STEPS = 3, 5, 2, 15
@@ -310,3 +310,13 @@ def test_a_round_through_the_cells_own_recurrence_brings_every_weight_toward_bpt
             f"{path}: {before:.4f} -> {cosines[1][path]:.4f}"
         )
     assert "followed once around the loop" in learner.explain(next(iter(cosines[1])))
+
+
+def test_es_d_rtrl_at_full_rank_is_d_rtrl_through_a_crossed_gate():
+    """GRU's reset gate reaches the cell through the other weight's product (a crossing): its step's own
+    credit is formed exactly under every algorithm, so es_d_rtrl's "low_rank" trace at a rank that
+    truncates nothing equals d_rtrl (found by the fuzz's full-rank check: the factorised relations had
+    lost that correction, 8% off)."""
+    xs, ys = _data(2)
+    _, es = online_learner(build("gru", 2), xs, ys, "es_d_rtrl", 2, loss=_loss, factorisation="low_rank", rank=10_000)
+    assert_matches(es, online_grads(build("gru", 2), xs, ys, "d_rtrl", 2, loss=_loss), 1e-8)
