@@ -26,6 +26,7 @@ for seed in ${SEEDS}; do
   for task in DMS EVIDENCE; do
     run $task bptt "$seed" --algorithm bptt
     run $task es_d_rtrl "$seed" --algorithm es_d_rtrl
+    [ $task = DMS ] && run $task es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99  # pp_prop's decay there
     run $task es_d_rtrl-low_rank8 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 8
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
