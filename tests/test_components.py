@@ -155,7 +155,7 @@ def test_a_rank_without_the_low_rank_factorisation_is_refused(algorithm, factori
 @pytest.mark.parametrize("conn", ["sparse"])  # binary_fcnmm, reading a slice of the spikes transposed
 def test_low_rank_reads_an_event_input_laid_out_batch_last(conn):
     """brainevent's batched event products read their spikes as `(n_pre, B)`: the basis is kept per batch
-    entry all the same (the batch axis read from the input's facts). On a recurrent E/I layer with event
+    entry all the same (the batch axis followed back to the spikes). On a recurrent E/I layer with event
     projections and a leaky readout, a rank that truncates nothing is d_rtrl (exact there), per step and
     through `scan`'s deferred products; a layout mix-up would mix the batch entries' traces. (It also
     holds the basis still when an input adds no new direction: dropping a tied zero direction of the
