@@ -148,10 +148,15 @@ def with_components(x: jax.Array, batched: bool) -> jax.Array:
     return x[:, None] if batched else x[None, None]
 
 
-def components_first(x: jax.Array, shape, batch_axis: int | None = 0) -> jax.Array:
-    """`(B, K, ...)` factors as K arrays of `shape` (an op's input or output layout, its batch at
-    `batch_axis`), component first."""
-    return to_input_layout(jnp.swapaxes(x, 0, 1), shape, batch_axis)
+def components_first(analysis, relation, x: jax.Array) -> jax.Array:
+    """`(B, K, ...)` presynaptic factors of `relation` as K arrays in its op's input layout, component first."""
+    return in_input_layout(analysis, relation, jnp.swapaxes(x, 0, 1))
+
+
+def in_input_layout(analysis, relation, rows: jax.Array) -> jax.Array:
+    """`(..., B, I)` batch-first rows as arrays in the layout of `relation`'s op input."""
+    shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
+    return to_input_layout(rows, shape, pre_batch_axis(analysis, relation))
 
 
 def to_input_layout(x: jax.Array, shape, batch_axis: int | None) -> jax.Array:

@@ -201,8 +201,7 @@ def update_owner(analysis, plan, owner: int, members, values, d, f, traces: dict
 def weight_product(analysis, plan, relation, values, pre, cotangent) -> jax.Array:
     """`(∂y(ε^u, W)/∂W)ᵀ c` summed over the batch (and over the components, when the factors have them)."""
     if has_components(plan):
-        shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
-        pre = components.components_first(pre, shape, components.pre_batch_axis(analysis, relation))
+        pre = components.components_first(analysis, relation, pre)
         return derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cotangent)
     return derive.weight_vjp(analysis, relation.contraction, values, pre, cotangent, float_input=True)
 
@@ -215,9 +214,7 @@ def per_step_products(analysis, plan, relation, pre: jax.Array, cotangent: jax.A
         return pre, cotangent
     first = jnp.swapaxes(pre, 1, 2)  # (T, K, B, ...)
     count = first.shape[0] * first.shape[1]
-    shape = analysis.facts.contractions[relation.contraction].pre_var.aval.shape
-    rows = jnp.reshape(first, (count, *first.shape[2:]))
-    stacked = components.to_input_layout(rows, shape, components.pre_batch_axis(analysis, relation))
+    stacked = components.in_input_layout(analysis, relation, jnp.reshape(first, (count, *first.shape[2:])))
     return stacked, jnp.reshape(cotangent, (count, *cotangent.shape[2:]))
 
 

@@ -291,6 +291,11 @@ def _error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {first}"[:300]
 
 
+def _four_part(error: BaseException) -> bool:
+    """Whether a refusal's message has the four parts (what, where, why, fix)."""
+    return all(part in str(error) for part in FOUR_PARTS)
+
+
 def _compile_all(spec: fm.Spec, outcome: Outcome, algorithms: tuple[str, ...]) -> dict:
     learners = {}
     for algorithm in algorithms:
@@ -298,7 +303,7 @@ def _compile_all(spec: fm.Spec, outcome: Outcome, algorithms: tuple[str, ...]) -
             learners[algorithm] = compile_learner(spec, algorithm)
         except FusetraceError as error:
             outcome.algorithms[algorithm] = AlgorithmOutcome("refused", _error_summary(error))
-            if not all(part in str(error) for part in FOUR_PARTS):
+            if not _four_part(error):
                 outcome.disagree(f"{algorithm}: refusal without the four-part message: {_error_summary(error)}")
         except Exception as error:  # anything but a FusetraceError is a bug
             outcome.algorithms[algorithm] = AlgorithmOutcome("crashed", _error_summary(error))
@@ -483,7 +488,7 @@ def _check_full_rank(spec: fm.Spec, sums: dict, outcome: Outcome):
         learner = compile_learner(spec, "es_d_rtrl", factorisation="low_rank", rank=FULL_RANK)
     except FusetraceError as error:
         outcome.checks += ("full_rank_refused",)
-        if not all(part in str(error) for part in FOUR_PARTS):
+        if not _four_part(error):
             outcome.disagree(f"es_d_rtrl low_rank: refused without the four-part message: {_error_summary(error)}")
         return
     (full,) = _fast_jit(functools.partial(scan_sums, (learner,)))(*sequence(spec))
