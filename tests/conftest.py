@@ -1,7 +1,46 @@
-"""The whole suite runs in float64: exactness claims are checked at 1e-6 and tighter."""
+"""The whole suite runs in float64: exactness claims are checked at 1e-6 and tighter.
 
-import brainstate
-import jax
+XLA's CPU backend compiles the suite's programs without its LLVM optimisations (`FAST_XLA_FLAGS`, also
+inherited by the suite's subprocesses): compiling is most of the suite's time, and those passes cost a
+fifth of it. They change the machine code, not the program: every HLO pass (fusion, simplification) still
+runs, and values may differ by rounding only. Speed is measured in benchmarks/, never here.
+"""
+
+import os
+
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()  # before jax starts
+
+import brainstate  # noqa: E402
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 brainstate.environ.set(precision=64)  # brainstate fixes its default float type on import otherwise
+
+
+# Seconds one worker spends in each of the costliest test files (`bash dev test --durations=0`, summed per
+# file, 2-core machine). `bash dev test` hands whole files to its two workers in collection order
+# (`--no-loadscope-reorder`), so the costliest go first and the many small ones fill in behind them;
+# xdist's own order (most tests first) left the long single-test files for the end, one worker idle.
+# A scheduling hint only: a file missing here runs after these, in its usual order.
+FILE_SECONDS = {
+    "test_fuzz.py": 81,
+    "test_deep_credit.py": 72,
+    "test_trainer_checkpoint.py": 68,
+    "test_connectome.py": 61,
+    "test_benchmarks.py": 61,
+    "test_sharding.py": 60,
+    "test_compile_exact.py": 56,
+    "test_coverage.py": 45,
+    "test_no_silent_zeros.py": 37,
+    "test_tasks.py": 33,
+    "test_validation.py": 28,
+    "test_compile_reference.py": 24,
+}
+
+
+def pytest_collection_modifyitems(items):
+    def cost(item):
+        return -FILE_SECONDS.get(item.path.name, 0)
+
+    items.sort(key=cost)  # stable: tests keep their order within a file, and the rest keep theirs

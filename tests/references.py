@@ -199,6 +199,12 @@ def functional_step(model: brainstate.nn.Module, example_input, batch_size: int 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def state_grad(loss: Callable, weights) -> dict:
+    """`brainstate.transform.grad(loss, weights)()` as one XLA program: eagerly, every op of the gradient
+    is dispatched and compiled on its own, several times slower than the whole compiled once."""
+    return brainstate.transform.jit(brainstate.transform.grad(loss, weights))()
+
+
 def bptt_grads(model, xs, targets, loss_fn: Callable, batch_size: int | None = None) -> Params:
     """Exact gradient of `Σ_t loss_fn(o_t, target_t)` over the whole sequence, from the current states.
 
@@ -225,7 +231,7 @@ def bptt_grads(model, xs, targets, loss_fn: Callable, batch_size: int | None = N
         _, losses = lax.scan(body, (hidden, others), (xs, targets))
         return jnp.sum(losses)
 
-    return jax.grad(total_loss)(params)
+    return jax.jit(jax.grad(total_loss))(params)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import fusetrace
+from references import state_grad
 
 RTOL_EXACT = 1e-6  # the acceptance bound; observed errors are ~1e-15 (exact algebra, float64)
 N_IN, N, N_OUT, BATCH, STEPS = 3, 5, 2, 2, 10
@@ -146,7 +147,7 @@ def bptt_grads(model, xs, ys, loss=_loss):
     def sequence_loss():
         return jnp.sum(brainstate.transform.for_loop(lambda x, y: loss(model.update(x), y), xs, ys))
 
-    grads = brainstate.transform.grad(sequence_loss, weights)()
+    grads = state_grad(sequence_loss, weights)
     return {".".join(path): value for path, value in grads.items()}
 
 

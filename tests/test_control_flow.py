@@ -25,6 +25,7 @@ from fusetrace.passes.simplify import simplify
 from fusetrace.propagate import propagate
 from fusetrace.rules import ALIGNED_AFFINE
 from fusetrace.rules.base import CONTROL
+from references import state_grad
 
 RTOL_F64 = 1e-12  # the same arithmetic, re-traced (float64)
 RTOL_EXACT = 1e-6  # the acceptance bound for d_rtrl vs BPTT; observed ~1e-16
@@ -333,9 +334,9 @@ def test_control_flow_left_whole_is_exact_under_d_rtrl(make):
         online = res.grads if online is None else jax.tree.map(jnp.add, online, res.grads)
     model = _build(make, batch)
     weights = model.states(brainstate.ParamState)
-    reference = brainstate.transform.grad(
+    reference = state_grad(
         lambda: jnp.sum(brainstate.transform.for_loop(lambda x: _loss(model.update(x), 0.3), xs)), weights
-    )()
+    )
     got = np.asarray(u.get_mantissa(online["fc.weight"]["weight"]))
     want = np.asarray(u.get_mantissa(reference[("fc", "weight")]["weight"]))
     assert np.linalg.norm(want) > 0

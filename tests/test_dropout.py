@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import fusetrace
+from references import state_grad
 
 RTOL_EXACT = 1e-6  # the exact-regime acceptance bound (float64)
 T, N_IN, N, N_OUT = 12, 5, 8, 3
@@ -52,7 +53,7 @@ def _bptt(net, key, xs, ys, batch) -> dict:
     def summed():
         return jnp.sum(brainstate.transform.for_loop(lambda x, y: _loss(net.update(x), y), xs, ys))
 
-    grads = brainstate.transform.grad(summed, weights)()
+    grads = state_grad(summed, weights)
     return {".".join(map(str, path)): leaves for path, leaves in grads.items()}
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import fusetrace
 import zoo
+from references import state_grad
 
 STEPS = 6
 MODELS = [
@@ -53,7 +54,7 @@ def _bptt(model, xs, target):
     def total():
         return jnp.sum(brainstate.transform.for_loop(lambda x: _loss(model.update(x), target), xs))
 
-    return {".".join(k): v for k, v in brainstate.transform.grad(total, weights)().items()}
+    return {".".join(k): v for k, v in state_grad(total, weights).items()}
 
 
 def _online_and_bptt(name, algorithm):

@@ -12,6 +12,7 @@ import pytest
 
 import fusetrace
 from fusetrace.errors import CaptureError, CompileError
+from references import state_grad
 from test_compile_exact import BATCH, RTOL_EXACT, _build, _data, _flat, _loss, assert_matches, online_grads
 
 
@@ -29,7 +30,7 @@ def _bptt_with(model, xs, ys, regularizer):
     def total():
         return jnp.sum(brainstate.transform.for_loop(step, xs, ys))
 
-    return {".".join(path): value for path, value in brainstate.transform.grad(total, weights)().items()}
+    return {".".join(path): value for path, value in state_grad(total, weights).items()}
 
 
 @pytest.mark.parametrize("readout", ["leaky", "linear"])

@@ -27,6 +27,7 @@ from fusetrace import tasks
 from fusetrace.tasks import base as base_module
 from fusetrace.tasks import dms as dms_module
 from fusetrace.tasks import evidence as evidence_module
+from references import state_grad
 
 P_FALSE = 1e-6  # a correct generator fails one statistical check with probability below this
 Z = float(stats.norm.isf(P_FALSE / 2))  # ~4.9 standard errors, two-sided, for means of many draws
@@ -424,7 +425,7 @@ def _brainstate_bptt(net, task) -> dict:
         step = lambda x, y: tasks.cross_entropy_loss(net.update(x), y)
         return jnp.sum(brainstate.transform.for_loop(step, task.inputs, task.step_targets()))
 
-    grads = brainstate.transform.grad(sequence_loss, net.states(brainstate.ParamState))()
+    grads = state_grad(sequence_loss, net.states(brainstate.ParamState))
     return {".".join(map(str, path)): _np(u.get_mantissa(jax.tree.leaves(g)[0])) for path, g in grads.items()}
 
 
