@@ -331,6 +331,9 @@ class _Planner:
         relation = analysis.relations[via]
         if relation.status != "traced" or relation.contraction is None:
             return None, f"that op is not a traced weight relation ({relation.reason or relation.status})"
+        if relation.pre_carried:
+            held = ", ".join(f"`{name}`" for name in relation.pre_carried)
+            return None, f"its input reads `{source}`'s values of earlier steps from {held}, which no trace follows"
         links = [(var, new) for group, var, new in relation.pre_links if group == source]
         mixing = not links
         if mixing:  # the input mixes the group's neurons (a normalisation across them)

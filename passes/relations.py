@@ -48,6 +48,9 @@ class Relation:
     # with the mixing's derivative taken at the current step
     pre_mixing: tuple = dataclasses.field(default=(), repr=False, compare=False)
     pre_recurrent: tuple[str, ...] = ()
+    # untraced states carried across steps (a delay's buffer) whose values reach the input: it reads its
+    # groups' values of earlier steps there, so it has no `pre_links` and no credit chain goes through it
+    pre_carried: tuple[str, ...] = ()
     shared: bool = False  # one weight element reaches many neurons (scalar weight)
     tail_perm: tuple[int, ...] | None = None  # group layout axis k = op output axis tail_perm[k]
     op_shape: tuple[int, ...] | None = None  # the op output's shape (the group's, up to tail_perm and unit axes)
@@ -205,6 +208,50 @@ def pre_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], 
             return ()
         frontier.extend(a for a in eqn.invars if not isinstance(a, Literal))
     return tuple(links)
+
+
+# where an op reads positions, not values: a value reaching only these operands does not flow into its output
+_INDEX_OPERANDS = {
+    "dynamic_slice": lambda n: range(1, n),
+    "dynamic_update_slice": lambda n: range(2, n),
+    "gather": lambda n: (1,),
+    "scatter": lambda n: (1,),
+    "scatter-add": lambda n: (1,),
+    "select_n": lambda n: (0,),
+}
+_COMPARISONS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})  # outputs a mask, not the compared values
+_UNTRACKED = ("short_term", "long_term")  # states carried across steps whose sensitivities nothing traces
+
+
+def carried_reads(facts: StepFacts, var) -> tuple[str, ...]:
+    """The states carried from earlier steps, untraced (brainstate's short- and long-term states: a delay's
+    ring buffer), whose values flow into `var` — not only through positions or comparisons (a refractory
+    neuron reads its last spike time only to mask its voltage). A weight op reading a population's spikes
+    from a delay's buffer reads them as they were steps ago: no view of the population's new or previous
+    values, and the credit of those steps passes through the buffer, which no trace follows."""
+    captured = facts.captured
+    jaxpr = captured.jaxpr.jaxpr
+    leaves = enumerate(captured.leaves)
+    carried = {jaxpr.invars[captured.n_inputs + i]: leaf.name for i, leaf in leaves if leaf.role in _UNTRACKED}
+    if not carried:
+        return ()
+    producer = producers(jaxpr)
+    own = set(facts.new_vars.values())  # a group's new values: what they are computed from is its own dynamics
+    found, frontier, seen = [], [var], set()
+    while frontier:
+        current = frontier.pop()
+        if isinstance(current, Literal) or id(current) in seen or current in own:
+            continue
+        seen.add(id(current))
+        if current in carried:
+            found.append(carried[current])
+            continue
+        eqn = producer.get(current)
+        if eqn is None or eqn.primitive.name in _COMPARISONS:
+            continue
+        skip = set(_INDEX_OPERANDS.get(eqn.primitive.name, lambda n: ())(len(eqn.invars)))
+        frontier.extend(a for k, a in enumerate(eqn.invars) if k not in skip)
+    return tuple(dict.fromkeys(found))
 
 
 def mixing_links(facts: StepFacts, groups, var) -> tuple[tuple[str, object, bool], ...]:
@@ -382,8 +429,9 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
         "op": op,
         "contraction": contraction.index,
         "n_pre": n_pre,
-        "pre_links": (links := pre_links(facts, groups, pre_var)),
-        "pre_mixing": () if links else mixing_links(facts, groups, pre_var),
+        "pre_carried": (carried := carried_reads(facts, pre_var) if contraction.pre_fact else ()),
+        "pre_links": (links := () if carried else pre_links(facts, groups, pre_var)),
+        "pre_mixing": () if links or carried else mixing_links(facts, groups, pre_var),
         "pre_new": tuple(dict.fromkeys(name for name, _, new in links if new)),
         "pre_recurrent": _groups_in(contraction.pre_fact, "hidden", groups),
         "shared": int(np.prod(leaf.shape, dtype=int)) == 1,
