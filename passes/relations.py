@@ -225,14 +225,20 @@ _UNTRACKED = ("short_term", "long_term")  # states carried across steps whose se
 
 def carried_reads(facts: StepFacts, var) -> tuple[str, ...]:
     """The states carried from earlier steps, untraced (brainstate's short- and long-term states: a delay's
-    ring buffer), whose values flow into `var` — not only through positions or comparisons (a refractory
-    neuron reads its last spike time only to mask its voltage). A weight op reading a population's spikes
-    from a delay's buffer reads them as they were steps ago: no view of the population's new or previous
-    values, and the credit of those steps passes through the buffer, which no trace follows."""
+    ring buffer), written with hidden values, whose values flow into `var` — not only through positions
+    or comparisons (a refractory neuron reads its last spike time only to mask its voltage). A weight op
+    reading a population's spikes from a delay's buffer reads them as they were steps ago: no view of the
+    population's new or previous values, and the credit of those steps passes through the buffer, which
+    no trace follows."""
     captured = facts.captured
     jaxpr = captured.jaxpr.jaxpr
-    leaves = enumerate(captured.leaves)
-    carried = {jaxpr.invars[captured.n_inputs + i]: leaf.name for i, leaf in leaves if leaf.role in _UNTRACKED}
+    carried = {}
+    for i, leaf in enumerate(captured.leaves):
+        written = jaxpr.outvars[captured.n_outputs + i]
+        fact = {} if isinstance(written, Literal) else facts.propagation.of(written)
+        holds = any(kind in ("new", "hidden") for kind, _ in fact)
+        if leaf.role in _UNTRACKED and holds:  # (a clock or a counter carries no population's values)
+            carried[jaxpr.invars[captured.n_inputs + i]] = leaf.name
     if not carried:
         return ()
     producer = producers(jaxpr)
