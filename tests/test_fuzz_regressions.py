@@ -246,7 +246,7 @@ def test_credit_through_a_delayed_projection_is_said_to_be_dropped():
 
 def test_credit_behind_a_delayed_input_is_still_carried_exactly():
     """The negative control: with the delay only on the input into p1, p1's spikes reach p2 this step and
-    the chain through p2 stays exact (the buffer feeding p1 is p1's own dynamics, not a delayed read)."""
+    the chain through p2 stays exact (the buffer feeding p1 holds the input, no population's values)."""
     _holds(_delayed_chain(0), ("d_rtrl",))
     learner = fuzz_oracle.compile_learner(_delayed_chain(0), "d_rtrl")
     assert "dropped" not in learner.explain("proj1.comm.weight.weight")
