@@ -9,7 +9,8 @@ runs, and values may differ by rounding only. Speed is measured in benchmarks/, 
 import os
 
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()  # before jax starts
+if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # (xdist's workers inherit the controller's)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()  # before jax starts
 
 import brainstate  # noqa: E402
 import jax  # noqa: E402
