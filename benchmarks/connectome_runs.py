@@ -16,7 +16,10 @@ Configurations (`MODES`), each timed over chunks of `chunk` steps (`chunk` = the
 * `every_50`: the states and traces advance at every step, a gradient is formed at the chunk's last step
   only (fusetrace: `learner.step(..., gradient=False)`; braintrace: `etrace_evolve` then `etrace_grad`);
 * `trace_only`: the states and traces advance, no gradient at all (what the gradient costs is the
-  difference to `every_step`).
+  difference to `every_step`);
+* `scan`: (fusetrace only) the loss at every step and one gradient per chunk, their sum: `Learner.scan`
+  over the chunk, its weight products deferred and contracted once (issue 17's whole-brain configuration;
+  `every_step` forms the same sum one step at a time).
 
 fusetrace runs `es_d_rtrl`, braintrace `pp_prop` (its ES-D-RTRL), both with the same decay.
 """
@@ -37,7 +40,7 @@ import numpy as np
 import fusetrace
 from fusetrace.tasks import Connectome, connectome_network, flybrain, mse_loss
 
-MODES = ("forward", "every_step", "every_50", "trace_only")
+MODES = ("forward", "every_step", "every_50", "trace_only", "scan")
 LIBRARIES = ("fusetrace", "braintrace")
 PEER_ALGORITHM = "pp_prop"
 
@@ -184,6 +187,10 @@ def fusetrace_program(learner: fusetrace.Learner, config: Setup, mode: str) -> C
         if mode == "trace_only":
             state = _advance(learner, params, state, xs, ts, config, constants)
             return state, state["traces"]
+        if mode == "scan":
+            targets = jax.tree.map(lambda a: jnp.broadcast_to(a, (xs.shape[0], *a.shape)), config.target(1.0))
+            state, result = learner.scan(params, state, (xs, ts), targets, constants=constants, chunk=xs.shape[0])
+            return state, result.grads
         state = _advance(learner, params, state, xs[:-1], ts[:-1], config, constants)
         return _with_gradients(learner, params, state, xs[-1:], ts[-1:], config, constants)
 

@@ -47,6 +47,7 @@ CONFIGS = {
     "fusetrace every 50": ("fusetrace", "every_50"),
     "braintrace every 50": ("braintrace", "every_50"),
     "fusetrace trace only": ("fusetrace", "trace_only"),
+    "fusetrace scan": ("fusetrace", "scan"),
     "braintrace trace only": ("braintrace", "trace_only"),
     "fusetrace fit": ("fusetrace", "fit"),
     "bptt": ("fusetrace", "bptt"),
@@ -319,6 +320,7 @@ def table(results: dict, args) -> str:
         ("every step", "gradient every step"),
         ("every 50", f"gradient every {args.chunk} steps"),
         ("trace only", "states + traces, no gradient"),
+        ("scan", f"loss every step, one summed gradient per {args.chunk} steps (`Learner.scan`)"),
     ):
         ours, peer = results.get(f"fusetrace {mode}"), results.get(f"braintrace {mode}")
         rows.append(f"| {title} | {_ms(ours)} | {_ms(peer)} | {_gb(ours)} | {_gb(peer)} |")

@@ -152,6 +152,13 @@ def stack_states(arrays: Sequence[jax.Array]) -> jax.Array:
     return jnp.stack(list(arrays), axis=-1)
 
 
+def apply_d(d: jax.Array, x: jax.Array) -> jax.Array:
+    """`D x` per neuron (`d` `(..., S, S)`, `x` `(..., S)`, broadcast against each other) as S broadcast
+    products added up: XLA's CPU backend runs the contraction as one tiny matrix product per neuron
+    (measured: 0.7 ms of a 5 ms whole-brain step; 2x slower than this on batched factors)."""
+    return functools.reduce(jnp.add, [d[..., t] * x[..., t, None] for t in range(x.shape[-1])])
+
+
 def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array | None:
     """`Σ |surrogate derivative|` of the spikes this step computes from `group`'s new values (the outputs
     of `spike` primitives whose input reads them element-wise), in the group's layout; None when the
@@ -239,11 +246,14 @@ def _derivatives(
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
     columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of)) if with_d or part]
-    stacked = stack_states(jvp_columns(transition, primals, columns))  # (column, ..., S)
+    outputs = jvp_columns(transition, primals, columns)  # per new state, (column, ...)
     n_d = group.n_states if with_d else 0
-    d = jnp.moveaxis(stacked[:n_d], 0, -1) if with_d else None
-    f_op = iter([stacked[n_d + i] for i in range(len(through_op))])
-    f_param = iter([stacked[n_d + len(through_op) + i] for i in range(len(through_param))])
+    # each array written once in its final layout (a stack over the columns and then a move of the column
+    # axis last cost two passes with interleaved writes: 1.5 ms of a 5 ms whole-brain step)
+    d = jnp.stack([stack_states([out[t] for out in outputs]) for t in range(n_d)], -1) if with_d else None
+    f_op = iter([stack_states([out[n_d + i] for out in outputs]) for i in range(len(through_op))])
+    n_f = n_d + len(through_op)
+    f_param = iter([stack_states([out[n_f + i] for out in outputs]) for i in range(len(through_param))])
     return d, [next(f_param) if r.elementwise else next(f_op) for r in relations]
 
 
@@ -528,6 +538,9 @@ def connection_products(xs: jax.Array, cts: jax.Array, pre: jax.Array, post: jax
     3× faster on this CPU at 16 and 256 entries, E = 400k). Under `batch_groups(g)` (a batch split over g
     devices) the g parts of the batch are formed side by side, so that each device sums its own part and
     the sums are all-reduced (a `g × E` temporary), instead of the factors being gathered everywhere."""
+    # the factors are formed once, before the gathers: XLA otherwise fuses their element-wise producers
+    # into the E-long gather fusion and recomputes them for every connection (5x slower on the whole brain)
+    xs, cts = jax.lax.optimization_barrier((xs, cts))
     steps, batch = xs.shape[:2]
     groups = _BATCH_GROUPS.get()
     groups = groups if groups > 1 and batch % groups == 0 else 1

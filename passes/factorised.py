@@ -121,7 +121,7 @@ def bias_correction(decay: float, step: jax.Array, dtype) -> jax.Array:
 def es_post(plan, d: jax.Array, f: jax.Array, previous: jax.Array) -> jax.Array:
     """The new postsynaptic factor `ε^f ← β D ε^f + b F`."""
     _, post_decay, post_gain = factor_gains(plan.factorisation, plan.decay)
-    return post_decay * jnp.einsum("...st,...t->...s", d, previous) + post_gain * f
+    return post_decay * derive.apply_d(d, previous) + post_gain * f
 
 
 def es_update(analysis, plan, index: int, values, pre_prev, post_prev, post, signals, step):
