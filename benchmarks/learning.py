@@ -4,6 +4,14 @@ network, initial weights and batches (issue 16, item 3).
     python benchmarks/learning.py peer --task dms --seed 0 [--iterations 300 ...]   # one pp_prop run
     python benchmarks/learning.py figure                                            # curves and table
     python benchmarks/learning.py time --task evidence [--rounds 5]                 # time per iteration
+    python benchmarks/learning.py compare --task dms --at 0 100 200 300            # gradients on pp_prop's path
+
+`compare` trains pp_prop and, at the given iterations, holds its weights and forms on one fresh batch (never
+trained on) the whole-trial gradient of pp_prop, of fusetrace's es_d_rtrl (the same decay) and d_rtrl, and of
+BPTT; per weight it records each one's cosine with BPTT's and with pp_prop's, its norm relative to BPTT's,
+and the fraction of weight entries whose sign agrees (all entries, and the half smaller than pp_prop's
+median magnitude): Adam steps every entry by about the same amount, so the small entries' signs count as
+much as the large ones' (`benchmarks/results/learning_compare_<task>.json`).
 
 `time` builds pp_prop and fusetrace's learners (es_d_rtrl's factorisations, d_rtrl) on the same network
 and alternates their training iterations on the same batches, so that a varying load on a shared
@@ -172,6 +180,12 @@ def main(argv=None) -> int:
     timing.add_argument("--batch", type=int, default=None, help="default: the learning runs' (DMS 32, evidence 64)")
     timing.add_argument("--rounds", type=int, default=5)
     timing.add_argument("--decay", type=float, default=None, help="pp_prop's (default: DMS 0.99, evidence 0.9)")
+    compare = sub.add_parser("compare")
+    compare.add_argument("--task", required=True)
+    compare.add_argument("--at", type=int, nargs="+", default=[0, 100, 200, 300], help="pp_prop's iterations")
+    compare.add_argument("--batch", type=int, default=32)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--decay", type=float, default=None, help="both sides' (default: DMS 0.99, evidence 0.9)")
     figure = sub.add_parser("figure")
     figure.add_argument("--runs", default=str(RUNS), help="the folder of the runs (one sub-folder per run)")
     figure.add_argument("--out", default=None, help="where the figures go (default docs/images)")
@@ -180,6 +194,8 @@ def main(argv=None) -> int:
         return _peer(args)
     if args.what == "time":
         return _time(args)
+    if args.what == "compare":
+        return _compare(args)
     return _figure(pathlib.Path(args.runs), pathlib.Path(args.out) if args.out else common.IMAGES)
 
 
@@ -276,6 +292,73 @@ def _time(args) -> int:
     common.write_json(
         common.RESULTS / f"learning_time_{args.task}.json",
         {"task": args.task, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
+    )
+    return 0
+
+
+def _compare(args) -> int:
+    """Gradients of pp_prop, es_d_rtrl, d_rtrl and BPTT at pp_prop's weights along its own training run."""
+    import jax
+
+    decay = args.decay if args.decay is not None else RUN_SIZES.get(args.task, (32, 0.9))[1]
+    fields = {"task": args.task, "iterations": max(max(args.at), 1), "batch": args.batch, "learning_rate": 2e-3}
+    fields.update(update_every=0, seed=args.seed, checkpoint_every=max(args.at) + 1, clip_norm=1.0, schedule="cosine")
+    peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
+    learners = {
+        "es_d_rtrl": build(RunConfig(**fields, algorithm="es_d_rtrl", decay=decay))[1],
+        "d_rtrl": build(RunConfig(**fields, algorithm="d_rtrl"))[1],
+    }
+    _, plain, bptt_trainer, _ = build(RunConfig(**fields, algorithm="bptt"))
+
+    def online(learner, params, batch):
+        mask = jnp.ones(batch.inputs.shape[0], bool)
+        run = jax.jit(lambda p, s: learner.scan(p, s, batch.inputs, batch.targets, loss_mask=mask)[1].grads)
+        return run(params, learner.init())
+
+    def bptt(params, batch):
+        def total(params):
+            return jnp.sum(bptt_trainer._forward(params, batch.inputs, batch.targets, plain.constants)[0])
+
+        return jax.jit(jax.grad(total))(params)
+
+    def flat(tree) -> np.ndarray:
+        return np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree.leaves(tree)])
+
+    def cosine(a, b) -> float:
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+    points, done = [], 0
+    for at in sorted(args.at):
+        while done < at:
+            peer.iteration(done)
+            done += 1
+        batch = peer.trainer.batch(10_000 + at)  # a batch no run trains on
+        params = peer.plain_params()
+        found = {name: online(learner, params, batch) for name, learner in learners.items()}
+        raw, _, _ = peer._train(batch.inputs, batch.targets)
+        found["pp_prop"] = {".".join(map(str, _reverse_path(path))): value for path, value in raw.items()}
+        reference = bptt(params, batch)
+        weights = {}
+        for path in reference:
+            ref, pp = flat(reference[path]), flat(found["pp_prop"][path])
+            small = np.abs(pp) <= np.median(np.abs(pp))
+            row = {}
+            for name, grads in found.items():
+                g = flat(grads[path])
+                row[name] = {
+                    "cos_bptt": cosine(g, ref),
+                    "cos_pp_prop": cosine(g, pp),
+                    "norm_ratio_bptt": float(np.linalg.norm(g) / np.linalg.norm(ref)),
+                    "sign_agrees_bptt": float(np.mean(np.sign(g) == np.sign(ref))),
+                    "sign_agrees_bptt_small_half": float(np.mean((np.sign(g) == np.sign(ref))[small])),
+                    "sign_agrees_pp_prop": float(np.mean(np.sign(g) == np.sign(pp))),
+                }
+                print(f"iteration {at} {path} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()))
+            weights[path] = row
+        points.append({"iteration": at, "weights": weights})
+    common.write_json(
+        common.RESULTS / f"learning_compare_{args.task}.json",
+        {"task": args.task, "batch": args.batch, "seed": args.seed, "decay": decay, "points": points},
     )
     return 0
 
