@@ -1,7 +1,7 @@
 """Speed: wall time per time step of forward-only simulation, BPTT, fusetrace (d_rtrl, es_d_rtrl) and
 braintrace (D_RTRL, pp_prop), measured interleaved in one process and reported as ratios.
 
-    python benchmarks/speed.py [--neurons 512 2048] [--batch 16] [--rounds 30] [--slow-rounds 6] [--out DIR] [--quick]
+    python benchmarks/speed.py [--neurons 512 2048] [--batch 16] [--rounds 30] [--slow-rounds 6] [--out DIR] [--quick] [--fast-only]
 
 Model: one recurrent LIF layer (100 Poisson inputs at 50 Hz, ~5% of neurons firing per step, one merged
 Expon synapse per neuron) and a LeakyRateReadout of 10; float32; dt 1 ms. Each method is jit-compiled
@@ -98,6 +98,7 @@ def main(argv=None):
     parser.add_argument("--slow-rounds", type=int, default=6, help="rounds of the per-weight-trace group")
     parser.add_argument("--out", default=None, help="write results/ and images/ under this folder")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (for run_all --quick)")
+    parser.add_argument("--fast-only", action="store_true", help="skip the per-weight-trace group (d_rtrl, D_RTRL)")
     args = parser.parse_args(argv)
     if args.quick:
         args.neurons, args.batch, args.rounds, args.slow_rounds = [64], 4, 2, 2
@@ -107,10 +108,10 @@ def main(argv=None):
         spec = common.Spec(n=n)
         every = programs(spec, args.batch, bank_steps=20)
         times = {}
-        for group, rounds in ((FAST, args.rounds), (SLOW, args.slow_rounds)):
+        for group, rounds in ((FAST, args.rounds), (() if args.fast_only else SLOW, args.slow_rounds)):
             chosen = {name: program for name, program in every.items() if name in group}
             times.update(common.interleaved_ms(chosen, rounds=rounds))
-        times = {name: times[name] for name in every}
+        times = {name: times[name] for name in every if name in times}
         row = {
             "neurons": n,
             "batch": args.batch,
