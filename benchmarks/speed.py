@@ -1,7 +1,8 @@
 """Speed: wall time per time step of forward-only simulation, BPTT, fusetrace (d_rtrl, es_d_rtrl) and
 braintrace (D_RTRL, pp_prop), measured interleaved in one process and reported as ratios.
 
-    python benchmarks/speed.py [--neurons 512 2048] [--batch 16] [--rounds 30] [--slow-rounds 6] [--out DIR] [--quick] [--fast-only]
+    python benchmarks/speed.py [--neurons 512 2048] [--batch 16] [--rounds 30] [--slow-rounds 6] [--out DIR]
+                               [--quick] [--fast-only]
 
 Model: one recurrent LIF layer (100 Poisson inputs at 50 Hz, ~5% of neurons firing per step, one merged
 Expon synapse per neuron) and a LeakyRateReadout of 10; float32; dt 1 ms. Each method is jit-compiled
