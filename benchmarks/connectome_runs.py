@@ -18,8 +18,8 @@ Configurations (`MODES`), each timed over chunks of `chunk` steps (`chunk` = the
 * `trace_only`: the states and traces advance, no gradient at all (what the gradient costs is the
   difference to `every_step`);
 * `scan`: (fusetrace only) the loss at every step and one gradient per chunk, their sum: `Learner.scan`
-  over the chunk, its weight products deferred and contracted once (issue 17's whole-brain configuration;
-  `every_step` forms the same sum one step at a time).
+  over the chunk with its default `chunk` (issue 17's whole-brain configuration; unbatched, its binary
+  CSR products are not deferred by default, so it forms the sum as `every_step` does).
 
 fusetrace runs `es_d_rtrl`, braintrace `pp_prop` (its ES-D-RTRL), both with the same decay.
 """
@@ -189,7 +189,7 @@ def fusetrace_program(learner: fusetrace.Learner, config: Setup, mode: str) -> C
             return state, state["traces"]
         if mode == "scan":
             targets = jax.tree.map(lambda a: jnp.broadcast_to(a, (xs.shape[0], *a.shape)), config.target(1.0))
-            state, result = learner.scan(params, state, (xs, ts), targets, constants=constants, chunk=xs.shape[0])
+            state, result = learner.scan(params, state, (xs, ts), targets, constants=constants)
             return state, result.grads
         state = _advance(learner, params, state, xs[:-1], ts[:-1], config, constants)
         return _with_gradients(learner, params, state, xs[-1:], ts[-1:], config, constants)

@@ -82,3 +82,26 @@ def test_scan_refuses_a_ragged_sequence():
         learner.scan(learner.params, learner.init(), xs, jnp.zeros((STEPS + 1,)))
     with pytest.raises(fusetrace.errors.CompileError, match="loss_mask"):
         learner.scan(learner.params, learner.init(), xs, jnp.zeros((STEPS,)), loss_mask=jnp.ones((STEPS, 2)))
+
+
+def test_unbatched_csr_products_are_taken_step_by_step_by_default():
+    """An unbatched learner whose products are all binary CSR products does not defer them by default (the
+    deferred pass over the connections is the same work, slower in the chunk's loop: benchmarks.md); its
+    sums still equal the loop of steps and the explicitly deferred ones. Batched, it defers."""
+    assert sequence._deferral_pays(fusetrace.compile(*_csr_event(2), loss=_loss, algorithm="es_d_rtrl", batch_size=2))
+    model, x0 = _csr_event(None)
+    learner = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", batch_size=None)
+    assert sequence.deferrable(learner) and not sequence._deferral_pays(learner)
+    xs, targets, mask = _sequence(x0), jnp.full((STEPS,), 0.3), np.array([1, 0, 1, 1, 0, 1], bool)
+    _, want, _ = _loop(learner, xs, targets, mask)
+    for chunk in (None, 4):
+        _, result = jax.jit(functools.partial(learner.scan, chunk=chunk))(
+            learner.params, learner.init(), xs, targets, loss_mask=mask
+        )
+        for got, expected in zip(_flat(result.grads), _flat(want), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=RTOL_SUM, atol=1e-14)
+
+
+def _csr_event(batch_size):
+    model, (x0,), _ = {**zoo.ZOO, **vars(zoo_coverage)}["csr_event"](batch_size=batch_size)
+    return model, x0

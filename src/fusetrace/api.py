@@ -253,8 +253,10 @@ class Learner(eqx.Module):
             constants: as for `step`.
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
-                factors under 256 MiB (`summary()` shows a step's share); 0: no deferral, each step that
-                forms a gradient takes its own products (faster when `loss_mask` leaves most steps out).
+                factors under 256 MiB (`summary()` shows a step's share), or no deferral for an unbatched
+                learner whose products are all binary CSR products (deferring them is slower there); 0: no
+                deferral, each step that forms a gradient takes its own products (faster when `loss_mask`
+                leaves most steps out).
 
         Returns:
             `(state, result)`: `result.output` and `result.loss` stacked over time, `result.grads` the sum
