@@ -88,10 +88,11 @@ def test_unbatched_csr_products_are_taken_step_by_step_by_default():
     """An unbatched learner whose products are all binary CSR products does not defer them by default (the
     deferred pass over the connections is the same work, slower in the chunk's loop: benchmarks.md); its
     sums still equal the loop of steps and the explicitly deferred ones. Batched, it defers."""
-    assert sequence._deferral_pays(fusetrace.compile(*_csr_event(2), loss=_loss, algorithm="es_d_rtrl", batch_size=2))
+    assert sequence.deferral_pays(fusetrace.compile(*_csr_event(2), loss=_loss, algorithm="es_d_rtrl", batch_size=2))
     model, x0 = _csr_event(None)
     learner = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", batch_size=None)
-    assert sequence.deferrable(learner) and not sequence._deferral_pays(learner)
+    assert sequence.deferrable(learner) and not sequence.deferral_pays(learner)
+    assert "taken step by step by default" in learner.summary(program=False)
     xs, targets, mask = _sequence(x0), jnp.full((STEPS,), 0.3), np.array([1, 0, 1, 1, 0, 1], bool)
     _, want, _ = _loop(learner, xs, targets, mask)
     for chunk in (None, 4):

@@ -308,7 +308,12 @@ class Learner(eqx.Module):
         lines += [f"  {report.line()}" for report in self.report()]
         lines.append(f"traces of this learner: {self.trace_bytes()} bytes{factorised.memory_note(self.plan)}")
         per_step = sequence.deferred_bytes(self)
-        if per_step:
+        if per_step and not sequence.deferral_pays(self):
+            lines.append(
+                "Learner.scan: weight products taken step by step by default (unbatched binary CSR products: "
+                f"deferring them is slower); chunk=k defers them, {per_step} bytes of factors per step"
+            )
+        elif per_step:
             chunk = max(1, sequence.DEFERRED_BYTES // per_step)
             lines.append(
                 f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "

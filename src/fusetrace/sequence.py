@@ -86,11 +86,11 @@ def deferrable(learner) -> bool:
     return bool(relations) and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
 
 
-def _deferral_pays(learner) -> bool:
+def deferral_pays(learner) -> bool:
     """Whether deferring is the default (`chunk=None`): not when the learner is unbatched and every deferred
     product is a binary CSR product, whose deferred contraction is the same one pass over the connections
     per step, only slower in the chunk's loop (measured, generated connectome, 50-step chunks, es_d_rtrl:
-    2.50 against 1.33 ms per step at 20,000 neurons; 25.9 against 16.5 at 138,639; batched, B = 16, the
+    2.50 against 1.33 ms per step at 20,000 neurons; 25.9 against 18.1 at 138,639; batched, B = 16, the
     two are within 3%)."""
     analysis, plan = learner.analysis, learner.plan
     if analysis.batch_size is not None:
@@ -122,7 +122,7 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
     steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
     mask = None if loss_mask is None else _mask(loss_mask, steps)  # None: every step learns (no branch)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    if not deferrable(learner) or chunk == 0 or (chunk is None and not _deferral_pays(learner)):
+    if not deferrable(learner) or chunk == 0 or (chunk is None and not deferral_pays(learner)):
         # a weight product at every step that forms one
         (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
         return state, ScanResult(outputs, losses, grads)
