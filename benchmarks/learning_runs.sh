@@ -28,6 +28,7 @@ for seed in ${SEEDS}; do
     run $task es_d_rtrl "$seed" --algorithm es_d_rtrl
     [ $task = DMS ] && run $task es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99  # pp_prop's decay there
     run $task es_d_rtrl-low_rank8 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 8
+    run $task es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
   done
