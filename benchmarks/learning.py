@@ -256,12 +256,27 @@ TIMED = {
 }
 
 
+def _run_fields(task: str, batch: int, iterations: int, seed: int) -> dict:
+    """`RunConfig` fields of the learning runs' recipe (lr 2e-3 with a cosine decay, clipping 1, one update
+    per trial, no checkpoint)."""
+    return {
+        "task": task,
+        "iterations": iterations,
+        "batch": batch,
+        "learning_rate": 2e-3,
+        "update_every": 0,
+        "seed": seed,
+        "checkpoint_every": iterations + 1,
+        "clip_norm": 1.0,
+        "schedule": "cosine",
+    }
+
+
 def _time(args) -> int:
     """Seconds per training iteration, pp_prop and fusetrace alternating on the same batches."""
     batch, decay = RUN_SIZES.get(args.task, (32, 0.9))
     batch, decay = args.batch or batch, args.decay if args.decay is not None else decay
-    fields = {"task": args.task, "iterations": 100, "batch": batch, "learning_rate": 2e-3, "update_every": 0}
-    fields.update(seed=0, checkpoint_every=100, clip_norm=1.0, schedule="cosine")
+    fields = _run_fields(args.task, batch, iterations=100, seed=0)
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
     trainers = {}
     for name, options in TIMED.items():
@@ -301,8 +316,7 @@ def _compare(args) -> int:
     import jax
 
     decay = args.decay if args.decay is not None else RUN_SIZES.get(args.task, (32, 0.9))[1]
-    fields = {"task": args.task, "iterations": max(max(args.at), 1), "batch": args.batch, "learning_rate": 2e-3}
-    fields.update(update_every=0, seed=args.seed, checkpoint_every=max(args.at) + 1, clip_norm=1.0, schedule="cosine")
+    fields = _run_fields(args.task, args.batch, iterations=max(max(args.at), 1), seed=args.seed)
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
     learners = {
         "es_d_rtrl": build(RunConfig(**fields, algorithm="es_d_rtrl", decay=decay))[1],

@@ -38,11 +38,13 @@ def firing_rate(spec: common.Spec, batch: int) -> float:
     return float(jnp.mean(rates[RATE_STEPS // 3 :]))
 
 
-def programs(spec: common.Spec, batch: int, bank_steps: int) -> dict[str, common.Program]:
-    """Every method's program on ONE model instance (identical weights; the peer's twin copies them)."""
+def programs(spec: common.Spec, batch: int, bank_steps: int, skip=()) -> dict[str, common.Program]:
+    """Every method's program but `skip`'s on ONE model instance (identical weights; the peer's twin copies
+    them)."""
     model = common.build(spec, batch)
     bank = common.input_bank(spec, batch, bank_steps)
-    return {name: common.step_program(name, model, batch, bank, BPTT_STEPS) for name in common.methods()}
+    names = [name for name in common.methods() if name not in skip]
+    return {name: common.step_program(name, model, batch, bank, BPTT_STEPS) for name in names}
 
 
 # Two groups, each interleaved in its own rounds: a multi-second per-weight-trace call (and the gigabytes it
@@ -107,12 +109,13 @@ def main(argv=None):
     rows = []
     for n in args.neurons:
         spec = common.Spec(n=n)
-        every = programs(spec, args.batch, bank_steps=20)
+        every = programs(spec, args.batch, bank_steps=20, skip=SLOW if args.fast_only else ())
         times = {}
-        for group, rounds in ((FAST, args.rounds), (() if args.fast_only else SLOW, args.slow_rounds)):
+        for group, rounds in ((FAST, args.rounds), (SLOW, args.slow_rounds)):
             chosen = {name: program for name, program in every.items() if name in group}
-            times.update(common.interleaved_ms(chosen, rounds=rounds))
-        times = {name: times[name] for name in every if name in times}
+            if chosen:
+                times.update(common.interleaved_ms(chosen, rounds=rounds))
+        times = {name: times[name] for name in every}
         row = {
             "neurons": n,
             "batch": args.batch,

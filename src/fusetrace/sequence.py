@@ -78,12 +78,17 @@ def deferrable(learner) -> bool:
     reads nothing that changes from step to step but its input and weight (so one evaluation of the op
     stands for all the steps of a chunk). A binary CSR product's deferred products are one loop over the
     chunk's steps and batch entries (`derive.connection_products`)."""
-    analysis, plan = learner.analysis, learner.plan
-    if plan.algorithm != "es_d_rtrl":
+    if learner.plan.algorithm != "es_d_rtrl":
         return False
-    relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
-    contractions = [analysis.facts.contractions[r.contraction] for r in relations]
-    return bool(relations) and all(derive.step_invariant_operands(analysis, c.index) for c in contractions)
+    contractions = _product_contractions(learner)
+    return bool(contractions) and all(derive.step_invariant_operands(learner.analysis, c.index) for c in contractions)
+
+
+def _product_contractions(learner) -> list:
+    """The contractions of the traced relations that form weight products (not element-wise parameters)."""
+    analysis = learner.analysis
+    relations = [analysis.relations[i] for i in learner.plan.traced if not analysis.relations[i].elementwise]
+    return [analysis.facts.contractions[r.contraction] for r in relations]
 
 
 def deferral_pays(learner) -> bool:
@@ -92,11 +97,9 @@ def deferral_pays(learner) -> bool:
     per step, only slower in the chunk's loop (measured, generated connectome, 50-step chunks, es_d_rtrl:
     2.50 against 1.33 ms per step at 20,000 neurons; 25.9 against 18.1 at 138,639; batched, B = 16, the
     two are within 3%)."""
-    analysis, plan = learner.analysis, learner.plan
-    if analysis.batch_size is not None:
+    if learner.analysis.batch_size is not None:
         return True
-    relations = [analysis.relations[i] for i in plan.traced if not analysis.relations[i].elementwise]
-    return not all(derive.one_pass_csr(analysis.facts.contractions[r.contraction].eqn) for r in relations)
+    return not all(derive.one_pass_csr(c.eqn) for c in _product_contractions(learner))
 
 
 def deferred_bytes(learner) -> int:
