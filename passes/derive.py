@@ -531,6 +531,11 @@ def batch_groups(count: int):
         _BATCH_GROUPS.reset(token)
 
 
+def batch_split() -> bool:
+    """Whether the steps being traced are split over the batch (`batch_groups`, a data-parallel mesh)."""
+    return _BATCH_GROUPS.get() > 1
+
+
 def connection_products(xs: jax.Array, cts: jax.Array, pre: jax.Array, post: jax.Array) -> jax.Array:
     """`Σ_{t,b} xs[t, b, pre(k)] · cts[t, b, post(k)]` for every connection k: the weight cotangent of a
     sparse product summed over steps `t` and batch entries `b`, one entry at a time — the E-long sum is
@@ -555,7 +560,7 @@ def connection_products(xs: jax.Array, cts: jax.Array, pre: jax.Array, post: jax
     return jax.lax.fori_loop(0, xs.shape[1], add, jnp.zeros(pre.shape, jnp.result_type(xs, cts)))
 
 
-def _endpoints(eqn, analysis: Analysis, invals) -> tuple[jax.Array, jax.Array]:
+def csr_endpoints(eqn, analysis: Analysis, invals) -> tuple[jax.Array, jax.Array]:
     """`(pre, post)`: each connection's presynaptic (input) and postsynaptic (output) index of a CSR op."""
     _, indices, indptr = invals[:3]
     precomputed = analysis.rows_of(eqn.invars[2])
@@ -563,7 +568,7 @@ def _endpoints(eqn, analysis: Analysis, invals) -> tuple[jax.Array, jax.Array]:
     return (rows, indices) if eqn.params["transpose"] else (indices, rows)
 
 
-def _as_rows(value: jax.Array, eqn) -> jax.Array:
+def csr_rows_of(value: jax.Array, eqn) -> jax.Array:
     """A CSR op's vector operand or output as rows `(B, n)`: one row for a vector, one per batch entry for
     the `(n, B)` matrix of `binary_csrmm`."""
     return value[None] if eqn.primitive.name == "binary_csrmv" else value.T
@@ -581,7 +586,7 @@ def _weighted_twin(eqn, analysis: Analysis):
 
     def transform(value, invals):
         weights, indices, indptr, x, *workspace = invals
-        pre, post = _endpoints(eqn, analysis, invals)
+        pre, post = csr_endpoints(eqn, analysis, invals)
 
         @jax.custom_vjp
         def product(w, x):
@@ -591,7 +596,7 @@ def _weighted_twin(eqn, analysis: Analysis):
             return product(w, x), x
 
         def backward(x, ct):
-            grad = connection_products(_as_rows(x, eqn)[None], _as_rows(ct, eqn)[None], pre, post)
+            grad = connection_products(csr_rows_of(x, eqn)[None], csr_rows_of(ct, eqn)[None], pre, post)
             return grad.astype(weights.dtype), jnp.zeros_like(x)
 
         product.defvjp(forward, backward)
@@ -675,10 +680,10 @@ def weight_vjp_over_time(
     c = analysis.facts.contractions[contraction]
     if one_pass_csr(c.eqn):  # a binary op (never reads values): the steps and batch entries folded into one loop
         invals = list(values.operands[contraction])
-        pre, post = _endpoints(c.eqn, analysis, invals)
+        pre, post = csr_endpoints(c.eqn, analysis, invals)
 
         def rows(stack):  # (T, n) or (T, n, B) -> (T, B, n)
-            return jax.vmap(lambda value: _as_rows(value, c.eqn))(stack)
+            return jax.vmap(lambda value: csr_rows_of(value, c.eqn))(stack)
 
         grad = connection_products(rows(pres), rows(cotangents), pre, post)
         return grad.astype(weight_of(analysis, values, contraction).dtype)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fusetrace.analysis import Analysis
 from fusetrace.errors import CompileError, four_part
 
-from . import credit, derive, factorised, per_weight
+from . import credit, derive, events, factorised, per_weight
 from .chains import DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, Node, group_units, plan_chains
 from .factorised import FACTORISATIONS
 from .layout import layout_kind, trace_shape
@@ -317,8 +317,11 @@ def fused_step(
     `gradient=False` advances states and traces only: no learning signal, no gradient (`grads` is None).
     Exact where the step's loss is identically zero (between read-outs), since then every gradient term
     of the step is zero. `defer=True`: es_d_rtrl's weight products are not formed; `grads` is then
-    `(grads without them, {(relation, "now" or "prev"): (presynaptic factor, op-layout cotangent)})`, for
-    `sequence` to contract over many steps at once (`derive.weight_vjp_over_time`)."""
+    `(grads without them, deferred)`, for `sequence` to contract over many steps at once: `deferred["pairs"]`
+    maps `(relation, "now" or "prev")` to `(presynaptic factor, op-layout cotangent)`
+    (`derive.weight_vjp_over_time`); for the relations contracted event by event (`events`),
+    `deferred["events"]` maps the same keys to the cotangent alone and `deferred["inputs"]` each relation
+    to its op's activity mask — the one entry also there under `gradient=False` (`(None, deferred)`)."""
     relations = analysis.relations
     leaves = list(leaves)
     for leaf, value in weights.items():
@@ -331,7 +334,8 @@ def fused_step(
         with jax.named_scope("credit_chains"):
             aligned = factorised.align_chains(analysis, plan, traces, own)
             new_traces = credit.advance(analysis, plan, values, aligned, own, cache)
-        return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), None
+        idle = (None, {"inputs": events.activity(analysis, plan, values)}) if defer else None
+        return values.new_leaves, new_traces, values.outputs, loss_of_outputs(list(values.outputs)), idle
     weight_leaves = sorted(weights)
     with jax.named_scope("learning_signal"):
         loss, delta_new, delta_prev, direct = derive.learning_signals(
@@ -353,14 +357,21 @@ def fused_step(
         key: ((new_traces if key[1] == "now" else traces)[plan.key(key[0])]["pre"], cotangent)
         for key, cotangent in cotangents.items()
     }
-    if not defer:
-        with jax.named_scope("weight_products"):
-            for (index, _), (pre, cotangent) in products.items():
-                product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
-                terms.append((index, product))
-        products = {}
+    if defer:  # (relation, factor) -> (presynaptic factor, cotangent), or the cotangent alone (`events`)
+        activity = events.activity(analysis, plan, values)
+        deferred = {
+            "pairs": {key: pair for key, pair in products.items() if key[0] not in activity},
+            "events": {key: pair[1] for key, pair in products.items() if key[0] in activity},
+            "inputs": activity,
+        }
+        grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
+        return values.new_leaves, new_traces, values.outputs, loss, (grads, deferred)
+    with jax.named_scope("weight_products"):
+        for (index, _), (pre, cotangent) in products.items():
+            product = factorised.weight_product(analysis, plan, relations[index], values, pre, cotangent)
+            terms.append((index, product))
     grads = by_weight_leaf(analysis, values, {leaf: direct[leaf] for leaf in weight_leaves}, terms)
-    return values.new_leaves, new_traces, values.outputs, loss, (grads, products) if defer else grads
+    return values.new_leaves, new_traces, values.outputs, loss, grads
 
 
 def by_weight_leaf(analysis: Analysis, values, grads: dict, terms) -> dict:

@@ -4,6 +4,7 @@ checked."""
 
 import functools
 
+import brainstate
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import fusetrace
 import zoo
 import zoo_coverage
 from fusetrace import sequence
+from fusetrace.passes.structure import prev_read_states
 
 RTOL_SUM = 1e-12  # the same per-step arithmetic, summed in another order (float64)
 STEPS = 6
@@ -84,18 +86,62 @@ def test_scan_refuses_a_ragged_sequence():
         learner.scan(learner.params, learner.init(), xs, jnp.zeros((STEPS,)), loss_mask=jnp.ones((STEPS, 2)))
 
 
-def test_unbatched_csr_products_are_taken_step_by_step_by_default():
-    """An unbatched learner whose products are all binary CSR products does not defer them by default (the
-    deferred pass over the connections is the same work, slower in the chunk's loop: benchmarks.md); its
-    sums still equal the loop of steps and the explicitly deferred ones. Batched, it defers."""
-    assert sequence.deferral_pays(fusetrace.compile(*_csr_event(2), loss=_loss, algorithm="es_d_rtrl", batch_size=2))
+def test_unbatched_csr_products_are_deferred_event_by_event():
+    """An unbatched binary CSR product (rows: the presynaptic neurons) defers its products by default and
+    contracts them event by event (`passes.events`), its sum equal to the loop of steps; contracted as
+    pairs of factors ("matched": one pair per component) it is not deferred by default (slower there:
+    benchmarks.md), and equals the loop either way."""
     model, x0 = _csr_event(None)
     learner = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", batch_size=None)
-    assert sequence.deferrable(learner) and not sequence.deferral_pays(learner)
-    assert "taken step by step by default" in learner.summary(program=False)
+    assert sequence.event_driven(learner) and sequence.deferral_pays(learner)
+    assert "event by event" in learner.summary(program=False)
+    model, x0 = _csr_event(None)
+    matched = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", factorisation="matched")
+    assert sequence.deferrable(matched) and not sequence.event_driven(matched)
+    assert not sequence.deferral_pays(matched)
+    assert "taken step by step by default" in matched.summary(program=False)
     xs, targets, mask = _sequence(x0), jnp.full((STEPS,), 0.3), np.array([1, 0, 1, 1, 0, 1], bool)
+    for each in (learner, matched):
+        _, want, _ = _loop(each, xs, targets, mask)
+        for chunk in (None, 4):
+            _, result = jax.jit(functools.partial(each.scan, chunk=chunk))(
+                each.params, each.init(), xs, targets, loss_mask=mask
+            )
+            for got, expected in zip(_flat(result.grads), _flat(want), strict=True):
+                np.testing.assert_allclose(got, expected, rtol=RTOL_SUM, atol=1e-14)
+
+
+class PreviousAndNewSpikes(brainstate.nn.Module):
+    """Event spikes through a CSR matrix into LIF; two readouts, of LAST step's spikes (read before the layer
+    advances) and of the new ones: the input weight's gradient has both a `δ·ε_t` and a `δ_prev·ε_{t-1}`
+    term, which the event-driven contraction pairs across the chunk's steps and its boundary."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = zoo_coverage.Layer(zoo_coverage.EventCSR(8, 12), zoo_coverage._lif(12), 12)
+        self.before = brainstate.nn.Linear(12, 2)
+        self.after = brainstate.nn.Linear(12, 2)
+
+    def update(self, x):
+        previous = self.before(self.layer.N.get_spike())
+        return previous + self.after(self.layer(x))
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_event_driven_contraction_pairs_last_steps_factor(batch):
+    zoo_coverage._begin(0)
+    model = PreviousAndNewSpikes()
+    brainstate.nn.init_all_states(model, batch_size=batch)
+    x0 = jnp.zeros((8,) if batch is None else (batch, 8))
+    learner = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", batch_size=batch, decay=0.7)
+    assert sequence.event_driven(learner) == ["layer.inp.comm.weight"]
+    index = next(i for i in learner.plan.traced if learner.analysis.relations[i].weight == "layer.inp.comm.weight")
+    assert prev_read_states(learner.analysis, learner.analysis.group_named(learner.analysis.relations[index].group))
+    xs, targets = _sequence(x0, seed=5), jnp.full((STEPS,), 0.3)
+    mask = np.array([1, 1, 0, 1, 1, 1], bool)  # a masked step inside a chunk, then chunk boundaries
     _, want, _ = _loop(learner, xs, targets, mask)
-    for chunk in (None, 4):
+    assert np.linalg.norm(np.asarray(want["layer.inp.comm.weight"])) > 0
+    for chunk in (2, 4, STEPS):
         _, result = jax.jit(functools.partial(learner.scan, chunk=chunk))(
             learner.params, learner.init(), xs, targets, loss_mask=mask
         )

@@ -20,7 +20,7 @@ from .drawing import Drawing, build_drawing, to_dot
 from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
 from .naming import Names
-from .passes import derive, factorised
+from .passes import derive, events, factorised
 from .passes.fuse import (
     DEFAULT_CREDIT_DEPTH,
     DEFAULT_LOOP_HOPS,
@@ -208,10 +208,10 @@ class Learner(eqx.Module):
             state["step"],
             inputs,
             gradient=gradient,
-            defer=defer and gradient,
+            defer=defer,
         )
         products = {}
-        if defer and gradient:
+        if defer:
             grads, products = grads
         new_state = {
             "model": flat.states_from(captured, new_leaves, state["model"]),
@@ -221,19 +221,26 @@ class Learner(eqx.Module):
         grads = None if grads is None else flat.grads_like(captured, params, grads)
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads), products
 
-    def _contract(self, params: dict, state: dict, x_t, products: dict, constants: dict | None = None) -> dict:
+    def _contract(
+        self, params: dict, state: dict, x_t, products: dict, start: dict, constants: dict | None = None
+    ) -> dict:
         """The gradient (like `params`) of es_d_rtrl's weight products over a stack of steps: `products`
-        as `_step(..., defer=True)` returns them, stacked on a leading time axis; one contraction each."""
+        as `_step(..., defer=True)` returns them, stacked on a leading time axis; one contraction each.
+        `start`: the traces before the stack's first step (the event-driven contraction reads them)."""
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
         leaves = flat.leaves_from(captured, params, state["model"])
         values = derive.forward(analysis, inputs, leaves)
         terms = []
-        for (index, _), (pre, cot) in products.items():
+        for (index, _), (pre, cot) in products["pairs"].items():
             relation = analysis.relations[index]
             pre, cot = factorised.per_step_products(analysis, self.plan, relation, pre, cot)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
+        for index, inputs in products["inputs"].items():
+            now, prev = (products["events"].get((index, kind)) for kind in ("now", "prev"))
+            first = start[self.plan.key(index)]["pre"]
+            terms.append((index, events.contract(analysis, self.plan, index, values, first, inputs, now, prev)))
         zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
         return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
 
@@ -254,7 +261,8 @@ class Learner(eqx.Module):
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
                 factors under 256 MiB (`summary()` shows a step's share), or no deferral for an unbatched
-                learner whose products are all binary CSR products (deferring them is slower there); 0: no
+                learner whose products are all binary CSR products that cannot be contracted event by event
+                (`fusetrace.passes.events`; deferring them as pairs of factors is slower there); 0: no
                 deferral, each step that forms a gradient takes its own products (faster when `loss_mask`
                 leaves most steps out).
 
@@ -319,6 +327,12 @@ class Learner(eqx.Module):
                 f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "
                 f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB)"
             )
+            driven = sequence.event_driven(self)
+            if driven:
+                lines.append(
+                    "  event by event (one pass over the connections per chunk, then the outgoing connections "
+                    f"of each step's spikes): {', '.join(f'`{name}`' for name in driven)}"
+                )
         if program:
             lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"

@@ -11,9 +11,12 @@ Deferred contraction (es_d_rtrl). Summed over steps, es_d_rtrl's per-step weight
 weight one GEMM with inner dimension k·B instead of k rank-B updates, each of which reads and writes
 the whole weight-shaped gradient. So the steps keep their factors `(ε^u_t, c_t)` — O(B·(I + N)) per
 relation and step — in a buffer of `chunk` steps, contracted once per chunk
-(`derive.weight_vjp_over_time`). The chunk is chosen so that the buffer stays under `DEFERRED_BYTES`
-(`Learner.deferred_bytes` reports a step's share). Everything else of a step (d_rtrl's traces, per-neuron
-parameters, instantaneous readouts) is summed step by step. The gradient sum lives in the scan's carry,
+(`derive.weight_vjp_over_time`); a binary CSR product whose rows are the presynaptic neurons keeps
+each step's spikes and cotangents instead and is contracted event by event (`passes.events`: one pass
+over the connections per chunk, then the outgoing connections of each step's spikes). The chunk is
+chosen so that the buffer stays under `DEFERRED_BYTES` (`Learner.deferred_bytes` reports a step's share).
+Everything else of a step (d_rtrl's traces, per-neuron parameters, instantaneous readouts) is summed step
+by step. The gradient sum lives in the scan's carry,
 so memory does not grow with the sequence.
 """
 
@@ -26,7 +29,7 @@ import numpy as np
 from jax import lax
 
 from .errors import CompileError, four_part
-from .passes import derive, factorised
+from .passes import derive, events, factorised
 
 DEFERRED_BYTES = 1 << 28  # the largest buffer of deferred factors (256 MiB) before a chunk is contracted
 
@@ -92,12 +95,13 @@ def _product_contractions(learner) -> list:
 
 
 def deferral_pays(learner) -> bool:
-    """Whether deferring is the default (`chunk=None`): not when the learner is unbatched and every deferred
-    product is a binary CSR product, whose deferred contraction is the same one pass over the connections
-    per step, only slower in the chunk's loop (measured, generated connectome, 50-step chunks, es_d_rtrl:
-    2.50 against 1.33 ms per step at 20,000 neurons; 25.9 against 18.1 at 138,639; batched, B = 16, the
-    two are within 3%)."""
-    if learner.analysis.batch_size is not None:
+    """Whether deferring is the default (`chunk=None`). Not when the learner is unbatched and every deferred
+    product is a binary CSR product contracted as pairs of factors (not event by event: `passes.events`),
+    whose deferred contraction is the same one pass over the connections per step, only slower in the
+    chunk's loop (measured, generated connectome, 50-step chunks, es_d_rtrl: 2.50 against 1.33 ms per step
+    at 20,000 neurons; 25.9 against 18.1 at 138,639; batched, B = 16, the two are within 3%). Event by
+    event, the same connectomes take 1.00 and 9.5 ms per step deferred (benchmarks.md)."""
+    if learner.analysis.batch_size is not None or event_driven(learner):
         return True
     return not all(derive.one_pass_csr(c.eqn) for c in _product_contractions(learner))
 
@@ -115,9 +119,20 @@ def deferred_bytes(learner) -> int:
         contraction = analysis.facts.contractions[relation.contraction]
         itemsize = np.dtype(analysis.captured.leaves[relation.weight_leaf].dtype).itemsize
         sizes = (contraction.pre_var.aval.size, contraction.out_var.aval.size)
+        if events.eligible(analysis, plan, index):  # the activity mask (bool), cotangents for now and prev
+            total += sizes[0] + sizes[1] * itemsize * 2
+            continue
         components = factorised.n_products(plan, analysis, index)  # pairs of factors per step
         total += sum(sizes) * itemsize * 2 * components  # this step's factors, and last step's (for δ_prev terms)
     return total
+
+
+def event_driven(learner) -> list[str]:
+    """The weights whose deferred products are contracted event by event (`passes.events`)."""
+    analysis, plan = learner.analysis, learner.plan
+    if not deferrable(learner):
+        return []
+    return [analysis.relations[i].weight for i in plan.traced if events.eligible(analysis, plan, i)]
 
 
 def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants=None, chunk=None):
@@ -186,9 +201,11 @@ def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
         state, total = carry
         x, target, forms = inputs
 
-        def advancing(state, x, target):
-            state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
-            return state, res.output, res.loss, zeros, no_products
+        def advancing(state, x, target):  # no products; the event-driven relations' inputs still count
+            state, res, deferred = learner._step(
+                params, state, x, target, gradient=False, constants=constants, defer=True
+            )
+            return state, res.output, res.loss, zeros, {**no_products, **deferred}
 
         if mask is None:
             state, output, loss, grads, products = learning(state, x, target)
@@ -197,5 +214,5 @@ def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
         return (state, jax.tree.map(jnp.add, total, grads)), (output, loss, products)
 
     (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
-    contracted = learner._contract(params, state, x0, products, constants=constants)
+    contracted = learner._contract(params, state, x0, products, carry[0]["traces"], constants=constants)
     return (state, jax.tree.map(jnp.add, total, contracted)), (outputs, losses)
