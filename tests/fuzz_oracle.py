@@ -17,7 +17,8 @@ For a `fuzz_models.Spec` (float64, `spec.steps` steps, weights fixed; the online
    `reference_shape`): d_rtrl equals masked brute-force RTRL, e_prop the BPTT of the stop-gradient graph,
    es_d_rtrl its naive formulas — to `RTOL_REFERENCE`.
 5. The spec's extra invariant (`spec.check`): `jax.jit(step)` equals the eager step, a batch of one equals
-   the unbatched model, or `learner.scan` over the sequence equals a Python loop of jitted steps — to
+   the unbatched model, or `learner.scan` over the sequence (its weight products deferred in chunks of a
+   drawn length, some steps' loss masked out) equals a Python loop of jitted steps — to
    `RTOL_SAME`, each leaf relative to its own norm or, for a leaf under `SAME_FLOOR` of the largest,
    to that floor (such a leaf is a cancellation: a saturated tanh's `1 − tanh²` carries the two programs'
    rounding at 1e-5 of itself, first seen in a gated cell, fuzz seed 4).
@@ -225,15 +226,32 @@ def scan_sums(learners: tuple, inputs: tuple, target) -> list:
     return [summed(learner) for learner in learners]
 
 
-def loop_sums(learner, inputs: tuple, target, step=None):
-    """Σ_t res.grads by a Python loop over `step` (default: `jax.jit(learner.step)`)."""
-    step = _fast_jit(learner.step) if step is None else step
+def loop_sums(learner, inputs: tuple, target, step=None, mask=None):
+    """Σ_t res.grads by a Python loop over `step` (default: `jax.jit(learner.step)`); with `mask`, the steps
+    where it is False advance without a gradient (`gradient=False`) and add nothing."""
+    if step is None:
+        step = jax.jit(learner.step, static_argnames="gradient", compiler_options=FAST_COMPILE)
     state, total = learner.init(), None
     for t in range(len(inputs[0])):
         xs = tuple(x[t] for x in inputs)
-        state, res = step(learner.params, state, _step_input(xs), jax.tree.map(lambda a, t=t: a[t], target))
-        total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+        forms = mask is None or bool(mask[t])
+        target_t = jax.tree.map(lambda a, t=t: a[t], target)
+        if forms:
+            state, res = step(learner.params, state, _step_input(xs), target_t)
+            total = res.grads if total is None else jax.tree.map(jnp.add, total, res.grads)
+        else:
+            state, _ = step(learner.params, state, _step_input(xs), target_t, gradient=False)
     return total, state
+
+
+def scan_plan(spec: fm.Spec) -> tuple[int, np.ndarray]:
+    """`(chunk, loss mask)` of the scan_loop check, drawn from the spec's seed: a chunk length in 1..T and
+    a mask with about a third of the steps left out (never all)."""
+    rng = np.random.default_rng(spec.seed)
+    chunk = int(rng.integers(1, spec.steps + 1))
+    mask = rng.random(spec.steps) < 0.7
+    mask[rng.integers(spec.steps)] = True
+    return chunk, mask
 
 
 def _fast_jit(function):
@@ -469,8 +487,10 @@ def _check_invariant(spec: fm.Spec, learners: dict, sums: dict, outcome: Outcome
         eager, jitted = learner.step(learner.params, state, x, y), step(learner.params, state, x, y)
         error = _close(eager, jitted)
     elif spec.check == "scan_loop":  # Learner.scan (one lax.scan, deferred products) against a loop of steps
-        _, result = _fast_jit(learner.scan)(learner.params, learner.init(), _step_input(inputs), target)
-        error = _close(result.grads, loop_sums(learner, inputs, target)[0])
+        chunk, mask = scan_plan(spec)
+        scan = functools.partial(learner.scan, chunk=chunk)
+        _, result = _fast_jit(scan)(learner.params, learner.init(), _step_input(inputs), target, loss_mask=mask)
+        error = _close(result.grads, loop_sums(learner, inputs, target, mask=mask)[0])
     else:  # batch_one: the unbatched spec against a batch of one
         one = compile_learner(spec, algorithm, batch=1)
         (batched,) = _fast_jit(functools.partial(scan_sums, (one,)))(*sequence(spec, batch=1))
