@@ -687,12 +687,35 @@ def weight_vjp_over_time(
 
         grad = connection_products(rows(pres), rows(cotangents), pre, post)
         return grad.astype(weight_of(analysis, values, contraction).dtype)
+    if _plain_matmul(c):  # `x @ W`: the steps and batch entries as one axis, one "TN" GEMM
+        # (the vmapped VJP contracts them as two axes, and XLA's CPU backend transposes both operands
+        # first: at N = 2048, B = 16, T = 100, 108 ms against 74 for the GEMM alone)
+        flat = [jnp.reshape(a, (-1, a.shape[-1])) for a in (pres, cotangents)]
+        grad = lax.dot_general(*flat, (((0,), (0,)), ((), ())))
+        return grad.astype(weight_of(analysis, values, contraction).dtype)
 
     def stacked(weight):
         return jax.vmap(lambda pre: op_alone(analysis, contraction, values, pre, weight, float_input=True))(pres)
 
     _, vjp = jax.vjp(stacked, weight_of(analysis, values, contraction))
     return vjp(cotangents)[0]
+
+
+def _plain_matmul(c) -> bool:
+    """Whether the op is `x @ W`: a `dot_general` of the presynaptic input (a vector or a batch of rows,
+    contracted on its last axis) with a 2-D weight (on its first), no batch dimensions."""
+    eqn = c.eqn
+    if eqn.primitive.name != "dot_general" or (c.pre_operand, c.weight_operand) != (0, 1):
+        return False
+    (lhs, rhs), batch = eqn.params["dimension_numbers"]
+    ndim = eqn.invars[0].aval.ndim
+    return (
+        ndim in (1, 2)
+        and eqn.invars[1].aval.ndim == 2
+        and tuple(lhs) == (ndim - 1,)
+        and tuple(rhs) == (0,)
+        and not any(batch)
+    )
 
 
 def weight_vjp(

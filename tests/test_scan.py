@@ -55,13 +55,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "algorithm"), CASES)
-def test_scan_equals_summed_steps(name, algorithm):
-    model, inputs, _ = {**zoo.ZOO, **vars(zoo_coverage)}[name](batch_size=2)
+@pytest.mark.parametrize(
+    ("name", "algorithm", "batch"),
+    [(*case, 2) for case in CASES] + [("gru", "es_d_rtrl", None)],  # unbatched: `x @ W` on vectors
+)
+def test_scan_equals_summed_steps(name, algorithm, batch):
+    model, inputs, _ = {**zoo.ZOO, **vars(zoo_coverage)}[name](batch_size=batch)
     (x0,) = inputs
     xs = _sequence(x0)
     targets = jnp.full((STEPS,), 0.3)
-    learner = fusetrace.compile(model, x0, loss=_loss, algorithm=algorithm, batch_size=2)
+    learner = fusetrace.compile(model, x0, loss=_loss, algorithm=algorithm, batch_size=batch)
     mask = np.array([1, 0, 1, 1, 0, 1], bool)
     if algorithm == "es_d_rtrl":  # its weight products are deferred and contracted per chunk (here 4 + 2 steps)
         assert sequence.deferrable(learner) and sequence.deferred_bytes(learner) > 0
