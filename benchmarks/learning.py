@@ -251,6 +251,7 @@ RUN_SIZES = {"dms": (32, 0.99), "evidence": (64, 0.9)}
 TIMED = {
     "es_d_rtrl": {"algorithm": "es_d_rtrl"},
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
+    "es_d_rtrl(low_rank 2)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 2},
     "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
     "d_rtrl": {"algorithm": "d_rtrl"},
 }
