@@ -237,10 +237,10 @@ class Learner(eqx.Module):
             relation = analysis.relations[index]
             pre, cot = factorised.per_step_products(analysis, self.plan, relation, pre, cot)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
-        for index, inputs in products["inputs"].items():
+        for index, masks in products["inputs"].items():  # event by event (`passes.events`)
             now, prev = (products["events"].get((index, kind)) for kind in ("now", "prev"))
             first = start[self.plan.key(index)]["pre"]
-            terms.append((index, events.contract(analysis, self.plan, index, values, first, inputs, now, prev)))
+            terms.append((index, events.contract(analysis, self.plan, index, values, first, masks, now, prev)))
         zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
         return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
 

@@ -16,8 +16,7 @@ each step's spikes and cotangents instead and is contracted event by event (`pas
 over the connections per chunk, then the outgoing connections of each step's spikes). The chunk is
 chosen so that the buffer stays under `DEFERRED_BYTES` (`Learner.deferred_bytes` reports a step's share).
 Everything else of a step (d_rtrl's traces, per-neuron parameters, instantaneous readouts) is summed step
-by step. The gradient sum lives in the scan's carry,
-so memory does not grow with the sequence.
+by step. The gradient sum lives in the scan's carry, so memory does not grow with the sequence.
 """
 
 from typing import Any
@@ -100,7 +99,7 @@ def deferral_pays(learner) -> bool:
     whose deferred contraction is the same one pass over the connections per step, only slower in the
     chunk's loop (measured, generated connectome, 50-step chunks, es_d_rtrl: 2.50 against 1.33 ms per step
     at 20,000 neurons; 25.9 against 18.1 at 138,639; batched, B = 16, the two are within 3%). Event by
-    event, the same connectomes take 1.00 and 9.5 ms per step deferred (benchmarks.md)."""
+    event, the same connectomes take 1.00 and 9.8 ms per step deferred (benchmarks.md)."""
     if learner.analysis.batch_size is not None or event_driven(learner):
         return True
     return not all(derive.one_pass_csr(c.eqn) for c in _product_contractions(learner))
