@@ -407,6 +407,11 @@ def reference_shape(spec: fm.Spec) -> tuple[str, ...]:
     for proj in spec.projections:
         if proj.delay or (proj.source == "p0" and (proj.stp or proj.synapse.startswith("pre_"))):
             return ()
+        if pop.param == "threshold" and proj.source == "p0" and proj.timing == "prev":
+            # the learnable threshold enters the previous spikes the recurrent op reads this step: d_rtrl and
+            # e_prop keep that path's diagonal (a gate read through a weight, reported approximate); the
+            # references detach the recurrent spikes and cut it whole (fuzz seed 14; docs/reliability.md)
+            return ()
     found = ("rtrl", "e_prop")
     plain = all(
         p.synapse.startswith("post_") and p.comm == "linear" and not p.stp and p.tie is None for p in spec.projections
