@@ -689,7 +689,7 @@ def weight_vjp_over_time(
         return grad.astype(weight_of(analysis, values, contraction).dtype)
     if _plain_matmul(c):  # `x @ W`: the steps and batch entries as one axis, one "TN" GEMM
         # (the vmapped VJP contracts them as two axes, and XLA's CPU backend transposes both operands
-        # first: at N = 2048, B = 16, T = 100, 108 ms against 74 for the GEMM alone)
+        # first: at N = 2048, B = 16, T = 100, 58 ms against 47 for the GEMM alone, quiet)
         lhs, rhs = (jnp.reshape(a, (-1, a.shape[-1])) for a in (pres, cotangents))
         grad = lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())))
         return grad.astype(weight_of(analysis, values, contraction).dtype)
