@@ -91,8 +91,9 @@ REGISTRY: dict[str, TaskSpec] = {
             evidence_network,
             cross_entropy_loss,
             _trial_accuracy,
-            # measured (es_d_rtrl, 2-core CPU): accuracy ~0.5 -> ~0.83 by iteration 75-200, ~1.6 iterations/s;
-            # at lr 5e-3 without clipping it peaked at ~0.77 and then degraded
+            # measured before deep credit (es_d_rtrl, 2-core CPU): accuracy ~0.5 -> ~0.83 by iteration 75-200,
+            # ~1.6 iterations/s; at lr 5e-3 without clipping it peaked at ~0.77 and then degraded. Since the
+            # credit chains (0eebfba) it peaks at 0.80-0.89 and falls back to ~0.6 (docs/limitations.md)
             demo={
                 "iterations": 200,
                 "batch": 64,
