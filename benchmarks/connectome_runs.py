@@ -18,8 +18,8 @@ Configurations (`MODES`), each timed over chunks of `chunk` steps (`chunk` = the
 * `trace_only`: the states and traces advance, no gradient at all (what the gradient costs is the
   difference to `every_step`);
 * `scan`: (fusetrace only) the loss at every step and one gradient per chunk, their sum: `Learner.scan`
-  over the chunk with its default `chunk` (issue 17's whole-brain configuration; unbatched, its binary
-  CSR products are not deferred by default, so it forms the sum as `every_step` does).
+  over the chunk with its default `chunk` (issue 17's whole-brain configuration; its binary CSR products
+  are deferred and contracted event by event, `passes/events.py`).
 
 fusetrace runs `es_d_rtrl`, braintrace `pp_prop` (its ES-D-RTRL), both with the same decay.
 """

@@ -96,11 +96,12 @@ def contract(
     return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
 
 
+def relations(analysis: Analysis, plan) -> list[int]:
+    """The traced relations of the plan contracted event by event (`eligible`)."""
+    return [index for index in plan.traced if eligible(analysis, plan, index)]
+
+
 def activity(analysis: Analysis, plan, values) -> dict:
     """`{relation index: its op input's activity mask (bool)}` this step, for every relation of the plan
     contracted event by event."""
-    found = {}
-    for index in plan.traced:
-        if eligible(analysis, plan, index):
-            found[index] = values.u[analysis.relations[index].contraction] != 0
-    return found
+    return {index: values.u[analysis.relations[index].contraction] != 0 for index in relations(analysis, plan)}

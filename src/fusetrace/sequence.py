@@ -128,10 +128,9 @@ def deferred_bytes(learner) -> int:
 
 def event_driven(learner) -> list[str]:
     """The weights whose deferred products are contracted event by event (`passes.events`)."""
-    analysis, plan = learner.analysis, learner.plan
     if not deferrable(learner):
         return []
-    return [analysis.relations[i].weight for i in plan.traced if events.eligible(analysis, plan, i)]
+    return [learner.analysis.relations[i].weight for i in events.relations(learner.analysis, learner.plan)]
 
 
 def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, constants=None, chunk=None):
