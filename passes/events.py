@@ -12,13 +12,21 @@ The presynaptic factor is a filtered spike train, `ε^u_t = α ε^u_{t-1} + a·u
     ε^u_{t0-1} ⊗ (α c̃_{t0} + c'_{t0})  +  a Σ_k u_k ⊗ c̃_k,
     c̃_k = C_k + α c̃_{k+1} (c̃_{t1+1} = 0),   C_k = c_k + c'_{k+1} (c'_{t1+1} = 0),
 
-with `x ⊗ c` the connection-wise product `x[pre(k)]·c[post(k)]`: ONE pass over the connections per chunk
-(`derive.connection_products`), plus, per step, an update of the outgoing connections of the neurons
-that spiked (brainevent's `update_csr_on_binary_pre`, the plasticity kernel). The per-step work is the
-number of synaptic events — the forward's own — instead of a pass over every connection: the
+with `x ⊗ c` the connection-wise product `x[pre(k)]·c[post(k)]`: ONE pass over the connections per chunk,
+plus, per step, an update of the outgoing connections of the neurons that spiked. The per-step work is
+the number of synaptic events — the forward's own — instead of a pass over every connection: the
 backward-filtered cotangent `c̃` moves the trace's memory from the presynaptic side, where it makes every
 entry non-zero, to the postsynaptic one.
+
+On the CPU both parts are one call of a Numba kernel that updates the gradient in place (`_one_pass`):
+the steps in order, so each step's gathers read one cotangent row that stays in cache. Elsewhere, the
+first part is `derive.connection_products` and the steps are brainevent's plasticity kernel
+(`update_csr_on_binary_pre`) one call per step (`_per_step`). At whole-brain scale on the CPU the one
+call takes about 0.7× the time of the two (benchmarks/connectome_side_by_side.py, docs/benchmarks.md):
+no connection-sized temporary, and no slice temporaries per spiking row.
 """
+
+import functools
 
 import brainevent
 import jax
@@ -80,20 +88,60 @@ def contract(
         return filtered, filtered
 
     _, filtered = lax.scan(back, jnp.zeros_like(cts[0]), cts, reverse=True)
-    grad = derive.connection_products(
-        derive.csr_rows_of(start, eqn)[None], (alpha * filtered[0] + first)[None], pre, post
-    )
     spikes = rows(inputs)
-    spikes = jnp.reshape(spikes, (-1, spikes.shape[-1])) != 0
-    filtered = jnp.reshape(gain * filtered, (-1, filtered.shape[-1]))
+    spikes = jnp.reshape(spikes, (-1, spikes.shape[-1])) != 0  # (steps · batch, presynaptic)
+    start = derive.csr_rows_of(start, eqn)  # (batch, presynaptic)
+    first = alpha * filtered[0] + first  # (batch, postsynaptic)
+    filtered = jnp.reshape(gain * filtered, (-1, filtered.shape[-1]))  # (steps · batch, postsynaptic)
+    dtype = jnp.result_type(start, first, filtered)
+    operands = (indices, indptr, start.astype(dtype), first.astype(dtype), spikes, filtered.astype(dtype))
+    per_step = functools.partial(_per_step, pre=pre, post=post, shape=tuple(eqn.params["shape"]))
+    grad = lax.platform_dependent(*operands, cpu=_one_pass, default=per_step)
+    return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
+
+
+def _per_step(indices, indptr, start, first, spikes, filtered, *, pre, post, shape) -> jax.Array:
+    """`contract`'s sum by XLA and brainevent: one pass for the first term, then brainevent's plasticity
+    kernel once per step (row of `spikes`)."""
+    grad = derive.connection_products(start[None], first[None], pre, post)
 
     def add(i, total):
-        return brainevent.update_csr_on_binary_pre(
-            total, indices, indptr, spikes[i], filtered[i], shape=tuple(eqn.params["shape"])
-        )
+        return brainevent.update_csr_on_binary_pre(total, indices, indptr, spikes[i], filtered[i], shape=shape)
 
-    grad = lax.fori_loop(0, spikes.shape[0], add, grad)
-    return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
+    return lax.fori_loop(0, spikes.shape[0], add, grad)
+
+
+def _one_pass(indices, indptr, start, first, spikes, filtered) -> jax.Array:
+    """`contract`'s sum by one call of a Numba kernel (CPU only) that writes the gradient in place."""
+    zeros = jnp.zeros(indices.shape, filtered.dtype)
+    call = brainevent.numba_kernel(
+        _kernel(), outs=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), input_output_aliases={0: 0}
+    )
+    return call(zeros, indices, indptr, start, first, spikes, filtered)
+
+
+@functools.cache
+def _kernel():
+    """The Numba kernel of `_one_pass` (compiled on first use, per dtype): `out[k] += Σ_b start[b, i]
+    first[b, j] + Σ_{e: spikes[e, i]} filtered[e, j]` for every connection k = (i, j), the events `e`
+    in order."""
+    import numba
+
+    @numba.njit(cache=False)
+    def kernel(grad, indices, indptr, start, first, spikes, filtered, out):  # `out` is `grad`'s buffer
+        for b in range(start.shape[0]):
+            for i in range(start.shape[1]):
+                scale = start[b, i]
+                if scale != 0:
+                    for k in range(indptr[i], indptr[i + 1]):
+                        out[k] += scale * first[b, indices[k]]
+        for e in range(spikes.shape[0]):
+            for i in range(spikes.shape[1]):
+                if spikes[e, i]:
+                    for k in range(indptr[i], indptr[i + 1]):
+                        out[k] += filtered[e, indices[k]]
+
+    return kernel
 
 
 def relations(analysis: Analysis, plan) -> list[int]:

@@ -14,6 +14,7 @@ import fusetrace
 import zoo
 import zoo_coverage
 from fusetrace import sequence
+from fusetrace.passes import events
 from fusetrace.passes.structure import prev_read_states
 
 RTOL_SUM = 1e-12  # the same per-step arithmetic, summed in another order (float64)
@@ -150,6 +151,32 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
         )
         for got, expected in zip(_flat(result.grads), _flat(want), strict=True):
             np.testing.assert_allclose(got, expected, rtol=RTOL_SUM, atol=1e-14)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch):
+    """`events.contract` takes one Numba call on the CPU (`_one_pass`) and brainevent's plasticity kernel
+    step by step elsewhere (`_per_step`, which the CPU suite would not run otherwise): both equal the
+    connection-wise definition, `Σ_b start[b, i]·first[b, j] + Σ_e spikes[e, i]·filtered[e, j]`, on a
+    random CSR matrix with empty rows and presynaptic factors that are partly zero."""
+    rng = np.random.default_rng(batch)
+    n_pre, n_post, events_ = 13, 11, 5 * batch
+    dense = rng.random((n_pre, n_post)) < 0.3
+    dense[[2, 7]] = False  # rows without connections
+    pre, post = np.nonzero(dense)
+    indptr = np.concatenate([[0], np.cumsum(dense.sum(1))]).astype(np.int32)
+    start = rng.standard_normal((batch, n_pre)) * (rng.random((batch, n_pre)) < 0.6)
+    first = rng.standard_normal((batch, n_post))
+    spikes = rng.random((events_, n_pre)) < 0.3
+    filtered = rng.standard_normal((events_, n_post))
+    want = np.einsum("bi,bj->ij", start, first) + np.einsum("ei,ej->ij", spikes, filtered)
+    operands = [jnp.asarray(a) for a in (post.astype(np.int32), indptr, start, first, spikes, filtered)]
+    one = jax.jit(events._one_pass)(*operands)
+    per_step = jax.jit(
+        functools.partial(events._per_step, pre=jnp.asarray(pre), post=jnp.asarray(post), shape=(n_pre, n_post))
+    )(*operands)
+    np.testing.assert_allclose(np.asarray(one), want[pre, post], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(per_step), want[pre, post], rtol=1e-13, atol=1e-13)
 
 
 def _csr_event(batch_size):
