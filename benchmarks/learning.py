@@ -16,7 +16,8 @@ much as the large ones' (`benchmarks/results/learning_compare_<task>.json`).
 `time` builds pp_prop and fusetrace's learners (es_d_rtrl's factorisations, d_rtrl) on the same network
 and alternates their training iterations on the same batches, so that a varying load on a shared
 machine falls on all alike; it writes the median seconds per iteration and each one's ratio to pp_prop
-(`benchmarks/results/learning_time_<task>.json`).
+(`benchmarks/results/learning_time_<task>.json`; with `--only NAME ...`, a subset of fusetrace's learners
+beside pp_prop, `learning_time_<task>_only.json`).
 
 fusetrace's runs are ordinary `fusetrace train` runs (the commands are in benchmarks/learning_runs.sh);
 this script trains the peer the same way: the task's reference network is built twice from the same
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
     timing.add_argument("--batch", type=int, default=None, help="default: the learning runs' (DMS 32, evidence 64)")
     timing.add_argument("--rounds", type=int, default=5)
     timing.add_argument("--decay", type=float, default=None, help="pp_prop's (default: DMS 0.99, evidence 0.9)")
+    timing.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME", help="time these of fusetrace's learners (and pp_prop)"
+    )
     compare = sub.add_parser("compare")
     compare.add_argument("--task", required=True)
     compare.add_argument("--at", type=int, nargs="+", default=[0, 100, 200, 300], help="pp_prop's iterations")
@@ -251,6 +255,7 @@ RUN_SIZES = {"dms": (32, 0.99), "evidence": (64, 0.9)}
 TIMED = {
     "es_d_rtrl": {"algorithm": "es_d_rtrl"},
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
+    "es_d_rtrl(credit_depth 1)": {"algorithm": "es_d_rtrl", "credit_depth": 1},
     "es_d_rtrl(low_rank 2)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 2},
     "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
     "d_rtrl": {"algorithm": "d_rtrl"},
@@ -279,8 +284,11 @@ def _time(args) -> int:
     batch, decay = args.batch or batch, args.decay if args.decay is not None else decay
     fields = _run_fields(args.task, batch, iterations=100, seed=0)
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
+    only = set(TIMED) if args.only is None else set(args.only)
+    if only - set(TIMED):
+        raise SystemExit(f"--only: unknown learners {sorted(only - set(TIMED))}; known: {sorted(TIMED)}")
     trainers = {}
-    for name, options in TIMED.items():
+    for name, options in ((name, options) for name, options in TIMED.items() if name in only):
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         trainers[name] = (trainer, trainer.init())
 
@@ -293,7 +301,7 @@ def _time(args) -> int:
             trainers[name] = (trainer, trainer.iteration({**state, "iteration": jnp.asarray(iteration)})[0])
         return time.perf_counter() - begin
 
-    names = ["pp_prop", *TIMED]
+    names = ["pp_prop", *trainers]
     for name in names:  # compile
         run(name, 0)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -306,7 +314,7 @@ def _time(args) -> int:
     for name in names:
         print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
     common.write_json(
-        common.RESULTS / f"learning_time_{args.task}.json",
+        common.RESULTS / f"learning_time_{args.task}{'' if args.only is None else '_only'}.json",
         {"task": args.task, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
     )
     return 0

@@ -226,6 +226,21 @@ def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 
 
+def test_cli_demo_runs_the_recipe_the_readme_describes(tmp_path, capsys):
+    """`fusetrace demo` trains es_d_rtrl with the evidence task's demo settings (README: shortened task,
+    batch 64, Adam 2e-3 clipped to 1, `credit_depth=1`), and they reach the learner."""
+    from fusetrace.cli import RunConfig, build
+
+    assert cli_main(["demo", "--iterations", "1", "--run-dir", str(tmp_path)]) == 0
+    assert "final accuracy" in capsys.readouterr().out
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["task"], config["algorithm"], config["batch"]) == ("evidence", "es_d_rtrl", 64)
+    assert (config["learning_rate"], config["clip_norm"], config["task_options"]) == (2e-3, 1.0, {"shorten": 0.2})
+    assert config["credit_depth"] == 1
+    assert build(RunConfig(**config))[1].plan.depth == 1
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["history"]) == 1
+
+
 def test_a_run_saved_before_the_loop_options_resumes_as_it_ran(tmp_path, capsys):
     """A config.json written before `loop_hops` existed followed no loop: `--resume` keeps it at 0 (its
     traces are the checkpoint's), not the new default."""

@@ -355,6 +355,7 @@ def _demo(args) -> int:
         checkpoint_every=10,
         clip_norm=spec.demo.get("clip_norm"),
         task_options=dict(spec.demo.get("task_options", {})),
+        credit_depth=spec.demo.get("credit_depth", DEFAULT_CREDIT_DEPTH),
     )
     summary = run(config, pathlib.Path(args.run_dir))
     print(

@@ -91,15 +91,17 @@ REGISTRY: dict[str, TaskSpec] = {
             evidence_network,
             cross_entropy_loss,
             _trial_accuracy,
-            # measured before deep credit (es_d_rtrl, 2-core CPU): accuracy ~0.5 -> ~0.83 by iteration 75-200,
-            # ~1.6 iterations/s; at lr 5e-3 without clipping it peaked at ~0.77 and then degraded. Since the
-            # credit chains (0eebfba) it peaks at 0.80-0.89 and falls back to ~0.6 (docs/limitations.md)
+            # es_d_rtrl, 2-core CPU: with credit_depth=1 (each population's credit through the readout only)
+            # held-out accuracy 0.825 / 0.792 / 0.802 on seeds 0-2 after 200 iterations, ~4.6 iterations/s;
+            # with the default depth (chains between the LIF and ALIF populations) it peaks at 0.80-0.89 and
+            # falls back (0.727 and 0.828 on seeds 1-2), at half the speed (docs/limitations.md)
             demo={
                 "iterations": 200,
                 "batch": 64,
                 "learning_rate": 2e-3,
                 "clip_norm": 1.0,
                 "task_options": {"shorten": 0.2},
+                "credit_depth": 1,
             },
         ),
         TaskSpec("dms", delayed_match_to_sample, dms_network, cross_entropy_loss, _trial_accuracy),
