@@ -288,7 +288,9 @@ def _time(args) -> int:
     if only - set(TIMED):
         raise SystemExit(f"--only: unknown learners {sorted(only - set(TIMED))}; known: {sorted(TIMED)}")
     trainers = {}
-    for name, options in ((name, options) for name, options in TIMED.items() if name in only):
+    for name, options in TIMED.items():
+        if name not in only:
+            continue
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         trainers[name] = (trainer, trainer.init())
 
