@@ -291,10 +291,16 @@ def _gram_pinv(gram: jax.Array) -> jax.Array:
     return jnp.where((scale > 0)[:, None] & (scale > 0)[None, :], inverse / (safe[:, None] * safe[None, :]), 0.0)
 
 
+def _mixing(d: jax.Array) -> jax.Array:
+    """`A_t` of the "matched" factors: the mean of `D_t` over the batch and the neurons, `(S, S)` (a seam
+    for experiments: benchmarks/matched_diagonal.py keeps its diagonal only)."""
+    return jnp.mean(d, axis=(0, 1))
+
+
 def _matched_step(pres, old: dict, inputs, d, f):
     """One step of the "matched" factors: filters driven by the group's mean dynamics `A_t`. `d`
     `(B, P, S, S)`, `f` `(B, P, S)`, inputs `(B, I)`."""
-    a = jnp.mean(d, axis=(0, 1))  # (S, S), the same for every neuron
+    a = _mixing(d)  # (S, S), the same for every neuron
     new_pres = [jnp.einsum("kl,bli->bki", a, pre) + u[:, None] for pre, u in zip(pres, inputs, strict=True)]
     post = jnp.reshape(old["post"], (*old["post"].shape[:2], -1, old["post"].shape[-1]))  # (B, K, P, S)
     moved = derive.apply_d(d[:, None], post)
