@@ -22,7 +22,7 @@ On the CPU both parts are one call of a Numba kernel that updates the gradient i
 the steps in order, so each step's gathers read one cotangent row that stays in cache. Elsewhere, the
 first part is `derive.connection_products` and the steps are brainevent's plasticity kernel
 (`update_csr_on_binary_pre`) one call per step (`_per_step`). At whole-brain scale on the CPU the one
-call takes about 0.7× the time of the two (benchmarks/connectome_side_by_side.py, docs/benchmarks.md):
+call takes about three quarters of the time of the two (benchmarks/connectome_side_by_side.py, docs/benchmarks.md):
 no connection-sized temporary, and no slice temporaries per spiking row.
 """
 
