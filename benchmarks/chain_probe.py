@@ -15,30 +15,21 @@ benchmarks/results/chain_probe.json (or under --out).
 """
 
 import argparse
+import dataclasses
 
 import common
 import es_diagnosis
 import jax.numpy as jnp
 
-from fusetrace.cli import RunConfig, build
+from fusetrace.cli import RunConfig, build, demo_config
+from fusetrace.passes.fuse import DEFAULT_CREDIT_DEPTH
 
 PROBE_SEED = 10**8  # the fixed batch: far from every training seed
 
 
 def _config(seed: int, algorithm: str, **options) -> RunConfig:
-    return RunConfig(
-        task="evidence",
-        algorithm=algorithm,
-        iterations=200,
-        batch=64,
-        learning_rate=2e-3,
-        update_every=0,
-        seed=seed,
-        checkpoint_every=1000,
-        clip_norm=1.0,
-        task_options={"shorten": 0.2},
-        **options,
-    )
+    """`fusetrace demo`'s run (`cli.demo_config`) with the default credit depth, then `options`."""
+    return dataclasses.replace(demo_config(algorithm, seed), **{"credit_depth": DEFAULT_CREDIT_DEPTH, **options})
 
 
 def _cos(a, b) -> float:

@@ -342,21 +342,26 @@ def squared_outputs(output, target) -> jax.Array:
     return total
 
 
-def _demo(args) -> int:
+def demo_config(algorithm: str = "es_d_rtrl", seed: int = 0, iterations: int | None = None) -> RunConfig:
+    """The run `fusetrace demo` makes: the evidence task's demo settings (`TaskSpec.demo`)."""
     spec = _spec("evidence")
-    config = RunConfig(
+    return RunConfig(
         task="evidence",
-        algorithm=args.algorithm,
-        iterations=args.iterations or spec.demo["iterations"],
+        algorithm=algorithm,
+        iterations=iterations or spec.demo["iterations"],
         batch=spec.demo["batch"],
         learning_rate=spec.demo["learning_rate"],
         update_every=0,
-        seed=args.seed,
+        seed=seed,
         checkpoint_every=10,
         clip_norm=spec.demo.get("clip_norm"),
         task_options=dict(spec.demo.get("task_options", {})),
         credit_depth=spec.demo.get("credit_depth", DEFAULT_CREDIT_DEPTH),
     )
+
+
+def _demo(args) -> int:
+    config = demo_config(args.algorithm, args.seed, args.iterations)
     summary = run(config, pathlib.Path(args.run_dir))
     print(
         f"final accuracy {summary['final_accuracy']:.3f} (mean of the last {summary['accuracy_window']} "
