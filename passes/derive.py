@@ -37,6 +37,8 @@ from fusetrace.analysis import Analysis
 from fusetrace.interpret import environment, evaluate, producers
 from fusetrace.rules import lookup, reads_values
 
+from . import event_product
+
 
 @dataclasses.dataclass
 class StepValues:
@@ -68,7 +70,9 @@ def forward(analysis: Analysis, inputs: Sequence, leaves: Sequence) -> StepValue
         *(c.weight_var for c in transformed),
         *operands,
     ]
-    known = environment(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves])
+    # spikes @ W from the spikes (not on a mesh: the partitioner would gather a custom call's operands)
+    rewrites = {} if on_mesh() else event_product.rewrites(contractions)
+    known = environment(jaxpr.jaxpr, jaxpr.consts, [*inputs, *leaves], rewrites)
     values = [atom.val if isinstance(atom, Literal) else known[atom] for atom in want]
     n_out, n_all, n_c = captured.n_outputs, len(jaxpr.jaxpr.outvars), len(contractions)
     start = n_all + 2 * n_c + len(transformed)
@@ -517,7 +521,7 @@ def one_pass_csr(eqn) -> bool:
     )
 
 
-_BATCH_GROUPS: contextvars.ContextVar[int] = contextvars.ContextVar("batch_groups", default=1)
+_BATCH_GROUPS: contextvars.ContextVar[int] = contextvars.ContextVar("batch_groups", default=0)  # 0: not on a mesh
 
 
 @contextlib.contextmanager
@@ -534,6 +538,12 @@ def batch_groups(count: int):
 def batch_split() -> bool:
     """Whether the steps being traced are split over the batch (`batch_groups`, a data-parallel mesh)."""
     return _BATCH_GROUPS.get() > 1
+
+
+def on_mesh() -> bool:
+    """Whether the steps being traced run on a device mesh (`fusetrace.shard_step` traces them under
+    `batch_groups`, with 1 when the batch is not split)."""
+    return _BATCH_GROUPS.get() > 0
 
 
 def connection_products(xs: jax.Array, cts: jax.Array, pre: jax.Array, post: jax.Array) -> jax.Array:
@@ -687,7 +697,7 @@ def weight_vjp_over_time(
 
         grad = connection_products(rows(pres), rows(cotangents), pre, post)
         return grad.astype(weight_of(analysis, values, contraction).dtype)
-    if _plain_matmul(c):  # `x @ W`: the steps and batch entries as one axis, one "TN" GEMM
+    if event_product.plain_matmul(c):  # `x @ W`: the steps and batch entries as one axis, one "TN" GEMM
         # (the vmapped VJP contracts them as two axes, and XLA's CPU backend transposes both operands
         # first: at N = 2048, B = 16, T = 100, 58 ms against 47 for the GEMM alone, quiet)
         lhs, rhs = (jnp.reshape(a, (-1, a.shape[-1])) for a in (pres, cotangents))
@@ -699,23 +709,6 @@ def weight_vjp_over_time(
 
     _, vjp = jax.vjp(stacked, weight_of(analysis, values, contraction))
     return vjp(cotangents)[0]
-
-
-def _plain_matmul(c) -> bool:
-    """Whether the op is `x @ W`: a `dot_general` of the presynaptic input (a vector or a batch of rows,
-    contracted on its last axis) with a 2-D weight (on its first), no batch dimensions."""
-    eqn = c.eqn
-    if eqn.primitive.name != "dot_general" or (c.pre_operand, c.weight_operand) != (0, 1):
-        return False
-    (lhs, rhs), batch = eqn.params["dimension_numbers"]
-    ndim = eqn.invars[0].aval.ndim
-    return (
-        ndim in (1, 2)
-        and eqn.invars[1].aval.ndim == 2
-        and tuple(lhs) == (ndim - 1,)
-        and tuple(rhs) == (0,)
-        and not any(batch)
-    )
 
 
 def weight_vjp(

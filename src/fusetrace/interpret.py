@@ -24,6 +24,7 @@ vars and cached with the jaxpr.
 Rewrites call `jax.make_jaxpr` on a function that calls `evaluate`; nothing here builds equations.
 """
 
+import functools
 import heapq
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -92,15 +93,20 @@ def evaluate(
     return [read(v) for v in (jaxpr.outvars if want is None else want)]
 
 
-def environment(jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> dict[Var, Any]:
+def environment(
+    jaxpr: Jaxpr, consts: Sequence[Any], args: Sequence[Any], rewrites: Mapping[Any, Callable] | None = None
+) -> dict[Var, Any]:
     """The value of every var of `jaxpr` (constvars, invars, every equation's outputs) given `consts` and
-    `args`: the `known` values of a local `evaluate`."""
+    `args`: the `known` values of a local `evaluate`. `rewrites` maps some equations to another way of
+    computing the same values (`invals -> outvals`), such as `passes.event_product`."""
+    rewrites = rewrites or {}
     env: dict[Var, Any] = {}
     for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
         env[var] = value
     for eqn in jaxpr.eqns:
         invals = [atom.val if isinstance(atom, Literal) else env[atom] for atom in eqn.invars]
-        env.update(zip(eqn.outvars, bind_eqn(eqn, invals), strict=True))
+        evaluate = rewrites.get(eqn, functools.partial(bind_eqn, eqn))
+        env.update(zip(eqn.outvars, evaluate(invals), strict=True))
     return env
 
 
