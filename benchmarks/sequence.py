@@ -8,6 +8,8 @@ LeakyRateReadout of 10, float32, the loss at every step. Methods, each one compi
 with its inputs drawn inside:
   forward              — `for_loop` of the plain model (no learning);
   es_d_rtrl scan       — `Learner.scan`: its weight products deferred and contracted once per sequence;
+  es_d_rtrl advance    — the same `Learner.scan` with a loss mask of zeros: its forward (dense products over
+                         spikes formed event by event on the CPU, `passes/event_product.py`) and traces only;
   es_d_rtrl steps      — `Learner.step` in a `lax.scan`, one weight product per step (the previous path);
   pp_prop              — braintrace's `etrace_grad(..., reduction="sum")` over the same steps;
   d_rtrl scan / D_RTRL — per-weight traces (only at the smaller size: the largest is slow).
@@ -24,21 +26,25 @@ import jax.random as jr
 TARGETS = {  # name: (numerator, denominator, target)
     "es_d_rtrl scan / pp_prop": ("es_d_rtrl scan", "pp_prop", 0.5),
     "es_d_rtrl scan / forward": ("es_d_rtrl scan", "forward", 2.0),
+    "es_d_rtrl scan / advance": ("es_d_rtrl scan", "es_d_rtrl advance", None),
     "es_d_rtrl steps / pp_prop": ("es_d_rtrl steps", "pp_prop", None),
     "d_rtrl scan / D_RTRL": ("d_rtrl scan", "D_RTRL", 0.1),
 }
 PER_WEIGHT_MAX_NEURONS = 512  # d_rtrl and D_RTRL only up to this size (their traces are B·|W|·S)
 
 
-def scan_program(learner, spec: common.Spec, batch: int, steps: int) -> common.Program:
-    """`Learner.scan` over `steps` steps (inputs and targets drawn inside, as the other programs do)."""
+def scan_program(learner, spec: common.Spec, batch: int, steps: int, learn: bool = True) -> common.Program:
+    """`Learner.scan` over `steps` steps (inputs and targets drawn inside, as the other programs do); with
+    `learn=False` no step forms a gradient (a loss mask of zeros and no deferred products: the fused
+    forward and the traces only)."""
+    mask, chunk = (None, None) if learn else (jnp.zeros((steps,), bool), 0)
 
     @jax.jit
     def sequence(params, state, key):
         # drawn step by step (`lax.map`), as the other programs draw them inside their loops: a `vmap` of the
         # draw became a slow batched generator on this CPU (0.045 ms per step at N = 512, 10% of the scan)
         xs, ys = jax.lax.map(lambda t: common.sample(key, t, batch, spec), jnp.arange(steps))
-        state, result = learner.scan(params, state, xs, ys)
+        state, result = learner.scan(params, state, xs, ys, loss_mask=mask, chunk=chunk)
         return state, result.grads, jnp.sum(result.loss)
 
     args = (learner.params, learner.init(), jr.key(2))
@@ -51,6 +57,7 @@ def programs(spec: common.Spec, batch: int, steps: int) -> dict[str, common.Prog
     out = {
         "forward": common.forward_sequence(model, batch, steps),
         "es_d_rtrl scan": scan_program(es, spec, batch, steps),
+        "es_d_rtrl advance": scan_program(es, spec, batch, steps, learn=False),
         "es_d_rtrl steps": common.fusetrace_sequence(es, spec, batch, steps),
     }
     if common.peer() is not None:
