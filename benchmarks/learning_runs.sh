@@ -15,6 +15,7 @@ DMS_ITER=${ITER:-300}
 EVIDENCE_ITER=${ITER:-600}
 DMS=(--task dms --batch 32 --lr 2e-3 --clip 1.0 --schedule cosine
   --validate-every 10 --validation-batches 8 --test-batches 32 --iterations "${DMS_ITER}")
+GIF=("${DMS[@]}" --network benchmarks.peer_networks:gif_dms_network)
 EVIDENCE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine
   --validate-every 10 --validation-batches 4 --test-batches 16 --iterations "${EVIDENCE_ITER}")
 run() {  # task-args name seed fusetrace-args...
@@ -32,6 +33,11 @@ for seed in ${SEEDS}; do
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
   done
+  # the peer's own DMS network (GIF neurons, a readout of standardize(V - V_th)); braintrace cannot compile it
+  run GIF gif-bptt "$seed" --algorithm bptt
+  run GIF gif-es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99
+  run GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
+  run GIF gif-d_rtrl "$seed" --algorithm d_rtrl
   $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
     --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
     --run-dir "runs/learning/dms-pp_prop-s${seed}"

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fusetrace
 from fusetrace.passes import event_product
@@ -67,6 +69,30 @@ def test_the_event_product_equals_the_op_in_value_and_derivatives(shape, density
     reference = jax.grad(lambda a, b: jnp.sum((a @ b) * ct), argnums=(0, 1))(x, w)
     for got, want in zip(grads, reference, strict=True):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(0, 6),
+    n_pre=st.integers(1, 40),
+    n_post=st.integers(1, 40),
+    density=st.floats(0.0, 1.0),
+    values=st.booleans(),
+    dtype=st.sampled_from([jnp.float32, jnp.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_event_product_equals_the_op_over_sizes_densities_and_dtypes(
+    rows, n_pre, n_post, density, values, dtype, seed
+):
+    """Any size (rows 0: an unbatched vector), any share of non-zeros (both sides of `DENSITY`), spikes or
+    real values, float32 and float64: the op's value up to the order of the additions."""
+    shape = (rows, n_pre) if rows else (n_pre,)
+    x = _spikes(shape, density, seed, values).astype(dtype)
+    w = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((n_pre, n_post)), dtype)
+    (evaluate,) = event_product.rewrites([_contraction(x, w)]).values()
+    got = jax.jit(lambda a, b: evaluate([a, b])[0])(x, w)
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-13
+    np.testing.assert_allclose(got, x @ w, rtol=tolerance, atol=tolerance * n_pre)
 
 
 def test_the_event_product_under_vmap_equals_a_loop():
