@@ -170,5 +170,9 @@ def test_the_fused_step_of_a_spiking_layer_forms_its_product_event_by_event_on_t
     x = jnp.zeros((4, 20))
     learner = fusetrace.compile(net, x, loss=lambda out, target: jnp.sum(out), batch_size=4)
     assert "custom-call" in _compiled_step(learner, x)
+    assert "non-zero inputs on the CPU" in learner.summary(program=False)
+    assert "`w.weight.weight`" in learner.summary(program=False).splitlines()[-1]
     monkeypatch.setattr(event_product, "rewrites", lambda contractions: {})  # the op itself: no custom call
     assert "custom-call" not in _compiled_step(learner, x)
+    monkeypatch.setattr(event_product, "MIN_WEIGHTS", 10**9)
+    assert "non-zero inputs" not in learner.summary(program=False)

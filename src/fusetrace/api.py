@@ -20,7 +20,7 @@ from .drawing import Drawing, build_drawing, to_dot
 from .errors import CompileError, FusetraceError, four_part
 from .graph import build_graph
 from .naming import Names
-from .passes import derive, events, factorised
+from .passes import derive, event_product, events, factorised
 from .passes.fuse import (
     DEFAULT_CREDIT_DEPTH,
     DEFAULT_LOOP_HOPS,
@@ -333,9 +333,26 @@ class Learner(eqx.Module):
                     "  event by event (one pass over the connections per chunk, then the outgoing connections "
                     f"of each step's spikes): {', '.join(f'`{name}`' for name in driven)}"
                 )
+        spiking = self._event_products()
+        if spiking:
+            lines.append(
+                "forward products formed from their non-zero inputs on the CPU, at steps where at most "
+                f"{event_product.DENSITY:.0%} are non-zero (`passes.event_product`): "
+                + ", ".join(f"`{name}`" for name in spiking)
+            )
         if program:
             lines += ["", str(self.program_summary()).rstrip("\n")]
         return "\n".join(lines) + "\n"
+
+    def _event_products(self) -> list[str]:
+        """The weights whose `x @ W` the fused forward may form from the non-zeros of `x` (off a mesh)."""
+        contractions = self.analysis.facts.contractions
+        names = [
+            relation.weight
+            for relation in self.analysis.relations
+            if relation.contraction is not None and event_product.eligible(contractions[relation.contraction])
+        ]
+        return list(dict.fromkeys(names))
 
     def trace_bytes(self) -> int:
         """Bytes of the traces `init()` allocates, for this learner's algorithm and options (a factorisation's
