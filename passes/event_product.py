@@ -20,6 +20,8 @@ Invariants and sharp edges:
 * The kernel is serial Numba (`brainevent.numba_kernel`): reading the weight rows is the bound, and two
   threads did not read them faster (measured, 0.63 against 0.65 ms). Under `vmap` it runs once per
   vmapped entry (`vmap_method="sequential"`).
+* A row of `W` whose input is zero is not read, so a non-finite weight there does not spread as in the
+  dense product (`0 · inf` is NaN).
 * Not used on a device mesh (`fusetrace.shard_step`, `derive.on_mesh`): the partitioner would gather
   the operands of a custom call, the weight among them.
 """
