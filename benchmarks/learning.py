@@ -205,7 +205,8 @@ def main(argv=None) -> int:
 
 def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
     """One figure per task (validation accuracy against iteration, every run) and a table of the held-out
-    test accuracy (final weights) per algorithm and seed. Run folders are named `<task>-<name>-s<seed>`."""
+    test accuracy (final weights) per algorithm and seed. Run folders are named `<task>-<name>-s<seed>`
+    (`<task>-gif-<name>-s<seed>` on the peer's GIF network: figure `learning-<task>-gif.png`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +216,8 @@ def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
     for path in sorted(runs.glob("*/metrics.json")):
         task, rest = path.parent.name.split("-", 1)
         name, seed = rest.rsplit("-s", 1)
+        if name.startswith("gif-"):  # the peer's own DMS network (learning_runs.sh): a figure of its own
+            task, name = f"{task}-gif", name.removeprefix("gif-")
         found.setdefault(task, {}).setdefault(name, {})[int(seed)] = json.loads(path.read_text())
     for task, names in found.items():
         fig, ax = plt.subplots(figsize=(6.5, 4))
