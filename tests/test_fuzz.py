@@ -12,6 +12,8 @@ what is covered and how to run the long fuzz.
   a markdown summary beside it) and failing at the end if any disagreed. `FUSETRACE_FUZZ_SHARD=i/n` makes
   this process shard i of n: it tests its share of the N networks from a stream of its own, so that n
   processes together test N (`tests/fuzz_parallel.sh` starts them and merges their reports).
+* `FUSETRACE_FUZZ_EVENT_PRODUCT=1` forms every plain `x @ W` of the fused forward from its non-zeros
+  (`passes.event_product`, which the networks are otherwise too small for).
 """
 
 import functools
@@ -28,6 +30,7 @@ from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 import fuzz_models
 import fuzz_oracle
 import fuzz_report
+from fusetrace.passes import event_product
 from fuzz_strategies import specs
 
 DEFAULT_EXAMPLES = 6  # ~50 s of CPU, 80 s wall on the shared 2-core machine at load 7: the suite's fuzz budget
@@ -43,6 +46,16 @@ QUIET = {
 @pytest.fixture(autouse=True)
 def _dt():
     brainstate.environ.set(dt=fuzz_models.DT)
+
+
+@pytest.fixture(autouse=True)
+def _event_products(monkeypatch):
+    """FUSETRACE_FUZZ_EVENT_PRODUCT=1: every plain `x @ W` of the fused forward formed from its non-zeros at
+    every step (`passes.event_product`, whose size and density gates keep the fuzz's small networks off it),
+    so that the references, which run the plain model's products, check it too."""
+    if os.environ.get("FUSETRACE_FUZZ_EVENT_PRODUCT") == "1":
+        for name, value in (("MIN_WEIGHTS", 0), ("MIN_POST", 0), ("MAX_ROWS", 1 << 30), ("DENSITY", 1.0)):
+            monkeypatch.setattr(event_product, name, value)
 
 
 @pytest.mark.skipif(LONG_RUN > 0, reason="the long run (FUSETRACE_FUZZ) covers it")
