@@ -10,6 +10,7 @@ import brainunit as u
 import jax
 
 from fusetrace.tasks.base import begin_network, current_projection, ms
+from fusetrace.tasks.dms import DMSNetwork
 
 
 class GifDMSNetwork(brainstate.nn.Module):
@@ -55,3 +56,49 @@ def gif_dms_network(seed: int | None = None) -> GifDMSNetwork:
     """`GifDMSNetwork` for `fusetrace train --task dms --network benchmarks.peer_networks:gif_dms_network`."""
     begin_network(1.0, seed)
     return GifDMSNetwork()
+
+
+class GifSpikeReadout(GifDMSNetwork):
+    """`GifDMSNetwork` with the reference DMS network's readout: a `LeakyRateReadout` (τ 20 ms) of the new
+    spikes instead of `standardize(V − V_th)` (which of the two networks' differences matters, issue 16)."""
+
+    def __init__(self, n_in: int = 100, n_rec: int = 200, n_out: int = 2):
+        super().__init__(n_in, n_rec, n_out)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(20.0))
+
+    def update(self, x):
+        self.rec(self.neurons.get_spike())
+        self.inp(x)
+        return self.out(self.neurons())
+
+
+class AlifPotentialReadout(DMSNetwork):
+    """The reference DMS network (`tasks.dms_network`: ALIF neurons) with the peer's readout: a leaky readout
+    (τ 10 ms, Kaiming scale 6) of `standardize(V − V_th − β·a)`, each neuron's distance to its adaptive
+    threshold, across the neurons."""
+
+    def __init__(self, n_in: int = 100, n_rec: int = 200, n_out: int = 2):
+        super().__init__(n_in, n_rec, n_out)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(10.0), w_init=braintools.init.KaimingNormal(scale=6.0))
+
+    def update(self, x):
+        self.rec(self.neurons.get_spike())
+        self.inp(x)
+        self.neurons()
+        neurons = self.neurons
+        distance = neurons.V.value - neurons.V_th - neurons.beta * neurons.a.value
+        return self.out(jax.nn.standardize(u.get_mantissa(distance), axis=-1))
+
+
+def gif_spike_readout_dms_network(seed: int | None = None) -> GifSpikeReadout:
+    """`GifSpikeReadout` for `fusetrace train --task dms --network
+    benchmarks.peer_networks:gif_spike_readout_dms_network`."""
+    begin_network(1.0, seed)
+    return GifSpikeReadout()
+
+
+def alif_potential_readout_dms_network(seed: int | None = None) -> AlifPotentialReadout:
+    """`AlifPotentialReadout` for `fusetrace train --task dms --network
+    benchmarks.peer_networks:alif_potential_readout_dms_network`."""
+    begin_network(1.0, seed)
+    return AlifPotentialReadout()
