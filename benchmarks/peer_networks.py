@@ -102,3 +102,12 @@ def alif_potential_readout_dms_network(seed: int | None = None) -> AlifPotential
     benchmarks.peer_networks:alif_potential_readout_dms_network`."""
     begin_network(1.0, seed)
     return AlifPotentialReadout()
+
+
+def gif_evidence_network(seed: int | None = None) -> GifDMSNetwork:
+    """The GIF network with the potential readout, sized for evidence accumulation (40 inputs, 100 `Gif`
+    neurons, 2 outputs): `fusetrace train --task evidence --network
+    benchmarks.peer_networks:gif_evidence_network` (issue 16: does the design that lets es_d_rtrl learn
+    DMS carry over?)."""
+    begin_network(1.0, seed)
+    return GifDMSNetwork(n_in=40, n_rec=100, n_out=2)
