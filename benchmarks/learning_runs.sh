@@ -18,6 +18,7 @@ DMS=(--task dms --batch 32 --lr 2e-3 --clip 1.0 --schedule cosine
 GIF=("${DMS[@]}" --network benchmarks.peer_networks:gif_dms_network)
 EVIDENCE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine
   --validate-every 10 --validation-batches 4 --test-batches 16 --iterations "${EVIDENCE_ITER}")
+EVIDENCE_GIF=("${EVIDENCE[@]}" --network benchmarks.peer_networks:gif_evidence_network)
 run() {  # task-args name seed fusetrace-args...
   local -n args=$1; local name=$2 seed=$3; shift 3
   local dir="runs/learning/${args[1]}-${name}-s${seed}"
@@ -38,6 +39,9 @@ for seed in ${SEEDS}; do
   run GIF gif-es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99
   run GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
   run GIF gif-d_rtrl "$seed" --algorithm d_rtrl
+  # the same design sized for evidence accumulation (an exploration of issue 16, not the reference network)
+  run EVIDENCE_GIF gif-bptt "$seed" --algorithm bptt
+  run EVIDENCE_GIF gif-es_d_rtrl "$seed" --algorithm es_d_rtrl
   $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
     --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
     --run-dir "runs/learning/dms-pp_prop-s${seed}"
