@@ -24,7 +24,6 @@ vars and cached with the jaxpr.
 Rewrites call `jax.make_jaxpr` on a function that calls `evaluate`; nothing here builds equations.
 """
 
-import functools
 import heapq
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -105,8 +104,8 @@ def environment(
         env[var] = value
     for eqn in jaxpr.eqns:
         invals = [atom.val if isinstance(atom, Literal) else env[atom] for atom in eqn.invars]
-        evaluate = rewrites.get(eqn, functools.partial(bind_eqn, eqn))
-        env.update(zip(eqn.outvars, evaluate(invals), strict=True))
+        outvals = rewrites[eqn](invals) if eqn in rewrites else bind_eqn(eqn, invals)
+        env.update(zip(eqn.outvars, outvals, strict=True))
     return env
 
 
