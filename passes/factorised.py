@@ -99,8 +99,12 @@ def factorised(algorithm: str, relation) -> bool:
     exact per-neuron trace under every algorithm (it is already O(N)). A binary event op factorises too:
     its presynaptic factor filters the op's activity mask, and its gradient is formed with the op's
     value-weighted twin (`derive.op_output`). A product with one constant presynaptic element (a bias
-    written as `ones @ b`, `Relation.per_neuron`) keeps its per-weight trace: it is a per-neuron trace."""
-    return algorithm == "es_d_rtrl" and not relation.elementwise and not relation.per_neuron
+    written as `ones @ b`, `Relation.per_neuron`) keeps its per-weight trace: it is a per-neuron trace. So
+    does a relation into a small linear time-invariant group (`Relation.small_lti`, a readout): its
+    per-weight trace is exact and at most `relations.SMALL_LTI` times its presynaptic factor, where one
+    pair of factors is exact only when the decay is every unit's own (a readout's gradient at decay 0.99
+    had cosine 0.67 against BPTT's on a trained network, docs/results.md)."""
+    return algorithm == "es_d_rtrl" and not relation.elementwise and not relation.per_neuron and not relation.small_lti
 
 
 def post_owner(algorithm: str, relations, index: int) -> int:

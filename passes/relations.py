@@ -30,6 +30,8 @@ from fusetrace.stepfacts import StepFacts
 
 from .hidden import Group
 
+SMALL_LTI = 16  # neuron states per batch entry up to which an LTI group's relations keep exact traces (es_d_rtrl)
+
 
 @dataclasses.dataclass(frozen=True)
 class Relation:
@@ -68,6 +70,10 @@ class Relation:
     # one presynaptic element per batch entry that depends on nothing tracked (a bias written as `ones @ b`
     # by `passes.gates`): its per-weight trace is a per-neuron trace, as an element-wise parameter's
     per_neuron: bool = False
+    # the receiving group is linear time-invariant and small (a readout: at most `SMALL_LTI` neuron states
+    # per batch entry): es_d_rtrl keeps its per-weight trace, exact, in at most SMALL_LTI·n_pre numbers per
+    # batch entry (a factorised pair is not exact there unless its decay is every unit's own)
+    small_lti: bool = False
     # the part of the weight the op reads when its operand is a slice of it (a gate's columns `[:, 5:10]`,
     # a concatenation piece's rows `[0:3, :]`: `passes.gates`), in the leaf's indices; "" otherwise
     view: str = ""
@@ -455,7 +461,16 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
     crossed = _crossed(facts, groups, ("relation", contraction.index), reached) if downstream else None
     if crossed is not None:
         name, tail, crossings = crossed
-        return [Relation(group=name, status="traced", tail_perm=tail.perm, crossings=crossings, **common)]
+        return [
+            Relation(
+                group=name,
+                status="traced",
+                tail_perm=tail.perm,
+                crossings=crossings,
+                small_lti=_small_lti(groups, name),
+                **common,
+            )
+        ]
     if downstream:
         return [
             Relation(
@@ -476,7 +491,13 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
                 **common,
             )
         ]
-    return [_into_group(op, name, tail, common) for name, tail in reached.items()]
+    return [_into_group(op, name, tail, common, _small_lti(groups, name)) for name, tail in reached.items()]
+
+
+def _small_lti(groups, name: str) -> bool:
+    """Whether group `name` is linear time-invariant with at most `SMALL_LTI` neuron states per batch entry."""
+    group = next(g for g in groups if g.name == name)
+    return group.lti and group.n_neurons * group.n_states <= SMALL_LTI
 
 
 def _diagonal_product(contraction) -> bool:
@@ -517,7 +538,7 @@ def _crossed(facts: StepFacts, groups, source, reached: dict) -> tuple[str, Dep,
     return names.pop(), Dep(True, False), tuple(crossings)
 
 
-def _into_group(op: str, name: str, tail, common: dict) -> Relation:
+def _into_group(op: str, name: str, tail, common: dict, small_lti: bool) -> Relation:
     if tail is None:
         return Relation(
             group=name,
@@ -525,7 +546,7 @@ def _into_group(op: str, name: str, tail, common: dict) -> Relation:
             reason=f"the path from `{op}` to group `{name}` is not element-wise per neuron (a non-element-wise tail)",
             **common,
         )
-    return Relation(group=name, status="traced", tail_perm=tail.perm, **common)
+    return Relation(group=name, status="traced", tail_perm=tail.perm, small_lti=small_lti, **common)
 
 
 def _beside_contractions(facts: StepFacts, groups, leaf_index: int) -> list[Relation]:

@@ -9,7 +9,9 @@ Exactness (float64 algebra, one-step windows), per relation:
   receiving group lies on no loop of the group graph (an edge A -> B for every weight op into B whose
   presynaptic input reads A's values) and no credit path of it is dropped (a plan note); otherwise
   approximate — the per-neuron traces drop the cross-neuron terms of the loop;
-* traced under es_d_rtrl: approximate (the trace is factorised into presynaptic and postsynaptic factors);
+* traced under es_d_rtrl: approximate (the trace is factorised into presynaptic and postsynaptic factors),
+  except into a small linear time-invariant group (a readout, `Relation.small_lti`) or a per-neuron
+  relation, which keep d_rtrl's per-weight trace and are exact as under d_rtrl;
 * same-step only, or dropped: approximate, with the plan's note.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from . import factorised
 from .fuse import Plan, chain_trace_shape
 from .layout import layout_kind, trace_shape
+from .relations import SMALL_LTI
 from .structure import looping_groups
 
 
@@ -65,6 +68,7 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
             by_weight.setdefault(leaf, []).append(index)
     for leaf_index in sorted(by_weight):
         indices, leaf = by_weight[leaf_index], leaves[leaf_index]
+        kept = ""
         path = leaf.path
         relations = [analysis.relations[i] for i in indices]
         itemsize = np.dtype(leaf.dtype).itemsize
@@ -79,6 +83,13 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         for i, relation in zip(indices, relations, strict=True):
             if i not in plan.traced:
                 continue
+            if plan.algorithm == "es_d_rtrl" and relation.small_lti:
+                group = analysis.group_named(relation.group)
+                kept = (
+                    f"es_d_rtrl keeps its per-weight trace, not a pair of factors: group `{relation.group}` is linear "
+                    f"time-invariant and small ({group.n_neurons} neurons x {group.n_states} states, at most "
+                    f"{SMALL_LTI}: a readout), where that trace is exact"
+                )
             if factorised.factorised(plan.algorithm, relation):
                 reasons.append(factorised.describe(analysis, plan, i))
                 owner = factorised.post_owner(plan.algorithm, analysis.relations, i)
@@ -113,13 +124,13 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         else:
             treatment = "unused"
         if reasons:
-            why = "; ".join(dict.fromkeys(reasons + remarks))
+            why = "; ".join(dict.fromkeys(reasons + remarks + [kept] * bool(kept)))
         elif treatment == "instantaneous":
             why = "it reaches the output with no hidden state in between (the same-step gradient is all of it)"
         elif treatment == "unused":
             why = "the step does not use it (its gradient is zero)"
         else:
-            why = f"{plan.algorithm}'s per-neuron trace is the true sensitivity here (no loop through weights)"
+            why = kept or f"{plan.algorithm}'s per-neuron trace is the true sensitivity here (no loop through weights)"
             why = "; ".join(dict.fromkeys([why, *remarks]))
         reports.append(WeightReport(path, treatment, shapes, nbytes, not reasons, why))
     return tuple(reports)

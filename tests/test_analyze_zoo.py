@@ -19,6 +19,7 @@ from jax.extend.core import Primitive
 import fusetrace
 import zoo
 from fusetrace.errors import FusetraceError, NotNeuronAlignedError, UnsupportedPrimitiveError
+from fusetrace.passes.relations import SMALL_LTI
 
 NAMES = tuple(zoo.ZOO)
 BATCHES = (None, 2)
@@ -66,7 +67,9 @@ def test_groups(name, batch_size):
         for g in analysis.groups
     }
     assert len(got) == len(analysis.groups), "two groups share a name"
-    assert got == case.expected["groups"]
+    expected = case.expected["groups"]
+    assert got == {name: {k: v for k, v in group.items() if k != "lti"} for name, group in expected.items()}
+    assert all(analysis.group_named(name).lti for name, group in expected.items() if group["lti"])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -147,6 +150,8 @@ def _expected_bytes(case, algorithm: str) -> int:
         # a single shared weight's trace is per neuron
         if algorithm in ("d_rtrl", "e_prop"):
             total += batch * (n_neurons if size == 1 else size) * n_states * dtype.itemsize
+        elif expected["groups"][group]["lti"] and n_neurons * n_states <= SMALL_LTI:  # a small readout: exact
+            total += batch * size * n_states * dtype.itemsize
         else:  # one postsynaptic factor for op outputs summed into the group
             order = zoo.weight_leaf_paths(case.model).index  # the earlier weight keeps the factor
             shared = any(weight in pair and min(pair, key=order) != weight for pair in expected["same_injection"])

@@ -8,7 +8,9 @@ Each public factory returns a `Case` that unpacks as `(model, example_inputs, ex
 * `expected`: a dict written by reasoning about the model, never read back from fusetrace:
 
   - `expected["groups"]`: group name -> `{"states": frozenset of dotted state paths, "n_states": int,
-    "n_neurons": int}`. A group's name is the path of its first state in `model.states()` order.
+    "n_neurons": int, "lti": bool}`. A group's name is the path of its first state in `model.states()`
+    order; "lti" is True where the case marks it linear time-invariant (its leaky readout; unmarked
+    groups may be LTI too).
   - `expected["relations"]`: weight leaf path -> `(receiving group name or None, op, status)`.
     `op` is None where the primitive is not pinned down by the model (a bias is added, not contracted).
   - `expected["n_pre"]`: weight leaf path -> elements per batch entry of the op's presynaptic input,
@@ -115,20 +117,29 @@ class Rel:
     same_injection_as: str | None = None  # the weight whose op output enters the group summed with this one's
 
 
+LTI = "lti"  # marks an expected group as linear time-invariant
+
+
 def expect(
     model: brainstate.nn.Module,
-    groups: Sequence[tuple[Sequence[brainstate.State], int]],
+    groups: Sequence[tuple],
     relations: Sequence[Rel],
 ) -> dict[str, Any]:
-    """Build the `expected` dict from state objects: `groups` is `[(states, n_neurons), ...]`."""
+    """Build the `expected` dict from state objects: `groups` is `[(states, n_neurons), ...]`, a group
+    written `(states, n_neurons, LTI)` being linear time-invariant (a leaky readout)."""
     order = state_paths(model)
     out_groups: dict[str, dict[str, Any]] = {}
     group_of: dict[str, str] = {}
-    for states, n_neurons in groups:
+    for states, n_neurons, *kind in groups:
         members = {path_of(model, s) for s in states}
         assert len(members) == len(states), "a state listed twice in one expected group"
         name = next(p for p in order if p in members)
-        out_groups[name] = {"states": frozenset(members), "n_states": len(members), "n_neurons": n_neurons}
+        out_groups[name] = {
+            "states": frozenset(members),
+            "n_states": len(members),
+            "n_neurons": n_neurons,
+            "lti": kind == [LTI],
+        }
         group_of.update(dict.fromkeys(members, name))
     out_relations, n_pre, same_injection = {}, {}, set()
     for rel in relations:
@@ -392,7 +403,7 @@ def ei_net(batch_size=None, conn="dense", n_in=6, n_exc=8, n_inh=4, n_out=2, see
     def expected(m):
         return expect(
             m,
-            [([m.N.V, m.E.syn.g, m.I.syn.g, m.inp.syn.g], num), ([m.out.r], n_out)],
+            [([m.N.V, m.E.syn.g, m.I.syn.g, m.inp.syn.g], num), ([m.out.r], n_out, LTI)],
             [
                 Rel(_comm_leaf(m, m.E.comm), m.N.V, op, TRACED, n_pre=n_exc),
                 Rel(_comm_leaf(m, m.I.comm), m.N.V, op, TRACED, n_pre=n_inh),
@@ -648,7 +659,7 @@ def leaky_readout(
         h = m.hidden
         return expect(
             m,
-            [([h.N.V, h.inp.syn.g], n), ([m.out.r], n_out)],
+            [([h.N.V, h.inp.syn.g], n), ([m.out.r], n_out, LTI)],
             [
                 Rel(leaf_of(m, h.inp.comm.weight, "weight"), h.N.V, DOT, TRACED, n_pre=n_in),
                 Rel(leaf_of(m, m.out.weight), m.out.r, DOT, TRACED, n_pre=n),

@@ -118,7 +118,8 @@ class Analysis:
         `d_rtrl` / `e_prop`: Σ over traced relations of B·|W|·S (B·N·S for a single shared weight or a
         per-neuron parameter: the trace is per neuron; B·P·|W|·S for a convolution with P output positions);
         `es_d_rtrl`: Σ of B·(n_pre + N·S) (without the N·S of a relation whose op output enters its
-        group summed with an earlier one's: they share that postsynaptic factor),
+        group summed with an earlier one's: they share that postsynaptic factor; a relation into a small
+        linear time-invariant group, `Relation.small_lti`, and a per-neuron one count as under d_rtrl),
         with B the batch size (1 when unbatched), S the receiving group's states per neuron, N its
         neurons, and the weight's item size.
         """
@@ -133,8 +134,9 @@ class Analysis:
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
             size = int(np.prod(relation.weight_shape or leaf.shape, dtype=int))  # the effective weight's
-            if algorithm == "es_d_rtrl" and not relation.per_neuron:  # element-wise parameters: n_pre 0
-                shared = relation.same_injection is not None and not self.relations[relation.same_injection].per_neuron
+            if algorithm == "es_d_rtrl" and not relation.per_neuron and not relation.small_lti:  # factorised
+                other = self.relations[relation.same_injection] if relation.same_injection is not None else None
+                shared = other is not None and not other.per_neuron and not other.small_lti
                 post = 0 if shared else group.n_neurons * group.n_states
                 total += batch * (relation.n_pre + post) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron

@@ -1,0 +1,131 @@
+"""Whole-trial gradients of es_d_rtrl's factorisations and d_rtrl against BPTT's, at given weights.
+
+    python benchmarks/gradient_probe.py [--task evidence] [--network MODULE:FUNCTION]
+                                        [--weights init RUN_DIR/checkpoints/step-N ...] [--seeds 101 102]
+                                        [--out DIR]
+
+For each set of weights (`init`: the network's initial weights; or a checkpoint folder written by
+`fusetrace train`, whose run trained with the same task and network) and each probe seed, one batch of
+`BATCH` fresh trials runs through d_rtrl and every es_d_rtrl variant of `VARIANTS`, each summing its
+per-step gradients over the trial, and through BPTT (`jax.grad` of the whole trial's loss). Per weight it
+records the cosine and norm ratio of each against BPTT. Float32, as training. About 25 s per set of weights
+and seed on a 2-core CPU for the GIF evidence network. Writes benchmarks/results/gradient_probe_<task>.json
+(or under --out).
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+import common
+import es_diagnosis
+import jax
+import jax.numpy as jnp
+
+from fusetrace import checkpoint
+from fusetrace.cli import RunConfig, build
+
+BATCH = 8
+VARIANTS = {  # label: es_d_rtrl's compile options
+    "filtered 0.9": {"factorisation": "filtered", "decay": 0.9},
+    "filtered 0.99": {"factorisation": "filtered", "decay": 0.99},
+    "averaged 0.99": {"factorisation": "averaged", "decay": 0.99},
+    "matched": {"factorisation": "matched"},
+    "low_rank 2": {"factorisation": "low_rank", "rank": 2},
+    "low_rank 4": {"factorisation": "low_rank", "rank": 4},
+}
+
+
+def _config(task: str, network: str | None, algorithm: str, **options) -> RunConfig:
+    return RunConfig(
+        task=task,
+        algorithm=algorithm,
+        iterations=1,
+        batch=BATCH,
+        learning_rate=2e-3,
+        update_every=0,
+        seed=0,
+        checkpoint_every=1,
+        clip_norm=1.0,
+        network=network,
+        **options,
+    )
+
+
+def _weights(folder: str, task: str, network: str | None, like: dict) -> dict:
+    """The parameters stored in a `fusetrace train` checkpoint folder (its trainer's state, any algorithm)."""
+    run = json.loads((pathlib.Path(folder).parent.parent / "config.json").read_text())  # the run's own
+    algorithm = "bptt" if run["algorithm"] == "bptt" else "es_d_rtrl"  # their trainers' states differ
+    config = dataclasses.replace(_config(task, network, algorithm), schedule="cosine", iterations=2)
+    state, _ = checkpoint.restore(folder, build(config)[2].init())
+    return jax.tree.map(lambda a, b: jnp.asarray(b, jnp.asarray(a).dtype), like, state["params"])
+
+
+def probe(task: str, network: str | None, weights: list[str], seeds: list[int]) -> dict:
+    learners = {"d_rtrl": build(_config(task, network, "d_rtrl"))[1]}
+    for label, options in VARIANTS.items():
+        learners[label] = build(_config(task, network, "es_d_rtrl", **options))[1]
+    trainer = build(_config(task, network, "bptt"))[2]
+    names = list(learners["d_rtrl"].params)
+
+    @jax.jit
+    def totals(params, inputs, targets):
+        def body(carry, step_inputs):
+            states, sums = carry
+            x, target = step_inputs
+            new = {}
+            for label, learner in learners.items():
+                new[label], res = learner.step(params, states[label], x, target)
+                sums[label] = [a + g for a, g in zip(sums[label], es_diagnosis._mantissas(res.grads), strict=True)]
+            return (new, sums), None
+
+        states = {label: learner.init() for label, learner in learners.items()}
+        sums = {label: [jnp.zeros_like(g) for g in es_diagnosis._mantissas(params)] for label in learners}
+        (_, sums), _ = jax.lax.scan(body, (states, sums), (inputs, targets))
+        return sums
+
+    results = {"weights": names, "probes": {}}
+    for source in weights:
+        params = learners["d_rtrl"].params
+        if source != "init":
+            params = _weights(source, task, network, params)
+        for seed in seeds:
+            batch = trainer.sample(seed)
+            sums = totals(params, batch.inputs, batch.targets)
+            bptt = es_diagnosis._bptt_total(trainer, params, batch)
+            row = {
+                label: {
+                    "cos": [float(es_diagnosis._cos(a, b)) for a, b in zip(sums[label], bptt, strict=True)],
+                    "ratio": [float(es_diagnosis._ratio(a, b)) for a, b in zip(sums[label], bptt, strict=True)],
+                }
+                for label in learners
+            }
+            results["probes"][f"{source} | seed {seed}"] = row
+            print(f"{source}, seed {seed}", flush=True)
+            for label, values in row.items():
+                cells = " ".join(
+                    f"{n}={c:+.3f}/{r:.2f}" for n, c, r in zip(names, values["cos"], values["ratio"], strict=True)
+                )
+                print(f"  {label:14s} cos/ratio vs BPTT: {cells}", flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="evidence")
+    parser.add_argument("--network", default="benchmarks.peer_networks:gif_evidence_network")
+    parser.add_argument("--weights", nargs="*", default=["init"])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[101])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    result = probe(args.task, args.network or None, args.weights, args.seeds)
+    result.update(task=args.task, network=args.network, batch=BATCH)
+    out = pathlib.Path(args.out) if args.out else common.RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gradient_probe_{args.task}.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
