@@ -27,12 +27,8 @@ from fusetrace import checkpoint
 from fusetrace.cli import RunConfig, build
 
 BATCH = 8
-VARIANTS = {  # label: es_d_rtrl's compile options
-    "filtered 0.9": {"factorisation": "filtered", "decay": 0.9},
-    "filtered 0.99": {"factorisation": "filtered", "decay": 0.99},
-    "averaged 0.99": {"factorisation": "averaged", "decay": 0.99},
-    "matched": {"factorisation": "matched"},
-    "low_rank 2": {"factorisation": "low_rank", "rank": 2},
+VARIANTS = {  # label: es_d_rtrl's compile options: es_diagnosis's, with rank 4 for its rank 8
+    **{label: options for label, options in es_diagnosis.VARIANTS.items() if label != "low_rank 8"},
     "low_rank 4": {"factorisation": "low_rank", "rank": 4},
 }
 
@@ -122,8 +118,7 @@ def main(argv=None) -> int:
     result = probe(args.task, args.network or None, args.weights, args.seeds)
     result.update(task=args.task, network=args.network, batch=BATCH)
     out = pathlib.Path(args.out) if args.out else common.RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gradient_probe_{args.task}.json").write_text(json.dumps(result, indent=1))
+    common.write_json(out / f"gradient_probe_{args.task}.json", result)
     return 0
 
 

@@ -75,8 +75,7 @@ def main(argv=None) -> int:
     }
     print(json.dumps(result, indent=1))
     out = pathlib.Path(args.out) if args.out else common.RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"iteration_time_{args.task}.json").write_text(json.dumps(result, indent=1))
+    common.write_json(out / f"iteration_time_{args.task}.json", result)
     return 0
 
 
