@@ -42,6 +42,8 @@ for seed in ${SEEDS}; do
   # the same design sized for evidence accumulation (an exploration of issue 16, not the reference network)
   run EVIDENCE_GIF gif-bptt "$seed" --algorithm bptt
   run EVIDENCE_GIF gif-es_d_rtrl "$seed" --algorithm es_d_rtrl
+  run EVIDENCE_GIF gif-es_d_rtrl-low_rank4 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 4
+  run EVIDENCE_GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
   $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
     --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
     --run-dir "runs/learning/dms-pp_prop-s${seed}"
