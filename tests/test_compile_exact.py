@@ -268,14 +268,11 @@ def test_es_d_rtrl_is_an_approximation_with_the_right_sign():
             assert cosine > 0.5, f"{path}: cosine {cosine:.3f}"
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"decay": 0.5}, {"decay": 0.99}, {"factorisation": "averaged", "decay": 0.9}, {"factorisation": "low_rank"}],
-)
+@pytest.mark.parametrize("options", [{"decay": 0.99}, {"factorisation": "averaged", "decay": 0.5}])
 def test_es_d_rtrl_keeps_a_leaky_readouts_gradient_exact(options):
     """A small linear time-invariant group (the leaky readout, τ 4 ms: decay 0.78) keeps its per-weight
-    trace under every es_d_rtrl factorisation and decay (`Relation.small_lti`): its weight's gradient is
-    BPTT's. (Factorised like the hidden weights, this readout's gradient was 4% to 52% off BPTT's here.)"""
+    trace under es_d_rtrl's one-pair factorisations at any decay (`Relation.small_lti`): its weight's
+    gradient is BPTT's. (Factorised like the hidden weights, it was 9.4% and 9.2% off BPTT's here.)"""
     xs, ys = _data(BATCH)
     learner, online = online_learner(_build("alif", "leaky", BATCH), xs, ys, "es_d_rtrl", BATCH, **options)
     reference = bptt_grads(_build("alif", "leaky", BATCH), xs, ys)
