@@ -104,7 +104,7 @@ def factorised(algorithm: str, relation) -> bool:
     per-weight trace is exact and at most `relations.SMALL_LTI` times its presynaptic factor, where one
     pair of factors is exact only when the decay is every unit's own (a readout's gradient at decay 0.99
     had cosine 0.67 against BPTT's on a trained network, docs/results.md)."""
-    return algorithm == "es_d_rtrl" and not relation.elementwise and not relation.per_neuron and not relation.small_lti
+    return algorithm == "es_d_rtrl" and not relation.elementwise and not relation.keeps_trace
 
 
 def post_owner(algorithm: str, relations, index: int) -> int:

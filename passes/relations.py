@@ -78,6 +78,12 @@ class Relation:
     # a concatenation piece's rows `[0:3, :]`: `passes.gates`), in the leaf's indices; "" otherwise
     view: str = ""
 
+    @property
+    def keeps_trace(self) -> bool:
+        """Whether es_d_rtrl keeps this relation's per-weight trace instead of a pair of factors: a per-neuron
+        relation (its per-weight trace is per neuron) or one into a small LTI group (exact and small)."""
+        return self.per_neuron or self.small_lti
+
     def __post_init__(self):
         if not self.weight_leaves:
             object.__setattr__(self, "weight_leaves", (self.weight_leaf,))
@@ -336,7 +342,16 @@ def find_relations(facts: StepFacts, groups: tuple[Group, ...]) -> tuple[Relatio
             relations.append(_without_contraction(facts, groups, leaf_index))
         else:
             relations.extend(_beside_contractions(facts, groups, leaf_index))
-    return _with_same_injections(facts, relations)
+    return _with_same_injections(facts, [_mark_small_lti(groups, r) for r in relations])
+
+
+def _mark_small_lti(groups, relation: Relation) -> Relation:
+    """`relation` with `small_lti` set when it is a traced weight op into a linear time-invariant group of at
+    most `SMALL_LTI` neuron states per batch entry."""
+    if relation.status != "traced" or relation.contraction is None:
+        return relation
+    group = next(g for g in groups if g.name == relation.group)
+    return dataclasses.replace(relation, small_lti=group.lti and group.n_neurons * group.n_states <= SMALL_LTI)
 
 
 _SUMS = ("add", "add_any")
@@ -461,16 +476,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
     crossed = _crossed(facts, groups, ("relation", contraction.index), reached) if downstream else None
     if crossed is not None:
         name, tail, crossings = crossed
-        return [
-            Relation(
-                group=name,
-                status="traced",
-                tail_perm=tail.perm,
-                crossings=crossings,
-                small_lti=_small_lti(groups, name),
-                **common,
-            )
-        ]
+        return [Relation(group=name, status="traced", tail_perm=tail.perm, crossings=crossings, **common)]
     if downstream:
         return [
             Relation(
@@ -491,13 +497,7 @@ def _classify(facts: StepFacts, groups, leaf_index: int, contraction) -> list[Re
                 **common,
             )
         ]
-    return [_into_group(op, name, tail, common, _small_lti(groups, name)) for name, tail in reached.items()]
-
-
-def _small_lti(groups, name: str) -> bool:
-    """Whether group `name` is linear time-invariant with at most `SMALL_LTI` neuron states per batch entry."""
-    group = next(g for g in groups if g.name == name)
-    return group.lti and group.n_neurons * group.n_states <= SMALL_LTI
+    return [_into_group(op, name, tail, common) for name, tail in reached.items()]
 
 
 def _diagonal_product(contraction) -> bool:
@@ -538,7 +538,7 @@ def _crossed(facts: StepFacts, groups, source, reached: dict) -> tuple[str, Dep,
     return names.pop(), Dep(True, False), tuple(crossings)
 
 
-def _into_group(op: str, name: str, tail, common: dict, small_lti: bool) -> Relation:
+def _into_group(op: str, name: str, tail, common: dict) -> Relation:
     if tail is None:
         return Relation(
             group=name,
@@ -546,7 +546,7 @@ def _into_group(op: str, name: str, tail, common: dict, small_lti: bool) -> Rela
             reason=f"the path from `{op}` to group `{name}` is not element-wise per neuron (a non-element-wise tail)",
             **common,
         )
-    return Relation(group=name, status="traced", tail_perm=tail.perm, small_lti=small_lti, **common)
+    return Relation(group=name, status="traced", tail_perm=tail.perm, **common)
 
 
 def _beside_contractions(facts: StepFacts, groups, leaf_index: int) -> list[Relation]:

@@ -124,7 +124,7 @@ def weight_reports(analysis, plan: Plan) -> tuple[WeightReport, ...]:
         else:
             treatment = "unused"
         if reasons:
-            why = "; ".join(dict.fromkeys(reasons + remarks + [kept] * bool(kept)))
+            why = "; ".join(dict.fromkeys(reasons + remarks + ([kept] if kept else [])))
         elif treatment == "instantaneous":
             why = "it reaches the output with no hidden state in between (the same-step gradient is all of it)"
         elif treatment == "unused":

@@ -134,9 +134,9 @@ class Analysis:
             group = self.group_named(relation.group)
             itemsize = np.dtype(leaf.dtype).itemsize
             size = int(np.prod(relation.weight_shape or leaf.shape, dtype=int))  # the effective weight's
-            if algorithm == "es_d_rtrl" and not relation.per_neuron and not relation.small_lti:  # factorised
-                other = self.relations[relation.same_injection] if relation.same_injection is not None else None
-                shared = other is not None and not other.per_neuron and not other.small_lti
+            if algorithm == "es_d_rtrl" and not relation.keeps_trace:  # factorised (element-wise: n_pre 0)
+                same = relation.same_injection
+                shared = same is not None and not self.relations[same].keeps_trace
                 post = 0 if shared else group.n_neurons * group.n_states
                 total += batch * (relation.n_pre + post) * itemsize
             elif relation.elementwise or size == 1:  # one parameter for all neurons: trace per neuron
