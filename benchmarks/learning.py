@@ -17,7 +17,8 @@ much as the large ones' (`benchmarks/results/learning_compare_<task>.json`).
 and alternates their training iterations on the same batches, so that a varying load on a shared
 machine falls on all alike; it writes the median seconds per iteration and each one's ratio to pp_prop
 (`benchmarks/results/learning_time_<task>.json`; with `--only NAME ...`, a subset of fusetrace's learners
-beside pp_prop, `learning_time_<task>_only.json`).
+beside pp_prop, `learning_time_<task>_only.json`; with `--network MODULE:FACTORY`, that network's
+`learning_time_<task>_<FACTORY>[_only].json`).
 
 fusetrace's runs are ordinary `fusetrace train` runs (the commands are in benchmarks/learning_runs.sh);
 this script trains the peer the same way: the task's reference network is built twice from the same
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
     timing = sub.add_parser("time")
     timing.add_argument("--task", required=True)
     timing.add_argument("--batch", type=int, default=None, help="default: the learning runs' (DMS 32, evidence 64)")
+    timing.add_argument("--network", default=None, help="MODULE:FACTORY (default: the task's reference network)")
     timing.add_argument("--rounds", type=int, default=5)
     timing.add_argument("--decay", type=float, default=None, help="pp_prop's (default: DMS 0.99, evidence 0.9)")
     timing.add_argument(
@@ -260,8 +262,10 @@ TIMED = {
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
     "es_d_rtrl(credit_depth 1)": {"algorithm": "es_d_rtrl", "credit_depth": 1},
     "es_d_rtrl(low_rank 2)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 2},
+    "es_d_rtrl(low_rank 4)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 4},
     "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
     "d_rtrl": {"algorithm": "d_rtrl"},
+    "bptt": {"algorithm": "bptt"},
 }
 
 
@@ -285,7 +289,7 @@ def _time(args) -> int:
     """Seconds per training iteration, pp_prop and fusetrace alternating on the same batches."""
     batch, decay = RUN_SIZES.get(args.task, (32, 0.9))
     batch, decay = args.batch or batch, args.decay if args.decay is not None else decay
-    fields = _run_fields(args.task, batch, iterations=100, seed=0)
+    fields = {**_run_fields(args.task, batch, iterations=100, seed=0), "network": args.network}
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
     only = set(TIMED) if args.only is None else set(args.only)
     if only - set(TIMED):
@@ -318,9 +322,10 @@ def _time(args) -> int:
     ratio = {name: median[name] / median["pp_prop"] for name in names}
     for name in names:
         print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
+    network = "" if args.network is None else "_" + args.network.rpartition(":")[2]
     common.write_json(
-        common.RESULTS / f"learning_time_{args.task}{'' if args.only is None else '_only'}.json",
-        {"task": args.task, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
+        common.RESULTS / f"learning_time_{args.task}{network}{'' if args.only is None else '_only'}.json",
+        {"task": args.task, "network": args.network, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
     )
     return 0
 

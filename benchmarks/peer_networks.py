@@ -14,8 +14,8 @@ from fusetrace.tasks.dms import DMSNetwork
 
 
 class GifDMSNetwork(brainstate.nn.Module):
-    """braintrace's DMS recipe (chaobrain/braintrace-snn-experiments, `alif_working_memory/
-    task-rsnn-long-term-dependency.py`, the settings of its recorded runs) built from brainpy.state parts:
+    """braintrace's DMS recipe (chaobrain/braintrace-snn-experiments,
+    `task-rsnn-long-term-dependency.py`, the settings of its recorded runs) built from brainpy.state parts:
     200 `Gif` neurons (τ 100 ms; an adaptation current I2 lowered by 1 mA per spike, decaying with a τ drawn
     per neuron from U(100, 2250) ms; soft reset; threshold 1 mV), input and recurrent spikes through one
     exponential synapse (τ 100 ms; input weights Kaiming scale 6, recurrent scale 2), and a leaky readout
@@ -25,7 +25,13 @@ class GifDMSNetwork(brainstate.nn.Module):
     def __init__(self, n_in: int = 100, n_rec: int = 200, n_out: int = 2):
         super().__init__()
         tau_i2 = brainstate.random.uniform(100.0, 2250.0, (n_rec,)) * u.ms
-        self.neurons = bps.Gif(
+        self.neurons = self._neurons(n_rec, tau_i2)
+        self.rec = current_projection(n_rec, self.neurons, n_rec, ms(100.0), scale=2.0)
+        self.inp = current_projection(n_in, self.neurons, n_rec, ms(100.0), scale=6.0)
+        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(10.0), w_init=braintools.init.KaimingNormal(scale=6.0))
+
+    def _neurons(self, n_rec: int, tau_i2) -> bps.Neuron:
+        return bps.Gif(
             n_rec,
             R=1.0 * u.ohm,
             tau=ms(100.0),
@@ -40,16 +46,71 @@ class GifDMSNetwork(brainstate.nn.Module):
             A2=-1.0 * u.mA,
             V_initializer=braintools.init.Constant(0.0 * u.mV),
         )
-        self.rec = current_projection(n_rec, self.neurons, n_rec, ms(100.0), scale=2.0)
-        self.inp = current_projection(n_in, self.neurons, n_rec, ms(100.0), scale=6.0)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(10.0), w_init=braintools.init.KaimingNormal(scale=6.0))
+
+    def potential(self):
+        """`V − V_th`, unitless: what the readout standardises."""
+        return u.get_mantissa(self.neurons.V.value - self.neurons.V_th.value)
 
     def update(self, x):
         self.rec(self.neurons.get_spike())
         self.inp(x)
         self.neurons()
-        potential = u.get_mantissa(self.neurons.V.value - self.neurons.V_th.value)
-        return self.out(jax.nn.standardize(potential, axis=-1))
+        return self.out(jax.nn.standardize(self.potential(), axis=-1))
+
+
+class TwoStateGif(bps.Neuron):
+    """brainpy.state's `Gif` with the settings of `GifDMSNetwork`, written with the two states that move:
+    `V` and the adaptation current `I2`. There `I1` stays 0 (A1 = 0, R1 = 0) and `V_th` stays at
+    V_th_inf (a = b = 0, V_th_reset < V_th_inf, V_reset = 0), and neither depends on a weight; here the
+    threshold is the constant `V_th`. Each step does `Gif.update`'s arithmetic on the other two states
+    in its order (soft reset `V − V_th · s` and `I2 + A2 · s` with the previous step's spike, then one
+    exponential-Euler step of each), so the trajectory and every gradient are `Gif`'s (tested in
+    tests/test_peer_networks.py).
+
+    Why it exists: braintrace refuses `Gif` ("only one hidden state in a single equation", naming `V`
+    and `V_th`), so its `pp_prop` can run the peer's DMS recipe only on this neuron, as the peer's own
+    experiment does with a two-state GIF of its own."""
+
+    def __init__(self, n: int, tau_i2, tau=ms(100.0), v_th=1.0 * u.mV, a2=-1.0 * u.mA, r=1.0 * u.ohm):
+        super().__init__(n, spk_fun=braintools.surrogate.ReluGrad(), spk_reset="soft")
+        self.tau, self.tau_i2, self.V_th, self.A2, self.R = tau, tau_i2, v_th, a2, r
+
+    def init_state(self, batch_size: int | None = None, **kwargs):
+        zero = braintools.init.Constant(0.0 * u.mV)
+        self.V = brainstate.HiddenState(braintools.init.param(zero, self.varshape, batch_size))
+        current = braintools.init.Constant(0.0 * u.mA)
+        self.I2 = brainstate.HiddenState(braintools.init.param(current, self.varshape, batch_size))
+
+    def reset_state(self, batch_size: int | None = None, **kwargs):
+        self.V.value = u.math.zeros_like(self.V.value)
+        self.I2.value = u.math.zeros_like(self.I2.value)
+
+    def get_spike(self, V=None):
+        V = self.V.value if V is None else V
+        return self.spk_fun((V - self.V_th) / self.V_th)
+
+    def update(self, x=0.0 * u.mA):
+        spike = self.get_spike()
+        i2 = self.I2.value + spike * self.A2
+        v = self.V.value - self.V_th * spike
+        i2 = brainstate.nn.exp_euler_step(lambda i: -i / self.tau_i2, i2)
+        v = brainstate.nn.exp_euler_step(
+            lambda v: (-v + self.R * (i2 + self.sum_current_inputs(x, v))) / self.tau, v
+        )
+        self.V.value = self.sum_delta_inputs(v)
+        self.I2.value = i2
+        return self.get_spike()
+
+
+class TwoStateGifNetwork(GifDMSNetwork):
+    """`GifDMSNetwork` on `TwoStateGif`: the same network, draws and gradients, in a form braintrace can
+    compile (its `pp_prop` column in `benchmarks/learning.py`, issue 16 item 3b)."""
+
+    def _neurons(self, n_rec: int, tau_i2) -> bps.Neuron:
+        return TwoStateGif(n_rec, tau_i2)
+
+    def potential(self):
+        return u.get_mantissa(self.neurons.V.value - self.neurons.V_th)
 
 
 def gif_dms_network(seed: int | None = None) -> GifDMSNetwork:
@@ -111,3 +172,15 @@ def gif_evidence_network(seed: int | None = None) -> GifDMSNetwork:
     DMS carry over?)."""
     begin_network(1.0, seed)
     return GifDMSNetwork(n_in=40, n_rec=100, n_out=2)
+
+
+def two_state_gif_dms_network(seed: int | None = None) -> TwoStateGifNetwork:
+    """`TwoStateGifNetwork` (DMS sizes): `gif_dms_network` in a form braintrace compiles."""
+    begin_network(1.0, seed)
+    return TwoStateGifNetwork()
+
+
+def two_state_gif_evidence_network(seed: int | None = None) -> TwoStateGifNetwork:
+    """`TwoStateGifNetwork` (evidence sizes): `gif_evidence_network` in a form braintrace compiles."""
+    begin_network(1.0, seed)
+    return TwoStateGifNetwork(n_in=40, n_rec=100, n_out=2)
