@@ -325,7 +325,15 @@ def _time(args) -> int:
     network = "" if args.network is None else "_" + args.network.rpartition(":")[2]
     common.write_json(
         common.RESULTS / f"learning_time_{args.task}{network}{'' if args.only is None else '_only'}.json",
-        {"task": args.task, "network": args.network, "batch": batch, "pp_prop_decay": decay, "seconds": times, "median": median, "ratio": ratio},
+        {
+            "task": args.task,
+            "network": args.network,
+            "batch": batch,
+            "pp_prop_decay": decay,
+            "seconds": times,
+            "median": median,
+            "ratio": ratio,
+        },
     )
     return 0
 

@@ -71,9 +71,9 @@ class TwoStateGif(bps.Neuron):
     and `V_th`), so its `pp_prop` can run the peer's DMS recipe only on this neuron, as the peer's own
     experiment does with a two-state GIF of its own."""
 
-    def __init__(self, n: int, tau_i2, tau=ms(100.0), v_th=1.0 * u.mV, a2=-1.0 * u.mA, r=1.0 * u.ohm):
+    def __init__(self, n: int, tau_i2):
         super().__init__(n, spk_fun=braintools.surrogate.ReluGrad(), spk_reset="soft")
-        self.tau, self.tau_i2, self.V_th, self.A2, self.R = tau, tau_i2, v_th, a2, r
+        self.tau, self.tau_i2, self.V_th, self.A2, self.R = ms(100.0), tau_i2, 1.0 * u.mV, -1.0 * u.mA, 1.0 * u.ohm
 
     def init_state(self, batch_size: int | None = None, **kwargs):
         zero = braintools.init.Constant(0.0 * u.mV)
@@ -94,9 +94,7 @@ class TwoStateGif(bps.Neuron):
         i2 = self.I2.value + spike * self.A2
         v = self.V.value - self.V_th * spike
         i2 = brainstate.nn.exp_euler_step(lambda i: -i / self.tau_i2, i2)
-        v = brainstate.nn.exp_euler_step(
-            lambda v: (-v + self.R * (i2 + self.sum_current_inputs(x, v))) / self.tau, v
-        )
+        v = brainstate.nn.exp_euler_step(lambda v: (-v + self.R * (i2 + self.sum_current_inputs(x, v))) / self.tau, v)
         self.V.value = self.sum_delta_inputs(v)
         self.I2.value = i2
         return self.get_spike()

@@ -17,7 +17,7 @@ import fusetrace
 from references import state_grad
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repository root: `benchmarks.`
-from benchmarks import peer_networks  # noqa: E402
+from benchmarks import peer_networks
 
 N_IN, N_REC, BATCH, STEPS, SEED = 6, 8, 3, 40, 5
 RTOL = 1e-10  # the same arithmetic in the same order; observed ~1e-15
@@ -51,7 +51,7 @@ def _bptt(model, xs, ys):
 
 def _es_d_rtrl(model, xs, ys):
     learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH)
-    state, res = jax.jit(learner.scan)(learner.params, learner.init(), xs, ys)
+    _, res = jax.jit(learner.scan)(learner.params, learner.init(), xs, ys)
     return res.output, {path: _flat(g) for path, g in res.grads.items()}
 
 
