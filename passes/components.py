@@ -346,7 +346,7 @@ def _extend_and_truncate(basis, right, u, f):
     corner = (norm**2 * jnp.sum(f * f, axis=-1))[:, None, None]
     gram = jnp.concatenate(
         [
-            jnp.concatenate([jnp.sum(moved[:, :, None] * moved[:, None], axis=-1), cross[:, :, None]], axis=2),
+            jnp.concatenate([jnp.einsum("bkx,blx->bkl", moved, moved), cross[:, :, None]], axis=2),
             jnp.concatenate([cross[:, None, :], corner], axis=2),
         ],
         axis=1,
@@ -363,16 +363,17 @@ def _extend_and_truncate(basis, right, u, f):
 
 
 def _project(vectors: jax.Array, x: jax.Array) -> jax.Array:
-    """`(B, K)`: each of the K vectors `(B, K, X)` dotted with `x` `(B, X)`. Written as a product and a sum
-    (one loop fusion): as a batched matrix product (K and 1 wide) XLA's CPU backend ran it several times
-    slower, like `_combine`'s."""
-    return jnp.sum(vectors * x[:, None, :], axis=-1)
+    """`(B, K)`: each of the K vectors `(B, K, X)` dotted with `x` `(B, X)`, a batched matrix product (as a
+    product and a sum, XLA's CPU backend ran the low-rank step 1.2-1.4x slower: measured beside
+    `_combine`, process CPU time)."""
+    return jnp.einsum("bkx,bx->bk", vectors, x)
 
 
 def _combine(coefficients: jax.Array, vectors: jax.Array) -> jax.Array:
     """`(B, L, X)`: `Σ_k coefficients[:, k, l] · vectors[:, k]`, unrolled over the few components K (a
-    batched matrix product with K ≤ rank + 1 as its inner dimension was the low-rank step's costliest op:
-    measured, GIF evidence network, rank 4)."""
+    batched matrix product with K ≤ rank + 1 as its inner dimension was the low-rank step's costliest op.
+    Measured, the truncation step alone over 2,100 steps, process CPU time, medians of 7 interleaved:
+    B 32, rank 2, 300 × 600 factors 0.29 -> 0.25 s; B 64, rank 4, 140 × 300 0.99 -> 0.67 s)."""
     terms = [coefficients[:, k, :, None] * vectors[:, k, None, :] for k in range(vectors.shape[1])]
     return functools.reduce(jnp.add, terms)
 
