@@ -11,7 +11,8 @@ trained on) the whole-trial gradient of pp_prop, of fusetrace's es_d_rtrl (the s
 BPTT; per weight it records each one's cosine with BPTT's and with pp_prop's, its norm relative to BPTT's,
 and the fraction of weight entries whose sign agrees (all entries, and the half smaller than pp_prop's
 median magnitude): Adam steps every entry by about the same amount, so the small entries' signs count as
-much as the large ones' (`benchmarks/results/learning_compare_<task>.json`).
+much as the large ones' (`benchmarks/results/learning_compare_<task>[_<FACTORY>].json`; `--network
+MODULE:FACTORY` for another network than the task's, `--without d_rtrl` to leave the slow one out).
 
 `time` builds pp_prop and fusetrace's learners (es_d_rtrl's factorisations, d_rtrl) on the same network
 and alternates their training iterations on the same batches, so that a varying load on a shared
@@ -192,6 +193,8 @@ def main(argv=None) -> int:
     compare.add_argument("--batch", type=int, default=32)
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--decay", type=float, default=None, help="both sides' (default: DMS 0.99, evidence 0.9)")
+    compare.add_argument("--network", default=None, help="MODULE:FACTORY (default: the task's reference network)")
+    compare.add_argument("--without", nargs="+", default=[], choices=["es_d_rtrl", "d_rtrl"], help="leave these out")
     figure = sub.add_parser("figure")
     figure.add_argument("--runs", default=str(RUNS), help="the folder of the runs (one sub-folder per run)")
     figure.add_argument("--out", default=None, help="where the figures go (default docs/images)")
@@ -343,12 +346,15 @@ def _compare(args) -> int:
     import jax
 
     decay = args.decay if args.decay is not None else RUN_SIZES.get(args.task, (32, 0.9))[1]
-    fields = _run_fields(args.task, args.batch, iterations=max(max(args.at), 1), seed=args.seed)
+    fields = {**_run_fields(args.task, args.batch, iterations=max(max(args.at), 1), seed=args.seed)}
+    fields["network"] = args.network
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
     learners = {
         "es_d_rtrl": build(RunConfig(**fields, algorithm="es_d_rtrl", decay=decay))[1],
         "d_rtrl": build(RunConfig(**fields, algorithm="d_rtrl"))[1],
     }
+    for name in args.without:
+        learners.pop(name)
     _, plain, bptt_trainer, _ = build(RunConfig(**fields, algorithm="bptt"))
 
     def online(learner, params, batch):
@@ -397,9 +403,17 @@ def _compare(args) -> int:
                 print(f"iteration {at} {path} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()))
             weights[path] = row
         points.append({"iteration": at, "weights": weights})
+    network = "" if args.network is None else "_" + args.network.rpartition(":")[2]
     common.write_json(
-        common.RESULTS / f"learning_compare_{args.task}.json",
-        {"task": args.task, "batch": args.batch, "seed": args.seed, "decay": decay, "points": points},
+        common.RESULTS / f"learning_compare_{args.task}{network}.json",
+        {
+            "task": args.task,
+            "network": args.network,
+            "batch": args.batch,
+            "seed": args.seed,
+            "decay": decay,
+            "points": points,
+        },
     )
     return 0
 

@@ -44,6 +44,14 @@ for seed in ${SEEDS}; do
   run EVIDENCE_GIF gif-es_d_rtrl "$seed" --algorithm es_d_rtrl
   run EVIDENCE_GIF gif-es_d_rtrl-low_rank4 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 4
   run EVIDENCE_GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
+  # braintrace's pp_prop on the same GIF networks, written with Gif's two moving states (TwoStateGif: braintrace
+  # refuses brainpy.state's Gif; tests/test_peer_networks.py shows the two are one network)
+  $PY benchmarks/learning.py peer --task dms --network benchmarks.peer_networks:two_state_gif_dms_network \
+    --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 --schedule cosine --clip 1.0 --decay 0.99 \
+    --validate-every 10 --validation-batches 8 --test-batches 32 --run-dir "runs/learning/dms-gif-pp_prop-s${seed}"
+  $PY benchmarks/learning.py peer --task evidence --network benchmarks.peer_networks:two_state_gif_evidence_network \
+    --seed "$seed" --iterations "${EVIDENCE_ITER}" --batch 64 --lr 2e-3 --schedule cosine --clip 1.0 --decay 0.9 \
+    --validate-every 10 --validation-batches 4 --test-batches 16 --run-dir "runs/learning/evidence-gif-pp_prop-s${seed}"
   $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
     --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
     --run-dir "runs/learning/dms-pp_prop-s${seed}"

@@ -324,9 +324,17 @@ def _add_resolved_terms(analysis, plan, values, node, read, delta, traces, previ
         _per_unit(analysis, node, times, jnp.reshape(delta[group.leaves[s]], (*_lead(analysis), -1)), q[s])
         for s in read
     ]
-    total = functools.reduce(jnp.add, [jnp.sum(x, -1) for x in per_unit])
+    total = functools.reduce(jnp.add, [_unit_sum(x) for x in per_unit])
     ones = jnp.ones(analysis.group_named(analysis.relations[node.owner].group).shape, total.dtype)
     _add_terms(analysis, plan, values, node, {0: ones}, {0: total}, traces, previous, step, terms, cotangents)
+
+
+def _unit_sum(x: jax.Array) -> jax.Array:
+    """`Σ_o x[..., o]` over a resolved node's units, one slice at a time: a resolved node's units are a
+    small group's (a readout's), and XLA's CPU backend ran the reduction over that short trailing axis,
+    fused with the product before it, at 0.3 ms a step (measured, GIF DMS network, rank 2: a sixth of
+    the iteration)."""
+    return functools.reduce(jnp.add, [x[..., o] for o in range(x.shape[-1])])
 
 
 def _add_terms(analysis, plan, values, node, pulled, q, traces, previous: bool, step, terms, cotangents):
