@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo
 from benchmarks import peer_networks
 
 N_IN, N_REC, BATCH, STEPS, SEED = 6, 8, 3, 40, 5
-RTOL = 1e-10  # the same arithmetic in the same order; observed ~1e-15
+RTOL = 1e-10  # the same arithmetic in the same order; observed: bit-identical (0.0)
 
 
 def _build(cls):
