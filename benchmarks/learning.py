@@ -272,6 +272,11 @@ TIMED = {
 }
 
 
+def _network_tag(network: str | None) -> str:
+    """The results file's suffix for `--network MODULE:FACTORY`: `_FACTORY` (none for the task's own)."""
+    return "" if network is None else "_" + network.rpartition(":")[2]
+
+
 def _run_fields(task: str, batch: int, iterations: int, seed: int) -> dict:
     """`RunConfig` fields of the learning runs' recipe (lr 2e-3 with a cosine decay, clipping 1, one update
     per trial, no checkpoint)."""
@@ -325,9 +330,9 @@ def _time(args) -> int:
     ratio = {name: median[name] / median["pp_prop"] for name in names}
     for name in names:
         print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
-    network = "" if args.network is None else "_" + args.network.rpartition(":")[2]
     common.write_json(
-        common.RESULTS / f"learning_time_{args.task}{network}{'' if args.only is None else '_only'}.json",
+        common.RESULTS
+        / f"learning_time_{args.task}{_network_tag(args.network)}{'' if args.only is None else '_only'}.json",
         {
             "task": args.task,
             "network": args.network,
@@ -346,8 +351,10 @@ def _compare(args) -> int:
     import jax
 
     decay = args.decay if args.decay is not None else RUN_SIZES.get(args.task, (32, 0.9))[1]
-    fields = {**_run_fields(args.task, args.batch, iterations=max(max(args.at), 1), seed=args.seed)}
-    fields["network"] = args.network
+    fields = {
+        **_run_fields(args.task, args.batch, iterations=max(max(args.at), 1), seed=args.seed),
+        "network": args.network,
+    }
     peer = PeerRun(RunConfig(**fields, algorithm="d_rtrl"), decay)
     learners = {
         "es_d_rtrl": build(RunConfig(**fields, algorithm="es_d_rtrl", decay=decay))[1],
@@ -403,9 +410,8 @@ def _compare(args) -> int:
                 print(f"iteration {at} {path} {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row[name].items()))
             weights[path] = row
         points.append({"iteration": at, "weights": weights})
-    network = "" if args.network is None else "_" + args.network.rpartition(":")[2]
     common.write_json(
-        common.RESULTS / f"learning_compare_{args.task}{network}.json",
+        common.RESULTS / f"learning_compare_{args.task}{_network_tag(args.network)}.json",
         {
             "task": args.task,
             "network": args.network,
