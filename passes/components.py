@@ -22,6 +22,11 @@ leading component axis (the weight product sums over it: `factorised.weight_prod
   `L ← [L, ρ̂] V`, `R ← [...] V`. Exact while the trace's rank stays ≤ r (a linear time-invariant group
   with shared `(D, F)` has rank ≤ S). Relations sharing a postsynaptic factor share one basis: their
   inputs are stacked into one presynaptic vector.
+  The truncation's norm is a choice (`rank_metric`): "plain", the trace's own Frobenius norm, or
+  "balanced", the norm after every state's block of the (extended) trace is scaled to unit norm — the
+  same truncation whatever unit each state is written in. Under "plain" a state whose trace is large in
+  its own unit (a slow adaptation variable summing spikes over seconds) takes the rank from the states
+  the learning signal reads (measured: docs/results.md).
 
 Credit chains (`passes.credit`) carry, for such an owner, one neuron-layout trace per component; under
 "low_rank" they are rotated with the basis at every step (`align_chains`).
@@ -55,6 +60,7 @@ from fusetrace.rules import lookup
 from . import derive
 
 COMPONENT_FACTORISATIONS = ("matched", "low_rank")
+RANK_METRICS = ("plain", "balanced")  # the norm of the "low_rank" truncation (module docstring)
 
 # a pseudo-inverse cut-off for the filters' Gram matrix, relative to its largest eigenvalue (after the
 # matrix is scaled to a unit diagonal): below it, two filters' kernels are the same on the lags seen so far
@@ -246,7 +252,7 @@ def update(analysis, plan, owner: int, members, values, d, f, traces: dict, sign
     if plan.factorisation == "matched":
         new_pres, post, extra = _matched_step(pres, old, inputs, d, f)
     else:
-        new_pres, post, extra = _low_rank_step(pres, old, inputs, d, f)
+        new_pres, post, extra = _low_rank_step(pres, old, inputs, d, f, plan.rank_metric)
     new = {plan.key(i): {"pre": pre} for i, pre in zip(members, new_pres, strict=True)}
     new[plan.key(owner)].update(post=post, **extra)
     if signals is None:
@@ -309,8 +315,9 @@ def _matched_step(pres, old: dict, inputs, d, f):
     return new_pres, jnp.reshape(post, old["post"].shape), {"gram": gram, "mixing": a}
 
 
-def _low_rank_step(pres, old: dict, inputs, d, f):
-    """One step of the rank-r trace of every batch entry: the exact update, then the best rank-r truncation.
+def _low_rank_step(pres, old: dict, inputs, d, f, metric: str = "plain"):
+    """One step of the rank-r trace of every batch entry: the exact update, then the best rank-r truncation
+    in the norm `metric` names (`RANK_METRICS`).
     The arithmetic runs with each factor's own axis last (`(B, K, ·)`): batched matrix products that XLA
     vectorises well (with K innermost it ran 5x slower)."""
     sizes = [p.shape[-1] for p in pres]
@@ -320,18 +327,21 @@ def _low_rank_step(pres, old: dict, inputs, d, f):
     batch, k, n_states = post_shape[0], post_shape[1], post_shape[-1]
     right = derive.apply_d(d[:, None], jnp.reshape(old["post"], (batch, k, -1, n_states)))
     right = jnp.reshape(right, (batch, k, -1))
-    basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)))
+    states = n_states if metric == "balanced" and n_states > 1 else None  # one state: the plain norm's scale
+    basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)), states)
     cuts = np.cumsum([0, *sizes])
     new_pres = [basis[:, :, lo:hi] for lo, hi in itertools.pairwise(cuts)]
     return new_pres, jnp.reshape(right, post_shape), {"rotation": rotation}
 
 
-def _extend_and_truncate(basis, right, u, f):
+def _extend_and_truncate(basis, right, u, f, balance_states: int | None = None):
     """`(L, R, V)` after `L Rᵀ ← L Rᵀ + u Fᵀ` (R already moved by D; `L` `(B, K, I)` with orthonormal rows,
     `R` `(B, K, P·S)`) and the rank-r truncation; V `(B, r+1, r)` maps the extended basis `[L, ρ̂]` to the
-    new one. The extended factors `[L, ρ̂]`, `[R + F pᵀ, |ρ| F]` are never concatenated: their Gram matrix
-    is assembled from blocks and the rotation applied to each part (a concatenation cost as much as the
-    rest of the step)."""
+    new one. With `balance_states` = S, the truncation is the best in the norm that scales each state's
+    block of the extended trace to unit norm (`_state_weights`): its Gram matrix is taken in that metric,
+    and V applied to the unscaled factors. The extended factors `[L, ρ̂]`, `[R + F pᵀ, |ρ| F]` are never
+    concatenated: their Gram matrix is assembled from blocks and the rotation applied to each part (a
+    concatenation cost as much as the rest of the step)."""
     dtype = np.dtype(basis.dtype)
     p = _project(basis, u)
     rho = u - _combine(p[:, :, None], basis)[:, 0]
@@ -342,11 +352,15 @@ def _extend_and_truncate(basis, right, u, f):
     unit = jnp.where(new[:, None], rho / jnp.where(new, norm, 1.0)[:, None], 0.0)
     norm = jnp.where(new, norm, 0.0)
     moved = right + p[:, :, None] * f[:, None, :]  # (B, K, P·S); the new column is norm · f
-    cross = _project(moved, f) * norm[:, None]
-    corner = (norm**2 * jnp.sum(f * f, axis=-1))[:, None, None]
+    weighted_moved, weighted_f = moved, f
+    if balance_states is not None:
+        weights = _state_weights(moved, f, norm, balance_states)  # (B, P·S)
+        weighted_moved, weighted_f = moved * weights[:, None, :], f * weights
+    cross = _project(weighted_moved, f) * norm[:, None]
+    corner = (norm**2 * jnp.sum(weighted_f * f, axis=-1))[:, None, None]
     gram = jnp.concatenate(
         [
-            jnp.concatenate([jnp.einsum("bkx,blx->bkl", moved, moved), cross[:, :, None]], axis=2),
+            jnp.concatenate([jnp.einsum("bkx,blx->bkl", weighted_moved, moved), cross[:, :, None]], axis=2),
             jnp.concatenate([cross[:, None, :], corner], axis=2),
         ],
         axis=1,
@@ -360,6 +374,18 @@ def _extend_and_truncate(basis, right, u, f):
     basis = _combine(keep[:, :k], basis) + keep[:, k, :, None] * unit[:, None, :]
     right = _combine(keep[:, :k], moved) + (keep[:, k] * norm[:, None])[:, :, None] * f[:, None, :]
     return basis, right, keep
+
+
+def _state_weights(moved: jax.Array, f: jax.Array, norm: jax.Array, n_states: int) -> jax.Array:
+    """`(B, P·S)`: per batch entry, `1 / ‖ε_s‖²` on every entry of state s, `ε_s` the state-s block of the
+    extended trace `[L, ρ̂] [moved, norm·f]ᵀ` (`L` orthonormal: `‖ε_s‖² = ‖moved_s‖² + norm²‖f_s‖²`); 0 for
+    a block that is zero. The metric of the "balanced" truncation."""
+    batch = moved.shape[0]
+    blocks = jnp.reshape(moved, (batch, moved.shape[1], -1, n_states))
+    f_blocks = jnp.reshape(f, (batch, -1, n_states))
+    squared = jnp.sum(blocks * blocks, axis=(1, 2)) + norm[:, None] ** 2 * jnp.sum(f_blocks * f_blocks, axis=1)
+    weights = jnp.where(squared > 0, 1.0 / jnp.where(squared > 0, squared, 1.0), 0.0)  # (B, S)
+    return jnp.reshape(jnp.broadcast_to(weights[:, None, :], f_blocks.shape), (batch, -1))
 
 
 def _project(vectors: jax.Array, x: jax.Array) -> jax.Array:

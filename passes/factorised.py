@@ -38,19 +38,31 @@ FACTORISATIONS = ("filtered", "averaged", *components.COMPONENT_FACTORISATIONS)
 DEFAULT_RANK = 4  # "low_rank": components per batch entry (chosen by measurement: docs/results.md)
 
 
-def check_options(analysis, algorithm: str, factorisation: str, rank, traced) -> int:
-    """The rank the plan keeps (`DEFAULT_RANK` for None). Raises `CompileError` for a `rank` given to
-    another algorithm or factorisation than es_d_rtrl's "low_rank", a `rank` that is not a positive int,
-    or a "low_rank" relation whose presynaptic input has no leading batch axis (its basis is kept per
-    batch entry)."""
+def check_options(analysis, algorithm: str, factorisation: str, rank, traced, rank_metric=None) -> tuple[int, str]:
+    """The rank and truncation norm the plan keeps (`DEFAULT_RANK` and "plain" for None). Raises
+    `CompileError` for a `rank` or `rank_metric` given to another algorithm or factorisation than
+    es_d_rtrl's "low_rank", a `rank` that is not a positive int, an unknown `rank_metric`, or a "low_rank"
+    relation whose presynaptic input has no leading batch axis (its basis is kept per batch entry)."""
     low_rank = algorithm == "es_d_rtrl" and factorisation == "low_rank"
-    if rank is not None and not low_rank:
+    for option, value in (("rank", rank), ("rank_metric", rank_metric)):
+        if value is not None and not low_rank:
+            raise CompileError(
+                four_part(
+                    what=f"{option}={value!r} with algorithm={algorithm!r}, factorisation={factorisation!r}",
+                    where=f"fusetrace.compile(..., {option}=...)",
+                    why="only es_d_rtrl's 'low_rank' factorisation keeps a trace of a chosen rank",
+                    fix=f"drop {option}, or pass algorithm='es_d_rtrl', factorisation='low_rank'",
+                )
+            )
+    rank_metric = "plain" if rank_metric is None else rank_metric
+    if rank_metric not in components.RANK_METRICS:
         raise CompileError(
             four_part(
-                what=f"rank={rank!r} with algorithm={algorithm!r}, factorisation={factorisation!r}",
-                where="fusetrace.compile(..., rank=...)",
-                why="only es_d_rtrl's 'low_rank' factorisation keeps a trace of a chosen rank",
-                fix="drop rank, or pass algorithm='es_d_rtrl', factorisation='low_rank'",
+                what=f"rank_metric={rank_metric!r}",
+                where="fusetrace.compile(..., rank_metric=...)",
+                why="the low-rank truncation keeps the trace's best rank-r part in the trace's own norm "
+                "('plain') or with every hidden state's block scaled to unit norm ('balanced')",
+                fix=f"pass one of {', '.join(map(repr, components.RANK_METRICS))}",
             )
         )
     rank = DEFAULT_RANK if rank is None else rank
@@ -64,7 +76,7 @@ def check_options(analysis, algorithm: str, factorisation: str, rank, traced) ->
             )
         )
     if not low_rank or analysis.batch_size is None:
-        return rank
+        return rank, rank_metric
     for index in traced:
         relation = analysis.relations[index]
         if relation.elementwise:
@@ -80,7 +92,7 @@ def check_options(analysis, algorithm: str, factorisation: str, rank, traced) ->
                     fix="use factorisation='matched' for this model",
                 )
             )
-    return rank
+    return rank, rank_metric
 
 
 def has_components(plan) -> bool:
@@ -260,14 +272,20 @@ def align_chains(analysis, plan, old: dict, new: dict) -> dict:
     return components.align_chains(analysis, plan, old, new)
 
 
+_METRIC_NOTE = {
+    "plain": "",
+    "balanced": ", truncated with every hidden state's block of the trace scaled to unit norm ('balanced')",
+}
+
+
 def describe(analysis, plan, index: int) -> str:
     """The line `explain` prints for a factorised relation: which factorisation, with what."""
     if plan.factorisation == "low_rank":
         k = components.n_components(analysis, plan, post_owner(plan.algorithm, analysis.relations, index))
         return (
             f"es_d_rtrl keeps its trace as the best rank-{k} approximation per batch entry ('low_rank' factors, "
-            f"rank {plan.rank}{'' if k == plan.rank else f' capped at {k}, the largest the trace can have'}): "
-            "exact while the trace's rank stays within it"
+            f"rank {plan.rank}{'' if k == plan.rank else f' capped at {k}, the largest the trace can have'}"
+            f"{_METRIC_NOTE[plan.rank_metric]}): exact while the trace's rank stays within it"
         )
     if plan.factorisation == "matched":
         return (
@@ -283,6 +301,8 @@ def memory_note(plan) -> str:
         return ""
     if plan.factorisation == "low_rank":
         pairs = f"r = {plan.rank} pairs of factors (capped per relation at min(n_pre, N·S))"
+        if plan.rank_metric != "plain":
+            pairs += f", '{plan.rank_metric}' truncation"
     elif plan.factorisation == "matched":
         pairs = "S pairs of factors (one filter per state)"
     else:

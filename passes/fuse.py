@@ -65,6 +65,7 @@ class Plan:
     rank: int = factorised.DEFAULT_RANK  # es_d_rtrl "low_rank": the trace's rank per batch entry
     hops: int = DEFAULT_LOOP_HOPS  # rounds a chain follows a downstream group's own recurrent weights
     own_hops: int = DEFAULT_OWN_LOOP_HOPS  # rounds it follows the weight's own group's recurrent weights
+    rank_metric: str = "plain"  # es_d_rtrl "low_rank": the truncation's norm (components.RANK_METRICS)
 
     def key(self, relation_index: int) -> str:
         return f"r{relation_index}"
@@ -135,6 +136,7 @@ def make_plan(
     rank: int | None = None,
     hops: int = DEFAULT_LOOP_HOPS,
     own_hops: int = DEFAULT_OWN_LOOP_HOPS,
+    rank_metric: str | None = None,
 ) -> Plan:
     _check_options(algorithm, decay, factorisation, depth, hops, own_hops)
     notes: dict[str, list[str]] = {}
@@ -156,7 +158,7 @@ def make_plan(
             )
             continue
         traced.append(index)
-    rank = factorised.check_options(analysis, algorithm, factorisation, rank, traced)
+    rank, rank_metric = factorised.check_options(analysis, algorithm, factorisation, rank, traced, rank_metric)
     chains, chain_notes = plan_chains(analysis, algorithm, traced, values, depth, hops, own_hops)
     for index in traced:
         owner = factorised.post_owner(algorithm, analysis.relations, index)
@@ -179,6 +181,7 @@ def make_plan(
         rank,
         hops,
         own_hops,
+        rank_metric,
     )
 
 

@@ -438,6 +438,7 @@ def compile(
     rank: int | None = None,
     loop_hops: int = DEFAULT_LOOP_HOPS,
     own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS,
+    rank_metric: str | None = None,
 ) -> Learner:
     """Compile `model` into a fused online learner.
 
@@ -473,6 +474,11 @@ def compile(
             a note in `explain`. 0 keeps only the credit of groups the loss reads directly.
         rank: the rank of es_d_rtrl's trace per batch entry under factorisation="low_rank" (default
             `fusetrace.passes.factorised.DEFAULT_RANK`); an error with any other factorisation.
+        rank_metric: the norm in which factorisation="low_rank" keeps the best rank-`rank` trace: "plain"
+            (the default: the trace's own) or "balanced" (every hidden state's block of the trace scaled to
+            unit norm first, so that the truncation does not depend on the unit each state is written in,
+            nor let a state that is large in its own unit — a slow adaptation variable — take the rank
+            from the others; docs/concepts.md). An error with any other factorisation.
         loop_hops: how many times a credit chain follows a downstream group's own recurrent weights (the
             E population of an E/I loop reading its own spikes, a recurrent second layer): each round is one
             more credit trace per chain and counts as one group toward `credit_depth`; further rounds are
@@ -541,6 +547,7 @@ def compile(
         rank=rank,
         hops=loop_hops,
         own_hops=own_loop_hops,
+        rank_metric=rank_metric,
     )
     analysis = _on_device(analysis, with_rows=algorithm == "es_d_rtrl")
     param_items = [(".".join(map(str, k)), s) for k, s in states_of(model, brainstate.ParamState).items()]

@@ -27,6 +27,7 @@ from .api import analyze, compile
 from .capture import states_of
 from .errors import FusetraceError, NonFiniteError
 from .inspection import FILES, write_report
+from .passes.components import RANK_METRICS
 from .passes.factorised import DEFAULT_RANK
 from .passes.fuse import DEFAULT_CREDIT_DEPTH, DEFAULT_LOOP_HOPS, DEFAULT_OWN_LOOP_HOPS, FACTORISATIONS
 from .regularize import firing_rate_regularizer, neurons_of
@@ -69,6 +70,7 @@ class RunConfig:
     loop_hops: int = DEFAULT_LOOP_HOPS  # rounds of credit through a downstream group's own recurrence
     own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS  # ... and through the weight's own group's
     credit_depth: int = DEFAULT_CREDIT_DEPTH  # downstream groups a credit chain may cross (each round counts)
+    rank_metric: str | None = None  # es_d_rtrl's "low_rank": the truncation's norm, "plain" (None) or "balanced"
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -159,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=None,
         help=f"the trace's rank under --factorisation low_rank (default {DEFAULT_RANK})",
+    )
+    train.add_argument(
+        "--rank-metric",
+        choices=RANK_METRICS,
+        default=None,
+        help="the norm of the low_rank truncation: plain (default) or balanced (every hidden state's block "
+        "of the trace at unit norm)",
     )
     train.add_argument(
         "--loop-hops",
@@ -418,6 +427,7 @@ def _train(args) -> int:
         loop_hops=args.loop_hops,
         own_loop_hops=args.own_loop_hops,
         credit_depth=args.credit_depth,
+        rank_metric=args.rank_metric,
     )
     summary = run(config, pathlib.Path(args.run_dir or f"runs/{args.task}-{args.algorithm}"))
     for which, metrics in summary.get("test", {}).items():
@@ -447,6 +457,7 @@ def build(config: RunConfig):
         decay=config.decay,
         factorisation=config.factorisation if config.algorithm == "es_d_rtrl" else "filtered",
         rank=config.rank if config.algorithm == "es_d_rtrl" else None,
+        rank_metric=config.rank_metric if config.algorithm == "es_d_rtrl" else None,
         regularizer=(firing_rate_regularizer(config.target_rate_hz, config.rate_reg) if config.rate_reg > 0 else None),
         loop_hops=config.loop_hops,
         own_loop_hops=config.own_loop_hops,
