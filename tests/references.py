@@ -758,6 +758,7 @@ def es_d_rtrl_components_naive(
     batch_size: int | None = None,
     stacked: bool = False,
     pinv_rtol: float = 1e-10,
+    metric: str = "plain",
 ) -> Params:
     """`es_d_rtrl`'s "matched" and "low_rank" factorisations by their dense definitions, for a
     `RecurrentLIF` with a linear readout. Per hidden-layer weight (or, `stacked`, for all of them at once:
@@ -765,7 +766,9 @@ def es_d_rtrl_components_naive(
 
     "low_rank": the dense trace `E (I × H)` over the raveled hidden vector, with its best rank-r
     approximation (SVD) taken after every step: `E_t = trunc_r(E_{t-1} D_tᵀ + u_t f_tᵀ)`,
-    `dW += Σ_b E_t[b] δ_t[b]` summed per neuron.
+    `dW += Σ_b E_t[b] δ_t[b]` summed per neuron. `metric="balanced"`: the approximation best in the norm
+    that scales every state's columns of `E` to unit norm first, `trunc_r(E) = U_r U_rᵀ E` with `U_r`
+    the top r left singular vectors of `E` so scaled.
 
     "matched": with `A_t` the mean over the batch and the neurons of the per-neuron `S×S` blocks of `D_t`:
     `ū_t = A_t ū_{t-1} + 1 ⊗ u_t` (S filters of the input), `b_t = (A_t ⊗ D_t) b_{t-1} + 1 ⊗ f_t`,
@@ -811,9 +814,18 @@ def es_d_rtrl_components_naive(
         out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
         return loss_fn(out if batched else out[0], target)
 
+    state_of = np.full(index.max() + 1, -1)
+    for state, columns in enumerate(index):
+        state_of[columns] = state
+    assert (state_of >= 0).all(), "every raveled hidden entry is one of the group's states"
+
     def truncate(e):
-        left, values, right = jnp.linalg.svd(e, full_matrices=False)
-        return (left[:, :rank] * values[:rank]) @ right[:rank]
+        scaled = e
+        if metric == "balanced":
+            squared = jnp.stack([jnp.sum(e[:, columns] ** 2) for columns in index])  # (S,)
+            scaled = e * jnp.where(squared > 0, 1.0 / jnp.sqrt(jnp.where(squared > 0, squared, 1.0)), 0.0)[state_of]
+        left = jnp.linalg.svd(scaled, full_matrices=False)[0][:, :rank]
+        return left @ (left.T @ e)
 
     def advance(state, names, jacobian, presyn, fs, a):
         u_t = jnp.concatenate([presyn[name] for name in names], axis=-1)  # (B, I)

@@ -48,20 +48,56 @@ def _model(readout="linear", **kw):
 
 
 @pytest.mark.parametrize(
-    ("factorisation", "rank", "merged"),
-    [("low_rank", 1, False), ("low_rank", 2, True), ("matched", None, False), ("matched", None, True)],
-    ids=["rank1-apart", "rank2-shared_F", "matched-apart", "matched-shared_F"],
+    ("factorisation", "rank", "merged", "metric"),
+    [
+        ("low_rank", 1, False, None),
+        ("low_rank", 2, True, None),
+        ("low_rank", 1, False, "balanced"),
+        ("low_rank", 2, True, "balanced"),
+        ("matched", None, False, None),
+        ("matched", None, True, None),
+    ],
+    ids=[
+        "rank1-apart",
+        "rank2-shared_F",
+        "rank1-apart-balanced",
+        "rank2-shared_F-balanced",
+        "matched-apart",
+        "matched-shared_F",
+    ],
 )
-def test_equals_its_dense_definition(factorisation, rank, merged):
+def test_equals_its_dense_definition(factorisation, rank, merged, metric):
     """Apart: input and recurrent synapses at 5 and 8 ms (each weight its own factors). Shared F: both at
-    5 ms (brainpy merges them; one postsynaptic factor, and under "low_rank" one basis for both inputs)."""
+    5 ms (brainpy merges them; one postsynaptic factor, and under "low_rank" one basis for both inputs).
+    "balanced": the truncation in the norm that puts each state's block (V, the synapse's current) at unit
+    norm; on this layer it keeps other directions than the plain one (checked, so the case is not vacuous)."""
     xs, ys = _data()
     options = {"rec_tau": 5.0 * u.ms} if merged else {}
-    online = online_grads(_model(**options), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, rank=rank)
+    extra = {} if metric is None else {"rank_metric": metric}
+    online = online_grads(
+        _model(**options), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, rank=rank, **extra
+    )
     reference = ref.es_d_rtrl_components_naive(
-        _model(**options), xs, ys, _loss, factorisation, rank=rank, batch_size=BATCH, stacked=merged
+        _model(**options),
+        xs,
+        ys,
+        _loss,
+        factorisation,
+        rank=rank,
+        batch_size=BATCH,
+        stacked=merged,
+        metric=metric or "plain",
     )
     assert_matches(online, reference, RTOL_REFERENCE)
+    if metric is not None:
+        plain = ref.es_d_rtrl_components_naive(
+            _model(**options), xs, ys, _loss, factorisation, rank=rank, batch_size=BATCH, stacked=merged
+        )
+        gaps = [
+            float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+            for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(plain), strict=True)
+        ]
+        assert max(gaps) > 1e-4, gaps  # far above the 1e-8 of the agreement
 
 
 def test_low_rank_of_full_rank_is_d_rtrl_through_the_leaky_readout():
@@ -99,12 +135,17 @@ def _two_states(decays):
 
 
 @pytest.mark.parametrize("decays", [(0.9, 0.6), (0.8, 0.8)], ids=["distinct", "repeated"])
-@pytest.mark.parametrize(("factorisation", "rank"), [("matched", None), ("low_rank", 2)], ids=["matched", "rank2"])
-def test_exact_on_a_linear_time_invariant_group(decays, factorisation, rank):
+@pytest.mark.parametrize(
+    ("factorisation", "options"),
+    [("matched", {}), ("low_rank", {"rank": 2}), ("low_rank", {"rank": 2, "rank_metric": "balanced"})],
+    ids=["matched", "rank2", "rank2-balanced"],
+)
+def test_exact_on_a_linear_time_invariant_group(decays, factorisation, options):
     """The kernel of each neuron is a combination of the group's own (S = 2 filters; rank S), also when
-    the two decays are equal (the kernel n·λ^(n-1) of a Jordan block)."""
+    the two decays are equal (the kernel n·λ^(n-1) of a Jordan block). The truncation's norm does not
+    matter where nothing is truncated."""
     xs, ys = _data(seed=3, n_out=4, steps=12)
-    online = online_grads(_two_states(decays), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, rank=rank)
+    online = online_grads(_two_states(decays), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, **options)
     assert_matches(online, online_grads(_two_states(decays), xs, ys, "d_rtrl", BATCH), RTOL_EXACT)
 
 
@@ -150,6 +191,28 @@ def test_a_rank_without_the_low_rank_factorisation_is_refused(algorithm, factori
             _model(), xs[0], loss=_loss, algorithm=algorithm, batch_size=BATCH, factorisation=factorisation, rank=4
         )
     assert "factorisation='low_rank'" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("factorisation", "metric", "match"),
+    [("low_rank", "spectral", "rank_metric='spectral'"), ("filtered", "balanced", "only es_d_rtrl's 'low_rank'")],
+    ids=["unknown", "not-low_rank"],
+)
+def test_a_bad_rank_metric_is_refused(factorisation, metric, match):
+    xs, _ = _data()
+    with pytest.raises(CompileError, match=match):
+        fusetrace.compile(
+            _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation=factorisation, rank_metric=metric
+        )
+
+
+def test_the_balanced_truncation_is_shown():
+    xs, _ = _data()
+    learner = fusetrace.compile(
+        _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation="low_rank", rank=2, rank_metric="balanced"
+    )
+    assert "block of the trace scaled to unit norm ('balanced')" in learner.explain("inp.comm.weight")
+    assert "'balanced' truncation" in learner.summary()
 
 
 @pytest.mark.parametrize("conn", ["sparse"])  # binary_fcnmm, reading a slice of the spikes transposed
