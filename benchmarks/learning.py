@@ -260,6 +260,7 @@ def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
 # the learning runs' sizes and pp_prop's decay per task (benchmarks/learning_runs.sh)
 RUN_SIZES = {"dms": (32, 0.99), "evidence": (64, 0.9)}
 # fusetrace's side of the timing: name -> `RunConfig` fields
+_LOW_RANK = {"algorithm": "es_d_rtrl", "factorisation": "low_rank"}
 TIMED = {
     "es_d_rtrl": {"algorithm": "es_d_rtrl"},
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
@@ -267,6 +268,8 @@ TIMED = {
     "es_d_rtrl(low_rank 2)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 2},
     "es_d_rtrl(low_rank 4)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 4},
     "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
+    "es_d_rtrl(low_rank 2, balanced)": {**_LOW_RANK, "rank": 2, "rank_metric": "balanced"},
+    "es_d_rtrl(low_rank 4, balanced)": {**_LOW_RANK, "rank": 4, "rank_metric": "balanced"},
     "d_rtrl": {"algorithm": "d_rtrl"},
     "bptt": {"algorithm": "bptt"},
 }

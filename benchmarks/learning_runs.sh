@@ -31,6 +31,8 @@ for seed in ${SEEDS}; do
     [ $task = DMS ] && run $task es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99  # pp_prop's decay there
     run $task es_d_rtrl-low_rank8 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 8
     run $task es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
+    [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-balanced "$seed" --algorithm es_d_rtrl \
+      --factorisation low_rank --rank 4 --rank-metric balanced  # the truncation's norm (docs/concepts.md)
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
   done
