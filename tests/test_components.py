@@ -111,9 +111,9 @@ def test_low_rank_of_full_rank_is_d_rtrl_through_the_leaky_readout():
 class TwoStates(brainstate.nn.Module):
     """A linear time-invariant group: `h1 ← λ1 h1 + x W`, `h2 ← λ2 h2 + c·h1`; the output reads h2."""
 
-    def __init__(self, decays, n_in=3, n=4, coupling=0.3):
+    def __init__(self, decays, n_in=3, n=4, coupling=0.3, out_scale=1.0):
         super().__init__()
-        self.decays, self.n, self.coupling = decays, n, coupling
+        self.decays, self.n, self.coupling, self.out_scale = decays, n, coupling, out_scale
         self.weight = brainstate.ParamState(braintools.init.KaimingNormal()((n_in, n)))
 
     def init_state(self, batch_size=None, **kwargs):
@@ -124,12 +124,12 @@ class TwoStates(brainstate.nn.Module):
     def update(self, x):
         self.h1.value = self.decays[0] * self.h1.value + x @ self.weight.value
         self.h2.value = self.decays[1] * self.h2.value + self.coupling * self.h1.value
-        return self.h2.value
+        return self.h2.value * self.out_scale
 
 
-def _two_states(decays):
+def _two_states(decays, **options):
     brainstate.random.seed(0)
-    model = TwoStates(decays)
+    model = TwoStates(decays, **options)
     brainstate.nn.init_all_states(model, batch_size=BATCH)
     return model
 
@@ -147,6 +147,35 @@ def test_exact_on_a_linear_time_invariant_group(decays, factorisation, options):
     xs, ys = _data(seed=3, n_out=4, steps=12)
     online = online_grads(_two_states(decays), xs, ys, "es_d_rtrl", BATCH, factorisation=factorisation, **options)
     assert_matches(online, online_grads(_two_states(decays), xs, ys, "d_rtrl", BATCH), RTOL_EXACT)
+
+
+def test_the_balanced_truncation_does_not_depend_on_a_state_s_unit():
+    """The same network with h2 written in a unit 1000x smaller (coupling x1000, the output reading h2 /
+    1000), 12 neurons (24 states: above `SMALL_LTI`, so the trace is factorised), rank 1 (a truncation
+    at every step): the balanced gradient is the same, to the model's own precision (its weights are
+    float32: d_rtrl's gradients differ by 7e-8 between the two); the plain one moves by 10% (its norm
+    weighs h2's block 10^6 times more)."""
+    xs, ys = _data(seed=3, n_out=12, steps=12)
+    units = ({"n": 12}, {"n": 12, "coupling": 300.0, "out_scale": 1e-3})
+
+    def gap(metric):
+        a, b = (
+            online_grads(
+                _two_states((0.9, 0.6), **options),
+                xs,
+                ys,
+                "es_d_rtrl",
+                BATCH,
+                factorisation="low_rank",
+                rank=1,
+                rank_metric=metric,
+            )["weight"]
+            for options in units
+        )
+        return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+
+    assert gap("balanced") < 1e-6
+    assert gap("plain") > 1e-2
 
 
 @pytest.mark.parametrize(("factorisation", "rank"), [("matched", None), ("low_rank", 3)])
