@@ -1,11 +1,12 @@
 """Whole-trial gradients of es_d_rtrl's factorisations and d_rtrl against BPTT's, at given weights.
 
-    python benchmarks/gradient_probe.py [--task evidence] [--network MODULE:FUNCTION]
+    python benchmarks/gradient_probe.py [--task evidence] [--network MODULE:FUNCTION | --network ""]
                                         [--weights init RUN_DIR/checkpoints/step-N ...] [--seeds 101 102]
                                         [--out DIR]
 
-For each set of weights (`init`: the network's initial weights; or a checkpoint folder written by
-`fusetrace train`, whose run trained with the same task and network) and each probe seed, one batch of
+`--network ""` probes the task's own reference network. For each set of weights (`init`: the network's
+initial weights; or a checkpoint folder written by `fusetrace train`, whose run trained with the same task
+and network) and each probe seed, one batch of
 `BATCH` fresh trials runs through d_rtrl and every es_d_rtrl variant of `VARIANTS`, each summing its
 per-step gradients over the trial, and through BPTT (`jax.grad` of the whole trial's loss). Per weight it
 records the cosine and norm ratio of each against BPTT. Float32, as training. About 25 s per set of weights
@@ -27,9 +28,11 @@ from fusetrace import checkpoint
 from fusetrace.cli import RunConfig, build
 
 BATCH = 8
-VARIANTS = {  # label: es_d_rtrl's compile options: es_diagnosis's, with rank 4 for its rank 8
+VARIANTS = {  # label: es_d_rtrl's compile options: es_diagnosis's, with rank 4 for its rank 8, and balanced
     **{label: options for label, options in es_diagnosis.VARIANTS.items() if label != "low_rank 8"},
     "low_rank 4": {"factorisation": "low_rank", "rank": 4},
+    "low_rank 2 balanced": {"factorisation": "low_rank", "rank": 2, "rank_metric": "balanced"},
+    "low_rank 4 balanced": {"factorisation": "low_rank", "rank": 4, "rank_metric": "balanced"},
 }
 
 
