@@ -11,7 +11,7 @@ and network) and each probe seed, one batch of
 per-step gradients over the trial, and through BPTT (`jax.grad` of the whole trial's loss). Per weight it
 records the cosine and norm ratio of each against BPTT. Float32, as training. About 25 s per set of weights
 and seed on a 2-core CPU for the GIF evidence network. Writes benchmarks/results/gradient_probe_<task>.json
-(or under --out).
+(`_reference` or `_<factory>` appended for another network than the default; or under --out).
 """
 
 import argparse
@@ -28,6 +28,7 @@ from fusetrace import checkpoint
 from fusetrace.cli import RunConfig, build
 
 BATCH = 8
+DEFAULT_NETWORK = "benchmarks.peer_networks:gif_evidence_network"
 VARIANTS = {  # label: es_d_rtrl's compile options: es_diagnosis's, with rank 4 for its rank 8, and balanced
     **{label: options for label, options in es_diagnosis.VARIANTS.items() if label != "low_rank 8"},
     "low_rank 4": {"factorisation": "low_rank", "rank": 4},
@@ -110,10 +111,17 @@ def probe(task: str, network: str | None, weights: list[str], seeds: list[int]) 
     return results
 
 
+def _network_tag(network: str) -> str:
+    """The results file's suffix: none for the default network, `_reference` for the task's own."""
+    if network == DEFAULT_NETWORK:
+        return ""
+    return "_" + network.rpartition(":")[2] if network else "_reference"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="evidence")
-    parser.add_argument("--network", default="benchmarks.peer_networks:gif_evidence_network")
+    parser.add_argument("--network", default=DEFAULT_NETWORK)
     parser.add_argument("--weights", nargs="*", default=["init"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[101])
     parser.add_argument("--out", default=None)
@@ -121,7 +129,7 @@ def main(argv=None) -> int:
     result = probe(args.task, args.network or None, args.weights, args.seeds)
     result.update(task=args.task, network=args.network, batch=BATCH)
     out = pathlib.Path(args.out) if args.out else common.RESULTS
-    common.write_json(out / f"gradient_probe_{args.task}.json", result)
+    common.write_json(out / f"gradient_probe_{args.task}{_network_tag(args.network)}.json", result)
     return 0
 
 
