@@ -2,15 +2,16 @@
 
     python benchmarks/gradient_probe.py [--task evidence] [--network MODULE:FUNCTION | --network ""]
                                         [--weights init RUN_DIR/checkpoints/step-N ...] [--seeds 101 102]
-                                        [--out DIR]
+                                        [--out DIR] [--state-norms STEP ...]
 
 `--network ""` probes the task's own reference network. For each set of weights (`init`: the network's
 initial weights; or a checkpoint folder written by `fusetrace train`, whose run trained with the same task
-and network) and each probe seed, one batch of
-`BATCH` fresh trials runs through d_rtrl and every es_d_rtrl variant of `VARIANTS`, each summing its
-per-step gradients over the trial, and through BPTT (`jax.grad` of the whole trial's loss). Per weight it
-records the cosine and norm ratio of each against BPTT. Float32, as training. About 25 s per set of weights
-and seed on a 2-core CPU for the GIF evidence network. Writes benchmarks/results/gradient_probe_<task>.json
+and network) and each probe seed, one batch of `BATCH` fresh trials runs through d_rtrl and every
+es_d_rtrl variant of `VARIANTS`, each summing its per-step gradients over the trial, and through BPTT
+(`jax.grad` of the whole trial's loss). Per weight it records the cosine and norm ratio of each against
+BPTT. `--state-norms` also records, at the initial weights, the norm of each state's block of d_rtrl's
+exact trace after the given steps. Float32, as training. About 25 s per set of weights and seed on a
+2-core CPU for the GIF evidence network. Writes benchmarks/results/gradient_probe_<task>.json
 (`_reference` or `_<factory>` appended for another network than the default; or under --out).
 """
 
@@ -111,6 +112,44 @@ def probe(task: str, network: str | None, weights: list[str], seeds: list[int]) 
     return results
 
 
+def state_norms(task: str, network: str | None, seed: int, steps: list[int]) -> dict:
+    """`d_rtrl`'s exact trace, per relation into a group of several states, as the Frobenius norm of each
+    state's block (over the batch, the presynaptic and the postsynaptic axis) after each of `steps`, at
+    the network's initial weights on one batch of fresh trials: which states the plain low-rank
+    truncation's norm is made of."""
+    learner = build(_config(task, network, "d_rtrl"))[1]
+    trainer = build(_config(task, network, "bptt"))[2]
+    batch = trainer.sample(seed)
+    keys = {
+        f"r{i}": relation.weight
+        for i, relation in enumerate(learner.analysis.relations)
+        if f"r{i}" in learner.init()["traces"] and len(learner.init()["traces"][f"r{i}"]["eps"]) > 1
+    }
+
+    @jax.jit
+    def norms(params, inputs, targets):
+        def body(state, step_inputs):
+            state, _ = learner.step(params, state, *step_inputs)
+            return state, {k: jnp.stack([jnp.linalg.norm(e) for e in state["traces"][k]["eps"]]) for k in keys}
+
+        return jax.lax.scan(body, learner.init(), (inputs, targets))[1]
+
+    per_step = norms(learner.params, batch.inputs, batch.targets)
+    groups = {k: learner.analysis.group_named(learner.analysis.relations[int(k[1:])].group) for k in keys}
+    result = {
+        keys[k]: {
+            "states": [learner.analysis.name_of(x) for x in groups[k].states],
+            "norms": {t: [float(x) for x in per_step[k][t - 1]] for t in steps},
+        }
+        for k in keys
+    }
+    for weight, row in result.items():
+        print(weight, row["states"], flush=True)
+        for t, values in row["norms"].items():
+            print(f"  after step {t}: " + ", ".join(f"{v:.3g}" for v in values), flush=True)
+    return result
+
+
 def _network_tag(network: str) -> str:
     """The results file's suffix: none for the default network, `_reference` for the task's own."""
     if network == DEFAULT_NETWORK:
@@ -125,9 +164,14 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", nargs="*", default=["init"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[101])
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--state-norms", nargs="*", type=int, default=None, help="also: d_rtrl's trace per state after these steps"
+    )
     args = parser.parse_args(argv)
     result = probe(args.task, args.network or None, args.weights, args.seeds)
     result.update(task=args.task, network=args.network, batch=BATCH)
+    if args.state_norms:
+        result["state_norms"] = state_norms(args.task, args.network or None, args.seeds[0], args.state_norms)
     out = pathlib.Path(args.out) if args.out else common.RESULTS
     common.write_json(out / f"gradient_probe_{args.task}{_network_tag(args.network)}.json", result)
     return 0
