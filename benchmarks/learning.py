@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     timing.add_argument(
         "--only", nargs="+", default=None, metavar="NAME", help="time these of fusetrace's learners (and pp_prop)"
     )
+    timing.add_argument("--suffix", default="", help="appended to the results file's name (keeps an earlier one)")
     compare = sub.add_parser("compare")
     compare.add_argument("--task", required=True)
     compare.add_argument("--at", type=int, nargs="+", default=[0, 100, 200, 300], help="pp_prop's iterations")
@@ -333,9 +334,9 @@ def _time(args) -> int:
     ratio = {name: median[name] / median["pp_prop"] for name in names}
     for name in names:
         print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
+    only = "" if args.only is None else "_only"
     common.write_json(
-        common.RESULTS
-        / f"learning_time_{args.task}{_network_tag(args.network)}{'' if args.only is None else '_only'}.json",
+        common.RESULTS / f"learning_time_{args.task}{_network_tag(args.network)}{only}{args.suffix}.json",
         {
             "task": args.task,
             "network": args.network,
