@@ -226,6 +226,22 @@ def test_cli_train_with_factorisation_and_rate_regularisation(tmp_path, capsys):
     assert reg["history"][0]["loss"] > plain["history"][0]["loss"]  # the penalty of the first batch is added
 
 
+def test_cli_train_with_the_balanced_low_rank_trace(tmp_path, capsys):
+    """`--rank-metric` reaches the learner and is saved in config.json; a config saved before the option
+    (without the field) builds the plain truncation, as it ran."""
+    from fusetrace.cli import RunConfig, build
+
+    args = ["train", "--task", "copy", "--algorithm", "es_d_rtrl", "--iterations", "1", "--batch", "2"]
+    args += ["--factorisation", "low_rank", "--rank", "2", "--rank-metric", "balanced", "--option", "lag=5"]
+    assert cli_main([*args, "--run-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rank_metric"] == "balanced"
+    assert build(RunConfig(**config))[1].plan.rank_metric == "balanced"
+    del config["rank_metric"]
+    assert build(RunConfig(**config))[1].plan.rank_metric == "plain"
+
+
 def test_cli_demo_runs_the_recipe_the_readme_describes(tmp_path, capsys):
     """`fusetrace demo` trains es_d_rtrl with the evidence task's demo settings (README: shortened task,
     batch 64, Adam 2e-3 clipped to 1, `credit_depth=1`), and they reach the learner."""
