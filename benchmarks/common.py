@@ -534,6 +534,11 @@ def _commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def network_tag(network: str | None) -> str:
+    """A results file's suffix for `--network MODULE:FACTORY`: `_FACTORY` (none for None)."""
+    return "" if network is None else "_" + network.rpartition(":")[2]
+
+
 def write_json(path: pathlib.Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1) + "\n")

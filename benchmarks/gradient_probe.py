@@ -120,10 +120,11 @@ def state_norms(task: str, network: str | None, seed: int, steps: list[int]) -> 
     learner = build(_config(task, network, "d_rtrl"))[1]
     trainer = build(_config(task, network, "bptt"))[2]
     batch = trainer.sample(seed)
-    keys = {
-        f"r{i}": relation.weight
-        for i, relation in enumerate(learner.analysis.relations)
-        if f"r{i}" in learner.init()["traces"] and len(learner.init()["traces"][f"r{i}"]["eps"]) > 1
+    analysis, traces = learner.analysis, learner.init()["traces"]
+    keys = {  # trace key -> relation index, for the relations into a group of several states
+        learner.plan.key(i): i
+        for i in range(len(analysis.relations))
+        if len(traces.get(learner.plan.key(i), {}).get("eps", ())) > 1
     }
 
     @jax.jit
@@ -135,14 +136,13 @@ def state_norms(task: str, network: str | None, seed: int, steps: list[int]) -> 
         return jax.lax.scan(body, learner.init(), (inputs, targets))[1]
 
     per_step = norms(learner.params, batch.inputs, batch.targets)
-    groups = {k: learner.analysis.group_named(learner.analysis.relations[int(k[1:])].group) for k in keys}
-    result = {
-        keys[k]: {
-            "states": [learner.analysis.name_of(x) for x in groups[k].states],
+    result = {}
+    for k, i in keys.items():
+        relation = analysis.relations[i]
+        result[relation.weight] = {
+            "states": [analysis.name_of(x) for x in analysis.group_named(relation.group).states],
             "norms": {t: [float(x) for x in per_step[k][t - 1]] for t in steps},
         }
-        for k in keys
-    }
     for weight, row in result.items():
         print(weight, row["states"], flush=True)
         for t, values in row["norms"].items():
@@ -154,7 +154,7 @@ def _network_tag(network: str) -> str:
     """The results file's suffix: none for the default network, `_reference` for the task's own."""
     if network == DEFAULT_NETWORK:
         return ""
-    return "_" + network.rpartition(":")[2] if network else "_reference"
+    return common.network_tag(network) if network else "_reference"
 
 
 def main(argv=None) -> int:

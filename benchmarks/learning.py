@@ -266,19 +266,14 @@ TIMED = {
     "es_d_rtrl": {"algorithm": "es_d_rtrl"},
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
     "es_d_rtrl(credit_depth 1)": {"algorithm": "es_d_rtrl", "credit_depth": 1},
-    "es_d_rtrl(low_rank 2)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 2},
-    "es_d_rtrl(low_rank 4)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 4},
-    "es_d_rtrl(low_rank 8)": {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": 8},
+    "es_d_rtrl(low_rank 2)": {**_LOW_RANK, "rank": 2},
+    "es_d_rtrl(low_rank 4)": {**_LOW_RANK, "rank": 4},
+    "es_d_rtrl(low_rank 8)": {**_LOW_RANK, "rank": 8},
     "es_d_rtrl(low_rank 2, balanced)": {**_LOW_RANK, "rank": 2, "rank_metric": "balanced"},
     "es_d_rtrl(low_rank 4, balanced)": {**_LOW_RANK, "rank": 4, "rank_metric": "balanced"},
     "d_rtrl": {"algorithm": "d_rtrl"},
     "bptt": {"algorithm": "bptt"},
 }
-
-
-def _network_tag(network: str | None) -> str:
-    """The results file's suffix for `--network MODULE:FACTORY`: `_FACTORY` (none for the task's own)."""
-    return "" if network is None else "_" + network.rpartition(":")[2]
 
 
 def _run_fields(task: str, batch: int, iterations: int, seed: int) -> dict:
@@ -336,7 +331,7 @@ def _time(args) -> int:
         print(f"{name}: {median[name]:.3f} s per iteration, {ratio[name]:.2f} x pp_prop")
     only = "" if args.only is None else "_only"
     common.write_json(
-        common.RESULTS / f"learning_time_{args.task}{_network_tag(args.network)}{only}{args.suffix}.json",
+        common.RESULTS / f"learning_time_{args.task}{common.network_tag(args.network)}{only}{args.suffix}.json",
         {
             "task": args.task,
             "network": args.network,
@@ -415,7 +410,7 @@ def _compare(args) -> int:
             weights[path] = row
         points.append({"iteration": at, "weights": weights})
     common.write_json(
-        common.RESULTS / f"learning_compare_{args.task}{_network_tag(args.network)}.json",
+        common.RESULTS / f"learning_compare_{args.task}{common.network_tag(args.network)}.json",
         {
             "task": args.task,
             "network": args.network,
