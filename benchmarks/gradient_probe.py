@@ -2,7 +2,7 @@
 
     python benchmarks/gradient_probe.py [--task evidence] [--network MODULE:FUNCTION | --network ""]
                                         [--weights init RUN_DIR/checkpoints/step-N ...] [--seeds 101 102]
-                                        [--out DIR] [--state-norms STEP ...]
+                                        [--out DIR] [--state-norms STEP ...] [--only LABEL ...]
 
 `--network ""` probes the task's own reference network. For each set of weights (`init`: the network's
 initial weights; or a checkpoint folder written by `fusetrace train`, whose run trained with the same task
@@ -35,6 +35,8 @@ VARIANTS = {  # label: es_d_rtrl's compile options: es_diagnosis's, with rank 4 
     "low_rank 4": {"factorisation": "low_rank", "rank": 4},
     "low_rank 2 balanced": {"factorisation": "low_rank", "rank": 2, "rank_metric": "balanced"},
     "low_rank 4 balanced": {"factorisation": "low_rank", "rank": 4, "rank_metric": "balanced"},
+    "low_rank 2 spike": {"factorisation": "low_rank", "rank": 2, "rank_metric": "spike"},
+    "low_rank 4 spike": {"factorisation": "low_rank", "rank": 4, "rank_metric": "spike"},
 }
 
 
@@ -63,10 +65,12 @@ def _weights(folder: str, task: str, network: str | None, like: dict) -> dict:
     return jax.tree.map(lambda a, b: jnp.asarray(b, jnp.asarray(a).dtype), like, state["params"])
 
 
-def probe(task: str, network: str | None, weights: list[str], seeds: list[int]) -> dict:
+def probe(task: str, network: str | None, weights: list[str], seeds: list[int], only=None) -> dict:
+    """`only`: the labels of `VARIANTS` to probe (all by default); d_rtrl always."""
     learners = {"d_rtrl": build(_config(task, network, "d_rtrl"))[1]}
     for label, options in VARIANTS.items():
-        learners[label] = build(_config(task, network, "es_d_rtrl", **options))[1]
+        if only is None or label in only:
+            learners[label] = build(_config(task, network, "es_d_rtrl", **options))[1]
     trainer = build(_config(task, network, "bptt"))[2]
     names = list(learners["d_rtrl"].params)
 
@@ -164,11 +168,12 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", nargs="*", default=["init"])
     parser.add_argument("--seeds", nargs="*", type=int, default=[101])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), default=None, help="these variants only")
     parser.add_argument(
         "--state-norms", nargs="*", type=int, default=None, help="also: d_rtrl's trace per state after these steps"
     )
     args = parser.parse_args(argv)
-    result = probe(args.task, args.network or None, args.weights, args.seeds)
+    result = probe(args.task, args.network or None, args.weights, args.seeds, args.only)
     result.update(task=args.task, network=args.network, batch=BATCH)
     if args.state_norms:
         result["state_norms"] = state_norms(args.task, args.network or None, args.seeds[0], args.state_norms)

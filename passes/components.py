@@ -26,7 +26,14 @@ leading component axis (the weight product sums over it: `factorised.weight_prod
   "balanced", the norm after every state's block of the (extended) trace is scaled to unit norm — the
   same truncation whatever unit each state is written in. Under "plain" a state whose trace is large in
   its own unit (a slow adaptation variable summing spikes over seconds) takes the rank from the states
-  the learning signal reads (measured: docs/results.md).
+  the learning signal reads (measured: docs/results.md). "spike" weighs the states by how the group's
+  spikes read them, carried through its dynamics: per neuron the S×S matrix `M ← Dᵀ M D + Σ g gᵀ`,
+  `g = ∂x/∂h_t` the sensitivity of each spike's argument `x` to the states (`derive.spike_sensitivities`),
+  and the truncation is the best in the norm `‖E M^{1/2}‖` (an error in a state the spikes read only
+  weakly, or only through a fast-decaying path, weighs little). It is the learning signal's own reading
+  of the trace where the loss reads the group through its spikes (`δ_t = (∂L/∂z) σ' g`). A group that
+  emits no spike falls back to "balanced"; a one-state group needs no metric (every norm is the plain
+  one up to a per-neuron scale, kept plain).
 
 Credit chains (`passes.credit`) carry, for such an owner, one neuron-layout trace per component; under
 "low_rank" they are rotated with the basis at every step (`align_chains`).
@@ -60,7 +67,7 @@ from fusetrace.rules import lookup
 from . import derive
 
 COMPONENT_FACTORISATIONS = ("matched", "low_rank")
-RANK_METRICS = ("plain", "balanced")  # the norm of the "low_rank" truncation (module docstring)
+RANK_METRICS = ("plain", "balanced", "spike")  # the norm of the "low_rank" truncation (module docstring)
 
 # a pseudo-inverse cut-off for the filters' Gram matrix, relative to its largest eigenvalue (after the
 # matrix is scaled to a unit diagonal): below it, two filters' kernels are the same on the lags seen so far
@@ -105,7 +112,20 @@ def init(analysis, plan, index: int, owner: bool) -> dict:
             factors["mixing"] = jnp.zeros((k, k), dtype)
         else:
             factors["rotation"] = jnp.zeros((batch, k + 1, k), dtype)
+            if truncation_norm(analysis, plan, index) == "spike":  # the per-neuron metric M
+                factors["metric"] = jnp.zeros((batch, *_units(analysis, group), group.n_states, group.n_states), dtype)
     return factors
+
+
+def truncation_norm(analysis, plan, index: int) -> str:
+    """The norm the "low_rank" truncation of `index`'s owner is taken in: `plan.rank_metric`, except
+    "plain" for a one-state group and "balanced" for "spike" on a group that emits no spike."""
+    group = analysis.group_named(analysis.relations[index].group)
+    if group.n_states == 1:
+        return "plain"
+    if plan.rank_metric == "spike" and not derive.spike_eqns(analysis, group):
+        return "balanced"
+    return plan.rank_metric
 
 
 def _batch(analysis) -> int:
@@ -252,7 +272,14 @@ def update(analysis, plan, owner: int, members, values, d, f, traces: dict, sign
     if plan.factorisation == "matched":
         new_pres, post, extra = _matched_step(pres, old, inputs, d, f)
     else:
-        new_pres, post, extra = _low_rank_step(pres, old, inputs, d, f, plan.rank_metric)
+        metric = None
+        if "metric" in old:
+            group = analysis.group_named(relations[owner].group)
+            g = [jnp.reshape(x, f.shape).astype(f.dtype) for x in derive.spike_sensitivities(analysis, group, values)]
+            metric = carry_metric(jnp.reshape(old["metric"], (*f.shape, f.shape[-1])), d, g)
+        new_pres, post, extra = _low_rank_step(pres, old, inputs, d, f, truncation_norm(analysis, plan, owner), metric)
+        if metric is not None:
+            extra["metric"] = jnp.reshape(metric, old["metric"].shape)
     new = {plan.key(i): {"pre": pre} for i, pre in zip(members, new_pres, strict=True)}
     new[plan.key(owner)].update(post=post, **extra)
     if signals is None:
@@ -315,9 +342,18 @@ def _matched_step(pres, old: dict, inputs, d, f):
     return new_pres, jnp.reshape(post, old["post"].shape), {"gram": gram, "mixing": a}
 
 
-def _low_rank_step(pres, old: dict, inputs, d, f, metric: str = "plain"):
+def carry_metric(metric: jax.Array, d: jax.Array, g) -> jax.Array:
+    """`Dᵀ M D + Σ_g g gᵀ` per neuron: `metric` `(B, P, S, S)`, `d` `(B, P, S, S)`, each g `(B, P, S)` (the
+    "spike" truncation's metric, written as broadcast products: S is a few states)."""
+    n = d.shape[-1]
+    md = functools.reduce(jnp.add, [metric[..., :, j, None] * d[..., j, None, :] for j in range(n)])
+    moved = functools.reduce(jnp.add, [d[..., k, :, None] * md[..., k, None, :] for k in range(n)])
+    return functools.reduce(jnp.add, [x[..., :, None] * x[..., None, :] for x in g], moved)
+
+
+def _low_rank_step(pres, old: dict, inputs, d, f, norm: str = "plain", metric=None):
     """One step of the rank-r trace of every batch entry: the exact update, then the best rank-r truncation
-    in the norm `metric` names (`RANK_METRICS`).
+    in the norm `norm` names (`RANK_METRICS`; `metric`, the per-neuron `M` `(B, P, S, S)`, for "spike").
     The arithmetic runs with each factor's own axis last (`(B, K, ·)`): batched matrix products that XLA
     vectorises well (with K innermost it ran 5x slower)."""
     sizes = [p.shape[-1] for p in pres]
@@ -327,19 +363,23 @@ def _low_rank_step(pres, old: dict, inputs, d, f, metric: str = "plain"):
     batch, k, n_states = post_shape[0], post_shape[1], post_shape[-1]
     right = derive.apply_d(d[:, None], jnp.reshape(old["post"], (batch, k, -1, n_states)))
     right = jnp.reshape(right, (batch, k, -1))
-    states = n_states if metric == "balanced" and n_states > 1 else None  # one state: the plain norm's scale
-    basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)), states)
+    weigh = None
+    if norm == "balanced":
+        weigh = functools.partial(_balanced, n_states=n_states)
+    elif norm == "spike":
+        weigh = functools.partial(_by_metric, metric=metric)
+    basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)), weigh)
     cuts = np.cumsum([0, *sizes])
     new_pres = [basis[:, :, lo:hi] for lo, hi in itertools.pairwise(cuts)]
     return new_pres, jnp.reshape(right, post_shape), {"rotation": rotation}
 
 
-def _extend_and_truncate(basis, right, u, f, balance_states: int | None = None):
+def _extend_and_truncate(basis, right, u, f, weigh=None):
     """`(L, R, V)` after `L Rᵀ ← L Rᵀ + u Fᵀ` (R already moved by D; `L` `(B, K, I)` with orthonormal rows,
     `R` `(B, K, P·S)`) and the rank-r truncation; V `(B, r+1, r)` maps the extended basis `[L, ρ̂]` to the
-    new one. With `balance_states` = S, the truncation is the best in the norm that scales each state's
-    block of the extended trace to unit norm (`_state_weights`): its Gram matrix is taken in that metric,
-    and V applied to the unscaled factors. The extended factors `[L, ρ̂]`, `[R + F pᵀ, |ρ| F]` are never
+    new one. With `weigh` (`_balanced`, `_by_metric`: `(moved, f, norm) -> (M moved, M f)`), the truncation
+    is the best in the norm `‖X M^{1/2}‖` of that metric: the Gram matrix is taken in it, and V applied to
+    the unscaled factors. The extended factors `[L, ρ̂]`, `[R + F pᵀ, |ρ| F]` are never
     concatenated: their Gram matrix is assembled from blocks and the rotation applied to each part (a
     concatenation cost as much as the rest of the step)."""
     dtype = np.dtype(basis.dtype)
@@ -352,10 +392,7 @@ def _extend_and_truncate(basis, right, u, f, balance_states: int | None = None):
     unit = jnp.where(new[:, None], rho / jnp.where(new, norm, 1.0)[:, None], 0.0)
     norm = jnp.where(new, norm, 0.0)
     moved = right + p[:, :, None] * f[:, None, :]  # (B, K, P·S); the new column is norm · f
-    weighted_moved, weighted_f = moved, f
-    if balance_states is not None:
-        weights = _state_weights(moved, f, norm, balance_states)  # (B, P·S)
-        weighted_moved, weighted_f = moved * weights[:, None, :], f * weights
+    weighted_moved, weighted_f = (moved, f) if weigh is None else weigh(moved, f, norm)
     cross = _project(weighted_moved, f) * norm[:, None]
     corner = (norm**2 * jnp.sum(weighted_f * f, axis=-1))[:, None, None]
     gram = jnp.concatenate(
@@ -374,6 +411,21 @@ def _extend_and_truncate(basis, right, u, f, balance_states: int | None = None):
     basis = _combine(keep[:, :k], basis) + keep[:, k, :, None] * unit[:, None, :]
     right = _combine(keep[:, :k], moved) + (keep[:, k] * norm[:, None])[:, :, None] * f[:, None, :]
     return basis, right, keep
+
+
+def _balanced(moved: jax.Array, f: jax.Array, norm: jax.Array, n_states: int) -> tuple[jax.Array, jax.Array]:
+    """The "balanced" metric applied to the extended right factor's parts (`_state_weights`)."""
+    weights = _state_weights(moved, f, norm, n_states)  # (B, P·S)
+    return moved * weights[:, None, :], f * weights
+
+
+def _by_metric(moved: jax.Array, f: jax.Array, norm: jax.Array, metric: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The "spike" metric `M` `(B, P, S, S)` applied per neuron to the right factor's parts (`moved`
+    `(B, K, P·S)`, `f` `(B, P·S)`)."""
+    del norm
+    shape = metric.shape[:-1]
+    weighted = derive.apply_d(metric[:, None], jnp.reshape(moved, (moved.shape[0], moved.shape[1], *shape[1:])))
+    return jnp.reshape(weighted, moved.shape), jnp.reshape(derive.apply_d(metric, jnp.reshape(f, shape)), f.shape)
 
 
 def _state_weights(moved: jax.Array, f: jax.Array, norm: jax.Array, n_states: int) -> jax.Array:

@@ -163,22 +163,34 @@ def apply_d(d: jax.Array, x: jax.Array) -> jax.Array:
     return functools.reduce(jnp.add, [d[..., t] * x[..., t, None] for t in range(x.shape[-1])])
 
 
-def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array | None:
-    """`Σ |surrogate derivative|` of the spikes this step computes from `group`'s new values (the outputs
-    of `spike` primitives whose input reads them element-wise), in the group's layout; None when the
-    group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
+def spike_eqns(analysis: Analysis, group) -> list:
+    """The `spike` equations whose input reads `group`'s new values element-wise (in the group's shape)."""
     leaves = set(group.leaves)
-    surrogates = []
+    found = []
     for eqn in _spikes(analysis.captured.jaxpr.jaxpr):
         if tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
             continue
         fact = analysis.facts.propagation.of(eqn.invars[0])
         if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
-            surrogates.append(eqn.invars[1])
+            found.append(eqn)
+    return found
+
+
+def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array | None:
+    """`Σ |surrogate derivative|` of the spikes this step computes from `group`'s new values (the outputs
+    of `spike` primitives whose input reads them element-wise), in the group's layout; None when the
+    group emits no spike. Where it is zero, a neuron's spikes pass no credit on at this step."""
+    surrogates = [eqn.invars[1] for eqn in spike_eqns(analysis, group)]
     if not surrogates:
         return None
     found = _evaluate_with(analysis, values, values.leaves, {}, surrogates)
     return functools.reduce(jnp.add, [jnp.abs(jnp.broadcast_to(x, group.shape)) for x in found])
+
+
+def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[jax.Array]:
+    """`∂x/∂h_t` per state (shape (..., S)) of the input `x` of each spike `group`'s new values make
+    (`spike_eqns`): how the spike's argument reads each state, before the surrogate derivative."""
+    return [pre_sensitivity(analysis, eqn.invars[0], group, values) for eqn in spike_eqns(analysis, group)]
 
 
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):

@@ -61,7 +61,8 @@ def check_options(analysis, algorithm: str, factorisation: str, rank, traced, ra
                 what=f"rank_metric={rank_metric!r}",
                 where="fusetrace.compile(..., rank_metric=...)",
                 why="the low-rank truncation keeps the trace's best rank-r part in the trace's own norm "
-                "('plain') or with every hidden state's block scaled to unit norm ('balanced')",
+                "('plain'), with every hidden state's block scaled to unit norm ('balanced'), or weighed by how "
+                "the neurons' spikes read each state through the group's dynamics ('spike')",
                 fix=f"pass one of {', '.join(map(repr, components.RANK_METRICS))}",
             )
         )
@@ -275,17 +276,29 @@ def align_chains(analysis, plan, old: dict, new: dict) -> dict:
 _METRIC_NOTE = {
     "plain": "",
     "balanced": ", truncated with every hidden state's block of the trace scaled to unit norm ('balanced')",
+    "spike": ", truncated in the norm of how the neurons' spikes read each state through the group's "
+    "dynamics ('spike')",
 }
+
+
+def _metric_note(analysis, plan, owner: int) -> str:
+    norm = components.truncation_norm(analysis, plan, owner)
+    note = _METRIC_NOTE[norm]
+    if norm != plan.rank_metric and plan.rank_metric != "plain":
+        why = "one state: every norm is the plain one" if norm == "plain" else "no spike"
+        note += f" ('{plan.rank_metric}' asked; the group has {why})"
+    return note
 
 
 def describe(analysis, plan, index: int) -> str:
     """The line `explain` prints for a factorised relation: which factorisation, with what."""
     if plan.factorisation == "low_rank":
-        k = components.n_components(analysis, plan, post_owner(plan.algorithm, analysis.relations, index))
+        owner = post_owner(plan.algorithm, analysis.relations, index)
+        k = components.n_components(analysis, plan, owner)
         return (
             f"es_d_rtrl keeps its trace as the best rank-{k} approximation per batch entry ('low_rank' factors, "
             f"rank {plan.rank}{'' if k == plan.rank else f' capped at {k}, the largest the trace can have'}"
-            f"{_METRIC_NOTE[plan.rank_metric]}): exact while the trace's rank stays within it"
+            f"{_metric_note(analysis, plan, owner)}): exact while the trace's rank stays within it"
         )
     if plan.factorisation == "matched":
         return (
@@ -303,6 +316,8 @@ def memory_note(plan) -> str:
         pairs = f"r = {plan.rank} pairs of factors (capped per relation at min(n_pre, N·S))"
         if plan.rank_metric != "plain":
             pairs += f", '{plan.rank_metric}' truncation"
+        if plan.rank_metric == "spike":
+            pairs += " with an S×S metric per neuron"
     elif plan.factorisation == "matched":
         pairs = "S pairs of factors (one filter per state)"
     else:

@@ -554,6 +554,11 @@ class RecurrentLIF(brainstate.nn.Module):
         self.update_lti()
         return self.output()
 
+    def spike_input(self):
+        """The argument of the LIF's spike function at the current V, `(V − V_th) / (V_th − V_reset)` (the
+        formula of brainpy.state's `LIF.get_spike`); writes nothing."""
+        return (self.N.V.value - self.N.V_th) / (self.N.V_th - self.N.V_reset)
+
     def relations(self) -> dict[str, str]:
         """`{projection name: weight path}` of the weights that feed the spiking group."""
         names = ["inp"] + (["rec"] if self.rec is not None else [])
@@ -768,7 +773,10 @@ def es_d_rtrl_components_naive(
     approximation (SVD) taken after every step: `E_t = trunc_r(E_{t-1} D_tᵀ + u_t f_tᵀ)`,
     `dW += Σ_b E_t[b] δ_t[b]` summed per neuron. `metric="balanced"`: the approximation best in the norm
     that scales every state's columns of `E` to unit norm first, `trunc_r(E) = U_r U_rᵀ E` with `U_r`
-    the top r left singular vectors of `E` so scaled.
+    the top r left singular vectors of `E` so scaled. `metric="spike"`: best in the norm `‖E M_t^{1/2}‖`,
+    `M_t = D_tᵀ M_{t-1} D_t + J_tᵀ J_t` (H × H, `M_{-1} = 0`) with `J_t` the Jacobian of the spike
+    function's argument (`spike_input()`) w.r.t. the new hidden vector: `U_r` the top r eigenvectors of
+    `E M_t Eᵀ`.
 
     "matched": with `A_t` the mean over the batch and the neurons of the per-neuron `S×S` blocks of `D_t`:
     `ū_t = A_t ū_{t-1} + 1 ⊗ u_t` (S filters of the input), `b_t = (A_t ⊗ D_t) b_{t-1} + 1 ⊗ f_t`,
@@ -780,7 +788,10 @@ def es_d_rtrl_components_naive(
         raise NotImplementedError("es_d_rtrl_components_naive is written for RecurrentLIF(readout='linear') only")
     if factorisation not in ("matched", "low_rank"):
         raise ValueError(f"unknown factorisation {factorisation!r}")
+    if metric not in ("plain", "balanced", "spike"):
+        raise ValueError(f"unknown metric {metric!r}")
     s = _factor_setup(model, xs, batch_size)
+    spike_input = _pure(_trace(model, model.spike_input, (), batch_size)) if metric == "spike" else None
     relations, stage_hidden, presynaptic, output = s.relations, s.stage_hidden, s.presynaptic, s.output
     params, hidden, others, xs, batched = s.params, s.hidden, s.others, s.xs, s.batched
     theta, unravel_params, unravel_hidden, ravel_hidden = s.theta, s.unravel_params, s.unravel_hidden, s.ravel_hidden
@@ -808,7 +819,10 @@ def es_d_rtrl_components_naive(
         for name in relations:
             tangent = {key: jnp.ones(model.n_rec) if key == name else zero[key] for key in relations}
             fs[name] = jax.jvp(lambda s: stage1(h, others, x, s)[0], (zero,), (tangent,))[1]
-        return h1, others1, jacobian, presyn, fs
+        spike_rows = None
+        if spike_input is not None:  # (n_rec, H): ∂x/∂h of the spike function's argument x
+            spike_rows = jax.jacfwd(lambda h: spike_input(params, unravel_hidden(h), others1)[0])(h1)
+        return h1, others1, jacobian, presyn, fs, spike_rows
 
     def step_loss(theta, h1, others, target):
         out = jax.vmap(lambda h: output(unravel_params(theta), unravel_hidden(h), others)[0])(h1)
@@ -819,7 +833,10 @@ def es_d_rtrl_components_naive(
         state_of[columns] = state
     assert (state_of >= 0).all(), "every raveled hidden entry is one of the group's states"
 
-    def truncate(e):
+    def truncate(e, m):
+        if metric == "spike":
+            left = jnp.linalg.eigh(e @ m @ e.T)[1][:, ::-1][:, :rank]
+            return left @ (left.T @ e)
         scaled = e
         if metric == "balanced":
             squared = jnp.stack([jnp.sum(e[:, columns] ** 2) for columns in index])  # (S,)
@@ -827,12 +844,12 @@ def es_d_rtrl_components_naive(
         left = jnp.linalg.svd(scaled, full_matrices=False)[0][:, :rank]
         return left @ (left.T @ e)
 
-    def advance(state, names, jacobian, presyn, fs, a):
+    def advance(state, names, jacobian, presyn, fs, a, m):
         u_t = jnp.concatenate([presyn[name] for name in names], axis=-1)  # (B, I)
         f = fs[names[0]]  # (B, H): the stacked relations share it
         if factorisation == "low_rank":
             moved = jnp.einsum("bih,bgh->big", state, jacobian) + u_t[:, :, None] * f[:, None, :]
-            return jax.vmap(truncate)(moved)
+            return jax.vmap(truncate)(moved, m)
         filters, moments, gram = state
         filters = jnp.einsum("kl,bli->bki", a, filters) + u_t[:, None, :]
         moments = jnp.einsum("kl,bgh,blh->bkg", a, jacobian, moments) + f[:, None, :]
@@ -848,22 +865,25 @@ def es_d_rtrl_components_naive(
 
     @jax.jit
     def body(carry, inputs):
-        h, states, others, grad = carry
+        h, states, m, others, grad = carry
         x, target = inputs
-        h1, others1, jacobian, presyn, fs = jax.vmap(
-            example_derivatives, in_axes=(0, None, 0), out_axes=(0, None, 0, 0, 0)
+        h1, others1, jacobian, presyn, fs, spike_rows = jax.vmap(
+            example_derivatives, in_axes=(0, None, 0), out_axes=(0, None, 0, 0, 0, 0)
         )(h, others, x)
+        if spike_rows is not None:
+            m = jnp.einsum("bgh,bgk,bkl->bhl", jacobian, m, jacobian)
+            m = m + jnp.einsum("bnh,bnl->bhl", spike_rows, spike_rows)
         blocks = jacobian[:, index[:, None, :], index[None, :, :]]  # (B, S, S, N)
         a = jnp.mean(blocks, axis=(0, 3))
         grad_theta, delta = jax.grad(step_loss, argnums=(0, 1))(theta, h1, others1, target)
         grad = jax.tree.map(jnp.add, grad, unravel_params(grad_theta))
-        states = [advance(state, names, jacobian, presyn, fs, a) for state, names in zip(states, sets, strict=True)]
+        states = [advance(state, names, jacobian, presyn, fs, a, m) for state, names in zip(states, sets, strict=True)]
         for state, names in zip(states, sets, strict=True):
             total = gradient(state, delta)
             sizes = np.cumsum([0] + [jnp.shape(params[relations[name]]["weight"])[0] for name in names])
             for name, lo, hi in zip(names, sizes[:-1], sizes[1:], strict=True):
                 grad[relations[name]] = jax.tree.map(jnp.add, grad[relations[name]], {"weight": total[lo:hi]})
-        return (h1, states, others1, grad), None
+        return (h1, states, m, others1, grad), None
 
     h = jax.vmap(ravel_hidden)(hidden)
     n_batch, n_hidden, n_states = h.shape[0], h.shape[1], len(groups[0])
@@ -876,5 +896,6 @@ def es_d_rtrl_components_naive(
             zeros = (jnp.zeros((n_batch, n_states, n_pre)), jnp.zeros((n_batch, n_states, n_hidden)))
             states.append((*zeros, jnp.zeros((n_states, n_states))))
     grad = jax.tree.map(jnp.zeros_like, params)
-    (*_, grad), _ = lax.scan(body, (h, states, others, grad), (xs, targets))
+    m = jnp.zeros((n_batch, n_hidden, n_hidden))
+    (*_, grad), _ = lax.scan(body, (h, states, m, others, grad), (xs, targets))
     return grad

@@ -54,6 +54,8 @@ def _model(readout="linear", **kw):
         ("low_rank", 2, True, None),
         ("low_rank", 1, False, "balanced"),
         ("low_rank", 2, True, "balanced"),
+        ("low_rank", 1, False, "spike"),
+        ("low_rank", 2, True, "spike"),
         ("matched", None, False, None),
         ("matched", None, True, None),
     ],
@@ -62,6 +64,8 @@ def _model(readout="linear", **kw):
         "rank2-shared_F",
         "rank1-apart-balanced",
         "rank2-shared_F-balanced",
+        "rank1-apart-spike",
+        "rank2-shared_F-spike",
         "matched-apart",
         "matched-shared_F",
     ],
@@ -70,7 +74,9 @@ def test_equals_its_dense_definition(factorisation, rank, merged, metric):
     """Apart: input and recurrent synapses at 5 and 8 ms (each weight its own factors). Shared F: both at
     5 ms (brainpy merges them; one postsynaptic factor, and under "low_rank" one basis for both inputs).
     "balanced": the truncation in the norm that puts each state's block (V, the synapse's current) at unit
-    norm; on this layer it keeps other directions than the plain one (checked, so the case is not vacuous)."""
+    norm; "spike": in the norm of the spike's argument read through the dynamics (per neuron `M ← Dᵀ M D +
+    g gᵀ`; the spike reads V only, the synapses through D). On this layer each keeps other directions
+    than the plain one (checked, so the case is not vacuous)."""
     xs, ys = _data()
     options = {"rec_tau": 5.0 * u.ms} if merged else {}
     extra = {} if metric is None else {"rank_metric": metric}

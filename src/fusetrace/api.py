@@ -478,7 +478,9 @@ def compile(
             (the default: the trace's own) or "balanced" (every hidden state's block of the trace scaled to
             unit norm first, so that the truncation does not depend on the unit each state is written in,
             nor let a state that is large in its own unit — a slow adaptation variable — take the rank
-            from the others; docs/concepts.md). An error with any other factorisation.
+            from the others; docs/concepts.md), or "spike" (the states weighed by how the group's spikes read
+            them, through its dynamics: an S×S matrix per neuron more; a group without spikes falls back to
+            "balanced"). An error with any other factorisation.
         loop_hops: how many times a credit chain follows a downstream group's own recurrent weights (the
             E population of an E/I loop reading its own spikes, a recurrent second layer): each round is one
             more credit trace per chain and counts as one group toward `credit_depth`; further rounds are

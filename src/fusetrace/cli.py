@@ -70,7 +70,7 @@ class RunConfig:
     loop_hops: int = DEFAULT_LOOP_HOPS  # rounds of credit through a downstream group's own recurrence
     own_loop_hops: int = DEFAULT_OWN_LOOP_HOPS  # ... and through the weight's own group's
     credit_depth: int = DEFAULT_CREDIT_DEPTH  # downstream groups a credit chain may cross (each round counts)
-    rank_metric: str | None = None  # es_d_rtrl's "low_rank": the truncation's norm, "plain" (None) or "balanced"
+    rank_metric: str | None = None  # es_d_rtrl's "low_rank": the truncation's norm, "plain" (None), "balanced", "spike"
 
 
 # Held-out trials come from seeds far from the training seeds (seed + iteration): the validation set
@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rank-metric",
         choices=RANK_METRICS,
         default=None,
-        help="the norm of the low_rank truncation: plain (default) or balanced (every hidden state's block "
-        "of the trace at unit norm)",
+        help="the norm of the low_rank truncation: plain (default), balanced (every hidden state's block "
+        "of the trace at unit norm) or spike (the states weighed by how the spikes read them)",
     )
     train.add_argument(
         "--loop-hops",
