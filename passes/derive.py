@@ -163,15 +163,17 @@ def apply_d(d: jax.Array, x: jax.Array) -> jax.Array:
     return functools.reduce(jnp.add, [d[..., t] * x[..., t, None] for t in range(x.shape[-1])])
 
 
-def spike_eqns(analysis: Analysis, group) -> list:
-    """The `spike` equations whose input reads `group`'s new values element-wise (in the group's shape)."""
+def spike_eqns(analysis: Analysis, group, kind: str = "new") -> list:
+    """The `spike` equations whose input reads `group`'s new values (`kind` "new") or previous ones
+    ("hidden": a neuron that emits at the start of its step the spike its last values make) element-wise
+    (in the group's shape)."""
     leaves = set(group.leaves)
     found = []
     for eqn in _spikes(analysis.captured.jaxpr.jaxpr):
         if tuple(aval_shape(eqn.invars[0])) != tuple(group.shape):
             continue
         fact = analysis.facts.propagation.of(eqn.invars[0])
-        if any(kind == "new" and leaf in leaves and dep.aligned for (kind, leaf), dep in fact.items()):
+        if any(read == kind and leaf in leaves and dep.aligned for (read, leaf), dep in fact.items()):
             found.append(eqn)
     return found
 
@@ -188,9 +190,13 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
 
 
 def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[jax.Array]:
-    """`∂x/∂h_t` per state (shape (..., S)) of the input `x` of each spike `group`'s new values make
-    (`spike_eqns`): how the spike's argument reads each state, before the surrogate derivative."""
-    return [pre_sensitivity(analysis, eqn.invars[0], group, values) for eqn in spike_eqns(analysis, group)]
+    """`∂x/∂h` per state (shape (..., S)) of the input `x` of each spike `group`'s new values make
+    (`spike_eqns`), or else of each spike its previous values make (`∂x_t/∂h_{t-1}`: the same reading, one
+    step later): how the spike's argument reads each state, before the surrogate derivative. Empty when
+    the group emits no spike."""
+    new = bool(spike_eqns(analysis, group))
+    eqns = spike_eqns(analysis, group, "new" if new else "hidden")
+    return [pre_sensitivity(analysis, eqn.invars[0], group, values, new=new) for eqn in eqns]
 
 
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):

@@ -243,13 +243,66 @@ def test_a_bad_rank_metric_is_refused(factorisation, metric, match):
         )
 
 
-def test_the_balanced_truncation_is_shown():
+@pytest.mark.parametrize(
+    ("metric", "text"),
+    [
+        ("balanced", "block of the trace scaled to unit norm ('balanced')"),
+        ("spike", "how the neurons' spikes read each state through the group's dynamics ('spike')"),
+    ],
+)
+def test_the_truncation_norm_is_shown(metric, text):
     xs, _ = _data()
     learner = fusetrace.compile(
-        _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation="low_rank", rank=2, rank_metric="balanced"
+        _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation="low_rank", rank=2, rank_metric=metric
     )
-    assert "block of the trace scaled to unit norm ('balanced')" in learner.explain("inp.comm.weight")
-    assert "'balanced' truncation" in learner.summary()
+    assert text in learner.explain("inp.comm.weight")
+    assert f"'{metric}' truncation" in learner.summary()
+    owners = [factors for factors in learner.init()["traces"].values() if "post" in factors]
+    assert all(("metric" in factors) == (metric == "spike") for factors in owners)  # an S×S block per neuron
+    if metric == "spike":
+        assert "an S×S metric per neuron" in learner.summary()
+
+
+def test_the_spike_truncation_of_a_group_without_spikes_is_the_balanced_one():
+    """`TwoStates` emits no spike: "spike" falls back to "balanced" (the same gradient, bit for bit), keeps
+    no metric, and `explain` says so."""
+    xs, ys = _data(seed=3, n_out=12, steps=12)
+    grads = {}
+    for metric in ("balanced", "spike"):
+        learner, grads[metric] = online_learner(
+            _two_states((0.9, 0.6), n=12),
+            xs,
+            ys,
+            "es_d_rtrl",
+            BATCH,
+            factorisation="low_rank",
+            rank=1,
+            rank_metric=metric,
+        )[:2]
+    assert all("metric" not in factors for factors in learner.init()["traces"].values())
+    assert "('spike' asked; the group has no spike)" in learner.explain("weight")
+    for a, b in zip(jax.tree.leaves(grads["spike"]), jax.tree.leaves(grads["balanced"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_spike_metric_is_placed_like_a_postsynaptic_factor_on_a_mesh():
+    """`shard_step` lays the per-neuron metric out as the postsynaptic factor, its neuron axis split and its
+    two state axes whole; one sharded step equals the plain step (a one-device mesh: placement is checked)."""
+    xs, ys = _data()
+    learner = fusetrace.compile(
+        _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation="low_rank", rank=2, rank_metric="spike"
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "neurons"))
+    sharded = fusetrace.shard_step(learner, mesh, batch_axis="data", neuron_axis="neurons")
+    params, state = sharded.place(learner.params, learner.init())
+    metrics = [factors["metric"] for factors in state["traces"].values() if "metric" in factors]
+    assert metrics and all(tuple(m.sharding.spec) == ("data", "neurons", None, None) for m in metrics)
+    plain, step = learner.init(), jax.jit(learner.step)
+    for x, y in zip(xs, ys, strict=True):
+        plain, want = step(learner.params, plain, x, y)
+        state, got = sharded.step(params, state, *sharded.place_inputs(x, y))
+    for a, b in zip(jax.tree.leaves((state, got.grads)), jax.tree.leaves((plain, want.grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("conn", ["sparse"])  # binary_fcnmm, reading a slice of the spikes transposed

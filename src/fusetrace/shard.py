@@ -323,7 +323,8 @@ class _Rules:
         for index in plan.traced:
             key = plan.key(index)
             out[key] = {
-                name: self._trace_tree(f"{key}.{name}", value, relations[index], name)
+                # the "spike" truncation's per-neuron metric is laid out as a postsynaptic factor (a trailing S)
+                name: self._trace_tree(f"{key}.{name}", value, relations[index], "post" if name == "metric" else name)
                 for name, value in values[key].items()
             }
         for node in plan.chains:  # credit traces are laid out like their owner's trace (one array per state)
