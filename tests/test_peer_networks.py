@@ -49,8 +49,8 @@ def _bptt(model, xs, ys):
     return {".".join(path): _flat(g) for path, g in state_grad(total, weights).items()}
 
 
-def _es_d_rtrl(model, xs, ys):
-    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH)
+def _es_d_rtrl(model, xs, ys, **options):
+    learner = fusetrace.compile(model, xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH, **options)
     _, res = jax.jit(learner.scan)(learner.params, learner.init(), xs, ys)
     return res.output, {path: _flat(g) for path, g in res.grads.items()}
 
@@ -78,3 +78,19 @@ def test_two_state_gif_network_is_the_gif_network():
     np.testing.assert_allclose(out_twin, out_gif, rtol=0, atol=1e-12)
     assert float(jnp.max(jnp.abs(out_gif))) > 0.1  # the neurons spiked: the readout moved
     _close(es_twin, es_gif)
+
+
+def test_the_spike_truncation_reads_gif_through_the_spike_of_its_last_values():
+    """`Gif` emits, at the start of its step, the spike its previous `V` and `V_th` make: the "spike"
+    truncation reads it there (a per-neuron metric is kept: no fall-back to "balanced"). Its extra states
+    (`I1`, `V_th`) carry no trace, so the twin with two states has the same truncation: the same gradients
+    to float64 rounding, rank 2 truncating from the third step on."""
+    xs, ys = _data()
+    options = {"factorisation": "low_rank", "rank": 2, "rank_metric": "spike"}
+    for cls in (peer_networks.GifDMSNetwork, peer_networks.TwoStateGifNetwork):
+        learner = fusetrace.compile(_build(cls), xs[0], loss=_loss, algorithm="es_d_rtrl", batch_size=BATCH, **options)
+        assert any("metric" in factors for factors in learner.init()["traces"].values()), cls.__name__
+    _close(
+        _es_d_rtrl(_build(peer_networks.TwoStateGifNetwork), xs, ys, **options)[1],
+        _es_d_rtrl(_build(peer_networks.GifDMSNetwork), xs, ys, **options)[1],
+    )
