@@ -367,6 +367,7 @@ def _low_rank_step(pres, old: dict, inputs, d, f, norm: str = "plain", metric=No
     if norm == "balanced":
         weigh = functools.partial(_balanced, n_states=n_states)
     elif norm == "spike":
+        assert metric is not None, "the 'spike' norm is taken with its metric"
         weigh = functools.partial(_by_metric, metric=metric)
     basis, right, rotation = _extend_and_truncate(basis, right, u, jnp.reshape(f, (batch, -1)), weigh)
     cuts = np.cumsum([0, *sizes])
