@@ -33,6 +33,10 @@ for seed in ${SEEDS}; do
     run $task es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
     [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-balanced "$seed" --algorithm es_d_rtrl \
       --factorisation low_rank --rank 4 --rank-metric balanced  # the truncation's norm (docs/concepts.md)
+    [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-spike "$seed" --algorithm es_d_rtrl \
+      --factorisation low_rank --rank 4 --rank-metric spike
+    [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-spike-depth1 "$seed" --algorithm es_d_rtrl \
+      --factorisation low_rank --rank 4 --rank-metric spike --credit-depth 1
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
   done
