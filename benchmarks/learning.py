@@ -273,6 +273,12 @@ TIMED = {
     "es_d_rtrl(low_rank 4, balanced)": {**_LOW_RANK, "rank": 4, "rank_metric": "balanced"},
     "es_d_rtrl(low_rank 2, spike)": {**_LOW_RANK, "rank": 2, "rank_metric": "spike"},
     "es_d_rtrl(low_rank 4, spike)": {**_LOW_RANK, "rank": 4, "rank_metric": "spike"},
+    "es_d_rtrl(low_rank 4, balanced, credit_depth 1)": {
+        **_LOW_RANK,
+        "rank": 4,
+        "rank_metric": "balanced",
+        "credit_depth": 1,
+    },
     "es_d_rtrl(low_rank 4, spike, credit_depth 1)": {**_LOW_RANK, "rank": 4, "rank_metric": "spike", "credit_depth": 1},
     "d_rtrl": {"algorithm": "d_rtrl"},
     "bptt": {"algorithm": "bptt"},
