@@ -37,6 +37,8 @@ for seed in ${SEEDS}; do
       --factorisation low_rank --rank 4 --rank-metric spike
     [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-spike-depth1 "$seed" --algorithm es_d_rtrl \
       --factorisation low_rank --rank 4 --rank-metric spike --credit-depth 1
+    [ $task = EVIDENCE ] && run $task es_d_rtrl-low_rank4-balanced-depth1 "$seed" --algorithm es_d_rtrl \
+      --factorisation low_rank --rank 4 --rank-metric balanced --credit-depth 1  # the control of the one above
     run $task es_d_rtrl-matched "$seed" --algorithm es_d_rtrl --factorisation matched
     run $task d_rtrl "$seed" --algorithm d_rtrl
   done

@@ -28,7 +28,8 @@ leading component axis (the weight product sums over it: `factorised.weight_prod
   its own unit (a slow adaptation variable summing spikes over seconds) takes the rank from the states
   the learning signal reads (measured: docs/results.md). "spike" weighs the states by how the group's
   spikes read them, carried through its dynamics: per neuron the S×S matrix `M ← Dᵀ M D + Σ g gᵀ`,
-  `g = ∂x/∂h_t` the sensitivity of each spike's argument `x` to the states (`derive.spike_sensitivities`),
+  `g = ∂x/∂h_t` the sensitivity of each spike's argument `x` to the states (`derive.spike_sensitivities`;
+  `∂x_t/∂h_{t-1}` for a neuron that emits the spike of its last values),
   and the truncation is the best in the norm `‖E M^{1/2}‖` (an error in a state the spikes read only
   weakly, or only through a fast-decaying path, weighs little). It is the learning signal's own reading
   of the trace where the loss reads the group through its spikes (`δ_t = (∂L/∂z) σ' g`). A group that
