@@ -124,7 +124,7 @@ def truncation_norm(analysis, plan, index: int) -> str:
     group = analysis.group_named(analysis.relations[index].group)
     if group.n_states == 1:
         return "plain"
-    if plan.rank_metric == "spike" and not any(derive.spike_eqns(analysis, group, k) for k in ("new", "hidden")):
+    if plan.rank_metric == "spike" and not derive.spike_reading(analysis, group)[0]:
         return "balanced"
     return plan.rank_metric
 

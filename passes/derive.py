@@ -189,13 +189,19 @@ def spike_relevance(analysis: Analysis, group, values: StepValues) -> jax.Array 
     return functools.reduce(jnp.add, [jnp.abs(jnp.broadcast_to(x, group.shape)) for x in found])
 
 
+def spike_reading(analysis: Analysis, group) -> tuple[list, bool]:
+    """`(eqns, new)`: the spikes `group`'s new values make (`new` True), or else those its previous values
+    make (False: a neuron that emits the spike of its last values); no equations when it emits none."""
+    eqns = spike_eqns(analysis, group)
+    return (eqns, True) if eqns else (spike_eqns(analysis, group, "hidden"), False)
+
+
 def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[jax.Array]:
-    """`∂x/∂h` per state (shape (..., S)) of the input `x` of each spike `group`'s new values make
-    (`spike_eqns`), or else of each spike its previous values make (`∂x_t/∂h_{t-1}`: the same reading, one
-    step later): how the spike's argument reads each state, before the surrogate derivative. Empty when
-    the group emits no spike."""
-    new = bool(spike_eqns(analysis, group))
-    eqns = spike_eqns(analysis, group, "new" if new else "hidden")
+    """`∂x/∂h` per state (shape (..., S)) of the input `x` of each spike `group` emits (`spike_reading`):
+    `∂x_t/∂h_t`, or `∂x_t/∂h_{t-1}` for a spike of the last values (the same reading, one step later) —
+    how the spike's argument reads each state, before the surrogate derivative. Empty when the group
+    emits no spike."""
+    eqns, new = spike_reading(analysis, group)
     return [pre_sensitivity(analysis, eqn.invars[0], group, values, new=new) for eqn in eqns]
 
 

@@ -317,7 +317,7 @@ def memory_note(plan) -> str:
         if plan.rank_metric != "plain":
             pairs += f", '{plan.rank_metric}' truncation"
         if plan.rank_metric == "spike":
-            pairs += " with an S×S metric per neuron"
+            pairs += " with an S×S metric per neuron (in a spiking group of several states)"
     elif plan.factorisation == "matched":
         pairs = "S pairs of factors (one filter per state)"
     else:
