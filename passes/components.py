@@ -65,7 +65,7 @@ from fusetrace._compat import Literal
 from fusetrace.interpret import producers
 from fusetrace.rules import lookup
 
-from . import derive
+from . import derive, small_eigh
 
 COMPONENT_FACTORISATIONS = ("matched", "low_rank")
 RANK_METRICS = ("plain", "balanced", "spike")  # the norm of the "low_rank" truncation (module docstring)
@@ -404,7 +404,7 @@ def _extend_and_truncate(basis, right, u, f, weigh=None):
         ],
         axis=1,
     )
-    _, vectors = jnp.linalg.eigh(gram)
+    _, vectors = small_eigh.eigh(gram)
     k = basis.shape[1]
     # eigenvalues ascending: drop the smallest. Without a new direction the trace keeps its rank and the
     # basis stays as it is (the dropped vector is the empty new column: a tie among zero eigenvalues, as
