@@ -76,6 +76,14 @@ PINV_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 # an input whose part outside the basis is below this fraction of its norm adds no new direction
 NEW_DIRECTION_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
+# where each factor keeps its neurons, for a mesh (src/fusetrace/shard.py): the axis after the batch and
+# component axes ("post" `(B, K, *units, S)`, a credit chain's trace `(B, K, *units)`), after the batch
+# axis alone ("metric" `(B, *units, S, S)`), the presynaptic vector's axis when it is a neuron population
+# ("pre" `(B, K, I)`), or none (the state of the basis: "rotation" `(B, K+1, K)`; "gram" and "mixing"
+# `(K, K)`, which have no batch axis either)
+FACTOR_NEURON_AXIS = {"pre": "pre", "post": 2, "chain": 2, "metric": 1, "rotation": None, "gram": None, "mixing": None}
+UNBATCHED_FACTORS = ("gram", "mixing")
+
 Pre = Float[Array, "batch component n_pre"]
 Post = Float[Array, "batch component n_post n_states"]
 

@@ -8,6 +8,8 @@
 * Tier 3/4: the state holds no n_pre × n_post array; the options are checked.
 """
 
+import collections
+
 import brainstate
 import braintools
 import brainunit as u
@@ -290,9 +292,12 @@ def test_the_spike_truncation_of_a_group_without_spikes_is_the_balanced_one():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_the_spike_metric_is_placed_like_a_postsynaptic_factor_on_a_mesh():
-    """`shard_step` lays the per-neuron metric out as the postsynaptic factor, its neuron axis split and its
-    two state axes whole; one sharded step equals the plain step (a one-device mesh: placement is checked)."""
+def test_the_factors_are_placed_by_their_own_layout_on_a_mesh():
+    """`shard_step` lays every factor out by its own layout (`components.FACTOR_NEURON_AXIS`): the
+    postsynaptic factor and the per-neuron metric split on their neuron axis (not the component axis),
+    their state axes whole; a presynaptic factor on its neuron axis when it is a population (the recurrent
+    spikes), else whole; the basis rotation only over the batch. One sharded step equals the plain step
+    (a one-device mesh: placement is checked)."""
     xs, ys = _data()
     learner = fusetrace.compile(
         _model(), xs[0], loss=_loss, batch_size=BATCH, factorisation="low_rank", rank=2, rank_metric="spike"
@@ -302,6 +307,13 @@ def test_the_spike_metric_is_placed_like_a_postsynaptic_factor_on_a_mesh():
     params, state = sharded.place(learner.params, learner.init())
     metrics = [factors["metric"] for factors in state["traces"].values() if "metric" in factors]
     assert metrics and all(tuple(m.sharding.spec) == ("data", "neurons", None, None) for m in metrics)
+    specs = collections.defaultdict(set)
+    for factors in state["traces"].values():
+        for name, value in factors.items():
+            specs[name].add(tuple(value.sharding.spec))
+    assert specs["post"] == {("data", None, "neurons", None)}
+    assert specs["rotation"] == {("data", None, None)}
+    assert specs["pre"] == {("data", None, None), ("data", None, "neurons")}  # the input; the recurrent spikes
     plain, step = learner.init(), jax.jit(learner.step)
     for x, y in zip(xs, ys, strict=True):
         plain, want = step(learner.params, plain, x, y)

@@ -39,7 +39,9 @@ from jax.sharding import PartitionSpec as P
 
 from .api import Learner, StepResult
 from .errors import CompileError, four_part
+from .passes.components import FACTOR_NEURON_AXIS, UNBATCHED_FACTORS
 from .passes.derive import batch_groups
+from .passes.factorised import factorised, has_components
 from .passes.layout import layout_kind
 from .sequence import ScanResult
 
@@ -322,19 +324,36 @@ class _Rules:
         out = {}
         for index in plan.traced:
             key = plan.key(index)
+            if self._has_components(index):
+                out[key] = {name: self._component(f"{key}.{name}", v.shape, name) for name, v in values[key].items()}
+                continue
             out[key] = {
-                # the "spike" truncation's per-neuron metric is laid out as a postsynaptic factor (a trailing S)
-                name: self._trace_tree(f"{key}.{name}", value, relations[index], "post" if name == "metric" else name)
+                name: self._trace_tree(f"{key}.{name}", value, relations[index], name)
                 for name, value in values[key].items()
             }
         for node in plan.chains:  # credit traces are laid out like their owner's trace (one array per state)
             relation = relations[node.owner]
             part = "post" if plan.algorithm == "es_d_rtrl" and not relation.elementwise else "eps"
-            if node.resolved:  # the owner's layout and a trailing axis of the last stage's units (kept whole)
+            if self._has_components(node.owner):  # (B, K, *units[, the last stage's units])
+                out[node.key] = tuple(self._component(node.key, x.shape, "chain") for x in values[node.key])
+            elif node.resolved:  # the owner's layout and a trailing axis of the last stage's units (kept whole)
                 out[node.key] = tuple(self._with_units(node.key, x.shape, relation, part) for x in values[node.key])
             else:
                 out[node.key] = self._trace_tree(node.key, values[node.key], relation, part)
         return out
+
+    def _has_components(self, index: int) -> bool:
+        """Whether relation `index`'s trace is K pairs of factors ("matched", "low_rank")."""
+        plan = self.learner.plan
+        return has_components(plan) and factorised(plan.algorithm, self.analysis.relations[index])
+
+    def _component(self, what: str, shape, name: str) -> NamedSharding:
+        """The sharding of a factor of the component factorisations, by its layout (`FACTOR_NEURON_AXIS`)."""
+        batch = None if name in UNBATCHED_FACTORS else self._batch_dim(shape)
+        neuron = FACTOR_NEURON_AXIS[name]
+        if neuron == "pre":
+            neuron = 2 if tuple(shape[2:]) in self.populations else None
+        return self._spec(what, shape, batch, neuron if neuron is not None and neuron < len(shape) else None)
 
     def _with_units(self, what: str, shape, relation, part: str) -> NamedSharding:
         inner = self._trace(what, shape[:-1], relation, part)
