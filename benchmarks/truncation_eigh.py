@@ -1,0 +1,62 @@
+"""The low-rank truncation's eigendecompositions, LAPACK against Jacobi rotations (passes/small_eigh.py),
+in one training iteration: the same learner built twice in one process, once with every Gram matrix sent
+to `jnp.linalg.eigh` (`small_eigh.LARGEST = 0` while it compiles) and once as shipped, their training
+iterations alternated on the same batches (medians of `--rounds`).
+
+    python benchmarks/truncation_eigh.py --task evidence --rank 4 --rank-metric spike --credit-depth 1
+    python benchmarks/truncation_eigh.py --task evidence --rank 4 \
+        --network benchmarks.peer_networks:gif_evidence_network
+
+Prints seconds per iteration; nothing is written to the results.
+"""
+
+import argparse
+import sys
+import time
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from learning import RUN_SIZES, _run_fields
+
+from fusetrace.cli import RunConfig, build
+from fusetrace.passes import small_eigh
+
+sys.path.insert(0, str(common.ROOT))  # `--network benchmarks.peer_networks:...`
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="evidence", choices=sorted(RUN_SIZES))
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rank-metric", default="plain")
+    parser.add_argument("--credit-depth", type=int, default=None)
+    parser.add_argument("--network", default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    options = {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": args.rank}
+    options["rank_metric"] = args.rank_metric
+    if args.credit_depth is not None:
+        options["credit_depth"] = args.credit_depth
+    fields = {**_run_fields(args.task, RUN_SIZES[args.task][0], iterations=100, seed=0), "network": args.network}
+    shipped, trainers = small_eigh.LARGEST, {}
+    for name, largest in (("LAPACK", 0), ("Jacobi", shipped)):
+        small_eigh.LARGEST = largest  # read while the iteration compiles (its first call)
+        _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
+        state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
+        trainers[name] = [trainer, state]
+    small_eigh.LARGEST = shipped
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for round_ in range(args.rounds):
+        for name, held in trainers.items():
+            begin = time.perf_counter()
+            held[1] = jax.block_until_ready(held[0].iteration({**held[1], "iteration": jnp.asarray(round_ + 1)})[0])
+            times[name].append(time.perf_counter() - begin)
+    for name, t in times.items():
+        print(f"{name}: {np.median(t):.3f} s per iteration ({', '.join(f'{x:.3f}' for x in t)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
