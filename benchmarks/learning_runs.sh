@@ -52,6 +52,8 @@ for seed in ${SEEDS}; do
   run EVIDENCE_GIF gif-es_d_rtrl "$seed" --algorithm es_d_rtrl
   run EVIDENCE_GIF gif-es_d_rtrl-low_rank4 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 4
   run EVIDENCE_GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
+  run EVIDENCE_GIF gif-es_d_rtrl-low_rank3 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 3
+  run EVIDENCE_GIF gif-d_rtrl "$seed" --algorithm d_rtrl  # issue 16's item 4 (about 1.2 h per seed here)
   # braintrace's pp_prop on the same GIF networks, written with Gif's two moving states (TwoStateGif: braintrace
   # refuses brainpy.state's Gif; tests/test_peer_networks.py shows the two are one network)
   $PY benchmarks/learning.py peer --task dms --network benchmarks.peer_networks:two_state_gif_dms_network \

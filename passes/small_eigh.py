@@ -24,6 +24,7 @@ above `LARGEST` the matrices go to `jnp.linalg.eigh` (measured crossover). A mat
 symmetric is read as its upper triangle.
 """
 
+import functools
 import itertools
 
 import jax
@@ -97,17 +98,15 @@ def _rotate(a: dict, v: dict, p: int, q: int, n: int) -> tuple[dict, dict]:
 def _ascending(w: list, v: dict, n: int) -> tuple[jax.Array, jax.Array]:
     """The eigenpairs in ascending order of `w`: each one's rank is the count of smaller eigenvalues (ties
     by index), and slot `m` takes the pair of rank `m` (selections, no sort)."""
-    rank = [
-        sum(((w[j] < w[i]) | ((w[j] == w[i]) & (j < i))).astype(jnp.int32) for j in range(n) if j != i)
-        for i in range(n)
-    ]
-    at = [[rank[i] == m for i in range(n)] for m in range(n)]  # at[m][i]: pair i goes to slot m
+
+    def before(j: int, i: int) -> jax.Array:
+        return ((w[j] < w[i]) | ((w[j] == w[i]) & (j < i))).astype(jnp.int32)
+
+    none = jnp.zeros(jnp.shape(w[0]), jnp.int32)
+    rank = [functools.reduce(jnp.add, [before(j, i) for j in range(n) if j != i], none) for i in range(n)]
 
     def pick(values: list, m: int) -> jax.Array:
-        return sum(jnp.where(at[m][i], values[i], 0) for i in range(n))
+        return functools.reduce(jnp.add, [jnp.where(rank[i] == m, values[i], 0) for i in range(n)])
 
-    values = jnp.stack([pick(w, m) for m in range(n)], axis=-1)
-    vectors = jnp.stack(
-        [jnp.stack([pick([v[r, i] for i in range(n)], m) for m in range(n)], axis=-1) for r in range(n)], axis=-2
-    )
-    return values, vectors
+    rows = [jnp.stack([pick([v[r, i] for i in range(n)], m) for m in range(n)], axis=-1) for r in range(n)]
+    return jnp.stack([pick(w, m) for m in range(n)], axis=-1), jnp.stack(rows, axis=-2)
