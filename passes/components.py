@@ -52,8 +52,8 @@ batch entry (`passes.small_eigh`: Jacobi rotations over the batch up to rank 4, 
 truncation reads the Gram matrix of the extended right factor, so directions whose singular values are
 under √ε of the largest are resolved only to rounding (which of two such directions is dropped can
 differ between eigensolvers: 6e-9 against 3e-7 of a gradient leaf's norm on one fuzz network at full
-rank, docs/reliability.md). The rank is capped at what the trace can have: `min(rank, n_pre, n_post·S)` of the relations
-sharing the factor (`min(rank, n_pre)` when credit chains ride on the basis).
+rank, docs/reliability.md). The rank is capped at what the trace can have: `min(rank, n_pre, n_post·S)`
+of the relations sharing the factor (`min(rank, n_pre)` when credit chains ride on the basis).
 """
 
 import functools

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import deep_models
 import fusetrace
 import references as ref
 import zoo
@@ -320,6 +321,33 @@ def test_the_factors_are_placed_by_their_own_layout_on_a_mesh():
         state, got = sharded.step(params, state, *sharded.place_inputs(x, y))
     for a, b in zip(jax.tree.leaves((state, got.grads)), jax.tree.leaves((plain, want.grads)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+
+
+def test_credit_chains_on_the_basis_are_placed_on_their_neuron_axis():
+    """A credit chain riding on a low-rank basis `(B, K, *units[, last stage's units])` is split on its
+    neuron axis, not on the component axis (placement only: `shard_step` on a one-device mesh, a two-layer stack whose first
+    weights reach the loss through the second population)."""
+    brainstate.environ.set(dt=1.0 * u.ms)
+    x = (jax.random.uniform(jax.random.PRNGKey(0), (BATCH, deep_models.N_IN)) < 0.5).astype(jnp.float64)
+    learner = fusetrace.compile(
+        deep_models.build("two_layer_leaky", BATCH),
+        x,
+        loss=lambda output, target: jnp.sum((u.get_mantissa(output) - target) ** 2),
+        batch_size=BATCH,
+        example_target=jnp.zeros((BATCH, 3)),
+        factorisation="low_rank",
+        rank=2,
+    )
+    chains = [node.key for node in learner.plan.chains if node.key in learner.init()["traces"]]
+    assert chains
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "neurons"))
+    _, state = fusetrace.shard_step(learner, mesh, batch_axis="data", neuron_axis="neurons").place(
+        learner.params, learner.init()
+    )
+    for key in chains:
+        for trace in state["traces"][key]:
+            want = ("data", None, "neurons") + (None,) * (trace.ndim - 3)  # a resolved chain: the units last
+            assert tuple(trace.sharding.spec) == want, key
 
 
 @pytest.mark.parametrize("conn", ["sparse"])  # binary_fcnmm, reading a slice of the spikes transposed
