@@ -20,8 +20,10 @@ by their ranks (element-wise too). Jacobi finds the small eigenvalues of a grade
 high relative accuracy, which the truncation needs: it drops the smallest.
 
 Sharp edges: the cost grows as n³ per sweep, one fused kernel per `ROTATIONS_PER_KERNEL` rotations;
-above `LARGEST` the matrices go to `jnp.linalg.eigh` (measured crossover). A matrix that is not
-symmetric is read as its upper triangle.
+above `LARGEST` the matrices go to `jnp.linalg.eigh` (measured crossover). Only the CPU takes the
+rotations (`lax.platform_dependent`): on a GPU each kernel is a launch, and the rotations were not
+measured there, so other platforms keep their own `eigh`. A matrix that is not symmetric is read as its
+upper triangle.
 """
 
 import functools
@@ -47,12 +49,24 @@ ROTATIONS_PER_KERNEL = 2
 
 
 def eigh(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(w, v)` of the symmetric `(..., n, n)` matrices, as `jnp.linalg.eigh` (module docstring)."""
+    """`(w, v)` of the symmetric `(..., n, n)` matrices, as `jnp.linalg.eigh` (module docstring). The
+    rotations on the CPU, where they were measured; on other platforms their own `eigh`."""
     n = matrices.shape[-1]
     dtype = np.dtype(matrices.dtype)
     if n > LARGEST or dtype not in SWEEPS:
-        return jnp.linalg.eigh(matrices)
+        return _library(matrices)
     sweeps = next(count for size, count in SWEEPS[dtype] if n <= size)
+    return lax.platform_dependent(matrices, cpu=functools.partial(_jacobi, sweeps=sweeps), default=_library)
+
+
+def _library(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    w, v = jnp.linalg.eigh(matrices)
+    return w, v
+
+
+def _jacobi(matrices: jax.Array, sweeps: int) -> tuple[jax.Array, jax.Array]:
+    """Cyclic Jacobi, `sweeps` sweeps over the upper triangle's pairs, then the pairs in ascending order."""
+    n = matrices.shape[-1]
     a = {(i, j): matrices[..., i, j] for i in range(n) for j in range(i, n)}
     one, zero = jnp.ones_like(a[0, 0]), jnp.zeros_like(a[0, 0])
     v = {(i, j): one if i == j else zero for i in range(n) for j in range(n)}
