@@ -325,8 +325,8 @@ def test_the_factors_are_placed_by_their_own_layout_on_a_mesh():
 
 def test_credit_chains_on_the_basis_are_placed_on_their_neuron_axis():
     """A credit chain riding on a low-rank basis `(B, K, *units[, last stage's units])` is split on its
-    neuron axis, not on the component axis (placement only: `shard_step` on a one-device mesh, a two-layer stack whose first
-    weights reach the loss through the second population)."""
+    neuron axis, not on the component axis (placement only: `shard_step` on a one-device mesh, a
+    two-layer stack whose first weights reach the loss through the second population)."""
     brainstate.environ.set(dt=1.0 * u.ms)
     x = (jax.random.uniform(jax.random.PRNGKey(0), (BATCH, deep_models.N_IN)) < 0.5).astype(jnp.float64)
     learner = fusetrace.compile(
