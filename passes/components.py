@@ -409,9 +409,10 @@ def _extend_and_truncate(basis, right, u, f, weigh=None):
     weighted_moved, weighted_f = (moved, f) if weigh is None else weigh(moved, f, norm)
     if weigh is not None:  # settled once: else XLA recomputes the metric's products in every entry's sum
         weighted_moved, weighted_f = lax.optimization_barrier((weighted_moved, weighted_f))
-    # a product and a sum, not `_project`: as a batched matrix product XLA's CPU backend first copied `f`
-    # into a (B, P·S, 1) operand, element by element (46 µs of a rank-2 step at B 64, P·S 300, measured)
-    cross = jnp.sum(weighted_moved * f[:, None, :], axis=-1) * norm[:, None]
+    # a product and a sum per component, not `_project`: as a batched matrix product XLA's CPU backend
+    # first copied `f` into a (B, P·S, 1) operand, element by element (46 µs of a rank-2 step at B 64,
+    # P·S 300); one sum over a broadcast `f` was slower on DMS's sizes (measured, docs/results.md)
+    cross = jnp.stack([jnp.sum(weighted_moved[:, k] * f, axis=-1) for k in range(moved.shape[1])], 1) * norm[:, None]
     corner = (norm**2 * jnp.sum(weighted_f * f, axis=-1))[:, None, None]
     gram = jnp.concatenate(
         [
