@@ -49,11 +49,13 @@ class Setting:
     iterations: int
     keep: tuple[int, ...]
     options: dict = dataclasses.field(default_factory=dict)
+    network: str | None = None  # "MODULE:FACTORY" (None: the task's reference network)
 
 
 SETTINGS = {
     "dms": Setting("dms", 32, 2e-3, 100, (0, 30, 100)),
-    "evidence": Setting("evidence", 64, 2e-3, 200, (0, 60, 200)),
+    # e-prop's LIF/ALIF network, the reference network when these measurements were made (docs/tasks.md)
+    "evidence": Setting("evidence", 64, 2e-3, 200, (0, 60, 200), network="fusetrace.tasks:ei_evidence_network"),
     "xor": Setting("xor", 32, 5e-3, 600, (0, 100, 600)),
 }
 DEFAULT_TASKS = ("dms", "evidence")
@@ -81,6 +83,7 @@ def _config(setting: Setting, algorithm: str, **options) -> RunConfig:
         checkpoint_every=setting.iterations,
         clip_norm=1.0,
         task_options=dict(setting.options),
+        network=setting.network,
         **options,
     )
 

@@ -200,6 +200,8 @@ def main(argv=None) -> int:
     figure.add_argument("--runs", default=str(RUNS), help="the folder of the runs (one sub-folder per run)")
     figure.add_argument("--out", default=None, help="where the figures go (default docs/images)")
     args = parser.parse_args(argv)
+    if getattr(args, "network", "") is None and args.task in PEER_FORM:
+        args.network = PEER_FORM[args.task]  # braintrace cannot compile the reference network's `Gif`
     if args.what == "peer":
         return _peer(args)
     if args.what == "time":
@@ -260,6 +262,10 @@ def _figure(runs: pathlib.Path, out: pathlib.Path) -> int:
 
 # the learning runs' sizes and pp_prop's decay per task (benchmarks/learning_runs.sh)
 RUN_SIZES = {"dms": (32, 0.99), "evidence": (64, 0.9)}
+# the network both sides run when `--network` is not given, where braintrace cannot compile the task's
+# reference network: evidence's `Gif` network in the form with its two moving states (the same draws,
+# trajectory and gradients: tests/test_peer_networks.py)
+PEER_FORM = {"evidence": "benchmarks.peer_networks:two_state_gif_evidence_network"}
 # fusetrace's side of the timing: name -> `RunConfig` fields
 _LOW_RANK = {"algorithm": "es_d_rtrl", "factorisation": "low_rank"}
 TIMED = {

@@ -16,9 +16,12 @@ EVIDENCE_ITER=${ITER:-600}
 DMS=(--task dms --batch 32 --lr 2e-3 --clip 1.0 --schedule cosine
   --validate-every 10 --validation-batches 8 --test-batches 32 --iterations "${DMS_ITER}")
 GIF=("${DMS[@]}" --network benchmarks.peer_networks:gif_dms_network)
-EVIDENCE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine
+EVIDENCE_RECIPE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --schedule cosine
   --validate-every 10 --validation-batches 4 --test-batches 16 --iterations "${EVIDENCE_ITER}")
-EVIDENCE_GIF=("${EVIDENCE[@]}" --network benchmarks.peer_networks:gif_evidence_network)
+# e-prop's LIF/ALIF network, the task's reference network until issue 16 moved it to the GIF design, whose
+# runs name it as they were made (the same draws as `fusetrace train --task evidence` today)
+EVIDENCE=("${EVIDENCE_RECIPE[@]}" --network fusetrace.tasks:ei_evidence_network)
+EVIDENCE_GIF=("${EVIDENCE_RECIPE[@]}" --network benchmarks.peer_networks:gif_evidence_network)
 run() {  # task-args name seed fusetrace-args...
   local -n args=$1; local name=$2 seed=$3; shift 3
   local dir="runs/learning/${args[1]}-${name}-s${seed}"
@@ -65,7 +68,8 @@ for seed in ${SEEDS}; do
   $PY benchmarks/learning.py peer --task dms --seed "$seed" --iterations "${DMS_ITER}" --batch 32 --lr 2e-3 \
     --schedule cosine --clip 1.0 --decay 0.99 --validate-every 10 --validation-batches 8 --test-batches 32 \
     --run-dir "runs/learning/dms-pp_prop-s${seed}"
-  $PY benchmarks/learning.py peer --task evidence --seed "$seed" --iterations "${EVIDENCE_ITER}" --batch 64 \
+  $PY benchmarks/learning.py peer --task evidence --network fusetrace.tasks:ei_evidence_network --seed "$seed" \
+    --iterations "${EVIDENCE_ITER}" --batch 64 \
     --lr 2e-3 --schedule cosine --clip 1.0 --decay 0.9 --validate-every 10 --validation-batches 4 \
     --test-batches 16 --run-dir "runs/learning/evidence-pp_prop-s${seed}"
 done

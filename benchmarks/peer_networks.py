@@ -9,53 +9,18 @@ import braintools
 import brainunit as u
 import jax
 
-from fusetrace.tasks.base import begin_network, current_projection, ms
+from fusetrace.tasks.base import begin_network, ms
 from fusetrace.tasks.dms import DMSNetwork
+from fusetrace.tasks.gif import GifNetwork
 
 
-class GifDMSNetwork(brainstate.nn.Module):
-    """braintrace's DMS recipe (chaobrain/braintrace-snn-experiments,
-    `task-rsnn-long-term-dependency.py`, the settings of its recorded runs) built from brainpy.state parts:
-    200 `Gif` neurons (τ 100 ms; an adaptation current I2 lowered by 1 mA per spike, decaying with a τ drawn
-    per neuron from U(100, 2250) ms; soft reset; threshold 1 mV), input and recurrent spikes through one
-    exponential synapse (τ 100 ms; input weights Kaiming scale 6, recurrent scale 2), and a leaky readout
-    (τ 10 ms, Kaiming scale 6) of `standardize(V − V_th)` across the neurons. `update(x_t)` returns the
-    readout."""
+class GifDMSNetwork(GifNetwork):
+    """braintrace's DMS recipe (chaobrain/braintrace-snn-experiments, `task-rsnn-long-term-dependency.py`,
+    the settings of its recorded runs) at its sizes: `fusetrace.tasks.GifNetwork` with 100 inputs, 200
+    `Gif` neurons and 2 outputs (the design and its settings are documented there)."""
 
     def __init__(self, n_in: int = 100, n_rec: int = 200, n_out: int = 2):
-        super().__init__()
-        tau_i2 = brainstate.random.uniform(100.0, 2250.0, (n_rec,)) * u.ms
-        self.neurons = self._neurons(n_rec, tau_i2)
-        self.rec = current_projection(n_rec, self.neurons, n_rec, ms(100.0), scale=2.0)
-        self.inp = current_projection(n_in, self.neurons, n_rec, ms(100.0), scale=6.0)
-        self.out = bps.LeakyRateReadout(n_rec, n_out, tau=ms(10.0), w_init=braintools.init.KaimingNormal(scale=6.0))
-
-    def _neurons(self, n_rec: int, tau_i2) -> bps.Neuron:
-        return bps.Gif(
-            n_rec,
-            R=1.0 * u.ohm,
-            tau=ms(100.0),
-            V_rest=0.0 * u.mV,
-            V_reset=0.0 * u.mV,
-            V_th_inf=1.0 * u.mV,
-            V_th_reset=0.0 * u.mV,
-            V_th_initializer=braintools.init.Constant(1.0 * u.mV),
-            a=0.0 / u.ms,
-            b=0.0 / u.ms,
-            k2=1.0 / tau_i2,
-            A2=-1.0 * u.mA,
-            V_initializer=braintools.init.Constant(0.0 * u.mV),
-        )
-
-    def potential(self):
-        """`V − V_th`, unitless: what the readout standardises."""
-        return u.get_mantissa(self.neurons.V.value - self.neurons.V_th.value)
-
-    def update(self, x):
-        self.rec(self.neurons.get_spike())
-        self.inp(x)
-        self.neurons()
-        return self.out(jax.nn.standardize(self.potential(), axis=-1))
+        super().__init__(n_in, n_rec, n_out)
 
 
 class TwoStateGif(bps.Neuron):
@@ -163,13 +128,12 @@ def alif_potential_readout_dms_network(seed: int | None = None) -> AlifPotential
     return AlifPotentialReadout()
 
 
-def gif_evidence_network(seed: int | None = None) -> GifDMSNetwork:
-    """The GIF network with the potential readout, sized for evidence accumulation (40 inputs, 100 `Gif`
-    neurons, 2 outputs): `fusetrace train --task evidence --network
-    benchmarks.peer_networks:gif_evidence_network` (issue 16: does the design that lets es_d_rtrl learn
-    DMS carry over?)."""
+def gif_evidence_network(seed: int | None = None) -> GifNetwork:
+    """The GIF network sized for evidence accumulation (40 inputs, 100 `Gif` neurons, 2 outputs): the
+    task's reference network since issue 16 (`fusetrace.tasks.evidence_network`, the same draws), kept
+    under this name for the commands of the runs made before it became the reference."""
     begin_network(1.0, seed)
-    return GifDMSNetwork(n_in=40, n_rec=100, n_out=2)
+    return GifNetwork(40, 100, 2)
 
 
 def two_state_gif_dms_network(seed: int | None = None) -> TwoStateGifNetwork:

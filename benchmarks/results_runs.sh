@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 F=.venv/bin/fusetrace
-EVIDENCE=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --option shorten=0.2)
+EVIDENCE=(--task evidence --network fusetrace.tasks:ei_evidence_network --batch 64 --lr 2e-3 --clip 1.0 --option shorten=0.2)
 $F train "${EVIDENCE[@]}" --algorithm bptt --iterations 200 --run-dir runs/results/evidence-bptt
 $F train "${EVIDENCE[@]}" --algorithm es_d_rtrl --iterations 200 --run-dir runs/results/evidence-es_d_rtrl
 $F train "${EVIDENCE[@]}" --algorithm d_rtrl --iterations "${D_RTRL_ITER:-200}" --run-dir runs/results/evidence-d_rtrl-200
@@ -15,7 +15,7 @@ $F train --task dms --algorithm es_d_rtrl --iterations 300 --batch 32 --lr 2e-3 
   --rate-reg 0.02 --target-rate 10 --run-dir runs/results/dms-es_d_rtrl-cosine-300
 $F train --task dms --algorithm bptt --iterations 100 --batch 32 --lr 2e-3 --clip 1.0 --run-dir runs/results/dms-bptt
 # Full-length evidence accumulation (2,250 ms trials), then delayed match-to-sample with d_rtrl.
-FULL=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --iterations 200)
+FULL=(--task evidence --network fusetrace.tasks:ei_evidence_network --batch 64 --lr 2e-3 --clip 1.0 --iterations 200)
 $F train "${FULL[@]}" --algorithm bptt --run-dir runs/results/evidence-full-bptt
 $F train "${FULL[@]}" --algorithm es_d_rtrl --run-dir runs/results/evidence-full-es_d_rtrl
 $F train "${FULL[@]}" --algorithm es_d_rtrl --decay 0.99 --run-dir runs/results/evidence-full-es_d_rtrl-099
@@ -45,7 +45,7 @@ for seed in 1 2; do
   $F train "${DMS[@]}" "${TRUNCATED[@]}" "${BEST[@]}" --seed $seed --run-dir runs/results/dms-truncated-cosine-300-seed$seed
 done
 # Full-length evidence accumulation with held-out validation (every 10 iterations, 4 batches) and test.
-EVIDENCE_HELD_OUT=(--task evidence --batch 64 --lr 2e-3 --clip 1.0 --validate-every 10 --validation-batches 4 \
+EVIDENCE_HELD_OUT=(--task evidence --network fusetrace.tasks:ei_evidence_network --batch 64 --lr 2e-3 --clip 1.0 --validate-every 10 --validation-batches 4 \
   --test-batches 16)
 COSINE=(--iterations 300 --schedule cosine)
 $F train "${EVIDENCE_HELD_OUT[@]}" --iterations 200 --algorithm bptt --run-dir runs/results/evidence-full-bptt-validated

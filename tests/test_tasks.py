@@ -399,9 +399,31 @@ def test_reference_network_compiles_and_steps(name):
     assert set(spec.metric(jnp.zeros_like(batch.task.targets), batch)) <= {"accuracy", "normalised_mse"}
 
 
+def test_evidence_reference_network_is_the_gif_design_with_its_draws():
+    """`evidence_network` is `GifNetwork(40, 100, 2)` with the draws of the GIF runs made before it became the
+    reference (`benchmarks.peer_networks:gif_evidence_network`), so their commands and seeds carry over; its
+    readout is traced from the standardised potentials of the 100 neurons, and `Gif`'s four states and the
+    synapse's current are one group."""
+    from benchmarks import peer_networks
+
+    net, earlier = tasks.evidence_network(seed=3), peer_networks.gif_evidence_network(seed=3)
+    assert isinstance(net, tasks.GifNetwork)
+    weights = [sorted(m.states(brainstate.ParamState).items()) for m in (net, earlier)]
+    for (path, a), (_, b) in zip(*weights, strict=True):
+        for x, y in zip(jax.tree.leaves(a.value), jax.tree.leaves(b.value), strict=True):
+            np.testing.assert_array_equal(_np(u.get_mantissa(x)), _np(u.get_mantissa(y)), str(path))
+    np.testing.assert_array_equal(_np(u.get_mantissa(net.neurons.k2)), _np(u.get_mantissa(earlier.neurons.k2)))
+    task = tasks.evidence_accumulation(batch=BATCH, seed=0, shorten=0.0)
+    analysis = fusetrace.analyze(net, task.inputs[0], batch_size=BATCH)
+    (readout,) = analysis.relations_of("out.weight")
+    assert readout.status == "traced" and readout.n_pre == 100
+    assert sorted(len(group.leaves) for group in analysis.groups) == [1, 5]  # readout {r}; Gif {V, I1, I2, V_th, g}
+
+
 def test_evidence_readout_reads_both_populations():
-    """The readout is traced from the concatenated new spikes of the LIF and the ALIF population."""
-    net = tasks.evidence_network(seed=0)
+    """e-prop's network (`ei_evidence_network`, the demo's): the readout is traced from the concatenated new
+    spikes of the LIF and the ALIF population."""
+    net = tasks.ei_evidence_network(seed=0)
     task = tasks.evidence_accumulation(batch=BATCH, seed=0, shorten=0.0)
     analysis = fusetrace.analyze(net, task.inputs[0], batch_size=BATCH)
     (readout,) = analysis.relations_of("out.weight")

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import fusetrace
-from fusetrace import checkpoint
+from fusetrace import checkpoint, tasks
 from fusetrace.cli import main as cli_main
 from fusetrace.errors import CompileError
 from fusetrace.passes.fuse import DEFAULT_CREDIT_DEPTH
@@ -253,7 +253,9 @@ def test_cli_demo_runs_the_recipe_the_readme_describes(tmp_path, capsys):
     assert (config["task"], config["algorithm"], config["batch"]) == ("evidence", "es_d_rtrl", 64)
     assert (config["learning_rate"], config["clip_norm"], config["task_options"]) == (2e-3, 1.0, {"shorten": 0.2})
     assert config["credit_depth"] == 1
-    assert build(RunConfig(**config))[1].plan.depth == 1
+    assert config["network"] == "fusetrace.tasks:ei_evidence_network"  # e-prop's LIF/ALIF network, as the README says
+    model, learner = build(RunConfig(**config))[:2]
+    assert isinstance(model, tasks.EvidenceNetwork) and learner.plan.depth == 1
     assert len(json.loads((tmp_path / "metrics.json").read_text())["history"]) == 1
 
 

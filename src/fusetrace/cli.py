@@ -366,6 +366,7 @@ def demo_config(algorithm: str = "es_d_rtrl", seed: int = 0, iterations: int | N
         clip_norm=spec.demo.get("clip_norm"),
         task_options=dict(spec.demo.get("task_options", {})),
         credit_depth=spec.demo.get("credit_depth", DEFAULT_CREDIT_DEPTH),
+        network=spec.demo.get("network"),
     )
 
 

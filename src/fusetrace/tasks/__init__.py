@@ -10,7 +10,7 @@ from .base import RecurrentLIFReadout, Task, TaskError, accuracy, cross_entropy_
 from .connectome import Connectome, generate_connectome, load_connectome
 from .copy_task import CopyNetwork, copy_network, copy_task
 from .dms import DMSNetwork, delayed_match_to_sample, dms_network
-from .evidence import EvidenceNetwork, evidence_accumulation, evidence_network
+from .evidence import EvidenceNetwork, ei_evidence_network, evidence_accumulation, evidence_network
 from .flybrain import (
     ConnectomeNetwork,
     RateFit,
@@ -21,6 +21,7 @@ from .flybrain import (
     perturbed_weights,
     rate_fit,
 )
+from .gif import GifNetwork
 from .pattern import PatternNetwork, pattern_generation, pattern_network
 from .registry import REGISTRY, TaskSpec, TrainingBatch
 from .xor import XorNetwork, temporal_xor, xor_network
@@ -32,6 +33,7 @@ __all__ = [
     "CopyNetwork",
     "DMSNetwork",
     "EvidenceNetwork",
+    "GifNetwork",
     "PatternNetwork",
     "RateFit",
     "RecurrentLIFReadout",
@@ -49,6 +51,7 @@ __all__ = [
     "delayed_match_to_sample",
     "dms_network",
     "drive_neurons",
+    "ei_evidence_network",
     "evidence_accumulation",
     "evidence_network",
     "generate_connectome",

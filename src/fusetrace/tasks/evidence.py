@@ -1,5 +1,7 @@
-"""Evidence (cue) accumulation, e-prop's task (Bellec et al. 2020, Nat. Commun. 11:3625), and its
-reference network: 50 LIF + 50 ALIF neurons and a leaky readout.
+"""Evidence (cue) accumulation, e-prop's task (Bellec et al. 2020, Nat. Commun. 11:3625), its reference
+network (100 `Gif` neurons with a readout of their standardised potentials: `gif.GifNetwork`, since issue
+16) and e-prop's own network (50 LIF + 50 ALIF neurons and a leaky readout of their spikes: the
+reference network before it, and the demo's).
 
 Trial layout at dt = 1 ms (defaults = the published definition):
 
@@ -29,6 +31,7 @@ from .base import (
     one_hot,
     spikes,
 )
+from .gif import GifNetwork
 
 DT_MS = 1.0
 GROUP_SIZE = 10  # channels per group; groups in order: left, right, recall, noise
@@ -155,8 +158,10 @@ class EvidenceNetwork(brainstate.nn.Module):
         return self.out(u.math.concatenate([self.lif(), self.alif()], axis=-1))
 
 
-def evidence_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> EvidenceNetwork:
-    """Build the reference network for `evidence_accumulation` (40 inputs, 50 LIF + 50 ALIF, 2 outputs).
+def evidence_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> GifNetwork:
+    """Build the reference network for `evidence_accumulation`: `GifNetwork(40, 100, 2)` (40 inputs, 100
+    `Gif` neurons, 2 outputs; docs/tasks.md says why it replaced e-prop's LIF/ALIF network, which
+    `ei_evidence_network` builds).
 
     Arguments:
         seed: reseeds `brainstate.random` before the weights are drawn (None: keep its state).
@@ -166,6 +171,18 @@ def evidence_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> Eviden
         >>> net = evidence_network(seed=0)
         >>> learner = fusetrace.compile(net, task.inputs[0], loss=cross_entropy_loss,   # doctest: +SKIP
         ...                             batch_size=task.batch_size)
+    """
+    begin_network(dt_ms, seed)
+    return GifNetwork(40, 100, 2)
+
+
+def ei_evidence_network(*, seed: int | None = None, dt_ms: float = DT_MS) -> EvidenceNetwork:
+    """Build e-prop's network for `evidence_accumulation` (40 inputs, 50 LIF + 50 ALIF, 2 outputs): the
+    reference network before issue 16, and the one `fusetrace demo` trains.
+
+    Arguments:
+        seed: reseeds `brainstate.random` before the weights are drawn (None: keep its state).
+        dt_ms: the step; set globally in brainstate before the model is built.
     """
     begin_network(dt_ms, seed)
     return EvidenceNetwork()

@@ -45,7 +45,8 @@ class TaskSpec:
         loss: the per-step loss `loss(output, (target_t, mask_t))`.
         metric: `metric(outputs (T, batch, n_out), batch: TrainingBatch) -> dict[str, float]`.
         dt_ms: the task's step.
-        demo: settings of a short demonstration run (iterations, batch, learning_rate, task_options).
+        demo: settings of a short demonstration run (iterations, batch, learning_rate, task_options, and
+            optionally clip_norm, credit_depth and network: "MODULE:FACTORY" of another network than `network`).
     """
 
     name: str
@@ -91,10 +92,11 @@ REGISTRY: dict[str, TaskSpec] = {
             evidence_network,
             cross_entropy_loss,
             _trial_accuracy,
-            # es_d_rtrl, 2-core CPU: with credit_depth=1 (each population's credit through the readout only)
-            # held-out accuracy 0.825 / 0.792 / 0.802 on seeds 0-2 after 200 iterations, ~4.6 iterations/s;
-            # with the default depth (chains between the LIF and ALIF populations) it peaks at 0.80-0.89 and
-            # falls back (0.727 and 0.828 on seeds 1-2), at half the speed (docs/limitations.md)
+            # the demo trains e-prop's LIF/ALIF network (the reference before issue 16), with es_d_rtrl on a
+            # 2-core CPU: with credit_depth=1 (each population's credit through the readout only) held-out
+            # accuracy 0.825 / 0.792 / 0.802 on seeds 0-2 after 200 iterations, ~4.6 iterations/s; with the
+            # default depth (chains between the LIF and ALIF populations) it peaks at 0.80-0.89 and falls
+            # back (0.727 and 0.828 on seeds 1-2), at half the speed (docs/limitations.md)
             demo={
                 "iterations": 200,
                 "batch": 64,
@@ -102,6 +104,7 @@ REGISTRY: dict[str, TaskSpec] = {
                 "clip_norm": 1.0,
                 "task_options": {"shorten": 0.2},
                 "credit_depth": 1,
+                "network": "fusetrace.tasks:ei_evidence_network",
             },
         ),
         TaskSpec("dms", delayed_match_to_sample, dms_network, cross_entropy_loss, _trial_accuracy),
