@@ -6,13 +6,19 @@ through one exponential synapse, and a leaky readout of each neuron's standardis
 threshold, `standardize(V − V_th)` across the neurons, instead of its spikes.
 """
 
+from typing import Any
+
 import brainpy.state as bps
 import brainstate
 import braintools
 import brainunit as u
 import jax
 
-from .base import current_projection, ms
+from .base import current_projection, ms, mv
+
+
+def _q(value: float, unit) -> u.Quantity:
+    return u.Quantity(value, unit=unit)
 
 
 class GifNetwork(brainstate.nn.Module):
@@ -38,23 +44,24 @@ class GifNetwork(brainstate.nn.Module):
     def _neurons(self, n_rec: int, tau_i2) -> bps.Neuron:
         return bps.Gif(
             n_rec,
-            R=1.0 * u.ohm,
+            R=_q(1.0, u.ohm),
             tau=ms(100.0),
-            V_rest=0.0 * u.mV,
-            V_reset=0.0 * u.mV,
-            V_th_inf=1.0 * u.mV,
-            V_th_reset=0.0 * u.mV,
-            V_th_initializer=braintools.init.Constant(1.0 * u.mV),
-            a=0.0 / u.ms,
-            b=0.0 / u.ms,
+            V_rest=mv(0.0),
+            V_reset=mv(0.0),
+            V_th_inf=mv(1.0),
+            V_th_reset=mv(0.0),
+            V_th_initializer=braintools.init.Constant(mv(1.0)),
+            a=_q(0.0, 1 / u.ms),
+            b=_q(0.0, 1 / u.ms),
             k2=1.0 / tau_i2,
-            A2=-1.0 * u.mA,
-            V_initializer=braintools.init.Constant(0.0 * u.mV),
+            A2=_q(-1.0, u.mA),
+            V_initializer=braintools.init.Constant(mv(0.0)),
         )
 
     def potential(self):
         """`V − V_th`, unitless: what the readout standardises."""
-        return u.get_mantissa(self.neurons.V.value - self.neurons.V_th.value)
+        neurons: Any = self.neurons  # a `Gif` (its states are not on `bps.Neuron`)
+        return u.get_mantissa(neurons.V.value - neurons.V_th.value)
 
     def update(self, x):
         self.rec(self.neurons.get_spike())
