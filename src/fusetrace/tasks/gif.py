@@ -51,8 +51,8 @@ class GifNetwork(brainstate.nn.Module):
             V_th_inf=mv(1.0),
             V_th_reset=mv(0.0),
             V_th_initializer=braintools.init.Constant(mv(1.0)),
-            a=_q(0.0, 1 / u.ms),
-            b=_q(0.0, 1 / u.ms),
+            a=_q(0.0, u.kHz),  # per ms
+            b=_q(0.0, u.kHz),
             k2=1.0 / tau_i2,
             A2=_q(-1.0, u.mA),
             V_initializer=braintools.init.Constant(mv(0.0)),
