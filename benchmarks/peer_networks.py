@@ -11,6 +11,7 @@ import jax
 
 from fusetrace.tasks.base import begin_network, ms
 from fusetrace.tasks.dms import DMSNetwork
+from fusetrace.tasks.evidence import evidence_network
 from fusetrace.tasks.gif import GifNetwork
 
 
@@ -132,8 +133,7 @@ def gif_evidence_network(seed: int | None = None) -> GifNetwork:
     """The GIF network sized for evidence accumulation (40 inputs, 100 `Gif` neurons, 2 outputs): the
     task's reference network since issue 16 (`fusetrace.tasks.evidence_network`, the same draws), kept
     under this name for the commands of the runs made before it became the reference."""
-    begin_network(1.0, seed)
-    return GifNetwork(40, 100, 2)
+    return evidence_network(seed=seed)
 
 
 def two_state_gif_dms_network(seed: int | None = None) -> TwoStateGifNetwork:
