@@ -272,6 +272,7 @@ TIMED = {
     "es_d_rtrl": {"algorithm": "es_d_rtrl"},
     "es_d_rtrl(0.99)": {"algorithm": "es_d_rtrl", "decay": 0.99},
     "es_d_rtrl(credit_depth 1)": {"algorithm": "es_d_rtrl", "credit_depth": 1},
+    "es_d_rtrl(low_rank 1)": {**_LOW_RANK, "rank": 1},
     "es_d_rtrl(low_rank 2)": {**_LOW_RANK, "rank": 2},
     "es_d_rtrl(low_rank 3)": {**_LOW_RANK, "rank": 3},
     "es_d_rtrl(low_rank 4)": {**_LOW_RANK, "rank": 4},

@@ -49,6 +49,7 @@ for seed in ${SEEDS}; do
   run GIF gif-bptt "$seed" --algorithm bptt
   run GIF gif-es_d_rtrl0.99 "$seed" --algorithm es_d_rtrl --decay 0.99
   run GIF gif-es_d_rtrl-low_rank2 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 2
+  run GIF gif-es_d_rtrl-low_rank1 "$seed" --algorithm es_d_rtrl --factorisation low_rank --rank 1
   run GIF gif-d_rtrl "$seed" --algorithm d_rtrl
   # the same design sized for evidence accumulation (an exploration of issue 16, not the reference network)
   run EVIDENCE_GIF gif-bptt "$seed" --algorithm bptt
