@@ -155,10 +155,11 @@ def test_network_compiles_to_one_group_and_a_traced_sparse_weight(float32_jax_ra
     assert learner.params["rec.comm.weight"]["weight"].shape == (small.n_edges,)
 
 
+@pytest.mark.long  # a learning study: 32 s on 2 cores
 def test_scaled_down_connectome_fits_neuropil_rates_online(graph, float32_jax_raw):
     """5,000 neurons, 544,291 connections trained online with es_d_rtrl (decay 0.99, Adam after every
     10 ms read-out) on one fixed 60 ms batch, 3 passes: the loss falls and the weights move towards the teacher's
-    (the known optimum). ~15 s on 2 cores."""
+    (the known optimum). 15–32 s on 2 cores: in the long mode."""
     fit = rate_fit(graph, batch=2, duration_ms=60.0)
     batch = fit.sample(0)
     learner = fusetrace.compile(

@@ -5,8 +5,8 @@
 BPTT, the definitional references where they apply, one invariant per model). docs/reliability.md says
 what is covered and how to run the long fuzz.
 
-* The default run tests `DEFAULT_EXAMPLES` networks of a fixed seed (derandomised) and fails on the first
-  disagreement, which hypothesis then shrinks to a smaller network.
+* The default run tests `DEFAULT_EXAMPLES` networks of a fixed seed (derandomised; 4, or 12 in the long
+  mode) and fails on the first disagreement, which hypothesis then shrinks to a smaller network.
 * `FUSETRACE_FUZZ=N bash dev test -k fuzz` tests N networks (seed `FUSETRACE_FUZZ_SEED`, default 0),
   recording every outcome (one JSON line per network under `FUSETRACE_FUZZ_DIR`, default runs/fuzz, and
   a markdown summary beside it) and failing at the end if any disagreed. `FUSETRACE_FUZZ_SHARD=i/n` makes
@@ -33,7 +33,9 @@ import fuzz_report
 from fusetrace.passes import event_product
 from fuzz_strategies import specs
 
-DEFAULT_EXAMPLES = 6  # ~50 s of CPU, 80 s wall on the shared 2-core machine at load 7: the suite's fuzz budget
+# the suite's fuzz budget: 4 networks (6 took 110 s of the default run on a 2-core AMD EPYC, 2026-12-06);
+# the long mode (`FUSETRACE_LONG=1`, tests/conftest.py) tests 12 from the same derandomised seed
+DEFAULT_EXAMPLES = 12 if os.environ.get("FUSETRACE_LONG") == "1" else 4
 LONG_RUN = int(os.environ.get("FUSETRACE_FUZZ", "0"))
 SHARD_STRIDE = 100_003  # shard i of a run with seed s draws from hypothesis seed s + i * SHARD_STRIDE
 QUIET = {
