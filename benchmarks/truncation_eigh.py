@@ -3,9 +3,17 @@ in one training iteration: the same learner built twice in one process, once wit
 to `jnp.linalg.eigh` (`small_eigh.LARGEST = 0` while it compiles) and once as shipped, their training
 iterations alternated on the same batches (medians of `--rounds`).
 
+`--against stand-in` builds the other learner with a stand-in for the eigendecompositions instead: the
+identity times the sign of each Gram matrix's first diagonal entry (orthogonal, as cheap as an
+element-wise op, and read from the data, so XLA cannot fold the rotations that follow). Its iteration
+learns nothing useful; its time is the iteration's without the eigendecompositions' own cost. (The
+constant identity would also drop the rotations of the factors that follow: docs/results.md.)
+
     python benchmarks/truncation_eigh.py --task evidence --rank 4 --rank-metric spike --credit-depth 1
     python benchmarks/truncation_eigh.py --task evidence --rank 4 \
         --network benchmarks.peer_networks:gif_evidence_network
+    python benchmarks/truncation_eigh.py --task dms --rank 2 --against stand-in --rounds 11 \
+        --network benchmarks.peer_networks:two_state_gif_dms_network
 
 Prints seconds per iteration; nothing is written to the results.
 """
@@ -26,6 +34,12 @@ from fusetrace.passes import small_eigh
 sys.path.insert(0, str(common.ROOT))  # `--network benchmarks.peer_networks:...`
 
 
+def _stand_in(matrices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Not an eigendecomposition: the identity times the sign of the first diagonal entry (module docstring)."""
+    sign = jnp.where(matrices[..., :1, :1] < 0, -1.0, 1.0).astype(matrices.dtype)
+    return jnp.diagonal(matrices, axis1=-2, axis2=-1), jnp.eye(matrices.shape[-1], dtype=matrices.dtype) * sign
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="evidence", choices=sorted(RUN_SIZES))
@@ -34,19 +48,21 @@ def main(argv=None) -> int:
     parser.add_argument("--credit-depth", type=int, default=None)
     parser.add_argument("--network", default=None)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--against", choices=("lapack", "stand-in"), default="lapack")
     args = parser.parse_args(argv)
     options = {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": args.rank}
     options["rank_metric"] = args.rank_metric
     if args.credit_depth is not None:
         options["credit_depth"] = args.credit_depth
     fields = {**_run_fields(args.task, RUN_SIZES[args.task][0], iterations=100, seed=0), "network": args.network}
-    shipped, trainers = small_eigh.LARGEST, {}
-    for name, largest in (("LAPACK", 0), ("Jacobi", shipped)):
-        small_eigh.LARGEST = largest  # read while the iteration compiles (its first call)
+    shipped, eigh, trainers = small_eigh.LARGEST, small_eigh.eigh, {}
+    other = ("LAPACK", 0, eigh) if args.against == "lapack" else ("stand-in", shipped, _stand_in)
+    for name, largest, function in (other, ("Jacobi", shipped, eigh)):
+        small_eigh.LARGEST, small_eigh.eigh = largest, function  # read while the iteration compiles (its first call)
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
         trainers[name] = [trainer, state]
-    small_eigh.LARGEST = shipped
+    small_eigh.LARGEST, small_eigh.eigh = shipped, eigh
     times: dict[str, list[float]] = {name: [] for name in trainers}
     for round_ in range(args.rounds):
         for name, held in trainers.items():
