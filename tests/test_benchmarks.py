@@ -1,7 +1,7 @@
 """`benchmarks/run_all --quick` keeps working: it runs every benchmark at tiny sizes, as CI would (without
 braintrace: its columns must read "not installed" instead of failing), and writes results with the
 expected keys and sane values. Times and ratios are not checked here: they belong to benchmarks/. The
-default run checks speed, fidelity and scale; memory and compile run in the long mode
+default run checks speed and fidelity; memory, scale and compile run in the long mode
 (`FUSETRACE_LONG=1`, tests/conftest.py)."""
 
 import json
@@ -41,8 +41,8 @@ def _run_quick(out: pathlib.Path, parts: tuple[str, ...]) -> dict:
     return results
 
 
-def test_run_all_quick_writes_speed_fidelity_and_scale(tmp_path):
-    results = _run_quick(tmp_path, ("speed", "fidelity", "scale"))
+def test_run_all_quick_writes_speed_and_fidelity(tmp_path):
+    results = _run_quick(tmp_path, ("speed", "fidelity"))
 
     (row,) = results["speed"]["rows"]
     assert set(row["ms_per_step"]) == set(METHODS)  # the peer's programs are absent, not failed
@@ -57,13 +57,13 @@ def test_run_all_quick_writes_speed_fidelity_and_scale(tmp_path):
     assert {r["library"] for r in rows} == {"fusetrace"}
     assert "d_rtrl" in results["fidelity"]["norm_target"]
 
+
+@pytest.mark.long  # ~45 s of the quick run's ~60 on 2 cores
+def test_run_all_quick_writes_memory_scale_and_compile(tmp_path):
+    results = _run_quick(tmp_path, ("memory", "scale", "compile"))
+
     for method in ("es_d_rtrl", "bptt"):
         assert _positive(results["scale"]["methods"][method]["largest_ok"])
-
-
-@pytest.mark.long  # ~36 s of the quick run's ~60 on 2 cores
-def test_run_all_quick_writes_memory_and_compile(tmp_path):
-    results = _run_quick(tmp_path, ("memory", "compile"))
 
     memory = results["memory"]
     (table,) = memory["compiled"]

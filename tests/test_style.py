@@ -27,6 +27,7 @@ def test_ruff(command):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.long  # 28 s of the default run's budget (2-core AMD EPYC); ruff stays in it
 @pytest.mark.skipif(_tool("pyright") is None, reason="pyright is a test extra")
 def test_pyright_on_src_and_passes():
     command = [_tool("pyright"), "--pythonpath", sys.executable]  # resolve imports in this environment
