@@ -78,6 +78,7 @@ def _trainer(name: str, fields: dict, options: dict, decay: float):
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         if name.startswith("every-step"):
             trainer.step_mask = _every_step
+            trainer.chunk = 0  # step by step, unless the variant defers (below)
         if name.endswith("deferred"):
             trainer.chunk = None
         state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
