@@ -442,6 +442,21 @@ def interleaved_ms(programs: dict[str, Program], rounds: int, warmup: int = 2, m
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
 
 
+def interleaved_iterations(held: dict[str, list], rounds: int, *, reverse_odd_rounds: bool) -> dict[str, list]:
+    """Seconds of each trainer's training iteration in every round, the trainers taking turns on the same
+    batches. `held` maps a name to `[trainer, state]` (the state advanced in place; iteration `round + 1`,
+    after a compiling one at 0). With `reverse_odd_rounds` every other round runs them in reverse order."""
+    times: dict[str, list[float]] = {name: [] for name in held}
+    for round_ in range(rounds):
+        order = list(held)[::-1] if reverse_odd_rounds and round_ % 2 else list(held)
+        for name in order:
+            trainer, state = held[name]
+            begin = time.perf_counter()
+            held[name][1] = jax.block_until_ready(trainer.iteration({**state, "iteration": jnp.asarray(round_ + 1)})[0])
+            times[name].append(time.perf_counter() - begin)
+    return times
+
+
 def compiled_memory(lowered) -> dict:
     """XLA's memory analysis of a lowered program: its fields, and `total_bytes` = arguments + outputs +
     temporaries − aliased (what the program holds at its peak, inputs included)."""

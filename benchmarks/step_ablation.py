@@ -24,7 +24,6 @@ Prints seconds per iteration; nothing is written to the results (docs/results.md
 import argparse
 import contextlib
 import sys
-import time
 
 import common
 import jax
@@ -97,14 +96,7 @@ def main(argv=None) -> int:
     fields = {**_run_fields(args.task, batch, iterations=100, seed=0), "network": args.network}
     options = {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": args.rank}
     held = {name: _trainer(name, fields, options, decay) for name in args.variants}
-    times: dict[str, list[float]] = {name: [] for name in held}
-    for round_ in range(args.rounds):
-        order = list(held) if round_ % 2 == 0 else list(held)[::-1]
-        for name in order:
-            trainer, state = held[name]
-            begin = time.perf_counter()
-            held[name][1] = jax.block_until_ready(trainer.iteration({**state, "iteration": jnp.asarray(round_ + 1)})[0])
-            times[name].append(time.perf_counter() - begin)
+    times = common.interleaved_iterations(held, args.rounds, reverse_odd_rounds=True)
     for name, t in times.items():
         print(f"{name:20s} median {np.median(t):.3f} s  p25 {np.percentile(t, 25):.3f} s  ({len(t)} rounds)")
     return 0

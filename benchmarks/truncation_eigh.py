@@ -20,7 +20,6 @@ Prints seconds per iteration; nothing is written to the results.
 
 import argparse
 import sys
-import time
 
 import common
 import jax
@@ -63,12 +62,7 @@ def main(argv=None) -> int:
         state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
         trainers[name] = [trainer, state]
     small_eigh.LARGEST, small_eigh.eigh = shipped, eigh
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for round_ in range(args.rounds):
-        for name, held in trainers.items():
-            begin = time.perf_counter()
-            held[1] = jax.block_until_ready(held[0].iteration({**held[1], "iteration": jnp.asarray(round_ + 1)})[0])
-            times[name].append(time.perf_counter() - begin)
+    times = common.interleaved_iterations(trainers, args.rounds, reverse_odd_rounds=False)
     for name, t in times.items():
         print(f"{name}: {np.median(t):.3f} s per iteration ({', '.join(f'{x:.3f}' for x in t)})")
     return 0
