@@ -66,10 +66,12 @@ def test_scan_equals_summed_steps(name, algorithm, batch):
     xs = _sequence(x0)
     targets = jnp.full((STEPS,), 0.3)
     learner = fusetrace.compile(model, x0, loss=_loss, algorithm=algorithm, batch_size=batch)
-    mask = np.array([1, 0, 1, 1, 0, 1], bool)
-    if algorithm == "es_d_rtrl":  # its weight products are deferred and contracted per chunk (here 4 + 2 steps)
+    # a step before the first that forms a gradient and one after the last (advanced alone), a masked step
+    # inside the span; es_d_rtrl defers its products in chunks within the span (here 3 steps, then 1 alone)
+    mask = np.array([0, 1, 0, 1, 1, 0], bool)
+    if algorithm == "es_d_rtrl":
         assert sequence.deferrable(learner) and sequence.deferred_bytes(learner) > 0
-    run = jax.jit(functools.partial(learner.scan, chunk=4))
+    run = jax.jit(functools.partial(learner.scan, chunk=3))
     state, result = run(learner.params, learner.init(), xs, targets, loss_mask=mask)
     want_state, want_grads, want_losses = _loop(learner, xs, targets, mask)
     np.testing.assert_allclose(np.asarray(result.loss), np.asarray(want_losses), rtol=RTOL_SUM)
@@ -78,6 +80,26 @@ def test_scan_equals_summed_steps(name, algorithm, batch):
     for got, want in zip(_flat(state), _flat(want_state), strict=True):
         np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
     assert jax.tree.leaves(result.output)[0].shape[0] == STEPS
+
+
+@pytest.mark.parametrize("ones", [0, STEPS])
+def test_a_mask_of_no_step_or_every_step(ones):
+    """No step forms a gradient (a zero sum, the states advanced as by the loop), or every step does."""
+    model, (x0,), _ = zoo.ZOO["ei_net_sparse"](batch_size=2)
+    learner = fusetrace.compile(model, x0, loss=_loss, algorithm="es_d_rtrl", batch_size=2)
+    xs, targets, mask = _sequence(x0), jnp.full((STEPS,), 0.3), np.arange(STEPS) < ones
+    want_state, want_grads, want_losses = _loop(learner, xs, targets, mask)
+    state, result = jax.jit(functools.partial(learner.scan, chunk=4))(
+        learner.params, learner.init(), xs, targets, loss_mask=mask
+    )
+    np.testing.assert_allclose(np.asarray(result.loss), np.asarray(want_losses), rtol=RTOL_SUM)
+    for got, want in zip(_flat(state), _flat(want_state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
+    if want_grads is None:
+        assert all(not np.any(g) for g in _flat(result.grads))
+    else:
+        for got, want in zip(_flat(result.grads), _flat(want_grads), strict=True):
+            np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
 
 
 def test_scan_refuses_a_ragged_sequence():

@@ -260,11 +260,12 @@ class Learner(eqx.Module):
             constants: as for `step`.
             chunk: es_d_rtrl's weight products are contracted once per `chunk` steps (deferred
                 contraction, `fusetrace.sequence`); default: as many steps as keep the buffer of deferred
-                factors under 256 MiB (`summary()` shows a step's share), or no deferral for an unbatched
-                learner whose products are all binary CSR products that cannot be contracted event by event
-                (`fusetrace.passes.events`; deferring them as pairs of factors is slower there); 0: no
-                deferral, each step that forms a gradient takes its own products (faster when `loss_mask`
-                leaves most steps out).
+                factors under 256 MiB (`summary()` shows a step's share), at most 64 with a `loss_mask`
+                (whose steps before the first and after the last that form a gradient advance alone and
+                are not buffered), or no deferral for an unbatched learner whose products are all binary
+                CSR products that cannot be contracted event by event (`fusetrace.passes.events`;
+                deferring them as pairs of factors is slower there); 0: no deferral, each step that forms a
+                gradient takes its own products.
 
         Returns:
             `(state, result)`: `result.output` and `result.loss` stacked over time, `result.grads` the sum
@@ -325,7 +326,8 @@ class Learner(eqx.Module):
             chunk = max(1, sequence.DEFERRED_BYTES // per_step)
             lines.append(
                 f"Learner.scan: weight products deferred, {per_step} bytes of factors per step, contracted once "
-                f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB)"
+                f"per chunk of up to {chunk} steps ({sequence.DEFERRED_BYTES >> 20} MiB; with a loss mask, up to "
+                f"{min(chunk, sequence.MASKED_CHUNK)} steps of the span from its first to its last learning step)"
             )
             driven = sequence.event_driven(self)
             if driven:

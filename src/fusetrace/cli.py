@@ -477,15 +477,8 @@ def build(config: RunConfig):
         metric=spec.metric,
         on_nonfinite=config.on_nonfinite,
         step_mask=None if config.rate_reg > 0 else loss_steps,  # a rate penalty is a loss at every step
-        chunk=0 if config.rate_reg == 0 and np.mean(loss_steps(first)) < DEFER_ABOVE else None,
     )
     return model, learner, trainer, spec
-
-
-# Deferred contraction (fusetrace.sequence) pays when most steps form a gradient; with the loss read in a
-# short window (a recall period) taking each step's products pays more (measured, DMS, 40% of the steps:
-# es_d_rtrl 0.18 against 0.33 ms per step).
-DEFER_ABOVE = 0.5
 
 
 def loss_steps(batch) -> np.ndarray:

@@ -17,6 +17,13 @@ over the connections per chunk, then the outgoing connections of each step's spi
 chosen so that the buffer stays under `DEFERRED_BYTES` (`Learner.deferred_bytes` reports a step's share).
 Everything else of a step (d_rtrl's traces, per-neuron parameters, instantaneous readouts) is summed step
 by step. The gradient sum lives in the scan's carry, so memory does not grow with the sequence.
+
+With a loss mask the sequence runs in three spans (`_masked`): the steps before the first that forms a
+gradient and after the last advance the states and traces alone, with no per-step branch; only the span
+between them asks, step by step, whether a gradient is formed (a recall window of a trial pays for the
+branch and the products on its own steps only). Deferred, that span is contracted in chunks of at most
+`MASKED_CHUNK` steps, the span's tail shorter than a chunk step by step: the buffer holds the steps of
+the span, not the sequence's.
 """
 
 from typing import Any
@@ -31,6 +38,9 @@ from .errors import CompileError, four_part
 from .passes import derive, events, factorised
 
 DEFERRED_BYTES = 1 << 28  # the largest buffer of deferred factors (256 MiB) before a chunk is contracted
+# the default chunk within a masked sequence's learning span (whose length is only known when it runs: its
+# tail shorter than a chunk takes its products step by step). Measured: docs/benchmarks.md, "Sequences"
+MASKED_CHUNK = 64
 
 
 class ScanResult(eqx.Module):
@@ -138,11 +148,16 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
     steps = _length((xs, targets) if loss_mask is None else (xs, targets, loss_mask))
     mask = None if loss_mask is None else _mask(loss_mask, steps)  # None: every step learns (no branch)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    if not deferrable(learner) or chunk == 0 or (chunk is None and not deferral_pays(learner)):
-        # a weight product at every step that forms one
-        (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, mask, constants)
+    defer = deferrable(learner) and chunk != 0 and (chunk is not None or deferral_pays(learner))
+    size = (chunk or max(1, min(steps, DEFERRED_BYTES // max(deferred_bytes(learner), 1)))) if defer else 0
+    if mask is not None:
+        state, grads, outputs, losses = _masked(
+            learner, params, state, xs, targets, mask, constants, min(size, chunk or MASKED_CHUNK, steps)
+        )
         return state, ScanResult(outputs, losses, grads)
-    size = chunk or max(1, min(steps, DEFERRED_BYTES // max(deferred_bytes(learner), 1)))
+    if not defer:  # a weight product at every step
+        (state, grads), (outputs, losses) = _steps(learner, params, (state, zeros), xs, targets, None, constants)
+        return state, ScanResult(outputs, losses, grads)
     carry, outputs, losses = (state, zeros), [], []
     for start in range(0, steps, size):
         part_xs, part_targets, part_mask = jax.tree.map(lambda a, s=start: a[s : s + size], (xs, targets, mask))
@@ -153,6 +168,74 @@ def scan(learner, params: dict, state: dict, xs, targets, *, loss_mask=None, con
     return carry[0], ScanResult(outputs, jnp.concatenate(losses), carry[1])
 
 
+def _span(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(first, last)`: the steps `[first, last)` between the first step that forms a gradient and the last
+    (`(T, T)` when none does)."""
+    steps = mask.shape[0]
+    found = jnp.any(mask)
+    first = jnp.where(found, jnp.argmax(mask), steps)
+    return first, jnp.where(found, steps - jnp.argmax(mask[::-1]), steps)
+
+
+def _at(tree, start, size: int | None = None):
+    """Step `start` of every leaf of a time-first `tree` (`size` None), or the `size` steps from `start`."""
+    if size is None:
+        return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, start, 0, keepdims=False), tree)
+    return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size, 0), tree)
+
+
+def _masked(learner, params, state, xs, targets, mask, constants, size: int):
+    """`(state, grads, outputs, losses)` of a sequence with a loss mask, in three spans (module docstring):
+    `[0, first)` and `[last, T)` advance only; `[first, last)` forms the gradients of its masked-in steps,
+    deferred in chunks of `size` steps (0: products step by step). The spans' bounds are read from the
+    mask when the program runs (no recompilation for another mask); outputs and losses are written into
+    buffers of the sequence's length."""
+    steps = mask.shape[0]
+    first, last = _span(mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    x0, target0 = _at((xs, targets), 0)
+    shapes = jax.eval_shape(
+        lambda s: learner.step(params, s, x0, target0, gradient=False, constants=constants)[1], state
+    )
+    stacked = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), (shapes.output, shapes.loss))
+
+    def put(buffers, values, start):  # one step's (output, loss) at `start`, or a chunk's from it
+        return jax.tree.map(
+            lambda b, v: lax.dynamic_update_slice_in_dim(b, v if v.ndim == b.ndim else v[None], start, 0),
+            buffers,
+            values,
+        )
+
+    def advance(t, carry):
+        state, total, buffers = carry
+        x, target = _at((xs, targets), t)
+        state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
+        return state, total, put(buffers, (res.output, res.loss), t)
+
+    body = _step_body(learner, params, constants, zeros, masked=True)
+
+    def one(t, carry):
+        pair, step_outputs = body(carry[:2], _at((xs, targets, mask), t))
+        return *pair, put(carry[2], step_outputs, t)
+
+    carry = lax.fori_loop(0, first, advance, (state, zeros, stacked))
+    start = first
+    if size:
+        count = (last - first) // size
+
+        def deferred(j, carry):
+            begin = first + j * size
+            part_xs, part_targets, part_mask = _at((xs, targets, mask), begin, size)
+            pair, outputs = _deferred_chunk(learner, params, carry[:2], part_xs, part_targets, part_mask, constants)
+            return *pair, put(carry[2], outputs, begin)
+
+        carry = lax.fori_loop(0, count, deferred, carry)
+        start = first + count * size
+    carry = lax.fori_loop(start, last, one, carry)
+    state, total, (outputs, losses) = lax.fori_loop(last, steps, advance, carry)
+    return state, total, outputs, losses
+
+
 def _per_step(mask, xs) -> jax.Array:
     """What the scan hands each step for its mask: the mask, or (none given) a placeholder it ignores."""
     return jnp.zeros((_length(xs),), bool) if mask is None else mask
@@ -160,7 +243,13 @@ def _per_step(mask, xs) -> jax.Array:
 
 def _steps(learner, params, carry, xs, targets, mask, constants):
     """Every step of the sequence, its gradient added to the carry's sum (none where `mask` is False)."""
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    body = _step_body(learner, params, constants, jax.tree.map(jnp.zeros_like, params), mask is not None)
+    return lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
+
+
+def _step_body(learner, params, constants, zeros, masked: bool):
+    """One step as a scan body: `((state, total), (x, target, forms)) -> ((state, total), (output, loss))`,
+    its gradient added to `total` (where `masked`, only when `forms`; else none is formed)."""
 
     def body(carry, inputs):
         state, total = carry
@@ -174,13 +263,13 @@ def _steps(learner, params, carry, xs, targets, mask, constants):
             state, res = learner.step(params, state, x, target, gradient=False, constants=constants)
             return state, res.output, res.loss, zeros
 
-        if mask is None:
+        if not masked:
             state, output, loss, grads = learning(state)
         else:
             state, output, loss, grads = lax.cond(forms, learning, advancing, state)
         return (state, jax.tree.map(jnp.add, total, grads)), (output, loss)
 
-    return lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
+    return body
 
 
 def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):

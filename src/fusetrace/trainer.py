@@ -70,8 +70,8 @@ class Trainer:
         step_mask: optional `step_mask(batch) -> (T,) bool`, the steps whose loss can be non-zero (the
             others form no gradient: exact, and checked like `gradient_every`'s skipped steps); e.g. a
             task's recall window. None: every step.
-        chunk: `Learner.scan`'s deferred-contraction chunk (None: its default; 0: products step by step,
-            faster when `step_mask` leaves most steps out).
+        chunk: `Learner.scan`'s deferred-contraction chunk (None: its default; 0: products step by step).
+            Only the steps between the first and the last that form a gradient are buffered.
         on_nonfinite: "stop" (default): a non-finite loss, gradient or updated weight raises
             `NonFiniteError` naming the iteration and time step; "skip": such an update is not applied
             (params and optimizer state stay as they were) and the metrics count `skipped_updates`.
