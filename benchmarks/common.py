@@ -457,6 +457,13 @@ def interleaved_iterations(held: dict[str, list], rounds: int, *, reverse_odd_ro
     return times
 
 
+def print_medians(times: dict[str, list[float]]) -> None:
+    """One line per name of `interleaved_iterations`' seconds: the median and the 25th percentile."""
+    width = max(map(len, times), default=0) + 2
+    for name, t in times.items():
+        print(f"{name:{width}s} median {np.median(t):.3f} s  p25 {np.percentile(t, 25):.3f} s  ({len(t)} rounds)")
+
+
 def compiled_memory(lowered) -> dict:
     """XLA's memory analysis of a lowered program: its fields, and `total_bytes` = arguments + outputs +
     temporaries − aliased (what the program holds at its peak, inputs included)."""

@@ -14,8 +14,8 @@ Variants (`--variants`, all by default):
                      (the projection `p = Lᵀu` only; no Gram matrix, eigendecomposition or rotation)
   keep-rank-bare     as keep-rank without the projection: the right factor only moved by `D`
   pair               es_d_rtrl's default factorisation (one filtered pair), at the task's decay
-  deferred           the weight products deferred over the sequence (`Learner.scan`'s chunks; the CLI
-                     forms them step by step when under half the steps form a gradient)
+  steps              the weight products step by step (`chunk=0`; the CLI defers them since 49f1e9e, and
+                     before it chose step by step when under half the steps formed a gradient)
   every-step         a gradient formed at every step (products step by step)
   every-step-deferred  the same, deferred
 Prints seconds per iteration; nothing is written to the results (docs/results.md cites the runs).
@@ -66,7 +66,7 @@ PATCHES = {
     "keep-rank": (components, "_extend_and_truncate", _keep_rank),
     "keep-rank-bare": (components, "_extend_and_truncate", lambda *a, **k: _keep_rank(*a, **k, project=False)),
 }
-VARIANTS = ("shipped", *PATCHES, "pair", "deferred", "every-step", "every-step-deferred")
+VARIANTS = ("shipped", *PATCHES, "pair", "steps", "every-step", "every-step-deferred")
 
 
 def _trainer(name: str, fields: dict, options: dict, decay: float):
@@ -80,6 +80,8 @@ def _trainer(name: str, fields: dict, options: dict, decay: float):
             trainer.chunk = 0  # step by step, unless the variant defers (below)
         if name.endswith("deferred"):
             trainer.chunk = None
+        if name == "steps":
+            trainer.chunk = 0
         state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
     return [trainer, state]
 
@@ -96,9 +98,7 @@ def main(argv=None) -> int:
     fields = {**_run_fields(args.task, batch, iterations=100, seed=0), "network": args.network}
     options = {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": args.rank}
     held = {name: _trainer(name, fields, options, decay) for name in args.variants}
-    times = common.interleaved_iterations(held, args.rounds, reverse_odd_rounds=True)
-    for name, t in times.items():
-        print(f"{name:20s} median {np.median(t):.3f} s  p25 {np.percentile(t, 25):.3f} s  ({len(t)} rounds)")
+    common.print_medians(common.interleaved_iterations(held, args.rounds, reverse_odd_rounds=True))
     return 0
 
 

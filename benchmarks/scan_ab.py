@@ -1,0 +1,89 @@
+"""`Learner.scan` of another commit against this one's, in one training iteration: the same learner built
+several times in one process, each while a given `scan` is in place (it is read when the iteration
+compiles), their iterations alternated on the same batches (medians and 25th percentiles of `--rounds`).
+
+Variants (`--variants`):
+  against      `fusetrace/sequence.py` as of `--against REV` (read with `git show`), its weight products step
+               by step (`chunk=0`, what `fusetrace train` chose before 49f1e9e for a loss read on under half
+               of the steps)
+  steps        this commit's `scan`, products step by step (`chunk=0`)
+  deferred:N   this commit's `scan` with its default chunk, `sequence.MASKED_CHUNK` set to N while it compiles
+               (`deferred` alone: the shipped value)
+
+    python benchmarks/scan_ab.py --task dms --rank 2 --rounds 11 --against da04766 \
+        --network benchmarks.peer_networks:two_state_gif_dms_network \
+        --variants against steps deferred:32 deferred:64 deferred:128
+
+Prints seconds per iteration; nothing is written to the results (docs/benchmarks.md, "Sequences", cites the
+runs).
+"""
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+
+import common
+import jax.numpy as jnp
+from learning import RUN_SIZES, _run_fields
+
+from fusetrace import sequence
+from fusetrace.cli import RunConfig, build
+
+sys.path.insert(0, str(common.ROOT))  # `--network benchmarks.peer_networks:...`
+
+
+def _sequence_at(revision: str):
+    """`fusetrace.sequence` as of `revision`, loaded as a module of the installed package (its relative
+    imports resolve to today's `fusetrace`)."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/fusetrace/sequence.py"], cwd=common.ROOT, check=True, capture_output=True
+    ).stdout
+    with tempfile.NamedTemporaryFile("wb", suffix=".py", delete=False) as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location(f"fusetrace.sequence_{revision}", file.name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trainer(variant: str, fields: dict, options: dict, against):
+    name, _, size = variant.partition(":")
+    shipped_scan, shipped_chunk = sequence.scan, sequence.MASKED_CHUNK
+    sequence.scan = against.scan if name == "against" else shipped_scan
+    sequence.MASKED_CHUNK = int(size) if size else shipped_chunk
+    try:  # read while the iteration compiles (its first call)
+        _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
+        trainer.chunk = None if name == "deferred" else 0
+        state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
+    finally:
+        sequence.scan, sequence.MASKED_CHUNK = shipped_scan, shipped_chunk
+    return [trainer, state]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="dms", choices=sorted(RUN_SIZES))
+    parser.add_argument("--rank", type=int, default=2, help="the low-rank trace's rank; 0: the default pair")
+    parser.add_argument("--network", default=None)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--against", default="da04766", help="the commit whose sequence.py `against` runs")
+    parser.add_argument("--variants", nargs="+", default=["against", "steps", "deferred"])
+    args = parser.parse_args(argv)
+    batch, decay = RUN_SIZES[args.task]
+    fields = {**_run_fields(args.task, batch, iterations=100, seed=0), "network": args.network}
+    options = (
+        {"algorithm": "es_d_rtrl", "factorisation": "low_rank", "rank": args.rank}
+        if args.rank
+        else {"algorithm": "es_d_rtrl", "decay": decay}
+    )
+    against = _sequence_at(args.against) if "against" in args.variants else None
+    held = {variant: _trainer(variant, fields, options, against) for variant in args.variants}
+    common.print_medians(common.interleaved_iterations(held, args.rounds, reverse_odd_rounds=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
