@@ -56,9 +56,11 @@ def eligible(analysis: Analysis, plan, index: int) -> bool:
 
 
 def contract(
-    analysis: Analysis, plan, index: int, values, start: jax.Array, inputs: jax.Array, now: jax.Array, prev
+    analysis: Analysis, plan, index: int, values, start: jax.Array, inputs: jax.Array, now: jax.Array, prev, into=None
 ) -> jax.Array:
-    """The chunk's gradient of relation `index` (its op's weight layout, one entry per connection).
+    """The chunk's gradient of relation `index` (its op's weight layout, one entry per connection), added
+    to `into` when given (a gradient sum of that layout, updated in place: no connection-sized zeros and
+    no second pass to add them up).
 
     `start`: the presynaptic factor before the chunk (the op's input layout); `inputs`: the op inputs'
     activity masks, stacked over the chunk's steps; `now` / `prev`: the op-layout cotangents paired with
@@ -94,16 +96,17 @@ def contract(
     first = alpha * filtered[0] + first  # (batch, postsynaptic)
     filtered = jnp.reshape(gain * filtered, (-1, filtered.shape[-1]))  # (steps · batch, postsynaptic)
     dtype = jnp.result_type(start, first, filtered)
-    operands = (indices, indptr, start.astype(dtype), first.astype(dtype), spikes, filtered.astype(dtype))
+    into = jnp.zeros(indices.shape, dtype) if into is None else into.astype(dtype)
+    operands = (into, indices, indptr, start.astype(dtype), first.astype(dtype), spikes, filtered.astype(dtype))
     per_step = functools.partial(_per_step, pre=pre, post=post, shape=tuple(eqn.params["shape"]))
     grad = lax.platform_dependent(*operands, cpu=_one_pass, default=per_step)
     return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
 
 
-def _per_step(indices, indptr, start, first, spikes, filtered, *, pre, post, shape) -> jax.Array:
+def _per_step(into, indices, indptr, start, first, spikes, filtered, *, pre, post, shape) -> jax.Array:
     """`contract`'s sum by XLA and brainevent: one pass for the first term, then brainevent's plasticity
     kernel once per step (row of `spikes`)."""
-    grad = derive.connection_products(start[None], first[None], pre, post)
+    grad = into + derive.connection_products(start[None], first[None], pre, post)
 
     def add(i, total):
         return brainevent.update_csr_on_binary_pre(total, indices, indptr, spikes[i], filtered[i], shape=shape)
@@ -111,13 +114,12 @@ def _per_step(indices, indptr, start, first, spikes, filtered, *, pre, post, sha
     return lax.fori_loop(0, spikes.shape[0], add, grad)
 
 
-def _one_pass(indices, indptr, start, first, spikes, filtered) -> jax.Array:
-    """`contract`'s sum by one call of a Numba kernel (CPU only) that writes the gradient in place."""
-    zeros = jnp.zeros(indices.shape, filtered.dtype)
+def _one_pass(into, indices, indptr, start, first, spikes, filtered) -> jax.Array:
+    """`contract`'s sum by one call of a Numba kernel (CPU only) that adds it to `into` in place."""
     call = brainevent.numba_kernel(
-        _kernel(), outs=jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), input_output_aliases={0: 0}
+        _kernel(), outs=jax.ShapeDtypeStruct(into.shape, into.dtype), input_output_aliases={0: 0}
     )
-    return call(zeros, indices, indptr, start, first, spikes, filtered)
+    return call(into, indices, indptr, start, first, spikes, filtered)
 
 
 @functools.cache

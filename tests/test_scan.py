@@ -179,8 +179,8 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
 def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch):
     """`events.contract` takes one Numba call on the CPU (`_one_pass`) and brainevent's plasticity kernel
     step by step elsewhere (`_per_step`, which the CPU suite would not run otherwise): both equal the
-    connection-wise definition, `Σ_b start[b, i]·first[b, j] + Σ_e spikes[e, i]·filtered[e, j]`, on a
-    random CSR matrix with empty rows and presynaptic factors that are partly zero."""
+    connection-wise definition, `Σ_b start[b, i]·first[b, j] + Σ_e spikes[e, i]·filtered[e, j]`, added to a
+    given sum, on a random CSR matrix with empty rows and presynaptic factors that are partly zero."""
     rng = np.random.default_rng(batch)
     n_pre, n_post, events_ = 13, 11, 5 * batch
     dense = rng.random((n_pre, n_post)) < 0.3
@@ -191,14 +191,15 @@ def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batc
     first = rng.standard_normal((batch, n_post))
     spikes = rng.random((events_, n_pre)) < 0.3
     filtered = rng.standard_normal((events_, n_post))
+    into = rng.standard_normal(len(pre))  # the sum so far, one entry per connection
     want = np.einsum("bi,bj->ij", start, first) + np.einsum("ei,ej->ij", spikes, filtered)
-    operands = [jnp.asarray(a) for a in (post.astype(np.int32), indptr, start, first, spikes, filtered)]
+    operands = [jnp.asarray(a) for a in (into, post.astype(np.int32), indptr, start, first, spikes, filtered)]
     one = jax.jit(events._one_pass)(*operands)
     per_step = jax.jit(
         functools.partial(events._per_step, pre=jnp.asarray(pre), post=jnp.asarray(post), shape=(n_pre, n_post))
     )(*operands)
-    np.testing.assert_allclose(np.asarray(one), want[pre, post], rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(np.asarray(per_step), want[pre, post], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(one), into + want[pre, post], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(per_step), into + want[pre, post], rtol=1e-13, atol=1e-13)
 
 
 def _csr_event(batch_size):

@@ -222,11 +222,20 @@ class Learner(eqx.Module):
         return new_state, StepResult(captured.wrap_outputs(outputs), loss, grads), products
 
     def _contract(
-        self, params: dict, state: dict, x_t, products: dict, start: dict, constants: dict | None = None
+        self,
+        params: dict,
+        state: dict,
+        x_t,
+        products: dict,
+        start: dict,
+        constants: dict | None = None,
+        into: dict | None = None,
     ) -> dict:
         """The gradient (like `params`) of es_d_rtrl's weight products over a stack of steps: `products`
         as `_step(..., defer=True)` returns them, stacked on a leading time axis; one contraction each.
-        `start`: the traces before the stack's first step (the event-driven contraction reads them)."""
+        `start`: the traces before the stack's first step (the event-driven contraction reads them).
+        `into`: a gradient sum (like `params`) the result is added to (the event-driven contraction of a
+        weight used as it is adds its part in place)."""
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
@@ -237,12 +246,22 @@ class Learner(eqx.Module):
             relation = analysis.relations[index]
             pre, cot = factorised.per_step_products(analysis, self.plan, relation, pre, cot)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
+        weights = flat.weight_leaves(captured)
+        if into is None:
+            sums = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in weights}
+        else:
+            given = flat.leaves_from(captured, into, state["model"])
+            sums = {leaf: given[leaf] for leaf in weights}
         for index, masks in products["inputs"].items():  # event by event (`passes.events`)
             now, prev = (products["events"].get((index, kind)) for kind in ("now", "prev"))
             first = start[self.plan.key(index)]["pre"]
-            terms.append((index, events.contract(analysis, self.plan, index, values, first, masks, now, prev)))
-        zeros = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in flat.weight_leaves(captured)}
-        return flat.grads_like(captured, params, by_weight_leaf(analysis, values, zeros, terms))
+            relation = analysis.relations[index]
+            if relation.transformed:  # to the weights through the transforms' VJP, with the other terms
+                terms.append((index, events.contract(analysis, self.plan, index, values, first, masks, now, prev)))
+            else:
+                leaf = relation.weight_leaf
+                sums[leaf] = events.contract(analysis, self.plan, index, values, first, masks, now, prev, sums[leaf])
+        return flat.grads_like(captured, params, by_weight_leaf(analysis, values, sums, terms))
 
     def scan(
         self, params: dict, state: dict, xs, targets, *, loss_mask=None, constants: dict | None = None, chunk=None
