@@ -6,6 +6,7 @@ Variants (`--variants`):
   against      `fusetrace/sequence.py` as of `--against REV` (read with `git show`), its weight products step
                by step (`chunk=0`, what `fusetrace train` chose before 49f1e9e for a loss read on under half
                of the steps)
+  against-deferred  the same, with its default chunk (what it chose for a loss read on most steps)
   steps        this commit's `scan`, products step by step (`chunk=0`)
   deferred:N   this commit's `scan` with its default chunk, `sequence.MASKED_CHUNK` set to N while it compiles
                (`deferred` alone: the shipped value)
@@ -13,6 +14,8 @@ Variants (`--variants`):
     python benchmarks/scan_ab.py --task dms --rank 2 --rounds 11 --against da04766 \
         --network benchmarks.peer_networks:two_state_gif_dms_network \
         --variants against steps deferred:32 deferred:64 deferred:128
+
+`--every-step`: every step forms a gradient (no step mask), as with a loss read at every step.
 
 Prints seconds per iteration; nothing is written to the results (docs/benchmarks.md, "Sequences", cites the
 runs).
@@ -49,14 +52,16 @@ def _sequence_at(revision: str):
     return module
 
 
-def _trainer(variant: str, fields: dict, options: dict, against):
+def _trainer(variant: str, fields: dict, options: dict, against, every_step: bool):
     name, _, size = variant.partition(":")
     shipped_scan, shipped_chunk = sequence.scan, sequence.MASKED_CHUNK
-    sequence.scan = against.scan if name == "against" else shipped_scan
+    sequence.scan = against.scan if name.startswith("against") else shipped_scan
     sequence.MASKED_CHUNK = int(size) if size else shipped_chunk
     try:  # read while the iteration compiles (its first call)
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
-        trainer.chunk = None if name == "deferred" else 0
+        trainer.chunk = None if name.endswith("deferred") else 0
+        if every_step:
+            trainer.step_mask = None
         state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
     finally:
         sequence.scan, sequence.MASKED_CHUNK = shipped_scan, shipped_chunk
@@ -71,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--against", default="da04766", help="the commit whose sequence.py `against` runs")
     parser.add_argument("--variants", nargs="+", default=["against", "steps", "deferred"])
+    parser.add_argument("--every-step", action="store_true", help="every step forms a gradient (no step mask)")
     args = parser.parse_args(argv)
     batch, decay = RUN_SIZES[args.task]
     fields = {**_run_fields(args.task, batch, iterations=100, seed=0), "network": args.network}
@@ -79,8 +85,8 @@ def main(argv=None) -> int:
         if args.rank
         else {"algorithm": "es_d_rtrl", "decay": decay}
     )
-    against = _sequence_at(args.against) if "against" in args.variants else None
-    held = {variant: _trainer(variant, fields, options, against) for variant in args.variants}
+    against = _sequence_at(args.against) if any(v.startswith("against") for v in args.variants) else None
+    held = {variant: _trainer(variant, fields, options, against, args.every_step) for variant in args.variants}
     common.print_medians(common.interleaved_iterations(held, args.rounds, reverse_odd_rounds=True))
     return 0
 
