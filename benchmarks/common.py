@@ -12,6 +12,7 @@ Every method is a `Program`: `run()` advances it one call (one step, or one whol
 `lower()` gives the jax `Lowered` of that call for XLA's memory analysis.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -440,6 +441,26 @@ def interleaved_ms(programs: dict[str, Program], rounds: int, warmup: int = 2, m
 
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes")
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    """`module`'s attributes set to `values` inside the block, restored after it (an ablation or another
+    commit's function, read while a learner's program is traced)."""
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+def first_iteration(trainer) -> list:
+    """`[trainer, state]` after the trainer's iteration 0, which compiles it (what
+    `interleaved_iterations` holds)."""
+    return [trainer, trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]]
 
 
 def interleaved_iterations(held: dict[str, list], rounds: int, *, reverse_odd_rounds: bool) -> dict[str, list]:

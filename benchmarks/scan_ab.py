@@ -28,7 +28,6 @@ import sys
 import tempfile
 
 import common
-import jax.numpy as jnp
 from learning import RUN_SIZES, _run_fields
 
 from fusetrace import sequence
@@ -54,18 +53,15 @@ def _sequence_at(revision: str):
 
 def _trainer(variant: str, fields: dict, options: dict, against, every_step: bool):
     name, _, size = variant.partition(":")
-    shipped_scan, shipped_chunk = sequence.scan, sequence.MASKED_CHUNK
-    sequence.scan = against.scan if name.startswith("against") else shipped_scan
-    sequence.MASKED_CHUNK = int(size) if size else shipped_chunk
-    try:  # read while the iteration compiles (its first call)
+    values = {"scan": against.scan} if name.startswith("against") else {}
+    if size:
+        values["MASKED_CHUNK"] = int(size)
+    with common.patched(sequence, **values):  # read while the iteration compiles (its first call)
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         trainer.chunk = None if name.endswith("deferred") else 0
         if every_step:
             trainer.step_mask = None
-        state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
-    finally:
-        sequence.scan, sequence.MASKED_CHUNK = shipped_scan, shipped_chunk
-    return [trainer, state]
+        return common.first_iteration(trainer)
 
 
 def main(argv=None) -> int:

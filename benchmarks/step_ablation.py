@@ -22,7 +22,6 @@ Prints seconds per iteration; nothing is written to the results (docs/results.md
 """
 
 import argparse
-import contextlib
 import sys
 
 import common
@@ -47,24 +46,14 @@ def _keep_rank(blocks, right, u, f, weigh=None, project=True):
     return blocks, right, jnp.broadcast_to(jnp.eye(k + 1, k, dtype=blocks.dtype), (blocks.shape[0], k + 1, k))
 
 
-@contextlib.contextmanager
-def _patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
 def _every_step(batch) -> np.ndarray:
     return np.ones(jax.tree.leaves(batch.inputs)[0].shape[0], bool)
 
 
 PATCHES = {
-    "stand-in": (small_eigh, "eigh", _stand_in),
-    "keep-rank": (components, "_extend_and_truncate", _keep_rank),
-    "keep-rank-bare": (components, "_extend_and_truncate", lambda *a, **k: _keep_rank(*a, **k, project=False)),
+    "stand-in": (small_eigh, {"eigh": _stand_in}),
+    "keep-rank": (components, {"_extend_and_truncate": _keep_rank}),
+    "keep-rank-bare": (components, {"_extend_and_truncate": lambda *a, **k: _keep_rank(*a, **k, project=False)}),
 }
 VARIANTS = ("shipped", *PATCHES, "pair", "steps", "every-step", "every-step-deferred")
 
@@ -72,18 +61,14 @@ VARIANTS = ("shipped", *PATCHES, "pair", "steps", "every-step", "every-step-defe
 def _trainer(name: str, fields: dict, options: dict, decay: float):
     if name == "pair":
         options = {"algorithm": "es_d_rtrl", "decay": decay}
-    patch = _patched(*PATCHES[name]) if name in PATCHES else contextlib.nullcontext()
-    with patch:  # read while the iteration compiles (its first call)
+    module, values = PATCHES.get(name, (None, {}))
+    with common.patched(module, **values):  # read while the iteration compiles (its first call)
         _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
         if name.startswith("every-step"):
             trainer.step_mask = _every_step
-            trainer.chunk = 0  # step by step, unless the variant defers (below)
-        if name.endswith("deferred"):
-            trainer.chunk = None
-        if name == "steps":
-            trainer.chunk = 0
-        state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
-    return [trainer, state]
+        if name in ("steps", "every-step"):
+            trainer.chunk = 0  # step by step (the other variants keep the CLI's default: deferred)
+        return common.first_iteration(trainer)
 
 
 def main(argv=None) -> int:

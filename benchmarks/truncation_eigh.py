@@ -54,14 +54,11 @@ def main(argv=None) -> int:
     if args.credit_depth is not None:
         options["credit_depth"] = args.credit_depth
     fields = {**_run_fields(args.task, RUN_SIZES[args.task][0], iterations=100, seed=0), "network": args.network}
-    shipped, eigh, trainers = small_eigh.LARGEST, small_eigh.eigh, {}
-    other = ("LAPACK", 0, eigh) if args.against == "lapack" else ("stand-in", shipped, _stand_in)
-    for name, largest, function in (other, ("Jacobi", shipped, eigh)):
-        small_eigh.LARGEST, small_eigh.eigh = largest, function  # read while the iteration compiles (its first call)
-        _, _, trainer, _ = build(RunConfig(**{**fields, **options}))
-        state = trainer.iteration({**trainer.init(), "iteration": jnp.asarray(0)})[0]
-        trainers[name] = [trainer, state]
-    small_eigh.LARGEST, small_eigh.eigh = shipped, eigh
+    other = ("LAPACK", {"LARGEST": 0}) if args.against == "lapack" else ("stand-in", {"eigh": _stand_in})
+    trainers = {}
+    for name, values in (other, ("Jacobi", {})):
+        with common.patched(small_eigh, **values):  # read while the iteration compiles (its first call)
+            trainers[name] = common.first_iteration(build(RunConfig(**{**fields, **options}))[2])
     times = common.interleaved_iterations(trainers, args.rounds, reverse_odd_rounds=False)
     for name, t in times.items():
         print(f"{name}: {np.median(t):.3f} s per iteration ({', '.join(f'{x:.3f}' for x in t)})")

@@ -34,6 +34,12 @@ def _flat(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def _assert_close(got, want):
+    """Every leaf of the pytree `got` equals `want`'s to float64 rounding of a reordered sum."""
+    for a, b in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL_SUM, atol=1e-14)
+
+
 def _loop(learner, xs, targets, mask):
     state, total, losses = learner.init(), None, []
     step = jax.jit(learner.step, static_argnames="gradient")
@@ -75,10 +81,8 @@ def test_scan_equals_summed_steps(name, algorithm, batch):
     state, result = run(learner.params, learner.init(), xs, targets, loss_mask=mask)
     want_state, want_grads, want_losses = _loop(learner, xs, targets, mask)
     np.testing.assert_allclose(np.asarray(result.loss), np.asarray(want_losses), rtol=RTOL_SUM)
-    for got, want in zip(_flat(result.grads), _flat(want_grads), strict=True):
-        np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
-    for got, want in zip(_flat(state), _flat(want_state), strict=True):
-        np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
+    _assert_close(result.grads, want_grads)
+    _assert_close(state, want_state)
     assert jax.tree.leaves(result.output)[0].shape[0] == STEPS
 
 
@@ -93,13 +97,11 @@ def test_a_mask_of_no_step_or_every_step(ones):
         learner.params, learner.init(), xs, targets, loss_mask=mask
     )
     np.testing.assert_allclose(np.asarray(result.loss), np.asarray(want_losses), rtol=RTOL_SUM)
-    for got, want in zip(_flat(state), _flat(want_state), strict=True):
-        np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
+    _assert_close(state, want_state)
     if want_grads is None:
         assert all(not np.any(g) for g in _flat(result.grads))
     else:
-        for got, want in zip(_flat(result.grads), _flat(want_grads), strict=True):
-            np.testing.assert_allclose(got, want, rtol=RTOL_SUM, atol=1e-14)
+        _assert_close(result.grads, want_grads)
 
 
 def test_scan_refuses_a_ragged_sequence():
@@ -133,8 +135,7 @@ def test_unbatched_csr_products_are_deferred_event_by_event():
             _, result = jax.jit(functools.partial(each.scan, chunk=chunk))(
                 each.params, each.init(), xs, targets, loss_mask=mask
             )
-            for got, expected in zip(_flat(result.grads), _flat(want), strict=True):
-                np.testing.assert_allclose(got, expected, rtol=RTOL_SUM, atol=1e-14)
+            _assert_close(result.grads, want)
 
 
 class PreviousAndNewSpikes(brainstate.nn.Module):
@@ -171,8 +172,7 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
         _, result = jax.jit(functools.partial(learner.scan, chunk=chunk))(
             learner.params, learner.init(), xs, targets, loss_mask=mask
         )
-        for got, expected in zip(_flat(result.grads), _flat(want), strict=True):
-            np.testing.assert_allclose(got, expected, rtol=RTOL_SUM, atol=1e-14)
+        _assert_close(result.grads, want)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

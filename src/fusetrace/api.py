@@ -228,14 +228,14 @@ class Learner(eqx.Module):
         x_t,
         products: dict,
         start: dict,
+        into: dict,
         constants: dict | None = None,
-        into: dict | None = None,
     ) -> dict:
-        """The gradient (like `params`) of es_d_rtrl's weight products over a stack of steps: `products`
-        as `_step(..., defer=True)` returns them, stacked on a leading time axis; one contraction each.
-        `start`: the traces before the stack's first step (the event-driven contraction reads them).
-        `into`: a gradient sum (like `params`) the result is added to (the event-driven contraction of a
-        weight used as it is adds its part in place)."""
+        """`into` (a gradient sum like `params`) plus the gradient of es_d_rtrl's weight products over a
+        stack of steps: `products` as `_step(..., defer=True)` returns them, stacked on a leading time axis;
+        one contraction each (the event-driven contraction of a weight used as it is adds its part to `into`
+        in place). `start`: the traces before the stack's first step (the event-driven contraction reads
+        them)."""
         analysis = self.analysis if constants is None else self.analysis.with_constants(constants)
         captured = analysis.captured
         inputs = captured.strip_inputs(*(x_t if len(self.snapshot.inputs) > 1 else (x_t,)))
@@ -246,12 +246,8 @@ class Learner(eqx.Module):
             relation = analysis.relations[index]
             pre, cot = factorised.per_step_products(analysis, self.plan, relation, pre, cot)  # components: more steps
             terms.append((index, derive.weight_vjp_over_time(analysis, relation.contraction, values, pre, cot)))
-        weights = flat.weight_leaves(captured)
-        if into is None:
-            sums = {leaf: jnp.zeros_like(leaves[leaf]) for leaf in weights}
-        else:
-            given = flat.leaves_from(captured, into, state["model"])
-            sums = {leaf: given[leaf] for leaf in weights}
+        given = flat.leaves_from(captured, into, state["model"])
+        sums = {leaf: given[leaf] for leaf in flat.weight_leaves(captured)}
         for index, masks in products["inputs"].items():  # event by event (`passes.events`)
             now, prev = (products["events"].get((index, kind)) for kind in ("now", "prev"))
             first = start[self.plan.key(index)]["pre"]

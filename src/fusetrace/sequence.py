@@ -301,5 +301,5 @@ def _deferred_chunk(learner, params, carry, xs, targets, mask, constants):
         return (state, jax.tree.map(jnp.add, total, grads)), (output, loss, products)
 
     (state, total), (outputs, losses, products) = lax.scan(body, carry, (xs, targets, _per_step(mask, xs)))
-    total = learner._contract(params, state, x0, products, carry[0]["traces"], constants=constants, into=total)
+    total = learner._contract(params, state, x0, products, carry[0]["traces"], total, constants=constants)
     return (state, total), (outputs, losses)
