@@ -31,6 +31,7 @@ import functools
 import brainevent
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from fusetrace.analysis import Analysis
@@ -69,8 +70,7 @@ def contract(
     relation = analysis.relations[index]
     contraction = relation.contraction
     eqn = analysis.facts.contractions[contraction].eqn
-    alpha = plan.decay
-    gain, _, _ = factorised.factor_gains(plan.factorisation, alpha)
+    gain, _, _ = factorised.factor_gains(plan.factorisation, plan.decay)
     invals = list(values.operands[contraction])
     _, indices, indptr = invals[:3]
     pre, post = derive.csr_endpoints(eqn, analysis, invals)
@@ -78,35 +78,43 @@ def contract(
     def rows(stack):  # (T, n) or (T, n, B) -> (T, B, n)
         return jax.vmap(lambda value: derive.csr_rows_of(value, eqn))(stack)
 
-    cts = rows(now)
-    first = 0.0
-    if prev is not None:
-        prevs = rows(prev)
-        cts = cts.at[:-1].add(prevs[1:])
-        first = prevs[0]
-
-    def back(later, c):
-        filtered = c + alpha * later
-        return filtered, filtered
-
-    _, filtered = lax.scan(back, jnp.zeros_like(cts[0]), cts, reverse=True)
-    spikes = rows(inputs)
-    spikes = jnp.reshape(spikes, (-1, spikes.shape[-1])) != 0  # (steps · batch, presynaptic)
-    start = derive.csr_rows_of(start, eqn)  # (batch, presynaptic)
-    first = alpha * filtered[0] + first  # (batch, postsynaptic)
-    filtered = jnp.reshape(gain * filtered, (-1, filtered.shape[-1]))  # (steps · batch, postsynaptic)
-    dtype = jnp.result_type(start, first, filtered)
+    now = rows(now)
+    dtype = jnp.result_type(start, now)
+    prev = jnp.zeros((0, *now.shape[1:]), dtype) if prev is None else rows(prev).astype(dtype)
     into = jnp.zeros(indices.shape, dtype) if into is None else into.astype(dtype)
-    operands = (into, indices, indptr, start.astype(dtype), first.astype(dtype), spikes, filtered.astype(dtype))
+    operands = (
+        into,
+        indices,
+        indptr,
+        derive.csr_rows_of(start, eqn).astype(dtype),  # (batch, presynaptic)
+        now.astype(dtype),  # (steps, batch, postsynaptic)
+        prev,  # the same, or no step
+        rows(inputs) != 0,  # (steps, batch, presynaptic)
+        jnp.asarray([plan.decay, gain], dtype),
+    )
     per_step = functools.partial(_per_step, pre=pre, post=post, shape=tuple(eqn.params["shape"]))
     grad = lax.platform_dependent(*operands, cpu=_one_pass, default=per_step)
     return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
 
 
-def _per_step(into, indices, indptr, start, first, spikes, filtered, *, pre, post, shape) -> jax.Array:
-    """`contract`'s sum by XLA and brainevent: one pass for the first term, then brainevent's plasticity
-    kernel once per step (row of `spikes`)."""
+def _per_step(into, indices, indptr, start, now, prev, spikes, scalars, *, pre, post, shape) -> jax.Array:
+    """`contract`'s sum by XLA and brainevent: the backward filter `c̃` as a scan, one pass for the term of
+    the factor before the chunk, then brainevent's plasticity kernel once per step and batch entry."""
+    alpha, gain = scalars[0], scalars[1]
+    first = 0.0
+    if prev.shape[0]:
+        now = now.at[:-1].add(prev[1:])
+        first = prev[0]
+
+    def back(later, c):
+        filtered = c + alpha * later
+        return filtered, filtered
+
+    _, filtered = lax.scan(back, jnp.zeros_like(now[0]), now, reverse=True)
+    first = alpha * filtered[0] + first  # (batch, postsynaptic)
     grad = into + derive.connection_products(start[None], first[None], pre, post)
+    spikes = jnp.reshape(spikes, (-1, spikes.shape[-1]))  # (steps · batch, presynaptic)
+    filtered = jnp.reshape(gain * filtered, (-1, filtered.shape[-1]))  # (steps · batch, postsynaptic)
 
     def add(i, total):
         return brainevent.update_csr_on_binary_pre(total, indices, indptr, spikes[i], filtered[i], shape=shape)
@@ -114,36 +122,109 @@ def _per_step(into, indices, indptr, start, first, spikes, filtered, *, pre, pos
     return lax.fori_loop(0, spikes.shape[0], add, grad)
 
 
-def _one_pass(into, indices, indptr, start, first, spikes, filtered) -> jax.Array:
+def _one_pass(into, indices, indptr, start, now, prev, spikes, scalars) -> jax.Array:
     """`contract`'s sum by one call of a Numba kernel (CPU only) that adds it to `into` in place."""
     call = brainevent.numba_kernel(
         _kernel(), outs=jax.ShapeDtypeStruct(into.shape, into.dtype), input_output_aliases={0: 0}
     )
-    return call(into, indices, indptr, start, first, spikes, filtered)
+    return call(into, indices, indptr, start, now, prev, spikes, scalars)
+
+
+# How many spiking rows ahead `_kernel` asks the memory for a row's connections (indices and gradient):
+# on a random graph of the whole brain's size (benchmarks/event_fusion.py's, 4,000 spikes per step) 1
+# row ahead took 2.3 ms per step, 2–8 rows ahead 2.0–2.1, 16 3.2; without 3.8 (one thread).
+PREFETCH_ROWS = 4
 
 
 @functools.cache
 def _kernel():
-    """The Numba kernel of `_one_pass` (compiled on first use, per dtype): `out[k] += Σ_b start[b, i]
-    first[b, j] + Σ_{e: spikes[e, i]} filtered[e, j]` for every connection k = (i, j), the events `e`
-    in order."""
+    """The Numba kernel of `_one_pass` (compiled on first use, per dtype). With `α, a = scalars`, the steps
+    t = T-1, ..., 0 in turn, and `c̃_T = 0`:
+
+        c̃_t = now_t + prev_{t+1} + α c̃_{t+1},     out[k] += a c̃_t[j]  for k = (i, j), spikes_t[i];
+
+    then `out[k] += start[i] (α c̃_0[j] + prev_0[j])` (each batch entry on its own).
+
+    The rows are split into as many parts as Numba has threads, of about equal connection counts. Each
+    thread filters the whole cotangent for itself (O(T·B·N), its gathers read every postsynaptic entry)
+    and adds its rows' sums: no two threads write one entry, and each entry's terms are added in the same
+    order whatever the split, so the result does not depend on the number of threads. A step's spiking
+    rows lie at random in the connection arrays, a few cache lines each, so the loop asks for the lines
+    of the row `PREFETCH_ROWS` ahead while it works on this one (`_prefetch`)."""
     import numba
 
-    @numba.njit(cache=False)
-    def kernel(grad, indices, indptr, start, first, spikes, filtered, out):  # `out` is `grad`'s buffer
-        for b in range(start.shape[0]):
-            for i in range(start.shape[1]):
-                scale = start[b, i]
-                if scale != 0:
-                    for k in range(indptr[i], indptr[i + 1]):
-                        out[k] += scale * first[b, indices[k]]
-        for e in range(spikes.shape[0]):
-            for i in range(spikes.shape[1]):
-                if spikes[e, i]:
-                    for k in range(indptr[i], indptr[i + 1]):
-                        out[k] += filtered[e, indices[k]]
+    prefetch = _prefetch()
+    ahead = PREFETCH_ROWS
+
+    @numba.njit(cache=False, parallel=True)
+    def kernel(grad, indices, indptr, start, now, prev, spikes, scalars, out):  # `out` is `grad`'s buffer
+        alpha, gain = scalars[0], scalars[1]
+        steps, batch, n_post = now.shape
+        n_rows = indptr.shape[0] - 1
+        total = indptr[n_rows]
+        parts = numba.get_num_threads()
+        for part in numba.prange(parts):
+            lo = 0 if part == 0 else min(np.searchsorted(indptr, total * part // parts), n_rows)
+            hi = n_rows if part == parts - 1 else min(np.searchsorted(indptr, total * (part + 1) // parts), n_rows)
+            rows = np.empty(max(hi - lo, 0), np.int32)
+            filtered = np.zeros((batch, n_post), now.dtype)
+            for t in range(steps - 1, -1, -1):
+                for b in range(batch):
+                    for j in range(n_post):
+                        filtered[b, j] = now[t, b, j] + alpha * filtered[b, j]
+                    if t + 1 < prev.shape[0]:
+                        for j in range(n_post):
+                            filtered[b, j] += prev[t + 1, b, j]
+                    n = 0
+                    for i in range(lo, hi):
+                        if spikes[t, b, i]:
+                            rows[n] = i
+                            n += 1
+                    for r in range(n):
+                        if r + ahead < n:
+                            later = rows[r + ahead]
+                            for k in range(indptr[later], indptr[later + 1], 16):
+                                prefetch(indices, k)
+                                prefetch(out, k)
+                        i = rows[r]
+                        for k in range(indptr[i], indptr[i + 1]):
+                            out[k] += gain * filtered[b, indices[k]]
+            for b in range(batch):
+                for j in range(n_post):
+                    filtered[b, j] = alpha * filtered[b, j] + (prev[0, b, j] if prev.shape[0] else 0)
+                for i in range(lo, hi):
+                    scale = start[b, i]
+                    if scale != 0:
+                        for k in range(indptr[i], indptr[i + 1]):
+                            out[k] += scale * filtered[b, indices[k]]
 
     return kernel
+
+
+def _prefetch():
+    """A Numba function `prefetch(array, k)` that asks the memory for the cache line of `array[k]` (a 1-D
+    array; LLVM's `llvm.prefetch`, read, kept in every cache level): it returns at once and never
+    faults, so the row after next can be requested before it is read."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, array, k):
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            pointer = ir.IntType(8).as_pointer()
+            int32 = ir.IntType(32)
+            function = builder.module.declare_intrinsic(
+                "llvm.prefetch", [pointer], ir.FunctionType(ir.VoidType(), [pointer, int32, int32, int32])
+            )
+            address = builder.bitcast(builder.gep(data, [args[1]]), pointer)
+            builder.call(function, [address, int32(0), int32(3), int32(1)])
+            return context.get_dummy_value()
+
+        return types.void(array, k), codegen
+
+    return prefetch
 
 
 def relations(analysis: Analysis, plan) -> list[int]:

@@ -175,25 +175,32 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
         _assert_close(result.grads, want)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch):
+@pytest.mark.parametrize("batch, with_prev", [(1, True), (3, False)])
+def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch, with_prev):
     """`events.contract` takes one Numba call on the CPU (`_one_pass`) and brainevent's plasticity kernel
     step by step elsewhere (`_per_step`, which the CPU suite would not run otherwise): both equal the
-    connection-wise definition, `Σ_b start[b, i]·first[b, j] + Σ_e spikes[e, i]·filtered[e, j]`, added to a
-    given sum, on a random CSR matrix with empty rows and presynaptic factors that are partly zero."""
+    chunk's sum by its definition, `Σ_t ε_t ⊗ now_t + ε_{t-1} ⊗ prev_t` with the filtered presynaptic
+    factor `ε_t = α ε_{t-1} + a·u_t` from `ε_{-1} = start` (`x ⊗ c` the product of the connection's two
+    ends), added to a given sum, on a random CSR matrix with empty rows and a start that is partly zero."""
     rng = np.random.default_rng(batch)
-    n_pre, n_post, events_ = 13, 11, 5 * batch
+    n_pre, n_post, steps = 13, 11, 5
+    alpha, gain = 0.8, 0.3
     dense = rng.random((n_pre, n_post)) < 0.3
     dense[[2, 7]] = False  # rows without connections
     pre, post = np.nonzero(dense)
     indptr = np.concatenate([[0], np.cumsum(dense.sum(1))]).astype(np.int32)
     start = rng.standard_normal((batch, n_pre)) * (rng.random((batch, n_pre)) < 0.6)
-    first = rng.standard_normal((batch, n_post))
-    spikes = rng.random((events_, n_pre)) < 0.3
-    filtered = rng.standard_normal((events_, n_post))
+    spikes = rng.random((steps, batch, n_pre)) < 0.3
+    now = rng.standard_normal((steps, batch, n_post))
+    prev = rng.standard_normal((steps if with_prev else 0, batch, n_post))
     into = rng.standard_normal(len(pre))  # the sum so far, one entry per connection
-    want = np.einsum("bi,bj->ij", start, first) + np.einsum("ei,ej->ij", spikes, filtered)
-    operands = [jnp.asarray(a) for a in (into, post.astype(np.int32), indptr, start, first, spikes, filtered)]
+    want, trace = np.zeros((n_pre, n_post)), start
+    for t in range(steps):
+        if with_prev:
+            want += np.einsum("bi,bj->ij", trace, prev[t])
+        trace = alpha * trace + gain * spikes[t]
+        want += np.einsum("bi,bj->ij", trace, now[t])
+    operands = [jnp.asarray(a) for a in (into, post.astype(np.int32), indptr, start, now, prev, spikes, [alpha, gain])]
     one = jax.jit(events._one_pass)(*operands)
     per_step = jax.jit(
         functools.partial(events._per_step, pre=jnp.asarray(pre), post=jnp.asarray(post), shape=(n_pre, n_post))
