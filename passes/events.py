@@ -18,12 +18,14 @@ the number of synaptic events — the forward's own — instead of a pass over e
 backward-filtered cotangent `c̃` moves the trace's memory from the presynaptic side, where it makes every
 entry non-zero, to the postsynaptic one.
 
-On the CPU both parts are one call of a Numba kernel that updates the gradient in place (`_one_pass`):
-the steps in order, so each step's gathers read one cotangent row that stays in cache. Elsewhere, the
-first part is `derive.connection_products` and the steps are brainevent's plasticity kernel
-(`update_csr_on_binary_pre`) one call per step (`_per_step`). At whole-brain scale on the CPU the one
-call takes about three quarters of the time of the two (benchmarks/connectome_side_by_side.py, docs/benchmarks.md):
-no connection-sized temporary, and no slice temporaries per spiking row.
+On the CPU the whole sum is one call of a Numba kernel that updates the gradient in place (`_one_pass`,
+`_kernel`): it forms `c̃` itself, the steps in reverse, so each step's gathers read one filtered row that
+stays in cache; it splits the rows over Numba's threads and prefetches the connections of the spiking
+rows a few ahead. Elsewhere, `c̃` is a reverse `lax.scan`, the first part `derive.connection_products`
+and the steps brainevent's plasticity kernel (`update_csr_on_binary_pre`) one call per step
+(`_per_step`). At whole-brain scale on this project's 2-core CPU the kernel takes about 1.0 ms per step
+of a 50-step chunk (2.7 for the serial kernel without prefetching that read a filtered cotangent XLA had
+stacked; benchmarks/connectome_side_by_side.py, docs/benchmarks.md).
 """
 
 import functools
@@ -93,7 +95,8 @@ def contract(
         jnp.asarray([plan.decay, gain], dtype),
     )
     per_step = functools.partial(_per_step, pre=pre, post=post, shape=tuple(eqn.params["shape"]))
-    grad = lax.platform_dependent(*operands, cpu=_one_pass, default=per_step)
+    one_pass = functools.partial(_one_pass, threaded=indices.shape[0] >= THREADED_FROM)
+    grad = lax.platform_dependent(*operands, cpu=one_pass, default=per_step)
     return grad.astype(derive.weight_of(analysis, values, contraction).dtype)
 
 
@@ -122,10 +125,11 @@ def _per_step(into, indices, indptr, start, now, prev, spikes, scalars, *, pre, 
     return lax.fori_loop(0, spikes.shape[0], add, grad)
 
 
-def _one_pass(into, indices, indptr, start, now, prev, spikes, scalars) -> jax.Array:
-    """`contract`'s sum by one call of a Numba kernel (CPU only) that adds it to `into` in place."""
+def _one_pass(into, indices, indptr, start, now, prev, spikes, scalars, *, threaded: bool) -> jax.Array:
+    """`contract`'s sum by one call of a Numba kernel (CPU only) that adds it to `into` in place, on
+    Numba's threads or on one."""
     call = brainevent.numba_kernel(
-        _kernel(), outs=jax.ShapeDtypeStruct(into.shape, into.dtype), input_output_aliases={0: 0}
+        _kernel(threaded), outs=jax.ShapeDtypeStruct(into.shape, into.dtype), input_output_aliases={0: 0}
     )
     return call(into, indices, indptr, start, now, prev, spikes, scalars)
 
@@ -134,10 +138,14 @@ def _one_pass(into, indices, indptr, start, now, prev, spikes, scalars) -> jax.A
 # on a random graph of the whole brain's size (benchmarks/event_fusion.py's, 4,000 spikes per step) 1
 # row ahead took 2.3 ms per step, 2–8 rows ahead 2.0–2.1, 16 3.2; without 3.8 (one thread).
 PREFETCH_ROWS = 4
+# From how many connections the kernel splits its rows over Numba's threads. At whole-brain scale (15 M)
+# two threads took 2.2 against 3.5 ms per step of a 50-step chunk; a small graph's work is shorter than
+# handing it to threads, and the threaded kernel takes 4.7 s to compile against 1.5 (per dtype, per process).
+THREADED_FROM = 1_000_000
 
 
 @functools.cache
-def _kernel():
+def _kernel(threaded: bool):
     """The Numba kernel of `_one_pass` (compiled on first use, per dtype). With `α, a = scalars`, the steps
     t = T-1, ..., 0 in turn, and `c̃_T = 0`:
 
@@ -145,7 +153,7 @@ def _kernel():
 
     then `out[k] += start[i] (α c̃_0[j] + prev_0[j])` (each batch entry on its own).
 
-    The rows are split into as many parts as Numba has threads, of about equal connection counts. Each
+    `threaded`: the rows are split into as many parts as Numba has threads, of about equal connection counts. Each
     thread filters the whole cotangent for itself (O(T·B·N), its gathers read every postsynaptic entry)
     and adds its rows' sums: no two threads write one entry, and each entry's terms are added in the same
     order whatever the split, so the result does not depend on the number of threads. A step's spiking
@@ -156,13 +164,13 @@ def _kernel():
     prefetch = _prefetch()
     ahead = PREFETCH_ROWS
 
-    @numba.njit(cache=False, parallel=True)
+    @numba.njit(cache=False, parallel=threaded)
     def kernel(grad, indices, indptr, start, now, prev, spikes, scalars, out):  # `out` is `grad`'s buffer
         alpha, gain = scalars[0], scalars[1]
         steps, batch, n_post = now.shape
         n_rows = indptr.shape[0] - 1
         total = indptr[n_rows]
-        parts = numba.get_num_threads()
+        parts = numba.get_num_threads() if threaded else 1
         for part in numba.prange(parts):
             lo = 0 if part == 0 else min(np.searchsorted(indptr, total * part // parts), n_rows)
             hi = n_rows if part == parts - 1 else min(np.searchsorted(indptr, total * (part + 1) // parts), n_rows)

@@ -177,7 +177,8 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
 
 @pytest.mark.parametrize("batch, with_prev", [(1, True), (3, False)])
 def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch, with_prev):
-    """`events.contract` takes one Numba call on the CPU (`_one_pass`) and brainevent's plasticity kernel
+    """`events.contract` takes one Numba call on the CPU (`_one_pass`, on Numba's threads or on one: the
+    same result to the bit) and brainevent's plasticity kernel
     step by step elsewhere (`_per_step`, which the CPU suite would not run otherwise): both equal the
     chunk's sum by its definition, `Σ_t ε_t ⊗ now_t + ε_{t-1} ⊗ prev_t` with the filtered presynaptic
     factor `ε_t = α ε_{t-1} + a·u_t` from `ε_{-1} = start` (`x ⊗ c` the product of the connection's two
@@ -201,11 +202,12 @@ def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batc
         trace = alpha * trace + gain * spikes[t]
         want += np.einsum("bi,bj->ij", trace, now[t])
     operands = [jnp.asarray(a) for a in (into, post.astype(np.int32), indptr, start, now, prev, spikes, [alpha, gain])]
-    one = jax.jit(events._one_pass)(*operands)
+    threaded, one = (jax.jit(functools.partial(events._one_pass, threaded=t))(*operands) for t in (True, False))
     per_step = jax.jit(
         functools.partial(events._per_step, pre=jnp.asarray(pre), post=jnp.asarray(post), shape=(n_pre, n_post))
     )(*operands)
     np.testing.assert_allclose(np.asarray(one), into + want[pre, post], rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(np.asarray(threaded), np.asarray(one))  # the same additions in the same order
     np.testing.assert_allclose(np.asarray(per_step), into + want[pre, post], rtol=1e-13, atol=1e-13)
 
 
