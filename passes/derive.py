@@ -205,6 +205,16 @@ def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[j
     return [pre_sensitivity(analysis, eqn.invars[0], group, values, new=new) for eqn in eqns]
 
 
+# From how many entries per state a group's derivative columns are materialised once (an optimisation
+# barrier) before the trace updates read them. Fused into those updates, XLA's CPU backend recomputes each
+# column's tangent map for every entry of every (..., S) trace it feeds: on the whole brain (138,639
+# neurons, S = 3) that fusion took 1.7 ms of a 10 ms step, 0.9 with the barrier. On small groups the
+# fusion is cheaper than the extra pass (es_d_rtrl step at B = 16, medians of 15-21 interleaved rounds on
+# this project's 2-core CPU: N = 512 0.67 ms with the barrier against 0.57 without, N = 2048 2.59-2.72
+# against 2.50-2.60).
+MATERIALISE_FROM = 100_000
+
+
 def transition_derivatives(analysis: Analysis, group, relations: Sequence, values: StepValues):
     """`(D, F)`: D of shape (..., S, S) with `D[..., s_out, s_in]`, and F, parallel to `relations` (all
     feeding `group`), each of shape (..., S): `∂h_t/∂y` with a ones tangent on the relation's op output,
@@ -274,9 +284,9 @@ def _derivatives(
     if _has_custom_vjp(analysis.captured.jaxpr.jaxpr):  # forward mode cannot cross a custom_vjp: use reverse
         return _reverse_derivatives(analysis, group, relations, transition, primals)
     columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of)) if with_d or part]
-    # materialised once: fused into the trace updates that read them, XLA recomputed each column's tangent
-    # map for every entry of each (..., S) trace it feeds (1.7 ms of a 10 ms whole-brain step)
-    outputs = lax.optimization_barrier(jvp_columns(transition, primals, columns))  # per new state, (column, ...)
+    outputs = jvp_columns(transition, primals, columns)  # per new state, (column, ...)
+    if int(np.prod(group.shape)) >= MATERIALISE_FROM:
+        outputs = lax.optimization_barrier(outputs)
     n_d = group.n_states if with_d else 0
     # each array written once in its final layout (a stack over the columns and then a move of the column
     # axis last cost two passes with interleaved writes: 1.5 ms of a 5 ms whole-brain step)

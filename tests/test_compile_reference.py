@@ -20,7 +20,7 @@ import pytest
 
 import fusetrace
 import references as ref
-from fusetrace.passes import factorised
+from fusetrace.passes import derive, factorised
 from test_compile_exact import assert_matches, online_grads
 
 RTOL_RTRL = 1e-8  # acceptance bound for d_rtrl vs brute-force RTRL (float64; observed ~1e-14)
@@ -89,6 +89,17 @@ def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent, factorisation):
         batch_size=batch,
         factorisation=factorisation,
     )
+    assert_matches(online, reference, RTOL_ES)
+
+
+def test_materialised_derivatives_change_no_gradient(monkeypatch):
+    """Large groups' derivative columns pass an optimisation barrier (`derive.MATERIALISE_FROM`, whole-brain
+    scale only): forced on this small recurrent network, es_d_rtrl still equals its naive formulas."""
+    monkeypatch.setattr(derive, "MATERIALISE_FROM", 0)
+    batch = 2
+    xs, ys = _data(batch, seed=3)
+    online = online_grads(_model(batch, "linear"), xs, ys, "es_d_rtrl", batch, decay=0.9)
+    reference = ref.es_d_rtrl_naive(_model(batch, "linear"), xs, ys, _loss, 0.9, batch_size=batch)
     assert_matches(online, reference, RTOL_ES)
 
 
