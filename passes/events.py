@@ -153,16 +153,19 @@ def _kernel(threaded: bool):
 
     then `out[k] += start[i] (α c̃_0[j] + prev_0[j])` (each batch entry on its own).
 
-    `threaded`: the rows are split into as many parts as Numba has threads, of about equal connection counts. Each
-    thread filters the whole cotangent for itself (O(T·B·N), its gathers read every postsynaptic entry)
-    and adds its rows' sums: no two threads write one entry, and each entry's terms are added in the same
-    order whatever the split, so the result does not depend on the number of threads. A step's spiking
-    rows lie at random in the connection arrays, a few cache lines each, so the loop asks for the lines
-    of the row `PREFETCH_ROWS` ahead while it works on this one (`_prefetch`)."""
+    `threaded` (and Numba's threading layer safe to launch from concurrent threads, `_threadsafe`: XLA may
+    run two contractions at once): the rows are split into as many parts as Numba has threads, of about
+    equal connection counts. Each thread filters the whole cotangent for itself (O(T·B·N), its gathers
+    read every postsynaptic entry) and adds its rows' sums: no two threads write one entry, and each
+    entry's terms are added in the same order whatever the split, so the result does not depend on the
+    number of threads. A step's spiking rows lie at random in the connection arrays, a few cache lines
+    each, so the loop asks for the lines of the row `PREFETCH_ROWS` ahead while it works on this one
+    (`_prefetch`)."""
     import numba
 
     prefetch = _prefetch()
     ahead = PREFETCH_ROWS
+    threaded = threaded and _threadsafe()
 
     @numba.njit(cache=False, parallel=threaded)
     def kernel(grad, indices, indptr, start, now, prev, spikes, scalars, out):  # `out` is `grad`'s buffer
@@ -207,6 +210,22 @@ def _kernel(threaded: bool):
                             out[k] += scale * filtered[b, indices[k]]
 
     return kernel
+
+
+@functools.cache
+def _threadsafe() -> bool:
+    """Whether Numba's threading layer takes parallel launches from concurrent threads (TBB or OpenMP; its
+    fallback, the workqueue layer, aborts the process). The layer is chosen at the first parallel launch,
+    so this launches a tiny one."""
+    import numba
+
+    @numba.njit(parallel=True)
+    def probe(values):
+        for i in numba.prange(values.shape[0]):
+            values[i] += 1.0
+
+    probe(np.zeros(2))
+    return numba.threading_layer() in ("tbb", "omp")
 
 
 def _prefetch():
