@@ -15,9 +15,14 @@ with plain Numba loops on a random graph of the generated connectome's size (138
 connections, `--spikes` spiking neurons per step), the forward's visit, the contraction's, the two one
 after the other, and the two fused into one loop (`y[j] += w[k]; G[k] -= s·R[j]`), in ms per step (best of
 5 runs of `--steps` steps), and the one pass over every connection the identity needs per chunk.
+
+`--kernel`: instead, the shipped contraction kernel (`passes/events.py`, the backward filter, the first
+pass and every step's spiking rows in one call) on the same graph, per step of a `--steps` chunk: on one
+thread and on Numba's threads, at `--prefetch` rows ahead (0: no prefetching).
 """
 
 import argparse
+import functools
 import time
 
 import numba
@@ -60,10 +65,41 @@ def full_pass(indptr, indices, a, r, g):
             g[k] += scale * r[indices[k]]
 
 
+def best_of_5(run, steps: int) -> float:
+    """ms per step of `steps`, the best of 5 calls of `run()` (after one that compiles)."""
+    run()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best / steps * 1e3
+
+
+def shipped_kernel(args, rng, indptr, indices, spikes) -> None:
+    from fusetrace.passes import events
+
+    n = N_NEURONS
+    now = rng.standard_normal((args.steps, 1, n)).astype(np.float32)
+    start = rng.random((1, n)).astype(np.float32)
+    scalars = np.asarray([0.99, 1.0], np.float32)
+    out = np.zeros(N_CONNECTIONS, np.float32)
+    no_prev = np.zeros((0, 1, n), np.float32)
+    events.PREFETCH_ROWS = args.prefetch
+    operands = (out, indices, indptr, start, now, no_prev, spikes[:, None], scalars, out)
+    for threaded in (False, True):
+        events._kernel.cache_clear()
+        ms = best_of_5(functools.partial(events._kernel(threaded), *operands), args.steps)
+        where = "threads" if threaded else "one thread"
+        print(f"shipped kernel, {where}, {args.prefetch} rows ahead: {ms:.3f} ms per step", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--spikes", type=int, default=4000)
+    parser.add_argument("--kernel", action="store_true", help="time the shipped contraction kernel instead")
+    parser.add_argument("--prefetch", type=int, default=4, help="with --kernel: rows ahead (0: none)")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     counts = rng.multinomial(N_CONNECTIONS, np.full(N_NEURONS, 1 / N_NEURONS))
@@ -73,6 +109,9 @@ def main(argv=None) -> int:
     spikes = np.zeros((args.steps, N_NEURONS), np.bool_)
     for t in range(args.steps):
         spikes[t, rng.choice(N_NEURONS, args.spikes, replace=False)] = True
+    if args.kernel:
+        shipped_kernel(args, rng, indptr, indices, spikes)
+        return 0
     r = rng.standard_normal((args.steps, N_NEURONS)).astype(np.float32)
     y, g = np.zeros(N_NEURONS, np.float32), np.zeros(N_CONNECTIONS, np.float32)
 

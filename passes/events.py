@@ -134,13 +134,15 @@ def _one_pass(into, indices, indptr, start, now, prev, spikes, scalars, *, threa
     return call(into, indices, indptr, start, now, prev, spikes, scalars)
 
 
-# How many spiking rows ahead `_kernel` asks the memory for a row's connections (indices and gradient):
-# on a random graph of the whole brain's size (benchmarks/event_fusion.py's, 4,000 spikes per step) 1
-# row ahead took 2.3 ms per step, 2–8 rows ahead 2.0–2.1, 16 3.2; without 3.8 (one thread).
+# How many spiking rows ahead `_kernel` asks the memory for a row's connections (indices and gradient). On
+# a random graph of the whole brain's size (`python benchmarks/event_fusion.py --kernel --prefetch K`, 4,000
+# spikes per step, 50-step chunks, this project's 2-core CPU) the whole call took 1.99 ms per step at 4 rows
+# ahead against 2.83 without (one thread), 1.16 against 1.50 on two threads; a first sweep of a plain loop
+# gave 2.3 ms at 1 row ahead, 2.0–2.2 at 2–8, 3.2 at 16.
 PREFETCH_ROWS = 4
-# From how many connections the kernel splits its rows over Numba's threads. At whole-brain scale (15 M)
-# two threads took 2.2 against 3.5 ms per step of a 50-step chunk; a small graph's work is shorter than
-# handing it to threads, and the threaded kernel takes 4.7 s to compile against 1.5 (per dtype, per process).
+# From how many connections the kernel splits its rows over Numba's threads: on that graph (15 M) two
+# threads took 1.16 against 1.99 ms per step; a small graph's work is shorter than handing it to threads,
+# and the threaded kernel takes 4.7 s to compile against 1.5 (per dtype, per process).
 THREADED_FROM = 1_000_000
 
 
@@ -192,7 +194,7 @@ def _kernel(threaded: bool):
                             rows[n] = i
                             n += 1
                     for r in range(n):
-                        if r + ahead < n:
+                        if ahead and r + ahead < n:
                             later = rows[r + ahead]
                             for k in range(indptr[later], indptr[later + 1], 16):
                                 prefetch(indices, k)
