@@ -208,7 +208,7 @@ def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[j
 # From how many entries per state a group's derivative columns are materialised once (an optimisation
 # barrier) before the trace updates read them. Fused into those updates, XLA's CPU backend recomputes each
 # column's tangent map for every entry of every (..., S) trace it feeds: on the whole brain (138,639
-# neurons, S = 3) that fusion took 1.7 ms of a 10 ms step, 0.9 with the barrier. On small groups the
+# neurons, S = 3) that fusion took 1.7 ms of a 10 ms step, 0.35-0.6 with the barrier. On small groups the
 # fusion is cheaper than the extra pass (es_d_rtrl step at B = 16, medians of 15-21 interleaved rounds on
 # this project's 2-core CPU: N = 512 0.67 ms with the barrier against 0.57 without, N = 2048 2.59-2.72
 # against 2.50-2.60).

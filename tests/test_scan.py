@@ -178,11 +178,11 @@ def test_event_driven_contraction_pairs_last_steps_factor(batch):
 @pytest.mark.parametrize("batch, with_prev", [(1, True), (3, False)])
 def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batch, with_prev):
     """`events.contract` takes one Numba call on the CPU (`_one_pass`, on Numba's threads or on one: the
-    same result to the bit) and brainevent's plasticity kernel
-    step by step elsewhere (`_per_step`, which the CPU suite would not run otherwise): both equal the
-    chunk's sum by its definition, `Σ_t ε_t ⊗ now_t + ε_{t-1} ⊗ prev_t` with the filtered presynaptic
-    factor `ε_t = α ε_{t-1} + a·u_t` from `ε_{-1} = start` (`x ⊗ c` the product of the connection's two
-    ends), added to a given sum, on a random CSR matrix with empty rows and a start that is partly zero."""
+    same result to the bit) and brainevent's plasticity kernel step by step elsewhere (`_per_step`, which
+    the CPU suite would not run otherwise): both equal the chunk's sum by its definition,
+    `Σ_t ε_t ⊗ now_t + ε_{t-1} ⊗ prev_t` with the filtered presynaptic factor `ε_t = α ε_{t-1} + a·u_t`
+    from `ε_{-1} = start` (`x ⊗ c` the product of the connection's two ends), added to a given sum, on a
+    random CSR matrix with empty rows and a start that is partly zero."""
     rng = np.random.default_rng(batch)
     n_pre, n_post, steps = 13, 11, 5
     alpha, gain = 0.8, 0.3
