@@ -5,10 +5,12 @@ checked."""
 import functools
 
 import brainstate
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import fusetrace
 import zoo
@@ -195,12 +197,7 @@ def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batc
     now = rng.standard_normal((steps, batch, n_post))
     prev = rng.standard_normal((steps if with_prev else 0, batch, n_post))
     into = rng.standard_normal(len(pre))  # the sum so far, one entry per connection
-    want, trace = np.zeros((n_pre, n_post)), start
-    for t in range(steps):
-        if with_prev:
-            want += np.einsum("bi,bj->ij", trace, prev[t])
-        trace = alpha * trace + gain * spikes[t]
-        want += np.einsum("bi,bj->ij", trace, now[t])
+    want = _chunk_sum(start, spikes, now, prev, alpha, gain)
     operands = [jnp.asarray(a) for a in (into, post.astype(np.int32), indptr, start, now, prev, spikes, [alpha, gain])]
     threaded, one = (jax.jit(functools.partial(events._one_pass, threaded=t))(*operands) for t in (True, False))
     per_step = jax.jit(
@@ -209,6 +206,49 @@ def test_the_cpu_kernel_and_the_per_step_plasticity_calls_form_the_same_sum(batc
     np.testing.assert_allclose(np.asarray(one), into + want[pre, post], rtol=1e-13, atol=1e-13)
     np.testing.assert_array_equal(np.asarray(threaded), np.asarray(one))  # the same additions in the same order
     np.testing.assert_allclose(np.asarray(per_step), into + want[pre, post], rtol=1e-13, atol=1e-13)
+
+
+def _chunk_sum(start, spikes, now, prev, alpha, gain) -> np.ndarray:
+    """`Σ_t ε_t ⊗ now_t + ε_{t-1} ⊗ prev_t` (dense, presynaptic × postsynaptic), the presynaptic factor
+    `ε_t = α ε_{t-1} + gain·spikes_t` stepped from `ε_{-1} = start`; `prev` may have no step."""
+    want, trace = np.zeros((start.shape[1], now.shape[2])), start
+    for t in range(now.shape[0]):
+        if prev.shape[0]:
+            want += np.einsum("bi,bj->ij", trace, prev[t])
+        trace = alpha * trace + gain * spikes[t]
+        want += np.einsum("bi,bj->ij", trace, now[t])
+    return want
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(0, 40), st.integers(1, 30), st.integers(1, 6), st.integers(1, 3)),
+    density=st.floats(0.0, 1.0),
+    with_prev=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_threaded_kernel_splits_any_graph_into_the_same_sum(shape, density, with_prev, seed):
+    """The CPU kernel on Numba's threads (`events._kernel(True)`, called directly) on random CSR graphs of
+    any shape — none or every connection, empty and full rows, fewer rows than threads — equals the
+    chunk's sum by its definition and the one-thread kernel to the bit."""
+    n_pre, n_post, steps, batch = shape
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n_pre, n_post)) < density
+    pre, post = np.nonzero(dense)
+    indptr = np.concatenate([[0], np.cumsum(dense.sum(1))]).astype(np.int32)
+    start = rng.standard_normal((batch, n_pre))
+    spikes = rng.random((steps, batch, n_pre)) < 0.5
+    now = rng.standard_normal((steps, batch, n_post))
+    prev = rng.standard_normal((steps if with_prev else 0, batch, n_post))
+    scalars = np.asarray([0.9, 0.2])
+    sums = []
+    for threaded in (True, False):
+        out = np.zeros(len(pre))
+        events._kernel(threaded)(out, post.astype(np.int32), indptr, start, now, prev, spikes, scalars, out)
+        sums.append(out)
+    want = _chunk_sum(start, spikes, now, prev, 0.9, 0.2)[pre, post]
+    np.testing.assert_allclose(sums[0], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(sums[0], sums[1])
 
 
 def _csr_event(batch_size):
