@@ -205,13 +205,16 @@ def spike_sensitivities(analysis: Analysis, group, values: StepValues) -> list[j
     return [pre_sensitivity(analysis, eqn.invars[0], group, values, new=new) for eqn in eqns]
 
 
-# From how many entries per state a group's derivative columns are materialised once (an optimisation
-# barrier) before the trace updates read them. Fused into those updates, XLA's CPU backend recomputes each
-# column's tangent map for every entry of every (..., S) trace it feeds: on the whole brain (138,639
-# neurons, S = 3) that fusion took 1.7 ms of a 10 ms step, 0.35-0.6 with the barrier. On small groups the
-# fusion is cheaper than the extra pass (es_d_rtrl step at B = 16, medians of 15-21 interleaved rounds on
-# this project's 2-core CPU: N = 512 0.67 ms with the barrier against 0.57 without, N = 2048 2.59-2.72
-# against 2.50-2.60).
+# From how many neurons an unbatched group's derivative columns are materialised once (an optimisation
+# barrier) before the trace updates read them. Fused into those updates, XLA's CPU backend evaluates each
+# column's tangent map for every entry of every (N, S) trace it feeds. Measured on this project's 2-core
+# CPU, `Learner.scan` of benchmarks/connectome_side_by_side.py, three runs each way: at 138,639 neurons
+# (S = 3) that fusion took 1.7 ms per step and the scan 7.0-7.3 ms per step without the barrier, 5.6-5.7
+# with it. Elsewhere the fusion is cheaper than the extra pass: 20,000 neurons unbatched 0.76-0.78 without
+# against 0.84-0.98 ms with; batched, 16 x 20,000 (a gradient every step, benchmarks/connectome.py) 40.0-40.5
+# against 41.8-43.7 ms, and the speed benchmark's layer at B = 16 (N = 512: 0.57 against 0.67 ms per step,
+# N = 2048: +3.5%). Why the fused update costs 22 times more at 7 times the size is not established (XLA
+# splits both over two threads).
 MATERIALISE_FROM = 100_000
 
 
@@ -285,7 +288,7 @@ def _derivatives(
         return _reverse_derivatives(analysis, group, relations, transition, primals)
     columns = [(part, i) for part, values_of in enumerate(primals) for i in range(len(values_of)) if with_d or part]
     outputs = jvp_columns(transition, primals, columns)  # per new state, (column, ...)
-    if int(np.prod(group.shape)) >= MATERIALISE_FROM:
+    if analysis.batch_size is None and int(np.prod(group.shape)) >= MATERIALISE_FROM:
         outputs = lax.optimization_barrier(outputs)
     n_d = group.n_states if with_d else 0
     # each array written once in its final layout (a stack over the columns and then a move of the column

@@ -93,10 +93,11 @@ def test_es_d_rtrl_equals_its_naive_formulas(alpha, recurrent, factorisation):
 
 
 def test_materialised_derivatives_change_no_gradient(monkeypatch):
-    """Large groups' derivative columns pass an optimisation barrier (`derive.MATERIALISE_FROM`, whole-brain
-    scale only): forced on this small recurrent network, es_d_rtrl still equals its naive formulas."""
+    """Large unbatched groups' derivative columns pass an optimisation barrier (`derive.MATERIALISE_FROM`,
+    whole-brain scale only): forced on this small recurrent network, es_d_rtrl still equals its naive
+    formulas."""
     monkeypatch.setattr(derive, "MATERIALISE_FROM", 0)
-    batch = 2
+    batch = None
     xs, ys = _data(batch, seed=3)
     online = online_grads(_model(batch, "linear"), xs, ys, "es_d_rtrl", batch, decay=0.9)
     reference = ref.es_d_rtrl_naive(_model(batch, "linear"), xs, ys, _loss, 0.9, batch_size=batch)
