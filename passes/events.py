@@ -29,6 +29,7 @@ stacked; benchmarks/connectome_side_by_side.py, docs/benchmarks.md).
 """
 
 import functools
+from collections.abc import Callable
 
 import brainevent
 import jax
@@ -227,10 +228,11 @@ def _threadsafe() -> bool:
             values[i] += 1.0
 
     probe(np.zeros(2))
-    return numba.threading_layer() in ("tbb", "omp")
+    # `numba.threading_layer` is documented API that numba's `__all__` leaves out
+    return numba.threading_layer() in ("tbb", "omp")  # pyright: ignore[reportPrivateImportUsage]
 
 
-def _prefetch():
+def _prefetch() -> Callable[..., None]:
     """A Numba function `prefetch(array, k)` that asks the memory for the cache line of `array[k]` (a 1-D
     array; LLVM's `llvm.prefetch`, read, kept in every cache level): it returns at once and never
     faults, so the row after next can be requested before it is read."""
