@@ -76,6 +76,11 @@ def best_of_5(run, steps: int) -> float:
     return best / steps * 1e3
 
 
+def _each_step(run, steps: int) -> None:
+    for t in range(steps):
+        run(t)
+
+
 def shipped_kernel(args, rng, indptr, indices, spikes) -> None:
     from fusetrace.passes import events
 
@@ -125,16 +130,9 @@ def main(argv=None) -> int:
         "forward, then contraction": separate,
         "fused": lambda t: fused(spikes[t], indptr, indices, w, y, r[t], g, 1.0),
     }
-    for run in runs.values():
-        run(0)  # compile
     for name, run in runs.items():
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for t in range(args.steps):
-                run(t)
-            best = min(best, time.perf_counter() - start)
-        print(f"{name}: {best / args.steps * 1e3:.3f} ms per step", flush=True)
+        ms = best_of_5(functools.partial(_each_step, run, args.steps), args.steps)
+        print(f"{name}: {ms:.3f} ms per step", flush=True)
     full_pass(indptr, indices, r[0], r[1], g)
     start = time.perf_counter()
     full_pass(indptr, indices, r[0], r[1], g)

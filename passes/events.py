@@ -20,10 +20,10 @@ entry non-zero, to the postsynaptic one.
 
 On the CPU the whole sum is one call of a Numba kernel that updates the gradient in place (`_one_pass`,
 `_kernel`): it forms `c̃` itself, the steps in reverse, so each step's gathers read one filtered row that
-stays in cache; it splits the rows over Numba's threads and prefetches the connections of the spiking
-rows a few ahead. Elsewhere, `c̃` is a reverse `lax.scan`, the first part `derive.connection_products`
-and the steps brainevent's plasticity kernel (`update_csr_on_binary_pre`) one call per step
-(`_per_step`). At whole-brain scale on this project's 2-core CPU the kernel takes about 1.0 ms per step
+stays in cache; from `THREADED_FROM` connections it splits the rows over Numba's threads; it prefetches
+the connections of the spiking rows a few ahead. Elsewhere, `c̃` is a reverse `lax.scan`, the first part
+`derive.connection_products` and the steps brainevent's plasticity kernel (`update_csr_on_binary_pre`) one
+call per step (`_per_step`). At whole-brain scale on this project's 2-core CPU the kernel takes about 1.0 ms per step
 of a 50-step chunk (2.7 for the serial kernel without prefetching that read a filtered cotangent XLA had
 stacked; benchmarks/connectome_side_by_side.py, docs/benchmarks.md).
 """
